@@ -1,0 +1,108 @@
+// Python bindings of the CPU kernels: unpack DLPack capsules, call kcd::cpu.
+// Shapes: logits [B, C], indices [B], sums [N] f64, counts [N] i32, images [N, ...] u8.
+#include <pybind11/pybind11.h>
+
+#include "kcd/ops.h"
+#include "kcd/tensor.h"
+
+namespace py = pybind11;
+using kcd::Tensor;
+using kcd::require;
+using kcd::unwrap;
+
+namespace {
+
+void check_bank(const Tensor& ix, const Tensor& sums, const Tensor& counts) {
+  require(ix, kDLInt, 64, 1);
+  require(sums, kDLFloat, 64, 1);
+  require(counts, kDLInt, 32, 1);
+  if (counts.size(0) != sums.size(0)) throw std::invalid_argument("sums and counts differ in length");
+}
+
+void observe_entropy(py::capsule logits, py::capsule indices, py::capsule sums, py::capsule counts) {
+  Tensor lg = unwrap(logits, "logits"), ix = unwrap(indices, "indices"), s = unwrap(sums, "sums"),
+         c = unwrap(counts, "counts");
+  const kcd::FloatKind kind = kcd::float_kind(lg);
+  require(lg, lg.t->dtype.code, 16 * (kind == kcd::FloatKind::kF32 ? 2 : 1), 2, true);
+  check_bank(ix, s, c);
+  if (ix.size(0) != lg.size(0)) throw std::invalid_argument("indices and logits differ in rows");
+  py::gil_scoped_release nogil;
+  kcd::cpu::observe_entropy(lg.data<void>(), kind, lg.size(0), lg.size(1), lg.row_stride(), ix.data<int64_t>(),
+                            s.size(0), s.data<double>(), c.data<int32_t>());
+}
+
+void observe_kl(py::capsule student, py::capsule teacher, py::capsule indices, py::capsule sums,
+                py::capsule counts, float temperature) {
+  Tensor st = unwrap(student, "student_logits"), te = unwrap(teacher, "teacher_logits"),
+         ix = unwrap(indices, "indices"), s = unwrap(sums, "sums"), c = unwrap(counts, "counts");
+  const kcd::FloatKind kind = kcd::float_kind(st);
+  if (kcd::float_kind(te) != kind) throw py::type_error("student_logits and teacher_logits differ in dtype");
+  const uint8_t bits = kind == kcd::FloatKind::kF32 ? 32 : 16;
+  require(st, st.t->dtype.code, bits, 2, true);
+  require(te, te.t->dtype.code, bits, 2, true);
+  check_bank(ix, s, c);
+  if (ix.size(0) != st.size(0) || te.size(0) != st.size(0) || te.size(1) != st.size(1)) {
+    throw std::invalid_argument("student_logits, teacher_logits and indices differ in shape");
+  }
+  py::gil_scoped_release nogil;
+  kcd::cpu::observe_kl(st.data<void>(), te.data<void>(), kind, st.size(0), st.size(1), st.row_stride(),
+                       te.row_stride(), ix.data<int64_t>(), s.size(0), s.data<double>(), c.data<int32_t>(),
+                       temperature);
+}
+
+void values(py::capsule sums, py::capsule counts, py::capsule out, double period, double alpha) {
+  Tensor s = unwrap(sums, "sums"), c = unwrap(counts, "counts"), o = unwrap(out, "out");
+  require(s, kDLFloat, 64, 1);
+  require(c, kDLInt, 32, 1);
+  require(o, kDLFloat, 64, 1);
+  if (c.size(0) != s.size(0) || o.size(0) != s.size(0)) throw std::invalid_argument("sums, counts, out differ in length");
+  py::gil_scoped_release nogil;
+  kcd::cpu::values(s.data<double>(), c.data<int32_t>(), s.size(0), period, alpha, o.data<double>());
+}
+
+void blend(py::capsule images, py::capsule dst, py::capsule src, py::capsule eps) {
+  Tensor im = unwrap(images, "images"), d = unwrap(dst, "dst"), s = unwrap(src, "src"), e = unwrap(eps, "eps");
+  require(im, kDLUInt, 8, -1);
+  require(d, kDLInt, 64, 1);
+  require(s, kDLInt, 64, 1);
+  require(e, kDLFloat, 64, 1);
+  if (im.t->ndim < 1) throw std::invalid_argument("images must have a leading point dimension");
+  if (s.size(0) != d.size(0) || e.size(0) != d.size(0)) throw std::invalid_argument("dst, src, eps differ in length");
+  const int64_t N = im.size(0);
+  const int64_t D = N == 0 ? 0 : im.numel() / N;
+  py::gil_scoped_release nogil;
+  kcd::cpu::blend(im.data<uint8_t>(), N, D, d.data<int64_t>(), s.data<int64_t>(), e.data<double>(), d.size(0));
+}
+
+void condense(py::capsule values, int64_t n_keep, int64_t n_prev, int mode, double eps_m, py::capsule random_pos,
+              py::capsule keep, py::capsule dropped, py::capsule dst, py::capsule src, py::capsule eps) {
+  Tensor v = unwrap(values, "values"), rp = unwrap(random_pos, "random_pos"), k = unwrap(keep, "keep"),
+         dr = unwrap(dropped, "dropped"), d = unwrap(dst, "dst"), s = unwrap(src, "src"), e = unwrap(eps, "eps");
+  require(v, kDLFloat, 64, 1);
+  for (const Tensor* t : {&rp, &k, &dr, &d, &s}) require(*t, kDLInt, 64, 1);
+  require(e, kDLFloat, 64, 1);
+  const auto m = static_cast<kcd::VaksMode>(mode);
+  const int64_t P = kcd::vaks_pairs(n_keep, n_prev, m);
+  if (k.size(0) != n_keep || dr.size(0) != n_prev - n_keep || d.size(0) != P || s.size(0) != P || e.size(0) != P ||
+      (m == kcd::VaksMode::kRandom && rp.size(0) != P)) {
+    throw std::invalid_argument("condense outputs have the wrong lengths");
+  }
+  py::gil_scoped_release nogil;
+  kcd::cpu::condense(v.data<double>(), v.size(0), n_keep, n_prev, m, eps_m, rp.data<int64_t>(), k.data<int64_t>(),
+                     dr.data<int64_t>(), d.data<int64_t>(), s.data<int64_t>(), e.data<double>());
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cpu, m) {
+  m.doc() = "kcd_fast CPU kernels (DLPack in, results written in place)";
+  m.def("observe_entropy", &observe_entropy, "logits [B, C], indices [B] i64, sums [N] f64, counts [N] i32");
+  m.def("observe_kl", &observe_kl, "student, teacher [B, C], indices [B], sums [N], counts [N], temperature");
+  m.def("values", &values, "sums [N] f64, counts [N] i32, out [N] f64, period, alpha");
+  m.def("blend", &blend, "images [N, ...] u8, dst [L] i64, src [L] i64, eps [L] f64");
+  m.def("condense", &condense, "values [N] f64, n_keep, n_prev, mode, eps_m, random_pos [P], keep [n_keep], "
+                               "dropped [L], dst [P], src [P], eps [P]");
+  m.def("openmp_enabled", &kcd::cpu::openmp_enabled);
+  m.def("openmp_threads", &kcd::cpu::openmp_threads);
+  m.attr("__version__") = KCD_VERSION;
+}

@@ -1,0 +1,127 @@
+// Python bindings of the CUDA kernels: unpack DLPack capsules (device memory), select
+// the tensors' device, enqueue on the caller's stream (an integer cudaStream_t).
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "kcd/ops.h"
+#include "kcd/tensor.h"
+
+namespace py = pybind11;
+using kcd::Tensor;
+using kcd::require;
+using kcd::unwrap;
+
+namespace {
+
+void* as_stream(uintptr_t s) { return reinterpret_cast<void*>(s); }
+
+// All tensors on one CUDA device; makes it current.
+void on_device(std::initializer_list<const Tensor*> ts) {
+  const Tensor* first = *ts.begin();
+  for (const Tensor* t : ts) kcd::require_device(*t, kDLCUDA, first->device_id());
+  kcd::cuda::set_device(first->device_id());
+}
+
+void check_bank(const Tensor& ix, const Tensor& sums, const Tensor& counts, const Tensor& errors) {
+  require(ix, kDLInt, 64, 1);
+  require(sums, kDLFloat, 64, 1);
+  require(counts, kDLInt, 32, 1);
+  require(errors, kDLInt, 64, 1);
+  if (counts.size(0) != sums.size(0) || errors.size(0) != 2) throw std::invalid_argument("bad bank shapes");
+}
+
+void observe_entropy(py::capsule logits, py::capsule indices, py::capsule sums, py::capsule counts,
+                     py::capsule errors, uintptr_t stream) {
+  Tensor lg = unwrap(logits, "logits"), ix = unwrap(indices, "indices"), s = unwrap(sums, "sums"),
+         c = unwrap(counts, "counts"), er = unwrap(errors, "errors");
+  const kcd::FloatKind kind = kcd::float_kind(lg);
+  require(lg, lg.t->dtype.code, kind == kcd::FloatKind::kF32 ? 32 : 16, 2, true);
+  check_bank(ix, s, c, er);
+  if (ix.size(0) != lg.size(0)) throw std::invalid_argument("indices and logits differ in rows");
+  on_device({&lg, &ix, &s, &c, &er});
+  kcd::cuda::observe_entropy(lg.data<void>(), kind, lg.size(0), lg.size(1), lg.row_stride(), ix.data<int64_t>(),
+                             s.size(0), s.data<double>(), c.data<int32_t>(), er.data<int64_t>(), as_stream(stream));
+}
+
+void observe_kl(py::capsule student, py::capsule teacher, py::capsule indices, py::capsule sums,
+                py::capsule counts, float temperature, py::capsule errors, uintptr_t stream) {
+  Tensor st = unwrap(student, "student_logits"), te = unwrap(teacher, "teacher_logits"),
+         ix = unwrap(indices, "indices"), s = unwrap(sums, "sums"), c = unwrap(counts, "counts"),
+         er = unwrap(errors, "errors");
+  const kcd::FloatKind kind = kcd::float_kind(st);
+  if (kcd::float_kind(te) != kind) throw py::type_error("student_logits and teacher_logits differ in dtype");
+  const uint8_t bits = kind == kcd::FloatKind::kF32 ? 32 : 16;
+  require(st, st.t->dtype.code, bits, 2, true);
+  require(te, te.t->dtype.code, bits, 2, true);
+  check_bank(ix, s, c, er);
+  if (ix.size(0) != st.size(0) || te.size(0) != st.size(0) || te.size(1) != st.size(1)) {
+    throw std::invalid_argument("student_logits, teacher_logits and indices differ in shape");
+  }
+  on_device({&st, &te, &ix, &s, &c, &er});
+  kcd::cuda::observe_kl(st.data<void>(), te.data<void>(), kind, st.size(0), st.size(1), st.row_stride(),
+                        te.row_stride(), ix.data<int64_t>(), s.size(0), s.data<double>(), c.data<int32_t>(),
+                        temperature, er.data<int64_t>(), as_stream(stream));
+}
+
+void values(py::capsule sums, py::capsule counts, py::capsule out, double period, double alpha, uintptr_t stream) {
+  Tensor s = unwrap(sums, "sums"), c = unwrap(counts, "counts"), o = unwrap(out, "out");
+  require(s, kDLFloat, 64, 1);
+  require(c, kDLInt, 32, 1);
+  require(o, kDLFloat, 64, 1);
+  if (c.size(0) != s.size(0) || o.size(0) != s.size(0)) throw std::invalid_argument("sums, counts, out differ in length");
+  on_device({&s, &c, &o});
+  kcd::cuda::values(s.data<double>(), c.data<int32_t>(), s.size(0), period, alpha, o.data<double>(), as_stream(stream));
+}
+
+void blend(py::capsule images, py::capsule dst, py::capsule src, py::capsule eps, uintptr_t stream) {
+  Tensor im = unwrap(images, "images"), d = unwrap(dst, "dst"), s = unwrap(src, "src"), e = unwrap(eps, "eps");
+  require(im, kDLUInt, 8, -1);
+  require(d, kDLInt, 64, 1);
+  require(s, kDLInt, 64, 1);
+  require(e, kDLFloat, 64, 1);
+  if (im.t->ndim < 1) throw std::invalid_argument("images must have a leading point dimension");
+  if (s.size(0) != d.size(0) || e.size(0) != d.size(0)) throw std::invalid_argument("dst, src, eps differ in length");
+  on_device({&im, &d, &s, &e});
+  const int64_t N = im.size(0);
+  const int64_t D = N == 0 ? 0 : im.numel() / N;
+  kcd::cuda::blend(im.data<uint8_t>(), N, D, d.data<int64_t>(), s.data<int64_t>(), e.data<double>(), d.size(0),
+                   as_stream(stream));
+}
+
+void condense(py::capsule values, int64_t n_keep, int64_t n_prev, int mode, double eps_m, py::capsule random_pos,
+              py::capsule workspace, py::capsule keep, py::capsule dropped, py::capsule dst, py::capsule src,
+              py::capsule eps, uintptr_t stream) {
+  Tensor v = unwrap(values, "values"), rp = unwrap(random_pos, "random_pos"), ws = unwrap(workspace, "workspace"),
+         k = unwrap(keep, "keep"), dr = unwrap(dropped, "dropped"), d = unwrap(dst, "dst"), s = unwrap(src, "src"),
+         e = unwrap(eps, "eps");
+  require(v, kDLFloat, 64, 1);
+  for (const Tensor* t : {&rp, &k, &dr, &d, &s}) require(*t, kDLInt, 64, 1);
+  require(e, kDLFloat, 64, 1);
+  require(ws, kDLUInt, 8, 1);
+  const auto m = static_cast<kcd::VaksMode>(mode);
+  const int64_t P = kcd::vaks_pairs(n_keep, n_prev, m);
+  if (k.size(0) != n_keep || dr.size(0) != n_prev - n_keep || d.size(0) != P || s.size(0) != P || e.size(0) != P ||
+      (m == kcd::VaksMode::kRandom && rp.size(0) != P)) {
+    throw std::invalid_argument("condense outputs have the wrong lengths");
+  }
+  on_device({&v, &rp, &ws, &k, &dr, &d, &s, &e});
+  kcd::cuda::condense(v.data<double>(), v.size(0), n_keep, n_prev, m, eps_m, rp.data<int64_t>(), ws.data<void>(),
+                      static_cast<size_t>(ws.size(0)), k.data<int64_t>(), dr.data<int64_t>(), d.data<int64_t>(),
+                      s.data<int64_t>(), e.data<double>(), as_stream(stream));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cuda, m) {
+  m.doc() = "kcd_fast CUDA kernels (DLPack device tensors, enqueued on the given stream)";
+  m.def("observe_entropy", &observe_entropy);
+  m.def("observe_kl", &observe_kl);
+  m.def("values", &values);
+  m.def("blend", &blend);
+  m.def("condense", &condense);
+  m.def("condense_workspace_bytes", [](int64_t n) { return kcd::cuda::condense_workspace_bytes(n); });
+  m.def("device_count", &kcd::cuda::device_count);
+  m.attr("__version__") = KCD_VERSION;
+  m.attr("cuda_archs") = KCD_CUDA_ARCHS;
+}

@@ -1,0 +1,56 @@
+// CPU loop for the VAKS summary (math in kcd/blend.h): images[dst[j]] <-
+// eps[j] * images[dst[j]] + (1 - eps[j]) * images[src[j]], all pairs reading the images
+// as they were before the call (guaranteed by requiring dst unique and disjoint from src).
+#include <cmath>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "kcd/blend.h"
+#include "kcd/ops.h"
+
+namespace kcd {
+namespace cpu {
+namespace {
+
+std::string at(const char* name, int64_t j, int64_t v) {
+  return std::string(name) + "[" + std::to_string(j) + "] = " + std::to_string(v);
+}
+
+void check_pairs(int64_t N, const int64_t* dst, const int64_t* src, const double* eps, int64_t L) {
+  std::vector<uint8_t> role(static_cast<size_t>(N), 0);  // 1: dst, 2: src
+  for (int64_t j = 0; j < L; ++j) {
+    if (dst[j] < 0 || dst[j] >= N) throw std::out_of_range(at("dst", j, dst[j]) + " is outside [0, " + std::to_string(N) + ")");
+    if (src[j] < 0 || src[j] >= N) throw std::out_of_range(at("src", j, src[j]) + " is outside [0, " + std::to_string(N) + ")");
+    if (!(eps[j] >= 0.0 && eps[j] <= 1.0)) {
+      throw std::invalid_argument("eps[" + std::to_string(j) + "] = " + std::to_string(eps[j]) + " is outside [0, 1]");
+    }
+    if (role[dst[j]] == 1) throw std::invalid_argument(at("dst", j, dst[j]) + " appears twice in dst");
+    role[dst[j]] = 1;
+  }
+  for (int64_t j = 0; j < L; ++j) {
+    if (role[src[j]] == 1) {
+      throw std::invalid_argument(at("src", j, src[j]) +
+                                  " is also in dst: a summary pair may not read an image another pair writes");
+    }
+  }
+}
+
+}  // namespace
+
+void blend(uint8_t* images, int64_t N, int64_t D, const int64_t* dst, const int64_t* src,
+           const double* eps, int64_t L) {
+  if (L == 0) return;
+  check_pairs(N, dst, src, eps, L);
+  if (D == 0) return;
+#pragma omp parallel for schedule(static) if (L * D >= (int64_t(1) << 16))
+  for (int64_t j = 0; j < L; ++j) {
+    uint8_t* out = images + dst[j] * D;
+    const uint8_t* in = images + src[j] * D;
+    const double e = eps[j], f = 1.0 - eps[j];
+    for (int64_t k = 0; k < D; ++k) out[k] = blend_px(out[k], in[k], e, f);
+  }
+}
+
+}  // namespace cpu
+}  // namespace kcd

@@ -1,0 +1,170 @@
+// CPU loops for value scoring: per-row entropy / KL (math in kcd/scoring.h) and the
+// cost-aware value. Rows are evaluated into a scratch buffer and validated first, so a
+// bad batch leaves the accumulators untouched.
+#include <cmath>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "kcd/ops.h"
+#include "kcd/scoring.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define KCD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define KCD_CLONES
+#endif
+
+namespace kcd {
+namespace cpu {
+namespace {
+
+constexpr int64_t kParallelElems = int64_t(1) << 16;  // below this, one thread is faster
+
+// Entropy of one float32 row; NaN when the row holds a non-finite value.
+KCD_CLONES double entropy_row(const float* x, int64_t C) {
+  float m = -INFINITY;
+  float chk = 0.0f;  // becomes NaN iff some x is +-inf or NaN
+#pragma omp simd reduction(max : m) reduction(+ : chk)
+  for (int64_t j = 0; j < C; ++j) {
+    m = x[j] > m ? x[j] : m;
+    chk += x[j] * 0.0f;
+  }
+  if (!std::isfinite(chk) || !std::isfinite(m)) return NAN;
+  float z = 0.0f, w = 0.0f;
+#pragma omp simd reduction(+ : z, w)
+  for (int64_t j = 0; j < C; ++j) {
+    const float d = x[j] - m;
+    const float e = exp_nonpos(d);
+    z += e;
+    w += e * d;
+  }
+  return finish_entropy(z, w);
+}
+
+// KL(softmax(t / T) || softmax(s / T)) of one float32 row pair; NaN when non-finite.
+KCD_CLONES double kl_row(const float* s, const float* t, int64_t C, float inv_temp) {
+  float ma = -INFINITY, mb = -INFINITY, chk = 0.0f;
+#pragma omp simd reduction(max : ma, mb) reduction(+ : chk)
+  for (int64_t j = 0; j < C; ++j) {
+    const float a = t[j] * inv_temp, b = s[j] * inv_temp;
+    ma = a > ma ? a : ma;
+    mb = b > mb ? b : mb;
+    chk += a * 0.0f + b * 0.0f;
+  }
+  if (!std::isfinite(chk) || !std::isfinite(ma) || !std::isfinite(mb)) return NAN;
+  float za = 0.0f, wa = 0.0f, zb = 0.0f;
+#pragma omp simd reduction(+ : za, wa, zb)
+  for (int64_t j = 0; j < C; ++j) {
+    const float a = t[j] * inv_temp, b = s[j] * inv_temp;
+    const float ea = exp_nonpos(a - ma);
+    za += ea;
+    wa += ea * (a - b);
+    zb += exp_nonpos(b - mb);
+  }
+  return finish_kl(ma, za, wa, mb, zb);
+}
+
+// Row r of a [B, ld] tensor of `kind` as float32: a pointer into the tensor for f32,
+// else converted into `buf`.
+const float* row_as_f32(const void* base, FloatKind kind, int64_t r, int64_t C, int64_t ld,
+                        std::vector<float>& buf) {
+  if (kind == FloatKind::kF32) return static_cast<const float*>(base) + r * ld;
+  buf.resize(static_cast<size_t>(C));
+  const uint16_t* p = static_cast<const uint16_t*>(base) + r * ld;
+  if (kind == FloatKind::kF16) {
+    for (int64_t j = 0; j < C; ++j) buf[j] = half_to_float(p[j]);
+  } else {
+    for (int64_t j = 0; j < C; ++j) buf[j] = bf16_to_float(p[j]);
+  }
+  return buf.data();
+}
+
+void check_indices(const int64_t* indices, int64_t B, int64_t N) {
+  for (int64_t r = 0; r < B; ++r) {
+    if (indices[r] < 0 || indices[r] >= N) {
+      throw std::out_of_range("indices[" + std::to_string(r) + "] = " + std::to_string(indices[r]) +
+                              " is outside [0, " + std::to_string(N) + ")");
+    }
+  }
+}
+
+void accumulate(const std::vector<double>& h, const int64_t* indices, double* sums, int32_t* counts,
+                const char* what) {
+  const int64_t B = static_cast<int64_t>(h.size());
+  for (int64_t r = 0; r < B; ++r) {
+    if (!std::isfinite(h[r])) {
+      throw std::invalid_argument(std::string(what) + " row " + std::to_string(r) +
+                                  " (point " + std::to_string(indices[r]) +
+                                  ") holds a non-finite value (inf or nan)");
+    }
+  }
+  for (int64_t r = 0; r < B; ++r) {
+    sums[indices[r]] += h[r];
+    counts[indices[r]] += 1;
+  }
+}
+
+}  // namespace
+
+void observe_entropy(const void* logits, FloatKind kind, int64_t B, int64_t C, int64_t ld,
+                     const int64_t* indices, int64_t N, double* sums, int32_t* counts) {
+  if (B == 0) return;
+  check_indices(indices, B, N);
+  std::vector<double> h(static_cast<size_t>(B));
+#pragma omp parallel if (B * C >= kParallelElems)
+  {
+    std::vector<float> buf;
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < B; ++r) h[r] = entropy_row(row_as_f32(logits, kind, r, C, ld, buf), C);
+  }
+  accumulate(h, indices, sums, counts, "logits");
+}
+
+void observe_kl(const void* student, const void* teacher, FloatKind kind, int64_t B, int64_t C,
+                int64_t ld_s, int64_t ld_t, const int64_t* indices, int64_t N, double* sums,
+                int32_t* counts, float temperature) {
+  if (B == 0) return;
+  check_indices(indices, B, N);
+  std::vector<double> h(static_cast<size_t>(B));
+  const float inv_temp = 1.0f / temperature;
+#pragma omp parallel if (B * C >= kParallelElems)
+  {
+    std::vector<float> bs, bt;
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < B; ++r) {
+      h[r] = kl_row(row_as_f32(student, kind, r, C, ld_s, bs), row_as_f32(teacher, kind, r, C, ld_t, bt), C,
+                    inv_temp);
+    }
+  }
+  accumulate(h, indices, sums, counts, "student_logits/teacher_logits");
+}
+
+void values(const double* sums, const int32_t* counts, int64_t N, double period, double alpha,
+            double* out) {
+#pragma omp parallel for schedule(static) if (N >= kParallelElems)
+  for (int64_t i = 0; i < N; ++i) out[i] = point_value(sums[i], counts[i], period, alpha);
+}
+
+bool openmp_enabled() {
+#ifdef _OPENMP
+  return true;
+#else
+  return false;
+#endif
+}
+
+int openmp_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+}  // namespace cpu
+}  // namespace kcd

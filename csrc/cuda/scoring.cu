@@ -1,0 +1,179 @@
+// CUDA kernels for value scoring: one warp per row of logits, the row math from
+// kcd/scoring.h (two passes: max, then shifted sums). A row with a bad index or a
+// non-finite logit is skipped and counted in errors [2] = {bad index, non-finite}, so
+// no host synchronisation is needed per step.
+#include <cuda_runtime.h>
+
+#include "check.cuh"
+#include "kcd/ops.h"
+#include "kcd/scoring.h"
+
+namespace kcd {
+namespace cuda {
+namespace {
+
+constexpr int kWarp = 32;
+
+__device__ __forceinline__ float warp_max(float x) {
+  for (int o = kWarp / 2; o > 0; o /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+__device__ __forceinline__ float warp_sum(float x) {
+  for (int o = kWarp / 2; o > 0; o /= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+// Returns true (on every lane) when the row is valid; counts it otherwise.
+__device__ __forceinline__ bool row_ok(float chk, float m, int64_t point, int64_t N, int lane,
+                                       int64_t* errors) {
+  const bool finite = isfinite(chk) && isfinite(m);
+  const bool in_range = point >= 0 && point < N;
+  if (lane == 0 && !finite) atomicAdd(reinterpret_cast<unsigned long long*>(errors + 1), 1ull);
+  else if (lane == 0 && !in_range) atomicAdd(reinterpret_cast<unsigned long long*>(errors), 1ull);
+  return finite && in_range;
+}
+
+template <FloatKind K>
+__global__ void entropy_kernel(const void* __restrict__ logits, int64_t B, int64_t C, int64_t ld,
+                               const int64_t* __restrict__ indices, int64_t N, double* __restrict__ sums,
+                               int32_t* __restrict__ counts, int64_t* __restrict__ errors) {
+  const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (row >= B) return;
+  const int64_t base = row * ld;
+  float m = -INFINITY, chk = 0.0f;
+  for (int64_t j = lane; j < C; j += kWarp) {
+    const float x = load_logit<K>(logits, base + j);
+    m = fmaxf(m, x);
+    chk += x * 0.0f;
+  }
+  m = warp_max(m);
+  chk = warp_sum(chk);
+  const int64_t point = indices[row];
+  if (!row_ok(chk, m, point, N, lane, errors)) return;
+  float z = 0.0f, w = 0.0f;
+  for (int64_t j = lane; j < C; j += kWarp) {
+    const float d = load_logit<K>(logits, base + j) - m;
+    const float e = exp_nonpos(d);
+    z += e;
+    w += e * d;
+  }
+  z = warp_sum(z);
+  w = warp_sum(w);
+  if (lane == 0) {
+    atomicAdd(sums + point, finish_entropy(z, w));
+    atomicAdd(counts + point, 1);
+  }
+}
+
+template <FloatKind K>
+__global__ void kl_kernel(const void* __restrict__ student, const void* __restrict__ teacher, int64_t B,
+                          int64_t C, int64_t ld_s, int64_t ld_t, const int64_t* __restrict__ indices,
+                          int64_t N, double* __restrict__ sums, int32_t* __restrict__ counts,
+                          float inv_temp, int64_t* __restrict__ errors) {
+  const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (row >= B) return;
+  const int64_t bs = row * ld_s, bt = row * ld_t;
+  float ma = -INFINITY, mb = -INFINITY, chk = 0.0f;
+  for (int64_t j = lane; j < C; j += kWarp) {
+    const float a = load_logit<K>(teacher, bt + j) * inv_temp;
+    const float b = load_logit<K>(student, bs + j) * inv_temp;
+    ma = fmaxf(ma, a);
+    mb = fmaxf(mb, b);
+    chk += a * 0.0f + b * 0.0f;
+  }
+  ma = warp_max(ma);
+  mb = warp_max(mb);
+  chk = warp_sum(chk);
+  const int64_t point = indices[row];
+  if (!row_ok(chk, fminf(ma, mb), point, N, lane, errors)) return;
+  float za = 0.0f, wa = 0.0f, zb = 0.0f;
+  for (int64_t j = lane; j < C; j += kWarp) {
+    const float a = load_logit<K>(teacher, bt + j) * inv_temp;
+    const float b = load_logit<K>(student, bs + j) * inv_temp;
+    const float ea = exp_nonpos(a - ma);
+    za += ea;
+    wa += ea * (a - b);
+    zb += exp_nonpos(b - mb);
+  }
+  za = warp_sum(za);
+  wa = warp_sum(wa);
+  zb = warp_sum(zb);
+  if (lane == 0) {
+    atomicAdd(sums + point, finish_kl(ma, za, wa, mb, zb));
+    atomicAdd(counts + point, 1);
+  }
+}
+
+__global__ void values_kernel(const double* __restrict__ sums, const int32_t* __restrict__ counts, int64_t N,
+                              double period, double alpha, double* __restrict__ out) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < N;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    out[i] = point_value(sums[i], counts[i], period, alpha);
+  }
+}
+
+unsigned int row_grid(int64_t B) { return static_cast<unsigned int>((B * kWarp + kThreads - 1) / kThreads); }
+
+}  // namespace
+
+void observe_entropy(const void* logits, FloatKind kind, int64_t B, int64_t C, int64_t ld,
+                     const int64_t* indices, int64_t N, double* sums, int32_t* counts,
+                     int64_t* errors, void* stream) {
+  if (B == 0) return;
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (kind) {
+    case FloatKind::kF32:
+      entropy_kernel<FloatKind::kF32><<<row_grid(B), kThreads, 0, s>>>(logits, B, C, ld, indices, N, sums, counts, errors);
+      break;
+    case FloatKind::kF16:
+      entropy_kernel<FloatKind::kF16><<<row_grid(B), kThreads, 0, s>>>(logits, B, C, ld, indices, N, sums, counts, errors);
+      break;
+    case FloatKind::kBF16:
+      entropy_kernel<FloatKind::kBF16><<<row_grid(B), kThreads, 0, s>>>(logits, B, C, ld, indices, N, sums, counts, errors);
+      break;
+  }
+  KCD_CUDA_CHECK(cudaGetLastError());
+}
+
+void observe_kl(const void* student, const void* teacher, FloatKind kind, int64_t B, int64_t C,
+                int64_t ld_s, int64_t ld_t, const int64_t* indices, int64_t N, double* sums,
+                int32_t* counts, float temperature, int64_t* errors, void* stream) {
+  if (B == 0) return;
+  auto s = static_cast<cudaStream_t>(stream);
+  const float inv = 1.0f / temperature;
+  switch (kind) {
+    case FloatKind::kF32:
+      kl_kernel<FloatKind::kF32><<<row_grid(B), kThreads, 0, s>>>(student, teacher, B, C, ld_s, ld_t, indices, N, sums, counts, inv, errors);
+      break;
+    case FloatKind::kF16:
+      kl_kernel<FloatKind::kF16><<<row_grid(B), kThreads, 0, s>>>(student, teacher, B, C, ld_s, ld_t, indices, N, sums, counts, inv, errors);
+      break;
+    case FloatKind::kBF16:
+      kl_kernel<FloatKind::kBF16><<<row_grid(B), kThreads, 0, s>>>(student, teacher, B, C, ld_s, ld_t, indices, N, sums, counts, inv, errors);
+      break;
+  }
+  KCD_CUDA_CHECK(cudaGetLastError());
+}
+
+void values(const double* sums, const int32_t* counts, int64_t N, double period, double alpha,
+            double* out, void* stream) {
+  if (N == 0) return;
+  values_kernel<<<grid_for(N), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(sums, counts, N, period, alpha, out);
+  KCD_CUDA_CHECK(cudaGetLastError());
+}
+
+int device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky "no driver" error
+    return 0;
+  }
+  return n;
+}
+
+void set_device(int device) { KCD_CUDA_CHECK(cudaSetDevice(device)); }
+
+}  // namespace cuda
+}  // namespace kcd

@@ -1,0 +1,79 @@
+// Entry points of the compiled kernels, on raw pointers. The bindings (bind_*.cpp)
+// unpack DLPack tensors and call these; the Python layer has already checked types,
+// shapes and devices, and these re-check only what memory safety relies on.
+// Shapes: B rows of logits, C classes, N knowledge points, L summary pairs,
+// D bytes per stored image.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "kcd/common.h"
+
+namespace kcd {
+
+enum class VaksMode : int { kOff = 0, kLow = 1, kHigh = 2, kRandom = 3 };
+
+// Number of summary pairs of a condensation: L = n_prev - n_keep dropped points, at most
+// n_keep of them paired, none when VAKS is off.
+inline int64_t vaks_pairs(int64_t n_keep, int64_t n_prev, VaksMode mode) {
+  if (mode == VaksMode::kOff) return 0;
+  const int64_t L = n_prev - n_keep;
+  return L < n_keep ? L : n_keep;
+}
+
+namespace cpu {
+
+// logits [B, C] (row stride ld elements), indices [B], sums [N] f64, counts [N] i32.
+// Validates every row first; throws (std::out_of_range / std::invalid_argument) before
+// any accumulator changes.
+void observe_entropy(const void* logits, FloatKind kind, int64_t B, int64_t C, int64_t ld,
+                     const int64_t* indices, int64_t N, double* sums, int32_t* counts);
+// student, teacher [B, C] of one kind; KL(softmax(t/T) || softmax(s/T)).
+void observe_kl(const void* student, const void* teacher, FloatKind kind, int64_t B, int64_t C,
+                int64_t ld_s, int64_t ld_t, const int64_t* indices, int64_t N, double* sums,
+                int32_t* counts, float temperature);
+// out [N] = point_value(sums, counts).
+void values(const double* sums, const int32_t* counts, int64_t N, double period, double alpha,
+            double* out);
+// images [N, D] u8, dst/src [L] i64, eps [L] f64. Checks ranges, unique dst and
+// dst disjoint from src before writing.
+void blend(uint8_t* images, int64_t N, int64_t D, const int64_t* dst, const int64_t* src,
+           const double* eps, int64_t L);
+// values [N]; keep [n_keep] sorted by index; dropped [n_prev - n_keep] in rank order;
+// dst/src/eps [vaks_pairs]; random_pos [vaks_pairs] positions into keep (kRandom only).
+void condense(const double* values, int64_t N, int64_t n_keep, int64_t n_prev, VaksMode mode,
+              double eps_m, const int64_t* random_pos, int64_t* keep, int64_t* dropped,
+              int64_t* dst, int64_t* src, double* eps);
+bool openmp_enabled();
+int openmp_threads();
+
+}  // namespace cpu
+
+namespace cuda {
+
+// Same contracts as cpu::, on device pointers, enqueued on `stream` (a cudaStream_t).
+// Invalid rows are skipped on the device and counted: errors [2] i64 = {bad index,
+// non-finite logits}. No host synchronisation.
+void observe_entropy(const void* logits, FloatKind kind, int64_t B, int64_t C, int64_t ld,
+                     const int64_t* indices, int64_t N, double* sums, int32_t* counts,
+                     int64_t* errors, void* stream);
+void observe_kl(const void* student, const void* teacher, FloatKind kind, int64_t B, int64_t C,
+                int64_t ld_s, int64_t ld_t, const int64_t* indices, int64_t N, double* sums,
+                int32_t* counts, float temperature, int64_t* errors, void* stream);
+void values(const double* sums, const int32_t* counts, int64_t N, double period, double alpha,
+            double* out, void* stream);
+// No validation on the device: callers pass the output of condense (or check first).
+void blend(uint8_t* images, int64_t N, int64_t D, const int64_t* dst, const int64_t* src,
+           const double* eps, int64_t L, void* stream);
+// Scratch bytes condense needs for N points.
+size_t condense_workspace_bytes(int64_t N);
+void condense(const double* values, int64_t N, int64_t n_keep, int64_t n_prev, VaksMode mode,
+              double eps_m, const int64_t* random_pos, void* workspace, size_t workspace_bytes,
+              int64_t* keep, int64_t* dropped, int64_t* dst, int64_t* src, double* eps, void* stream);
+int device_count();
+void set_device(int device);
+
+
+}  // namespace cuda
+}  // namespace kcd

@@ -1,0 +1,67 @@
+// The value of a knowledge point (KCD_SPEC sections 1): per-row prediction entropy,
+// per-row KL(teacher || student), and the cost-aware value v = (S/n) * (n/T)^alpha.
+// One definition of the math, used by the CPU loops (cpu/scoring.cpp) and the CUDA
+// kernels (cuda/scoring.cu). Both evaluate a row in two passes: the row maximum, then
+// the shifted sums, combined by the finish_* functions below.
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#include "kcd/common.h"
+
+namespace kcd {
+
+// exp(x) for x <= 0, branch-free so that the CPU loops vectorise (Cephes expf
+// polynomial, ~2 ulp). Inputs below -87 return ~1e-38 instead of denormals/0, which
+// cannot change a sum that already holds exp(0) = 1. CUDA uses expf directly.
+KCD_HD float exp_nonpos(float x) {
+#if defined(__CUDA_ARCH__)
+  return expf(x);
+#else
+  x = x < -87.0f ? -87.0f : x;
+  const float fx = std::floor(x * 1.44269504088896341f + 0.5f);
+  x = x - fx * 0.693359375f;
+  x = x - fx * -2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * x + 1.3981999507e-3f;
+  y = y * x + 8.3334519073e-3f;
+  y = y * x + 4.1665795894e-2f;
+  y = y * x + 1.6666665459e-1f;
+  y = y * x + 5.0000001201e-1f;
+  y = y * x * x + x + 1.0f;
+  const int32_t n = static_cast<int32_t>(fx);
+  return y * bits_to_float(static_cast<uint32_t>(n + 127) << 23);
+#endif
+}
+
+// Entropy from the row max m, z = sum exp(x - m) and w = sum exp(x - m) * (x - m):
+// h = logsumexp(x) - sum softmax(x) * x = log(z) - w / z. Never NaN for finite rows
+// (z >= 1), unlike -(p * log p).sum(). Clamped at 0 against rounding.
+KCD_HD double finish_entropy(float z, float w) {
+  const double h = std::log(static_cast<double>(z)) - static_cast<double>(w) / z;
+  return h > 0.0 ? h : 0.0;
+}
+
+// KL(p_t || p_s) with a = teacher / T, b = student / T:
+// sum p_t (a - b) - logsumexp(a) + logsumexp(b)
+//   = wa / za - (ma + log za) + (mb + log zb),
+// za = sum exp(a - ma), wa = sum exp(a - ma) * (a - b), zb = sum exp(b - mb).
+KCD_HD double finish_kl(float ma, float za, float wa, float mb, float zb) {
+  const double kl = static_cast<double>(wa) / za - (static_cast<double>(ma) + std::log(static_cast<double>(za))) +
+                    (static_cast<double>(mb) + std::log(static_cast<double>(zb)));
+  return kl > 0.0 ? kl : 0.0;
+}
+
+// Paper Eq. 13: v = (S / n) * (n / T)^alpha; an unobserved point (n == 0) is +inf.
+KCD_HD double point_value(double sum, int32_t count, double period, double alpha) {
+  if (count <= 0) return INFINITY;
+  const double n = static_cast<double>(count);
+  return (sum / n) * pow(n / period, alpha);
+}
+
+// Bits of the per-row status word written by the scoring kernels.
+constexpr int32_t kRowOk = 0;
+constexpr int32_t kRowBadIndex = 1;
+constexpr int32_t kRowNonFinite = 2;
+
+}  // namespace kcd

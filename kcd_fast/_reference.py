@@ -1,0 +1,108 @@
+"""Slow, obvious numpy versions of every kcd_fast op: the test oracle. Float64
+throughout, loops where a loop is the clearest statement of the spec."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def entropy(logits: np.ndarray) -> np.ndarray:
+    """[B, C] -> [B]: logsumexp(z) - sum softmax(z) * z, in float64."""
+    z = np.asarray(logits, dtype=np.float64)
+    m = z.max(axis=1, keepdims=True)
+    e = np.exp(z - m)
+    zsum = e.sum(axis=1)
+    lse = np.log(zsum) + m[:, 0]
+    return np.maximum(lse - (e * z).sum(axis=1) / zsum, 0.0)
+
+
+def kl(student: np.ndarray, teacher: np.ndarray, temperature: float) -> np.ndarray:
+    """[B, C] x2 -> [B]: KL(softmax(t / T) || softmax(s / T)), in float64."""
+    a = np.asarray(teacher, dtype=np.float64) / temperature
+    b = np.asarray(student, dtype=np.float64) / temperature
+    la = a - a.max(axis=1, keepdims=True)
+    la = la - np.log(np.exp(la).sum(axis=1, keepdims=True))
+    lb = b - b.max(axis=1, keepdims=True)
+    lb = lb - np.log(np.exp(lb).sum(axis=1, keepdims=True))
+    return np.maximum((np.exp(la) * (la - lb)).sum(axis=1), 0.0)
+
+
+def observe(sums: np.ndarray, counts: np.ndarray, indices: np.ndarray, scores: np.ndarray) -> None:
+    """Accumulates scores [B] of points indices [B] into sums / counts in place."""
+    for i, h in zip(indices.tolist(), scores.tolist(), strict=True):
+        sums[i] += h
+        counts[i] += 1
+
+
+def values(sums: np.ndarray, counts: np.ndarray, period: float, alpha: float) -> np.ndarray:
+    """v_i = (S_i / n_i) * (n_i / T)**alpha; +inf where n_i == 0."""
+    out = np.full(sums.shape, np.inf)
+    for i in range(sums.shape[0]):
+        n = float(counts[i])
+        if n > 0:
+            out[i] = (sums[i] / n) * (n / period) ** alpha
+    return out
+
+
+def rank(values: np.ndarray) -> np.ndarray:
+    """pi: all points by value descending, ties by index ascending."""
+    v = np.asarray(values, dtype=np.float64)
+    return np.lexsort((np.arange(v.shape[0]), -v))
+
+
+def condense(values, n_keep: int, n_prev: int | None = None, vaks: str = "low", eps_m: float = 0.7,
+             seed: int = 0) -> dict[str, np.ndarray]:
+    """KCD_SPEC sections 3-4, literally, with a full sort."""
+    n = len(values)
+    n_prev = n if n_prev is None else n_prev
+    pi = rank(values)
+    keep = np.sort(pi[:n_keep])
+    dropped = pi[n_keep:n_prev]
+    L = len(dropped)
+    P = 0 if vaks == "off" else min(L, n_keep)
+    src = dropped[:P]
+    if vaks == "low":
+        dst = pi[n_keep - P:n_keep]
+        eps = np.array([eps_m + (1 - eps_m) * (P - j) / P for j in range(P)], dtype=np.float64)
+    elif vaks == "high":
+        dst = pi[:P]
+        eps = np.array([eps_m + (1 - eps_m) * (P - j) / P for j in range(P)], dtype=np.float64)
+    elif vaks == "random":
+        pos = np.random.default_rng(seed).choice(n_keep, size=P, replace=False)
+        dst = keep[pos]
+        eps = np.full(P, eps_m, dtype=np.float64)
+    else:
+        dst = np.zeros(0, dtype=np.int64)
+        eps = np.zeros(0, dtype=np.float64)
+    return {"keep": keep, "dropped": dropped, "dst": np.asarray(dst, dtype=np.int64),
+            "src": np.asarray(src, dtype=np.int64), "eps": eps}
+
+
+def blend(images: np.ndarray, dst, src, eps) -> np.ndarray:
+    """A new array: images[dst[j]] = round(eps*images[dst[j]] + (1-eps)*images[src[j]]),
+    every pair reading the original images."""
+    before = np.asarray(images)
+    out = before.copy()
+    for d, s, e in zip(np.asarray(dst).tolist(), np.asarray(src).tolist(), np.asarray(eps).tolist(), strict=True):
+        v = e * before[d].astype(np.float64) + (1.0 - e) * before[s].astype(np.float64)
+        out[d] = np.clip(np.floor(v + 0.5), 0, 255).astype(np.uint8)
+    return out
+
+
+def epoch_sizes(epochs: int, period: int, rho: float, n: int, decay: str = "exp", warmup: int = 1) -> list[int]:
+    """Points trained on per epoch, straight from KCD_SPEC section 2."""
+    S = epochs // period
+    sizes = []
+    for e in range(epochs):
+        s = e // period + 1
+        if s == 1 and (e < warmup or warmup == period):
+            sizes.append(n)
+            continue
+        if decay == "exp":
+            tau = rho ** (s / S)
+        elif decay == "linear":
+            tau = 1 - (1 - rho) * s / S
+        else:
+            tau = 1 - (1 - rho) * (s - 1) / S
+        sizes.append(max(1, int(np.floor(tau * n + 0.5))))
+    return sizes

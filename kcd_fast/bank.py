@@ -1,0 +1,201 @@
+"""The value bank: per-point accumulators S_i (sum of scores) and n_i (observations)
+over the whole run, on a chosen device (KCD_SPEC section 1)."""
+
+from __future__ import annotations
+
+import math
+from enum import Enum, unique
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import _arrays as A
+from . import ops
+
+
+@unique
+class Measure(str, Enum):
+    """How a point's value is scored from the training step's logits."""
+
+    ENTROPY = "entropy"  # student prediction entropy (default)
+    KL = "kl"  # KL(teacher || student) at the distillation temperature
+    RANDOM = "random"  # uniform random values, seeded (an ablation)
+
+    @classmethod
+    def parse(cls, value: Any) -> Measure:
+        try:
+            return cls(value.value if isinstance(value, Measure) else value)
+        except ValueError:
+            choices = ", ".join(repr(v.value) for v in cls)
+            raise ValueError(f"value must be one of {choices}, got {value!r}") from None
+
+
+class ValueBank:
+    """Running value statistics of N knowledge points.
+
+    ``sums`` ``[N]`` float64 and ``counts`` ``[N]`` int32 live on ``device`` (or, when
+    ``device`` is None, on the device of the first observed logits). On CUDA a batch is
+    scored without any host synchronisation: bad rows (index outside [0, N), non-finite
+    logits) are skipped on the device and counted, and ``check()`` (called by
+    ``values()``) raises them. ``strict=True`` validates every batch before it is scored.
+
+    Example::
+
+        bank = ValueBank(len(dataset), period=40)
+        bank.observe(indices, student_logits)           # every training step
+        cond = kcd_fast.condense(bank.values(), n_keep)  # at a condensation point
+    """
+
+    def __init__(
+        self,
+        n: int,
+        *,
+        period: int,
+        alpha: float = 0.03,
+        measure: str | Measure = "entropy",
+        temperature: float = 4.0,
+        device: str | torch.device | None = "cpu",
+        strict: bool = False,
+        seed: int = 0,
+    ):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be an int >= 1 (the number of points), got {n!r}")
+        if isinstance(period, bool) or not isinstance(period, (int, float)) or not period > 0:
+            raise ValueError(f"period must be > 0, got {period!r}")
+        if not (isinstance(alpha, (int, float)) and math.isfinite(alpha)):
+            raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        self.n = n
+        self.period = period
+        self.alpha = float(alpha)
+        self.measure = Measure.parse(measure)
+        self.temperature = float(temperature)
+        self.strict = bool(strict)
+        self.seed = int(seed)
+        self._random_draws = 0
+        self.sums: torch.Tensor | None = None
+        self.counts: torch.Tensor | None = None
+        self._errors: torch.Tensor | None = None
+        if device is not None:
+            self._allocate(torch.device(device))
+
+    @property
+    def device(self) -> torch.device | None:
+        return None if self.sums is None else self.sums.device
+
+    def _allocate(self, device: torch.device) -> None:
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device must be cpu or cuda, got {device}")
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.sums = torch.zeros(self.n, dtype=torch.float64, device=device)
+        self.counts = torch.zeros(self.n, dtype=torch.int32, device=device)
+        self._errors = torch.zeros(2, dtype=torch.int64, device=device) if device.type == "cuda" else None
+
+    def to(self, device: str | torch.device) -> ValueBank:
+        """Moves the accumulators (pending device errors are checked first)."""
+        device = torch.device(device)
+        if self.sums is None:
+            self._allocate(device)
+            return self
+        self.check()
+        sums, counts = self.sums.to(device), self.counts.to(device)
+        self._allocate(device)
+        self.sums.copy_(sums)
+        self.counts.copy_(counts)
+        return self
+
+    def observe(self, indices, logits, teacher_logits=None) -> None:
+        """Scores one training batch: ``indices`` ``[B]`` int64 (any device; moved to the
+        bank's), ``logits`` ``[B, C]`` student logits on the bank's device,
+        ``teacher_logits`` ``[B, C]`` (needed for ``measure="kl"``)."""
+        lg, _ = A.as_torch(logits, "logits")
+        idx, _ = A.as_torch(indices, "indices")
+        if self.sums is None:
+            self._allocate(lg.device)
+        if lg.device != self.device:
+            raise ValueError(
+                f"logits are on {lg.device} but the value bank is on {self.device}; "
+                "create the bank with device=None to follow the logits"
+            )
+        if idx.device != self.device:
+            idx = idx.to(self.device, non_blocking=True)
+        if self.measure is Measure.KL:
+            if teacher_logits is None:
+                raise ValueError("measure 'kl' needs teacher_logits, got None")
+            ops.observe_kl(lg.detach(), A.as_torch(teacher_logits, "teacher_logits")[0].detach(), idx, self.sums,
+                           self.counts, self.temperature, errors=self._errors, strict=self.strict)
+        elif self.measure is Measure.ENTROPY:
+            ops.observe_entropy(lg.detach(), idx, self.sums, self.counts, errors=self._errors, strict=self.strict)
+        else:  # random values: only count the observations
+            if idx.dim() != 1 or idx.dtype != torch.int64:
+                raise TypeError(f"indices must be a 1-D int64 tensor, got {idx.dtype} {tuple(idx.shape)}")
+            ops.strict_check(idx, self.n, [])
+            self.counts.index_add_(0, idx, torch.ones_like(idx, dtype=torch.int32))
+
+    def check(self) -> None:
+        """Raises (and clears) rows the CUDA kernels skipped since the last check.
+        A host synchronisation; free on CPU, where bad batches raise at once."""
+        if self._errors is None:
+            return
+        bad_index, non_finite = (int(v) for v in self._errors.tolist())
+        if bad_index or non_finite:
+            self._errors.zero_()
+            raise ValueError(
+                f"{bad_index} observed row(s) had an index outside [0, {self.n}) and {non_finite} row(s) had "
+                "non-finite logits; they were skipped (nothing else changed)"
+            )
+
+    def values(self) -> torch.Tensor:
+        """``[N]`` float64 values on the bank's device (+inf for unobserved points)."""
+        if self.sums is None:
+            self._allocate(torch.device("cpu"))
+        self.check()
+        if self.measure is Measure.RANDOM:
+            rng = np.random.default_rng([self.seed, self._random_draws])
+            self._random_draws += 1
+            return torch.from_numpy(rng.random(self.n)).to(self.device)
+        return ops.values(self.sums, self.counts, self.period, self.alpha)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything that changes during training, as CPU tensors."""
+        self.check()
+        return {
+            "n": self.n,
+            "period": self.period,
+            "alpha": self.alpha,
+            "measure": self.measure.value,
+            "temperature": self.temperature,
+            "seed": self.seed,
+            "random_draws": self._random_draws,
+            "sums": None if self.sums is None else self.sums.cpu(),
+            "counts": None if self.counts is None else self.counts.cpu(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores a ``state_dict``; the accumulators stay on this bank's device."""
+        required = ("n", "sums", "counts", "random_draws")
+        missing = [k for k in required if k not in state]
+        if missing:
+            raise KeyError(f"value bank state is missing {missing}")
+        if state["n"] != self.n:
+            raise ValueError(f"value bank state holds {state['n']} points but this bank has {self.n}")
+        for key in ("measure", "period", "alpha"):
+            mine = getattr(self, key).value if key == "measure" else getattr(self, key)
+            if key in state and state[key] != mine:
+                raise ValueError(f"value bank state has {key} = {state[key]!r} but this bank has {mine!r}")
+        sums, counts = state["sums"], state["counts"]
+        if sums is not None:
+            if sums.shape != (self.n,) or sums.dtype != torch.float64 or counts.shape != (self.n,) \
+                    or counts.dtype != torch.int32:
+                raise ValueError("value bank state: sums must be float64 [n] and counts int32 [n]")
+            if self.sums is None:
+                self._allocate(torch.device("cpu"))
+            self.sums.copy_(sums)
+            self.counts.copy_(counts)
+        self._random_draws = int(state["random_draws"])
+
+    def __repr__(self) -> str:
+        return f"ValueBank(n={self.n}, measure={self.measure.value!r}, device={self.device})"

@@ -1,0 +1,145 @@
+"""Condensation (KCD_SPEC sections 3-4): rank all points by value, keep the top
+``n_keep``, and pair the dropped points with kept ones for the VAKS summary."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum, unique
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import _arrays as A
+from ._ext import _cpu, cuda_module
+
+
+@unique
+class Vaks(str, Enum):
+    """Which kept points receive the dropped knowledge (supplement Tab. 7)."""
+
+    LOW = "low"  # the L lowest-valued kept points, weights eps_m .. 1 (the paper's choice)
+    HIGH = "high"  # the L highest-valued kept points, same weights
+    RANDOM = "random"  # L kept points drawn with the seeded generator, eps = eps_m
+    OFF = "off"  # no summary
+
+    @classmethod
+    def parse(cls, value: Any, name: str = "vaks") -> Vaks:
+        try:
+            return cls(value.value if isinstance(value, Vaks) else value)
+        except ValueError:
+            choices = ", ".join(repr(v.value) for v in cls)
+            raise ValueError(f"{name} must be one of {choices}, got {value!r}") from None
+
+
+_MODE = {Vaks.OFF: 0, Vaks.LOW: 1, Vaks.HIGH: 2, Vaks.RANDOM: 3}
+
+
+@dataclass(frozen=True)
+class Condensation:
+    """The outcome of one condensation, on the device and in the library of ``values``.
+
+    keep: ``[n_keep]`` int64, the kept points sorted by index.
+    dropped: ``[n_prev - n_keep]`` int64, the dropped points in rank order.
+    dst, src: ``[P]`` int64 summary pairs (``P = min(L, n_keep)``, 0 when vaks is off):
+        ``images[dst[j]] <- eps[j] * images[dst[j]] + (1 - eps[j]) * images[src[j]]``.
+    eps: ``[P]`` float64 weights.
+    """
+
+    keep: Any
+    dropped: Any
+    dst: Any
+    src: Any
+    eps: Any
+    n: int
+    n_keep: int
+    n_prev: int
+    vaks: Vaks
+    eps_m: float
+
+    @property
+    def pairs(self) -> int:
+        return int(self.dst.shape[0])
+
+
+def _check_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+def condense(
+    values, n_keep: int, n_prev: int | None = None, vaks: str | Vaks = "low", eps_m: float = 0.7, seed: int = 0
+) -> Condensation:
+    """Select the ``n_keep`` most valuable of ``N`` points and the VAKS summary pairs.
+
+    Args:
+        values: ``[N]`` float values (cast to float64); ``+inf`` marks unobserved points.
+            Ranking is by value descending, ties by index ascending; NaN is refused.
+        n_keep: points kept, ``1 <= n_keep <= n_prev``.
+        n_prev: size of the current set (default N); the ``n_prev - n_keep`` points
+            ranked just below the kept ones are this step's dropped points.
+        vaks: "low" (default), "high", "random" or "off".
+        eps_m: the smallest weight a kept image keeps, in [0, 1].
+        seed: seeds the draw of kept points for ``vaks="random"``.
+
+    CPU: a bucketed partial ranking, O(N) plus sorting the few candidates near the ranks
+    that matter. CUDA: an on-device CUB radix sort; nothing returns to the host except
+    the NaN check.
+
+    Example (N = 5, keep 3 of 5, vaks "low")::
+
+        values = [0.9, 0.1, inf, 0.5, 0.1]   -> pi = [2, 0, 3, 1, 4]
+        keep = [0, 2, 3]; dropped = [1, 4]; dst = [0, 3]; src = [1, 4]; eps = [1.0, 0.85]
+    """
+    v, lib = A.as_torch(values, "values")
+    A.check_ndim(v, "values", 1, "[N]")
+    if not v.is_floating_point():
+        raise TypeError(f"values must be a floating dtype, got {A.dtype_name(v)}")
+    device = A.check_same_device([("values", v)])
+    n = int(v.shape[0])
+    if n == 0:
+        raise ValueError("values is empty: there is nothing to condense (N = 0)")
+    n_keep = _check_int(n_keep, "n_keep")
+    n_prev = n if n_prev is None else _check_int(n_prev, "n_prev")
+    if not 1 <= n_prev <= n:
+        raise ValueError(f"n_prev must be in [1, N = {n}], got {n_prev}")
+    if not 1 <= n_keep <= n_prev:
+        raise ValueError(f"n_keep must be in [1, n_prev = {n_prev}], got {n_keep}")
+    mode = Vaks.parse(vaks)
+    if not (isinstance(eps_m, (int, float)) and math.isfinite(eps_m) and 0.0 <= eps_m <= 1.0):
+        raise ValueError(f"eps_m must be in [0, 1], got {eps_m!r}")
+    seed = _check_int(seed, "seed")
+    if device.type == "cuda" and n > 2**31 - 1:
+        raise ValueError(f"CUDA condense handles N < 2**31 points, got N = {n}")
+
+    v = v.to(torch.float64).contiguous()
+    pairs = 0 if mode is Vaks.OFF else min(n_prev - n_keep, n_keep)
+    if mode is Vaks.RANDOM:
+        pos = np.random.default_rng(seed).choice(n_keep, size=pairs, replace=False).astype(np.int64)
+        random_pos = torch.from_numpy(pos).to(device)
+    else:
+        random_pos = torch.zeros(0, dtype=torch.int64, device=device)
+
+    def empty(size: int, dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(size, dtype=dtype, device=device)
+
+    keep, dropped = empty(n_keep, torch.int64), empty(n_prev - n_keep, torch.int64)
+    dst, src, eps = empty(pairs, torch.int64), empty(pairs, torch.int64), empty(pairs, torch.float64)
+    outs = [A.capsule(t) for t in (keep, dropped, dst, src, eps)]
+    if device.type == "cpu":
+        _cpu.condense(A.capsule(v), n_keep, n_prev, _MODE[mode], float(eps_m), A.capsule(random_pos), *outs)
+    else:
+        if bool(torch.isnan(v).any()):
+            i = int(torch.isnan(v).nonzero()[0, 0])
+            raise ValueError(f"values[{i}] is nan")
+        ext = cuda_module()
+        with torch.cuda.device(device):
+            ws = empty(int(ext.condense_workspace_bytes(n)), torch.uint8)
+        ext.condense(
+            A.capsule(v), n_keep, n_prev, _MODE[mode], float(eps_m), A.capsule(random_pos), A.capsule(ws), *outs,
+            A.stream_of(v),
+        )
+    conv = [A.to_lib(t, lib, values) for t in (keep, dropped, dst, src, eps)]
+    return Condensation(*conv, n=n, n_keep=n_keep, n_prev=n_prev, vaks=mode, eps_m=float(eps_m))

@@ -1,0 +1,243 @@
+"""Value scoring and VAKS blending ops (KCD_SPEC sections 1 and 4).
+
+Every op takes torch tensors (CPU or CUDA), numpy arrays or other DLPack arrays and runs
+the compiled kernel on the arrays' device. Accumulators and images are updated in place;
+results come back in the caller's library on the caller's device.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _arrays as A
+from ._ext import _cpu, cuda_module
+
+LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _bank_args(indices, sums, counts, rows: int, row_name: str):
+    idx, _ = A.as_torch(indices, "indices")
+    s, _ = A.as_torch(sums, "sums")
+    c, _ = A.as_torch(counts, "counts")
+    A.check_dtype(idx, "indices", (torch.int64,))
+    A.check_ndim(idx, "indices", 1, "[B]")
+    A.check_dtype(s, "sums", (torch.float64,))
+    A.check_ndim(s, "sums", 1, "[N]")
+    A.check_dtype(c, "counts", (torch.int32,))
+    A.check_ndim(c, "counts", 1, "[N]")
+    if c.shape[0] != s.shape[0]:
+        raise ValueError(f"counts has {c.shape[0]} entries but sums has {s.shape[0]}; both are [N]")
+    if idx.shape[0] != rows:
+        raise ValueError(f"indices has {idx.shape[0]} entries but {row_name} has {rows} rows")
+    A.check_contiguous_out(s, "sums")
+    A.check_contiguous_out(c, "counts")
+    return idx.contiguous(), s, c
+
+
+def _logits_arg(x, name: str) -> torch.Tensor:
+    t, _ = A.as_torch(x, name)
+    A.check_dtype(t, name, LOGIT_DTYPES)
+    A.check_ndim(t, name, 2, "[B, C]")
+    if t.shape[0] > 0 and t.shape[1] == 0:
+        raise ValueError(f"{name} has C = 0 classes, shape {tuple(t.shape)}")
+    return A.rows_contiguous(t)
+
+
+def _errors_arg(errors, device: torch.device) -> torch.Tensor | None:
+    if errors is None:
+        return None
+    e, _ = A.as_torch(errors, "errors")
+    if e.dtype != torch.int64 or e.shape != (2,) or e.device != device:
+        raise ValueError(f"errors must be an int64 [2] tensor on {device}, got {e.dtype} {tuple(e.shape)} on {e.device}")
+    return e
+
+
+def strict_check(indices: torch.Tensor, n: int, rows: list[tuple[str, torch.Tensor]]) -> None:
+    """Validates a batch with torch ops (a host sync on CUDA): indices in [0, n) and
+    every logit finite. Raises before anything changes."""
+    if indices.numel() == 0:
+        return
+    bad = (indices < 0) | (indices >= n)
+    if bool(bad.any()):
+        r = int(bad.nonzero()[0, 0])
+        raise IndexError(f"indices[{r}] = {int(indices[r])} is outside [0, {n})")
+    for name, t in rows:
+        finite = torch.isfinite(t).all(dim=1)
+        if not bool(finite.all()):
+            r = int((~finite).nonzero()[0, 0])
+            raise ValueError(
+                f"{name} row {r} (point {int(indices[r])}) holds a non-finite value (inf or nan)"
+            )
+
+
+def observe_entropy(logits, indices, sums, counts, *, errors=None, strict: bool | None = None) -> None:
+    """Accumulate the prediction entropy of each row into ``sums`` / ``counts`` in place.
+
+    Args:
+        logits: ``[B, C]`` float32, float16 or bfloat16 student logits.
+        indices: ``[B]`` int64 point index of each row, in ``[0, N)``.
+        sums: ``[N]`` float64 running sum of entropies (updated in place).
+        counts: ``[N]`` int32 number of observations (updated in place).
+        errors: CUDA only: ``[2]`` int64 device counters {bad index, non-finite row}.
+            Bad rows are skipped on the device and counted there, with no host sync;
+            the caller raises them later (see ``ValueBank.check``).
+        strict: validate on the host before launching (a sync on CUDA). Defaults to
+            True unless ``errors`` is given. On CPU input is always validated first.
+
+    ``h = logsumexp(z) - sum softmax(z) * z`` is computed in one fused pass per row and is
+    finite even when probabilities underflow. B = 0 is a no-op. A point that appears
+    twice in a batch is accumulated twice.
+    """
+    lg = _logits_arg(logits, "logits")
+    idx, s, c = _bank_args(indices, sums, counts, lg.shape[0], "logits")
+    device = A.check_same_device([("logits", lg), ("indices", idx), ("sums", s), ("counts", c)])
+    if lg.shape[0] == 0:
+        return
+    if device.type == "cpu":
+        _cpu.observe_entropy(A.capsule(lg), A.capsule(idx), A.capsule(s), A.capsule(c))
+        return
+    err = _errors_arg(errors, device)
+    if strict or (strict is None and err is None):
+        strict_check(idx, s.shape[0], [("logits", lg)])
+    if err is None:
+        err = torch.zeros(2, dtype=torch.int64, device=device)
+    cuda_module().observe_entropy(
+        A.capsule(lg), A.capsule(idx), A.capsule(s), A.capsule(c), A.capsule(err), A.stream_of(lg)
+    )
+
+
+def observe_kl(
+    student_logits, teacher_logits, indices, sums, counts, temperature: float = 4.0, *, errors=None,
+    strict: bool | None = None,
+) -> None:
+    """Accumulate ``KL(softmax(t / T) || softmax(s / T))`` per row, like ``observe_entropy``.
+
+    Args:
+        student_logits, teacher_logits: ``[B, C]`` of one dtype (float32/float16/bfloat16).
+        indices: ``[B]`` int64. sums: ``[N]`` float64. counts: ``[N]`` int32.
+        temperature: the distillation temperature T > 0.
+    """
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    st = _logits_arg(student_logits, "student_logits")
+    te = _logits_arg(teacher_logits, "teacher_logits")
+    if st.shape != te.shape:
+        raise ValueError(
+            f"student_logits {tuple(st.shape)} and teacher_logits {tuple(te.shape)} must have one shape [B, C]"
+        )
+    if st.dtype != te.dtype:
+        raise TypeError(f"student_logits is {A.dtype_name(st)} but teacher_logits is {A.dtype_name(te)}")
+    idx, s, c = _bank_args(indices, sums, counts, st.shape[0], "student_logits")
+    device = A.check_same_device(
+        [("student_logits", st), ("teacher_logits", te), ("indices", idx), ("sums", s), ("counts", c)]
+    )
+    if st.shape[0] == 0:
+        return
+    if device.type == "cpu":
+        _cpu.observe_kl(A.capsule(st), A.capsule(te), A.capsule(idx), A.capsule(s), A.capsule(c), float(temperature))
+        return
+    err = _errors_arg(errors, device)
+    if strict or (strict is None and err is None):
+        strict_check(idx, s.shape[0], [("student_logits", st), ("teacher_logits", te)])
+    if err is None:
+        err = torch.zeros(2, dtype=torch.int64, device=device)
+    cuda_module().observe_kl(
+        A.capsule(st), A.capsule(te), A.capsule(idx), A.capsule(s), A.capsule(c), float(temperature),
+        A.capsule(err), A.stream_of(st),
+    )
+
+
+def values(sums, counts, period: float, alpha: float = 0.03):
+    """Cost-aware value of every point (paper Eq. 13): ``v = (S/n) * (n/T)**alpha``.
+
+    Args:
+        sums: ``[N]`` float64. counts: ``[N]`` int32. period: T (epochs per stage) > 0.
+        alpha: the cost-aware weighting exponent (paper default 0.03).
+
+    Returns: ``[N]`` float64 in the caller's library and device; ``+inf`` where
+    ``counts == 0`` (an unobserved point ranks above every observed one).
+    """
+    for name, v in (("period", period), ("alpha", alpha)):
+        if not (isinstance(v, (int, float)) and math.isfinite(v)):
+            raise ValueError(f"{name} must be a finite number, got {v!r}")
+    if period <= 0:
+        raise ValueError(f"period must be > 0, got {period!r}")
+    s, lib = A.as_torch(sums, "sums")
+    c, _ = A.as_torch(counts, "counts")
+    A.check_dtype(s, "sums", (torch.float64,))
+    A.check_dtype(c, "counts", (torch.int32,))
+    A.check_ndim(s, "sums", 1, "[N]")
+    A.check_ndim(c, "counts", 1, "[N]")
+    if c.shape != s.shape:
+        raise ValueError(f"counts has {c.shape[0]} entries but sums has {s.shape[0]}; both are [N]")
+    device = A.check_same_device([("sums", s), ("counts", c)])
+    s, c = s.contiguous(), c.contiguous()
+    out = torch.empty_like(s)
+    if device.type == "cpu":
+        _cpu.values(A.capsule(s), A.capsule(c), A.capsule(out), float(period), float(alpha))
+    else:
+        cuda_module().values(A.capsule(s), A.capsule(c), A.capsule(out), float(period), float(alpha), A.stream_of(s))
+    return A.to_lib(out, lib, sums)
+
+
+def blend_(images, dst, src, eps, *, check: bool | None = None):
+    """In-place VAKS summary: ``images[dst[j]] = round(eps[j] * images[dst[j]] +
+    (1 - eps[j]) * images[src[j]])`` for every pair j, all pairs reading the images as
+    they were before the call (round half up, clamp to [0, 255]).
+
+    Args:
+        images: ``[N, ...]`` uint8 storage, contiguous (updated in place).
+        dst: ``[L]`` int64 points to write; unique and disjoint from ``src``.
+        src: ``[L]`` int64 points to read.
+        eps: ``[L]`` float weights in [0, 1] (cast to float64).
+        check: validate ranges, uniqueness and disjointness first (always on CPU;
+            on CUDA default True, a host sync; pass False for ``condense`` output).
+
+    Returns ``images``.
+    """
+    im, _ = A.as_torch(images, "images")
+    d, _ = A.as_torch(dst, "dst")
+    s, _ = A.as_torch(src, "src")
+    e, _ = A.as_torch(eps, "eps")
+    A.check_dtype(im, "images", (torch.uint8,))
+    if im.dim() < 1:
+        raise ValueError(f"images must be [N, ...], got shape {tuple(im.shape)}")
+    A.check_contiguous_out(im, "images")
+    A.check_dtype(d, "dst", (torch.int64,))
+    A.check_dtype(s, "src", (torch.int64,))
+    A.check_ndim(d, "dst", 1, "[L]")
+    A.check_ndim(s, "src", 1, "[L]")
+    A.check_ndim(e, "eps", 1, "[L]")
+    if not e.is_floating_point():
+        raise TypeError(f"eps must be a floating dtype, got {A.dtype_name(e)}")
+    if not (d.shape == s.shape == e.shape):
+        raise ValueError(f"dst {tuple(d.shape)}, src {tuple(s.shape)} and eps {tuple(e.shape)} must all be [L]")
+    device = A.check_same_device([("images", im), ("dst", d), ("src", s), ("eps", e)])
+    d, s, e = d.contiguous(), s.contiguous(), e.to(torch.float64).contiguous()
+    if d.shape[0] == 0:
+        return images
+    if device.type == "cpu":
+        _cpu.blend(A.capsule(im), A.capsule(d), A.capsule(s), A.capsule(e))
+        return images
+    if check is None or check:
+        _check_pairs_torch(im.shape[0], d, s, e)
+    cuda_module().blend(A.capsule(im), A.capsule(d), A.capsule(s), A.capsule(e), A.stream_of(im))
+    return images
+
+
+def _check_pairs_torch(n: int, d: torch.Tensor, s: torch.Tensor, e: torch.Tensor) -> None:
+    for name, t in (("dst", d), ("src", s)):
+        bad = (t < 0) | (t >= n)
+        if bool(bad.any()):
+            j = int(bad.nonzero()[0, 0])
+            raise IndexError(f"{name}[{j}] = {int(t[j])} is outside [0, {n})")
+    bad = ~((e >= 0) & (e <= 1))
+    if bool(bad.any()):
+        j = int(bad.nonzero()[0, 0])
+        raise ValueError(f"eps[{j}] = {float(e[j])} is outside [0, 1]")
+    if torch.unique(d).numel() != d.numel():
+        raise ValueError("dst holds a point twice; each kept point is summarised at most once")
+    if bool(torch.isin(s, d).any()):
+        raise ValueError("src and dst overlap: a summary pair may not read an image another pair writes")

@@ -1,0 +1,67 @@
+"""Build driver: setuptools hands the compiled modules to CMake (see CMakeLists.txt).
+
+Environment:
+  KCD_FAST_NO_CUDA=1      build the CPU module only
+  KCD_FAST_CUDA_ARCHS     CMake CUDA architectures (default "80-real;90-real;90-virtual")
+  CMAKE_BUILD_PARALLEL_LEVEL  compile jobs (default: all cores)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).parent.resolve()
+
+
+def _version() -> str:
+    text = (ROOT / "kcd_fast" / "_version.py").read_text()
+    return re.search(r'__version__ = "([^"]+)"', text).group(1)
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str) -> None:
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext: Extension) -> None:
+        extdir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
+        build_temp = Path(self.build_temp) / "cmake"
+        build_temp.mkdir(parents=True, exist_ok=True)
+        import pybind11
+
+        args = [
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={extdir}{os.sep}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-DCMAKE_BUILD_TYPE={'Debug' if self.debug else 'Release'}",
+            f"-DKCD_VERSION={_version()}",
+        ]
+        if shutil.which("ninja") or _has_ninja_module():
+            args.append("-GNinja")
+        jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 1))
+        subprocess.run(["cmake", str(ROOT), *args], cwd=build_temp, check=True)
+        subprocess.run(["cmake", "--build", ".", "--parallel", jobs], cwd=build_temp, check=True)
+
+
+def _has_ninja_module() -> bool:
+    try:
+        import ninja  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+setup(
+    version=_version(),
+    ext_modules=[CMakeExtension("kcd_fast._cpu")],
+    cmdclass={"build_ext": CMakeBuild},
+)
