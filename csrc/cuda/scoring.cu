@@ -33,35 +33,76 @@ __device__ __forceinline__ bool row_ok(float chk, float m, int64_t point, int64_
   return finite && in_range;
 }
 
+// 16 bytes of logits as floats: 4 float32 or 8 float16 / bfloat16.
 template <FloatKind K>
-__global__ void entropy_kernel(const void* __restrict__ logits, int64_t B, int64_t C, int64_t ld,
+struct Vec {
+  static constexpr int kWidth = K == FloatKind::kF32 ? 4 : 8;
+  __device__ __forceinline__ static void load(const void* base, int64_t elem, float (&out)[kWidth]) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(static_cast<const char*>(base) + elem * (16 / kWidth));
+    const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+    if constexpr (K == FloatKind::kF32) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) out[i] = __uint_as_float(words[i]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const uint16_t lo = static_cast<uint16_t>(words[i] & 0xffffu), hi = static_cast<uint16_t>(words[i] >> 16);
+        out[2 * i] = K == FloatKind::kF16 ? half_to_float(lo) : bf16_to_float(lo);
+        out[2 * i + 1] = K == FloatKind::kF16 ? half_to_float(hi) : bf16_to_float(hi);
+      }
+    }
+  }
+};
+
+__device__ __forceinline__ void push_chunk(RowStats& st, float& chk, const float* x, int n) {
+  float cm = st.m;
+  for (int i = 0; i < n; ++i) {
+    cm = fmaxf(cm, x[i]);
+    chk += x[i] * 0.0f;
+  }
+  if (cm > st.m) rescale(st, cm);
+  if (isfinite(cm)) {
+    for (int i = 0; i < n; ++i) accumulate(st, x[i]);
+  }
+}
+
+// One warp per row, one pass over the logits: each lane streams 16-byte vectors (when
+// the rows are 16-byte aligned) into running RowStats, merged across the warp.
+template <FloatKind K>
+__global__ void entropy_kernel(const void* __restrict__ logits, int64_t B, int64_t C, int64_t ld, bool vec,
                                const int64_t* __restrict__ indices, int64_t N, double* __restrict__ sums,
                                int32_t* __restrict__ counts, int64_t* __restrict__ errors) {
+  using V = Vec<K>;
   const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (row >= B) return;
   const int64_t base = row * ld;
-  float m = -INFINITY, chk = 0.0f;
-  for (int64_t j = lane; j < C; j += kWarp) {
+  RowStats st;
+  float chk = 0.0f;
+  int64_t tail = 0;
+  if (vec) {
+    const int64_t nvec = C / V::kWidth;
+    for (int64_t q = lane; q < nvec; q += kWarp) {
+      float x[V::kWidth];
+      V::load(logits, base + q * V::kWidth, x);
+      push_chunk(st, chk, x, V::kWidth);
+    }
+    tail = nvec * V::kWidth;
+  }
+  for (int64_t j = tail + lane; j < C; j += kWarp) {
     const float x = load_logit<K>(logits, base + j);
-    m = fmaxf(m, x);
-    chk += x * 0.0f;
+    push_chunk(st, chk, &x, 1);
   }
-  m = warp_max(m);
-  chk = warp_sum(chk);
+  for (int o = kWarp / 2; o > 0; o /= 2) {
+    RowStats other{__shfl_xor_sync(0xffffffffu, st.m, o), __shfl_xor_sync(0xffffffffu, st.z, o),
+                   __shfl_xor_sync(0xffffffffu, st.w, o)};
+    st = merge(st, other);
+    chk += __shfl_xor_sync(0xffffffffu, chk, o);
+  }
   const int64_t point = indices[row];
-  if (!row_ok(chk, m, point, N, lane, errors)) return;
-  float z = 0.0f, w = 0.0f;
-  for (int64_t j = lane; j < C; j += kWarp) {
-    const float d = load_logit<K>(logits, base + j) - m;
-    const float e = exp_nonpos(d);
-    z += e;
-    w += e * d;
-  }
-  z = warp_sum(z);
-  w = warp_sum(w);
+  if (!row_ok(chk, st.m, point, N, lane, errors)) return;
   if (lane == 0) {
-    atomicAdd(sums + point, finish_entropy(z, w));
+    atomicAdd(sums + point, finish_entropy(st.z, st.w));
     atomicAdd(counts + point, 1);
   }
 }
@@ -123,15 +164,18 @@ void observe_entropy(const void* logits, FloatKind kind, int64_t B, int64_t C, i
                      int64_t* errors, void* stream) {
   if (B == 0) return;
   auto s = static_cast<cudaStream_t>(stream);
+  // 16-byte vector loads need every row start 16-byte aligned.
+  const int64_t esize = kind == FloatKind::kF32 ? 4 : 2;
+  const bool vec = reinterpret_cast<uintptr_t>(logits) % 16 == 0 && (ld * esize) % 16 == 0;
   switch (kind) {
     case FloatKind::kF32:
-      entropy_kernel<FloatKind::kF32><<<row_grid(B), kThreads, 0, s>>>(logits, B, C, ld, indices, N, sums, counts, errors);
+      entropy_kernel<FloatKind::kF32><<<row_grid(B), kThreads, 0, s>>>(logits, B, C, ld, vec, indices, N, sums, counts, errors);
       break;
     case FloatKind::kF16:
-      entropy_kernel<FloatKind::kF16><<<row_grid(B), kThreads, 0, s>>>(logits, B, C, ld, indices, N, sums, counts, errors);
+      entropy_kernel<FloatKind::kF16><<<row_grid(B), kThreads, 0, s>>>(logits, B, C, ld, vec, indices, N, sums, counts, errors);
       break;
     case FloatKind::kBF16:
-      entropy_kernel<FloatKind::kBF16><<<row_grid(B), kThreads, 0, s>>>(logits, B, C, ld, indices, N, sums, counts, errors);
+      entropy_kernel<FloatKind::kBF16><<<row_grid(B), kThreads, 0, s>>>(logits, B, C, ld, vec, indices, N, sums, counts, errors);
       break;
   }
   KCD_CUDA_CHECK(cudaGetLastError());

@@ -19,7 +19,9 @@ KCD_HD float exp_nonpos(float x) {
   return expf(x);
 #else
   x = x < -87.0f ? -87.0f : x;
-  const float fx = std::floor(x * 1.44269504088896341f + 0.5f);
+  // round(x / ln 2) by the 1.5 * 2^23 trick: vectorises everywhere (floorf does not
+  // without SSE4.1); |x - fx ln 2| <= ln 2 / 2 either way.
+  const float fx = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   x = x - fx * 0.693359375f;
   x = x - fx * -2.12194440e-4f;
   float y = 1.9875691500e-4f;
@@ -50,6 +52,43 @@ KCD_HD double finish_kl(float ma, float za, float wa, float mb, float zb) {
   const double kl = static_cast<double>(wa) / za - (static_cast<double>(ma) + std::log(static_cast<double>(za))) +
                     (static_cast<double>(mb) + std::log(static_cast<double>(zb)));
   return kl > 0.0 ? kl : 0.0;
+}
+
+// Streaming form of the same row statistics for one-pass kernels (CUDA): a running
+// max m, z = sum exp(x - m) and w = sum exp(x - m) (x - m), rescaled when m grows,
+// and merged across lanes. finish_entropy(z, w) is then identical to the two-pass form.
+struct RowStats {
+  float m = -INFINITY;
+  float z = 0.0f;
+  float w = 0.0f;
+};
+
+// Moves stats to a new max m2 >= s.m: z' = z e^(m - m2), w' = e^(m - m2) (w + (m - m2) z).
+KCD_HD void rescale(RowStats& s, float m2) {
+  if (s.z > 0.0f) {
+    const float d = s.m - m2;
+    const float f = exp_nonpos(d);
+    s.w = f * (s.w + d * s.z);
+    s.z = f * s.z;
+  }
+  s.m = m2;
+}
+
+// Adds x, known to be <= s.m (callers rescale to a chunk's max first).
+KCD_HD void accumulate(RowStats& s, float x) {
+  const float d = x - s.m;
+  const float e = exp_nonpos(d);
+  s.z += e;
+  s.w += e * d;
+}
+
+KCD_HD RowStats merge(RowStats a, RowStats b) {
+  if (b.z == 0.0f) return a;
+  if (a.z == 0.0f) return b;
+  const float m = a.m > b.m ? a.m : b.m;
+  rescale(a, m);
+  rescale(b, m);
+  return RowStats{m, a.z + b.z, a.w + b.w};
 }
 
 // Paper Eq. 13: v = (S / n) * (n / T)^alpha; an unobserved point (n == 0) is +inf.

@@ -59,6 +59,9 @@ inline void require(const Tensor& x, uint8_t code, uint8_t bits, int ndim, bool 
     throw std::invalid_argument(x.name + " must be " + std::to_string(ndim) + "-D, got " + std::to_string(t->ndim) + "-D");
   }
   if (t->strides == nullptr) return;
+  for (int d = 0; d < t->ndim; ++d) {
+    if (t->shape[d] == 0) return;  // empty: no element to address
+  }
   int64_t expect = 1;
   for (int d = t->ndim - 1; d >= 0; --d) {
     const bool skip = t->shape[d] == 1 || (allow_row_stride && d == 0 && t->ndim == 2 && t->strides[0] >= t->shape[1]);

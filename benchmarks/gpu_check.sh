@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One prepared GPU check: build with CUDA (sm_90 for Hopper, or KCD_FAST_CUDA_ARCHS),
+# run the needs_cuda tests and the CPU core tests, then the kernel benchmark on the GPU.
+# Everything it measures goes into the folder given as $1 (JSON + logs).
+#   bash benchmarks/gpu_check.sh OUT_DIR
+set -uo pipefail
+out=${1:?usage: gpu_check.sh OUT_DIR}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+py=${PYTHON:-python3}
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  nvcc --version | tail -1
+  $py -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__)"
+} 2>&1 | tee "$out/env.txt"
+
+export KCD_FAST_CUDA_ARCHS=${KCD_FAST_CUDA_ARCHS:-90-real}
+archs=$KCD_FAST_CUDA_ARCHS
+start=$(date +%s)
+cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$(command -v $py)" \
+  -Dpybind11_DIR="$($py -m pybind11 --cmakedir)" -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$PWD/kcd_fast" \
+  -DCMAKE_CUDA_ARCHITECTURES="$archs" -DKCD_VERSION="$($py -c 'exec(open("kcd_fast/_version.py").read()); print(__version__)')" \
+  >"$out/build.log" 2>&1 && cmake --build build/gpu --parallel >>"$out/build.log" 2>&1
+rc_build=$?
+echo "build rc=$rc_build in $(( $(date +%s) - start )) s" | tee -a "$out/summary.txt"
+[ $rc_build -eq 0 ] || { tail -40 "$out/build.log"; exit 1; }
+$py -c "import kcd_fast, json; print(json.dumps(kcd_fast.build_info()))" | tee -a "$out/summary.txt"
+
+$py -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_ops.py tests/test_condense.py tests/test_schedule.py \
+  tests/test_bank.py --junitxml="$out/pytest.xml" 2>&1 | tee "$out/pytest.log" | tail -15
+echo "pytest rc=${PIPESTATUS[0]}" | tee -a "$out/summary.txt"
+
+$py benchmarks/kernels.py --device cuda --json "$out/kernels_cuda.json" 2>&1 | tee "$out/kernels_cuda.log"
+echo "kernels rc=${PIPESTATUS[0]}" | tee -a "$out/summary.txt"
+cat "$out/summary.txt"

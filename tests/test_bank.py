@@ -1,0 +1,100 @@
+"""ValueBank on the CPU: accumulation, values, state round trips, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kcd_fast import _reference as R
+from kcd_fast import ValueBank, condense
+
+_GEN = np.random.default_rng(1234)
+
+
+def randn(*shape: int) -> torch.Tensor:
+    return torch.from_numpy(_GEN.standard_normal(shape).astype(np.float32))
+
+
+def test_bank_accumulates_and_values_match_reference() -> None:
+    rng = np.random.default_rng(0)
+    bank = ValueBank(20, period=4, alpha=0.05)
+    ref_s, ref_c = np.zeros(20), np.zeros(20, np.int32)
+    for _ in range(5):
+        idx = torch.from_numpy(rng.choice(20, 8, replace=False))
+        logits = torch.from_numpy(rng.standard_normal((8, 11)).astype(np.float32) * 3)
+        bank.observe(idx, logits)
+        R.observe(ref_s, ref_c, idx.numpy(), R.entropy(logits.numpy()))
+    np.testing.assert_allclose(bank.sums.numpy(), ref_s, rtol=1e-5)
+    np.testing.assert_array_equal(bank.counts.numpy(), ref_c)
+    np.testing.assert_allclose(bank.values().numpy(), R.values(ref_s, ref_c, 4, 0.05), rtol=1e-5)
+    assert np.isinf(bank.values().numpy()[ref_c == 0]).all()
+
+
+def test_bank_kl_needs_teacher() -> None:
+    bank = ValueBank(4, period=2, measure="kl")
+    s = randn(2, 5)
+    with pytest.raises(ValueError, match="measure 'kl' needs teacher_logits, got None"):
+        bank.observe(torch.tensor([0, 1]), s)
+    bank.observe(torch.tensor([0, 1]), s, s * 2)
+    assert bank.counts.tolist() == [1, 1, 0, 0]
+    np.testing.assert_allclose(bank.sums[:2].numpy(), R.kl(s.numpy(), (s * 2).numpy(), 4.0), rtol=1e-5, atol=1e-6)
+
+
+def test_bank_random_is_seeded() -> None:
+    a, b = ValueBank(50, period=1, measure="random", seed=7), ValueBank(50, period=1, measure="random", seed=7)
+    np.testing.assert_array_equal(a.values().numpy(), b.values().numpy())
+    assert not np.array_equal(a.values().numpy(), ValueBank(50, period=1, measure="random", seed=8).values().numpy())
+
+
+def test_state_dict_round_trip_and_condense_agree() -> None:
+    rng = np.random.default_rng(1)
+    bank = ValueBank(30, period=3, device=None)
+    assert bank.device is None
+    bank.observe(torch.arange(10), torch.from_numpy(rng.standard_normal((10, 4)).astype(np.float32)))
+    assert bank.device == torch.device("cpu")
+    state = bank.state_dict()
+    fresh = ValueBank(30, period=3)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.sums, bank.sums) and torch.equal(fresh.counts, bank.counts)
+    np.testing.assert_array_equal(condense(fresh.values(), 12).keep.numpy(), condense(bank.values(), 12).keep.numpy())
+
+
+def test_load_mismatched_state() -> None:
+    state = ValueBank(30, period=3).state_dict()
+    with pytest.raises(ValueError, match="holds 30 points but this bank has 31"):
+        ValueBank(31, period=3).load_state_dict(state)
+    with pytest.raises(ValueError, match="measure = 'entropy' but this bank has 'kl'"):
+        ValueBank(30, period=3, measure="kl").load_state_dict(state)
+    with pytest.raises(KeyError, match="missing"):
+        ValueBank(30, period=3).load_state_dict({"n": 30})
+
+
+def test_bad_observations_change_nothing() -> None:
+    bank = ValueBank(5, period=1)
+    bank.observe(torch.arange(3), randn(3, 4))
+    before = bank.state_dict()
+    with pytest.raises(IndexError, match=r"indices\[1\] = 7 is outside \[0, 5\)"):
+        bank.observe(torch.tensor([0, 7]), randn(2, 4))
+    bad = randn(2, 4)
+    bad[1, 1] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        bank.observe(torch.tensor([0, 1]), bad)
+    after = bank.state_dict()
+    assert torch.equal(before["sums"], after["sums"]) and torch.equal(before["counts"], after["counts"])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"n": 0, "period": 1}, "n must be an int >= 1"),
+        ({"n": 5, "period": 0}, "period must be > 0, got 0"),
+        ({"n": 5, "period": 1, "measure": "margin"}, "value must be one of 'entropy', 'kl', 'random', got 'margin'"),
+        ({"n": 5, "period": 1, "temperature": -1.0}, "temperature must be a finite number > 0, got -1.0"),
+        ({"n": 5, "period": 1, "device": "meta"}, "device must be cpu or cuda, got meta"),
+    ],
+)
+def test_bad_bank_arguments(kwargs, match) -> None:
+    n = kwargs.pop("n")
+    with pytest.raises(ValueError, match=match):
+        ValueBank(n, **kwargs)

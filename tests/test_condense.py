@@ -1,0 +1,140 @@
+"""condense (CPU) against the full-sort numpy oracle: ties, +inf, skewed and ragged sizes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import kcd_fast
+from kcd_fast import _reference as R
+
+VAKS = ["low", "high", "random", "off"]
+
+
+def _compare(values: np.ndarray, n_keep: int, n_prev: int, vaks: str, eps_m: float = 0.7, seed: int = 0) -> None:
+    got = kcd_fast.condense(values, n_keep, n_prev, vaks=vaks, eps_m=eps_m, seed=seed)
+    ref = R.condense(values, n_keep, n_prev, vaks=vaks, eps_m=eps_m, seed=seed)
+    for key in ("keep", "dropped", "dst", "src"):
+        np.testing.assert_array_equal(getattr(got, key), ref[key], err_msg=key)
+    np.testing.assert_allclose(got.eps, ref["eps"], rtol=0, atol=1e-15)
+    assert got.pairs == len(ref["dst"])
+
+
+def _values(rng: np.random.Generator, n: int, kind: str) -> np.ndarray:
+    if kind == "uniform":
+        return rng.uniform(0, 7, n)
+    if kind == "ties":  # few distinct values: ranks decided by index
+        return rng.integers(0, 4, n).astype(np.float64) * 0.5
+    if kind == "inf":  # unobserved points mixed in
+        v = rng.exponential(1.0, n)
+        v[rng.random(n) < 0.3] = np.inf
+        return v
+    if kind == "skewed":  # one huge value squeezes every other into one bucket
+        v = rng.uniform(0, 1e-6, n)
+        v[rng.integers(0, n)] = 1e300
+        return v
+    if kind == "signed":  # -inf, -0.0 and +0.0 (equal), negatives
+        v = rng.standard_normal(n)
+        v[rng.random(n) < 0.1] = -0.0
+        v[rng.random(n) < 0.1] = 0.0
+        v[rng.random(n) < 0.05] = -np.inf
+        return v
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("vaks", VAKS)
+@pytest.mark.parametrize("kind", ["uniform", "ties", "inf", "skewed", "signed"])
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("n", [1, 2, 3, 10, 97, 1000, 4099])
+def test_condense_matches_reference(vaks: str, kind: str, seed: int, n: int) -> None:
+    rng = np.random.default_rng([seed, n])
+    values = _values(rng, n, kind)
+    n_prev = int(rng.integers(1, n + 1))
+    n_keep = int(rng.integers(1, n_prev + 1))
+    _compare(values, n_keep, n_prev, vaks, eps_m=float(rng.uniform(0, 1)), seed=seed)
+
+
+@pytest.mark.parametrize("vaks", VAKS)
+def test_condense_edge_counts(vaks: str) -> None:
+    rng = np.random.default_rng(0)
+    v = rng.uniform(0, 1, 50)
+    for n_keep, n_prev in [(50, 50), (1, 50), (25, 50), (10, 20), (49, 50), (1, 1), (30, 31)]:
+        _compare(v, n_keep, n_prev, vaks)
+
+
+def test_more_dropped_than_kept_pairs_only_n_keep() -> None:
+    v = np.arange(10, dtype=np.float64)[::-1].copy()  # pi = 0..9
+    c = kcd_fast.condense(v, 3, 10, vaks="low")
+    assert c.keep.tolist() == [0, 1, 2] and c.dropped.tolist() == [3, 4, 5, 6, 7, 8, 9]
+    assert c.dst.tolist() == [0, 1, 2] and c.src.tolist() == [3, 4, 5]
+    np.testing.assert_allclose(c.eps, [1.0, 0.9, 0.8])
+
+
+def test_docstring_example_and_eps_weights() -> None:
+    c = kcd_fast.condense(np.array([0.9, 0.1, np.inf, 0.5, 0.1]), 3)
+    assert c.keep.tolist() == [0, 2, 3] and c.dropped.tolist() == [1, 4]
+    assert c.dst.tolist() == [0, 3] and c.src.tolist() == [1, 4]
+    np.testing.assert_allclose(c.eps, [1.0, 0.85])
+    h = kcd_fast.condense(np.array([0.9, 0.1, np.inf, 0.5, 0.1]), 3, vaks="high")
+    assert h.dst.tolist() == [2, 0]
+
+
+def test_random_vaks_is_seeded_and_pairs_kept_points() -> None:
+    v = np.random.default_rng(5).uniform(0, 1, 200)
+    a = kcd_fast.condense(v, 150, vaks="random", seed=3)
+    b = kcd_fast.condense(v, 150, vaks="random", seed=3)
+    c = kcd_fast.condense(v, 150, vaks="random", seed=4)
+    np.testing.assert_array_equal(a.dst, b.dst)
+    assert not np.array_equal(a.dst, c.dst)
+    assert set(a.dst.tolist()) <= set(a.keep.tolist()) and len(set(a.dst.tolist())) == 50
+    assert np.all(a.eps == 0.7)
+
+
+def test_torch_input_gives_torch_output_and_float32_is_accepted() -> None:
+    v = torch.rand(100, generator=torch.Generator().manual_seed(0))
+    c = kcd_fast.condense(v, 60)
+    assert isinstance(c.keep, torch.Tensor) and c.keep.dtype == torch.int64
+    ref = R.condense(v.double().numpy(), 60)
+    np.testing.assert_array_equal(c.keep.numpy(), ref["keep"])
+
+
+def test_large_n_matches_reference() -> None:
+    rng = np.random.default_rng(11)
+    n = 300_007
+    v = rng.gamma(2.0, 1.0, n)
+    v[:1000] = np.inf
+    kc = kcd_fast.CondensationSchedule(240, 40).keep_counts(n)
+    _compare(v, kc[0], n, "low")
+    _compare(v, kc[3], kc[2], "low")
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        ({"n_keep": 0}, ValueError, r"n_keep must be in \[1, n_prev = 10\], got 0"),
+        ({"n_keep": 11}, ValueError, r"n_keep must be in \[1, n_prev = 10\], got 11"),
+        ({"n_keep": 6, "n_prev": 5}, ValueError, r"n_keep must be in \[1, n_prev = 5\], got 6"),
+        ({"n_keep": 3, "n_prev": 12}, ValueError, r"n_prev must be in \[1, N = 10\], got 12"),
+        ({"n_keep": 3.0}, TypeError, r"n_keep must be an int, got float 3.0"),
+        ({"n_keep": 3, "vaks": "middle"}, ValueError, r"vaks must be one of 'low', 'high', 'random', 'off', got 'middle'"),
+        ({"n_keep": 3, "eps_m": 1.5}, ValueError, r"eps_m must be in \[0, 1\], got 1.5"),
+    ],
+)
+def test_condense_bad_arguments(kwargs, exc, match) -> None:
+    v = np.linspace(0, 1, 10)
+    before = v.copy()
+    with pytest.raises(exc, match=match):
+        kcd_fast.condense(v, **kwargs)
+    np.testing.assert_array_equal(v, before)
+
+
+def test_condense_bad_values() -> None:
+    with pytest.raises(ValueError, match=r"values\[2\] is nan"):
+        kcd_fast.condense(np.array([1.0, 2.0, np.nan, 0.0]), 2)
+    with pytest.raises(ValueError, match="values is empty"):
+        kcd_fast.condense(np.zeros(0), 1)
+    with pytest.raises(TypeError, match="values must be a floating dtype, got int64"):
+        kcd_fast.condense(np.arange(4), 2)
+    with pytest.raises(ValueError, match=r"values must be 1-D \[N\]"):
+        kcd_fast.condense(np.zeros((2, 2)), 1)
