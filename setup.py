@@ -31,8 +31,23 @@ class CMakeExtension(Extension):
         super().__init__(name, sources=[])
 
 
+def _cuda_wanted() -> bool:
+    """The same test as CMake's check_language(CUDA): nvcc via CUDACXX, PATH or the
+    default toolkit folder, unless KCD_FAST_NO_CUDA=1."""
+    if os.environ.get("KCD_FAST_NO_CUDA") == "1":
+        return False
+    return bool(os.environ.get("CUDACXX") or shutil.which("nvcc") or Path("/usr/local/cuda/bin/nvcc").exists())
+
+
 class CMakeBuild(build_ext):
+    """One CMake build produces every module; later extensions only check their file."""
+
     def build_extension(self, ext: Extension) -> None:
+        if getattr(self, "_cmake_done", False):
+            if not Path(self.get_ext_fullpath(ext.name)).exists():
+                raise RuntimeError(f"CMake did not produce {ext.name}; see the CMake output above")
+            return
+        self._cmake_done = True
         extdir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
         build_temp = Path(self.build_temp) / "cmake"
         build_temp.mkdir(parents=True, exist_ok=True)
@@ -44,6 +59,7 @@ class CMakeBuild(build_ext):
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DCMAKE_BUILD_TYPE={'Debug' if self.debug else 'Release'}",
             f"-DKCD_VERSION={_version()}",
+            f"-DKCD_REQUIRE_CUDA={'ON' if _cuda_wanted() else 'OFF'}",
         ]
         if shutil.which("ninja") or _has_ninja_module():
             args.append("-GNinja")
@@ -62,6 +78,6 @@ def _has_ninja_module() -> bool:
 
 setup(
     version=_version(),
-    ext_modules=[CMakeExtension("kcd_fast._cpu")],
+    ext_modules=[CMakeExtension("kcd_fast._cpu")] + ([CMakeExtension("kcd_fast._cuda")] if _cuda_wanted() else []),
     cmdclass={"build_ext": CMakeBuild},
 )
