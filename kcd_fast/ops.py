@@ -50,7 +50,9 @@ def _errors_arg(errors, device: torch.device) -> torch.Tensor | None:
         return None
     e, _ = A.as_torch(errors, "errors")
     if e.dtype != torch.int64 or e.shape != (2,) or e.device != device:
-        raise ValueError(f"errors must be an int64 [2] tensor on {device}, got {e.dtype} {tuple(e.shape)} on {e.device}")
+        raise ValueError(
+            f"errors must be an int64 [2] tensor on {device}, got {e.dtype} {tuple(e.shape)} on {e.device}"
+        )
     return e
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from kcd_fast import _reference as R
 from kcd_fast import ValueBank, condense
+from kcd_fast import _reference as R
 
 _GEN = np.random.default_rng(1234)
 

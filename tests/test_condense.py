@@ -117,7 +117,8 @@ def test_large_n_matches_reference() -> None:
         ({"n_keep": 6, "n_prev": 5}, ValueError, r"n_keep must be in \[1, n_prev = 5\], got 6"),
         ({"n_keep": 3, "n_prev": 12}, ValueError, r"n_prev must be in \[1, N = 10\], got 12"),
         ({"n_keep": 3.0}, TypeError, r"n_keep must be an int, got float 3.0"),
-        ({"n_keep": 3, "vaks": "middle"}, ValueError, r"vaks must be one of 'low', 'high', 'random', 'off', got 'middle'"),
+        ({"n_keep": 3, "vaks": "middle"}, ValueError,
+         r"vaks must be one of 'low', 'high', 'random', 'off', got 'middle'"),
         ({"n_keep": 3, "eps_m": 1.5}, ValueError, r"eps_m must be in \[0, 1\], got 1.5"),
     ],
 )

@@ -149,3 +149,21 @@ def test_bank_follows_first_logits_device_and_round_trips() -> None:
     cpu = kcd_fast.ValueBank(8, period=2)
     cpu.load_state_dict(state)
     np.testing.assert_allclose(cpu.values().numpy(), bank.values().cpu().numpy(), rtol=1e-12)
+
+
+def test_cupy_arrays_cross_through_dlpack() -> None:
+    """cupy arrays work as they are (DLPack), results come back as cupy arrays."""
+    cp = pytest.importorskip("cupy")
+    rng = np.random.default_rng(4)
+    sums = cp.asarray(rng.uniform(0, 5, 1000))
+    counts = cp.asarray(rng.integers(0, 5, 1000).astype(np.int32))
+    v = ops.values(sums, counts, 10, 0.03)
+    assert isinstance(v, cp.ndarray)
+    np.testing.assert_allclose(cp.asnumpy(v), R.values(cp.asnumpy(sums), cp.asnumpy(counts), 10, 0.03), rtol=1e-12)
+    c = kcd_fast.condense(v, 600)
+    assert isinstance(c.keep, cp.ndarray)
+    np.testing.assert_array_equal(cp.asnumpy(c.keep), R.condense(cp.asnumpy(v), 600)["keep"])
+    images = cp.asarray(rng.integers(0, 256, (1000, 12), dtype=np.uint8))
+    expect = R.blend(cp.asnumpy(images), cp.asnumpy(c.dst), cp.asnumpy(c.src), cp.asnumpy(c.eps))
+    ops.blend_(images, c.dst, c.src, c.eps)
+    np.testing.assert_array_equal(cp.asnumpy(images), expect)

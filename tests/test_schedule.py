@@ -7,8 +7,8 @@ import math
 import pytest
 
 import kcd_fast
-from kcd_fast import _reference as R
 from kcd_fast import CondensationSchedule
+from kcd_fast import _reference as R
 
 
 def test_paper_numbers() -> None:
@@ -30,7 +30,9 @@ def test_paper_numbers() -> None:
 
 
 @pytest.mark.parametrize("decay", ["exp", "linear", "reference"])
-@pytest.mark.parametrize("epochs, period, warmup", [(240, 40, 1), (12, 4, 4), (12, 4, 2), (5, 5, 1), (5, 5, 5), (3, 1, 1)])
+@pytest.mark.parametrize(
+    "epochs, period, warmup", [(240, 40, 1), (12, 4, 4), (12, 4, 2), (5, 5, 1), (5, 5, 5), (3, 1, 1)]
+)
 @pytest.mark.parametrize("n", [1, 7, 100, 50_000])
 def test_epoch_sizes_match_spec(decay: str, epochs: int, period: int, warmup: int, n: int) -> None:
     s = CondensationSchedule(epochs, period, rho=0.6, decay=decay, warmup=warmup)
@@ -67,7 +69,8 @@ def test_keep_counts_rounding() -> None:
         ({"epochs": 240, "period": 40, "rho": 1.2}, ValueError, r"rho must be in \(0, 1\], got 1.2"),
         ({"epochs": 240, "period": 40, "warmup": 0}, ValueError, r"warmup must be in \[1, period = 40\], got 0"),
         ({"epochs": 240, "period": 40, "warmup": 41}, ValueError, r"warmup must be in \[1, period = 40\], got 41"),
-        ({"epochs": 240, "period": 40, "decay": "cosine"}, ValueError, r"decay must be one of 'exp', 'linear', 'reference', got 'cosine'"),
+        ({"epochs": 240, "period": 40, "decay": "cosine"}, ValueError,
+         r"decay must be one of 'exp', 'linear', 'reference', got 'cosine'"),
         ({"epochs": 240.0, "period": 40}, TypeError, r"epochs must be an int, got float 240.0"),
     ],
 )
