@@ -12,12 +12,16 @@ from ._ext import build_info, has_cuda
 from ._version import __version__
 from .bank import Measure, ValueBank
 from .condense import Condensation, Vaks, condense
+from .datasets import ArrayDataset
+from .loader import KCDLoader
 from .schedule import CondensationSchedule, Decay, unix_computation
 
 __all__ = [
+    "ArrayDataset",
     "Condensation",
     "CondensationSchedule",
     "Decay",
+    "KCDLoader",
     "Measure",
     "Vaks",
     "ValueBank",

@@ -170,8 +170,9 @@ class ValueBank:
             "temperature": self.temperature,
             "seed": self.seed,
             "random_draws": self._random_draws,
-            "sums": None if self.sums is None else self.sums.cpu(),
-            "counts": None if self.counts is None else self.counts.cpu(),
+            # copies: a kept state must not follow later observations
+            "sums": None if self.sums is None else self.sums.detach().to("cpu", copy=True),
+            "counts": None if self.counts is None else self.counts.detach().to("cpu", copy=True),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -196,6 +197,8 @@ class ValueBank:
             self.sums.copy_(sums)
             self.counts.copy_(counts)
         self._random_draws = int(state["random_draws"])
+        if "seed" in state:  # the run's seed: "random" values continue the same stream
+            self.seed = int(state["seed"])
 
     def __repr__(self) -> str:
         return f"ValueBank(n={self.n}, measure={self.measure.value!r}, device={self.device})"

@@ -41,6 +41,15 @@ def test_bank_kl_needs_teacher() -> None:
     np.testing.assert_allclose(bank.sums[:2].numpy(), R.kl(s.numpy(), (s * 2).numpy(), 4.0), rtol=1e-5, atol=1e-6)
 
 
+def test_random_values_resume_the_same_stream() -> None:
+    run = ValueBank(20, period=1, measure="random", seed=3)
+    run.values()
+    state = run.state_dict()
+    resumed = ValueBank(20, period=1, measure="random", seed=99)
+    resumed.load_state_dict(state)
+    np.testing.assert_array_equal(resumed.values().numpy(), run.values().numpy())
+
+
 def test_bank_random_is_seeded() -> None:
     a, b = ValueBank(50, period=1, measure="random", seed=7), ValueBank(50, period=1, measure="random", seed=7)
     np.testing.assert_array_equal(a.values().numpy(), b.values().numpy())
@@ -58,6 +67,13 @@ def test_state_dict_round_trip_and_condense_agree() -> None:
     fresh.load_state_dict(state)
     assert torch.equal(fresh.sums, bank.sums) and torch.equal(fresh.counts, bank.counts)
     np.testing.assert_array_equal(condense(fresh.values(), 12).keep.numpy(), condense(bank.values(), 12).keep.numpy())
+
+
+def test_state_is_a_snapshot() -> None:
+    bank = ValueBank(4, period=1)
+    state = bank.state_dict()
+    bank.observe(torch.tensor([1]), randn(1, 3))
+    assert float(state["sums"].sum()) == 0.0 and int(state["counts"].sum()) == 0
 
 
 def test_load_mismatched_state() -> None:
