@@ -20,20 +20,16 @@ __device__ __forceinline__ uint32_t blend4(uint32_t d, uint32_t s, double e, dou
   return out;
 }
 
-// Flattened over (pair, 16-byte chunk): consecutive threads take consecutive chunks of
-// a row (coalesced), and every thread has independent work (no idle lanes for short rows).
 __global__ void blend_vec16(uint8_t* __restrict__ images, int64_t D, const int64_t* __restrict__ dst,
                             const int64_t* __restrict__ src, const double* __restrict__ eps, int64_t L) {
-  const int64_t per_row = D / 16;
-  const int64_t total = L * per_row;
-  for (int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < total;
-       q += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t j = q / per_row, k = q - j * per_row;
-    uint4* out = reinterpret_cast<uint4*>(images + dst[j] * D) + k;
-    const uint4 b = reinterpret_cast<const uint4*>(images + src[j] * D)[k];
-    const uint4 a = *out;
-    const double e = eps[j], f = 1.0 - e;
-    *out = make_uint4(blend4(a.x, b.x, e, f), blend4(a.y, b.y, e, f), blend4(a.z, b.z, e, f), blend4(a.w, b.w, e, f));
+  for (int64_t j = blockIdx.x; j < L; j += gridDim.x) {
+    uint4* out = reinterpret_cast<uint4*>(images + dst[j] * D);
+    const uint4* in = reinterpret_cast<const uint4*>(images + src[j] * D);
+    const double e = eps[j], f = 1.0 - eps[j];
+    for (int64_t k = threadIdx.x; k < D / 16; k += blockDim.x) {
+      const uint4 a = out[k], b = in[k];
+      out[k] = make_uint4(blend4(a.x, b.x, e, f), blend4(a.y, b.y, e, f), blend4(a.z, b.z, e, f), blend4(a.w, b.w, e, f));
+    }
   }
 }
 
@@ -56,7 +52,7 @@ void blend(uint8_t* images, int64_t N, int64_t D, const int64_t* dst, const int6
   auto s = static_cast<cudaStream_t>(stream);
   const unsigned int grid = static_cast<unsigned int>(L < 65535 * 8 ? L : 65535 * 8);
   if (D % 16 == 0 && reinterpret_cast<uintptr_t>(images) % 16 == 0) {
-    blend_vec16<<<grid_for(L * (D / 16)), kThreads, 0, s>>>(images, D, dst, src, eps, L);
+    blend_vec16<<<grid, kThreads, 0, s>>>(images, D, dst, src, eps, L);
   } else {
     blend_bytes<<<grid, kThreads, 0, s>>>(images, D, dst, src, eps, L);
   }

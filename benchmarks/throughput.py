@@ -1,0 +1,583 @@
+"""The main benchmark: KCD's measured wall-clock saving against the theoretical C.
+
+Trains (or loads from benchmarks/cache/) a teacher, then runs vanilla KD and KCD with
+identical settings and seed on this machine, their epochs interleaved (A-B, B-A, ...) so
+that drift of a shared machine hits both, and reports per epoch the samples and seconds
+of both runs; the totals; the measured ratio KCD / vanilla next to the theoretical C of
+the schedule run (``schedule.relative_cost(N)``) and the paper's closed form
+(``schedule.paper_cost``); the test accuracy of both; and KCD's own overhead (scoring in
+``observe``; values + condensation + VAKS summary at the epoch end, also re-timed apart).
+
+Vanilla KD uses :class:`kcd_fast.train.PlainLoader`: a torch DataLoader over the whole set
+that fetches exactly like KCDLoader's torch back end (same batch sampler, per-item fetch,
+collate and workers) in the same first-epoch order, with a no-op ``observe``. So the
+measured ratio charges KCD with everything it does differently: scoring, condensation,
+summarising and its loader bookkeeping. (KCDLoader at rho = 1 as the baseline would hide
+exactly the costs we measure.)
+
+Usage:
+    python benchmarks/throughput.py                  # default: embedded data, CPU-sized
+    python benchmarks/throughput.py --quick          # under 5 minutes on 2 CPU cores
+    python benchmarks/throughput.py --device cuda    # resnet32x4 -> resnet8x4, 50k images
+    python benchmarks/throughput.py --data cifar.npz --epochs 24 --period 4 --rho 0.7 \\
+        --json out.json --plot out.png
+    python benchmarks/throughput.py --digits         # accuracy on sklearn digits, several seeds
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+from _common import machine_info  # noqa: E402
+
+from kcd_fast import ArrayDataset, CondensationSchedule, condense  # noqa: E402
+from kcd_fast.models import build_model, cached_teacher, count_parameters  # noqa: E402
+from kcd_fast.ops import blend_  # noqa: E402
+from kcd_fast.train import (  # noqa: E402
+    BatchPreprocess,
+    KDConfig,
+    KDTrainer,
+    kd_loss,
+    keep_uint8,
+    load_arrays,
+    make_eval_loader,
+    make_loader,
+    synthetic_arrays,
+)
+
+# Sizes per preset; any flag given on the command line overrides its entry.
+PRESETS: dict[str, dict[str, Any]] = {
+    # the default on a CPU: a few minutes on 2 cores (the teacher is cached after the first run)
+    "cpu": {
+        "n_train": 5000,
+        "n_test": 1000,
+        "epochs": 12,
+        "period": 2,
+        "teacher": "convnet_t",
+        "student": "convnet_s",
+        "teacher_epochs": 12,
+        "batch_size": 64,
+        "num_workers": 0,
+        "lr": 0.05,
+    },
+    # --quick: about 2 minutes on 2 cores (less when the teacher is cached)
+    "quick": {
+        "n_train": 2500,
+        "n_test": 500,
+        "epochs": 6,
+        "period": 2,
+        "teacher": "convnet_t",
+        "student": "convnet_s",
+        "teacher_epochs": 8,
+        "batch_size": 64,
+        "num_workers": 0,
+        "lr": 0.05,
+    },
+    # on a GPU: the KD literature's CIFAR pair on a CIFAR-sized embedded set
+    "cuda": {
+        "n_train": 50000,
+        "n_test": 10000,
+        "epochs": 12,
+        "period": 2,
+        "teacher": "resnet32x4",
+        "student": "resnet8x4",
+        "teacher_epochs": 8,
+        "batch_size": 128,
+        "num_workers": 6,
+        "lr": 0.1,
+    },
+    "cuda_quick": {
+        "n_train": 20000,
+        "n_test": 5000,
+        "epochs": 6,
+        "period": 2,
+        "teacher": "resnet32x4",
+        "student": "resnet8x4",
+        "teacher_epochs": 4,
+        "batch_size": 128,
+        "num_workers": 6,
+        "lr": 0.1,
+    },
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--quick", action="store_true", help="a smaller run (under 5 minutes on 2 CPU cores)")
+    p.add_argument(
+        "--digits",
+        action="store_true",
+        help="run the sklearn-digits accuracy benchmark (benchmarks/digits_accuracy.py) instead",
+    )
+    p.add_argument("--backend", default="torch", choices=("torch", "dali"), help="KCDLoader back end")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="an .npz of uint8 images + labels, or an image folder (default: the embedded synthetic set)",
+    )
+    p.add_argument("--epochs", type=int, default=None, help="training epochs I (a multiple of --period)")
+    p.add_argument("--period", type=int, default=None, help="condensation period T in epochs")
+    p.add_argument("--rho", type=float, default=0.7, help="final keep fraction (default 0.7)")
+    p.add_argument("--decay", default="exp", choices=("exp", "linear", "reference"))
+    p.add_argument(
+        "--warmup", type=int, default=1, help="full epochs before the first condensation (default 1)"
+    )
+    p.add_argument("--value", default="entropy", choices=("entropy", "kl", "random"))
+    p.add_argument("--vaks", default="low", choices=("low", "high", "random", "off"))
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--n-train", type=int, default=None, help="synthetic training images")
+    p.add_argument("--n-test", type=int, default=None, help="synthetic test images")
+    p.add_argument("--image-size", type=int, default=32, help="synthetic / image-folder size (default 32)")
+    p.add_argument("--teacher", default=None, help="teacher model (see kcd_fast.models.MODELS)")
+    p.add_argument("--student", default=None, help="student model")
+    p.add_argument("--teacher-epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--num-workers", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument(
+        "--order",
+        default="interleaved",
+        choices=("interleaved", "sequential"),
+        help="alternate the runs' epochs A-B, B-A (default) or run vanilla then KCD",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", default=str(HERE / "cache"), help="teacher checkpoints ('' disables)")
+    p.add_argument("--json", default=None, help="write results to this JSON file")
+    p.add_argument("--plot", default=None, help="write a PNG plot to this path")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    return p
+
+
+def _resolve(args: argparse.Namespace) -> dict[str, Any]:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device}: torch sees no CUDA device")
+    preset = (
+        ("cuda_quick" if args.quick else "cuda")
+        if device.startswith("cuda")
+        else ("quick" if args.quick else "cpu")
+    )
+    cfg = dict(PRESETS[preset], preset=preset, device=device)
+    for key in list(PRESETS["cpu"]):
+        v = getattr(args, key, None)
+        if v is not None:
+            cfg[key] = v
+    for key in ("n_train", "n_test", "epochs", "period", "teacher_epochs", "batch_size"):
+        if not isinstance(cfg[key], int) or cfg[key] < 1:
+            raise SystemExit(f"--{key.replace('_', '-')} must be an int >= 1, got {cfg[key]!r}")
+    if cfg["num_workers"] < 0:
+        raise SystemExit(f"--num-workers must be >= 0, got {cfg['num_workers']}")
+    if cfg["epochs"] % cfg["period"]:
+        raise SystemExit(f"--epochs ({cfg['epochs']}) must be a multiple of --period ({cfg['period']})")
+    return cfg
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _warm_up(
+    teacher: torch.nn.Module,
+    name: str,
+    num_classes: int,
+    shape: tuple[int, int, int],
+    x: np.ndarray,
+    pre: BatchPreprocess,
+    batch_size: int,
+    device: str,
+    cfg: KDConfig,
+) -> None:
+    """A few untimed KD steps on a throw-away student: allocator, kernel and library caches
+    warm up before either timed run starts, so neither pays for it."""
+    student = build_model(name, num_classes, shape, seed=12345).to(device)
+    trainer_pre = BatchPreprocess(pre.mean, pre.std, augment=pre.augment, seed=1)
+    trainer_pre.channels_last = pre.channels_last
+    if pre.channels_last:
+        student = student.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(student.parameters(), lr=1e-3)
+    xb = torch.from_numpy(x[:batch_size]).permute(0, 3, 1, 2).to(device)
+    y = torch.zeros(xb.shape[0], dtype=torch.int64, device=device)
+    for _ in range(3):
+        inp = trainer_pre(xb, train=True)
+        amp = (
+            torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+            if device.startswith("cuda")
+            else contextlib.nullcontext()
+        )
+        with amp:
+            with torch.no_grad():
+                lt = teacher(inp)
+            loss, _, _ = kd_loss(student(inp), lt, y, temperature=cfg.temperature)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def robust_seconds(result: Any) -> float:
+    """A contention-robust estimate of a run's seconds: per epoch, steps x the median step
+    time, plus the epoch-end time. Bursts of load from other processes on a shared machine
+    inflate a few steps' wall clock; the median ignores them. (CPU runs; on CUDA host step
+    times only track the device in steady state.)"""
+    return float(sum(e.steps * e.step_median_s + e.epoch_end_s for e in result.epochs))
+
+
+def retime_condensations(loader: Any, images: torch.Tensor) -> dict[str, float]:
+    """Re-times, apart, what each of ``loader``'s condensations did at its epoch end, on
+    the final value bank: the values (``bank.values()``), ``condense`` (ranking + pairs)
+    and the VAKS ``blend_`` on a scratch copy of the images. An estimate of the split of
+    the measured epoch-end time (the in-loop total stays the reference)."""
+    out = {"values_s": 0.0, "condense_s": 0.0, "summary_s": 0.0}
+    scratch = images.clone()
+    sizes = loader.schedule.epoch_sizes(loader.n)
+    for rec in loader.history:
+        e = rec["epoch"]
+        t0 = time.perf_counter()
+        values = loader.bank.values()
+        t1 = time.perf_counter()
+        cond = condense(values, sizes[e], sizes[e - 1], loader.vaks.value, loader.eps_m, seed=e)
+        t2 = time.perf_counter()
+        if cond.pairs:
+            dev = scratch.device
+            blend_(scratch, cond.dst.to(dev), cond.src.to(dev), cond.eps.to(dev))
+        if scratch.is_cuda:
+            torch.cuda.synchronize()
+        t3 = time.perf_counter()
+        out["values_s"] += t1 - t0
+        out["condense_s"] += t2 - t1
+        out["summary_s"] += t3 - t2
+    return out
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    """Runs the benchmark; returns the JSON-able result (see the module docstring)."""
+    args = build_parser().parse_args(argv)
+    if args.digits:
+        import digits_accuracy
+
+        extra = [f"--{k}={v}" for k, v in (("json", args.json), ("plot", args.plot)) if v]
+        return digits_accuracy.run(extra + (["--quick"] if args.quick else []))
+    cfg = _resolve(args)
+    device = cfg["device"]
+    progress = not args.no_progress
+    t_all = time.perf_counter()
+
+    # -- data ---------------------------------------------------------------------------------
+    if args.data is None:
+        x, y = synthetic_arrays(cfg["n_train"], image_size=args.image_size, seed=args.seed)
+        xt, yt = synthetic_arrays(cfg["n_test"], image_size=args.image_size, seed=args.seed + 10_000)
+        data_name = f"synthetic (embedded, {cfg['n_train']} train / {cfg['n_test']} test)"
+    else:
+        x, y, xt, yt = load_arrays(args.data, image_size=args.image_size, seed=args.seed)
+        data_name = str(args.data)
+    n, num_classes = int(x.shape[0]), int(max(y.max(), yt.max())) + 1
+    shape = (int(x.shape[3]), int(x.shape[1]), int(x.shape[2]))
+    schedule = CondensationSchedule(
+        cfg["epochs"], cfg["period"], rho=args.rho, decay=args.decay, warmup=args.warmup
+    )
+    _say(
+        f"data: {data_name}: {n} x {tuple(x.shape[1:])}, {num_classes} classes; device {device}; "
+        f"schedule {schedule}"
+    )
+
+    # -- the two runs: identical but for the loader -------------------------------------------------
+    # (built before the teacher, so that a bad --backend fails at once)
+    loaders = {}
+    for kind in ("kd", "kcd"):
+        train_set = ArrayDataset(x, y, transform=keep_uint8)  # its own copy: KCD summarises its images
+        try:
+            loader = make_loader(
+                kind,
+                train_set,
+                epochs=cfg["epochs"],
+                period=cfg["period"],
+                rho=args.rho,
+                decay=args.decay,
+                warmup=args.warmup,
+                batch_size=cfg["batch_size"],
+                num_workers=cfg["num_workers"],
+                pin_memory=device.startswith("cuda"),
+                seed=args.seed,
+                backend=args.backend,
+                value=args.value,
+                vaks=args.vaks,
+            )
+        except (ImportError, NotImplementedError) as err:
+            raise SystemExit(f"--backend {args.backend}: {err}") from err
+        loaders[kind] = loader
+
+    # -- teacher --------------------------------------------------------------------------------
+    pre_args = ([0.5] * shape[0], [0.25] * shape[0])
+    augment = "crop_flip" if min(shape[1:]) >= 16 else "none"
+    test_set = ArrayDataset(xt, yt, transform=keep_uint8)
+    teacher_cfg = KDConfig(lr=cfg["lr"], gamma=1.0, alpha_kd=0.0)
+    teacher, tinfo = cached_teacher(
+        cfg["teacher"],
+        ArrayDataset(x, y, transform=keep_uint8),
+        num_classes=num_classes,
+        input_shape=shape,
+        config=teacher_cfg,
+        epochs=cfg["teacher_epochs"],
+        batch_size=cfg["batch_size"],
+        preprocess=BatchPreprocess(*pre_args, augment=augment, seed=args.seed),
+        test_set=test_set,
+        cache_dir=args.cache_dir or None,
+        device=device,
+        seed=args.seed,
+        progress=progress,
+        log=_say,
+    )
+
+    kd_cfg = KDConfig(lr=cfg["lr"])
+    trainers = {}
+    for kind, loader in loaders.items():
+        student = build_model(cfg["student"], num_classes, shape, seed=args.seed)
+        trainers[kind] = KDTrainer(
+            student,
+            teacher,
+            loader,
+            kd_cfg,
+            preprocess=BatchPreprocess(*pre_args, augment=augment, seed=args.seed),
+            device=device,
+            test_loader=make_eval_loader(test_set),
+            progress=progress,
+            name="vanilla" if kind == "kd" else "KCD",
+        )
+    _warm_up(
+        teacher,
+        cfg["student"],
+        num_classes,
+        shape,
+        x,
+        trainers["kd"].preprocess,
+        cfg["batch_size"],
+        device,
+        kd_cfg,
+    )
+    epochs = cfg["epochs"]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=2 * epochs, desc="epochs (vanilla + KCD)", dynamic_ncols=True)
+    order = ("kd", "kcd")
+    if args.order == "sequential":
+        for kind in order:
+            for _ in range(epochs):
+                trainers[kind].train_epoch()
+                if bar is not None:
+                    bar.update(1)
+    else:
+        for e in range(epochs):
+            for kind in order if e % 2 == 0 else order[::-1]:
+                trainers[kind].train_epoch()
+                if bar is not None:
+                    bar.update(1)
+    if bar is not None:
+        bar.close()
+    results = {kind: trainers[kind].result() for kind in order}
+    kcd_loader = trainers["kcd"].loader
+    retimed = retime_condensations(kcd_loader, kcd_loader.images) if kcd_loader.images is not None else {}
+
+    # -- report -----------------------------------------------------------------------------------
+    van, kcd = results["kd"], results["kcd"]
+    expected = schedule.epoch_sizes(n)
+    theo, paper = schedule.relative_cost(n), schedule.paper_cost
+    measured = kcd.seconds / van.seconds
+    cpu_ratio = kcd.cpu_s / van.cpu_s if van.cpu_s > 0 else float("nan")
+    robust = {k: robust_seconds(res) for k, res in results.items()}
+    overhead_s = kcd.observe_s + kcd.epoch_end_s
+    out: dict[str, Any] = {
+        "theoretical_C": theo,
+        "paper_C": paper,
+        "measured_ratio": measured,
+        "measured_ratio_cpu_time": cpu_ratio,
+        "measured_ratio_robust": robust["kcd"] / robust["kd"],
+        "samples_ratio": kcd.samples / van.samples,
+        "delta_vs_theoretical_C": measured - theo,
+        "goal_within_0.02": abs(measured - theo) <= 0.02,
+        "schedule": schedule.state(),
+        "n_train": n,
+        "n_test": int(xt.shape[0]),
+        "num_classes": num_classes,
+        "data": data_name,
+        "teacher": {"name": cfg["teacher"], "params": count_parameters(teacher), **tinfo},
+        "student": {"name": cfg["student"], "params": count_parameters(trainers["kd"].student)},
+        "config": {
+            **cfg,
+            "kd": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(kd_cfg).items()},
+            "order": args.order,
+            "backend": args.backend,
+            "value": args.value,
+            "vaks": args.vaks,
+            "seed": args.seed,
+            "augment": augment,
+        },
+        "vanilla": van.to_dict(),
+        "kcd": {**kcd.to_dict(), "epoch_samples_expected": expected},
+        "overhead": {
+            "scoring_s": kcd.observe_s,
+            "epoch_end_s": kcd.epoch_end_s,
+            "vanilla_epoch_end_s": van.epoch_end_s,
+            "retimed": retimed,
+            "total_s": overhead_s,
+            "fraction_of_kcd_run": overhead_s / kcd.seconds,
+            "goal_under_0.02": overhead_s / kcd.seconds < 0.02,
+        },
+        "accuracy_delta": (kcd.accuracy or 0.0) - (van.accuracy or 0.0),
+        "machine": machine_info(device),
+        "wall_seconds_total": time.perf_counter() - t_all,
+    }
+    print_report(out)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=2, default=str) + "\n")
+        _say(f"wrote {args.json}")
+    if args.plot:
+        plot(out, args.plot)
+        _say(f"wrote {args.plot}")
+    return out
+
+
+def print_report(r: dict[str, Any]) -> None:
+    """Prints the per-epoch table, the totals, C, accuracies and the overhead."""
+    van, kcd = r["vanilla"], r["kcd"]
+    exp = kcd["epoch_samples_expected"]
+    m = r["machine"]
+    dev = m.get("gpu") or f"{m['processor']} ({m['cpu_count']} cores)"
+    print(
+        f"\nKCD vs vanilla KD: {r['teacher']['name']} -> {r['student']['name']} on {r['data']}; "
+        f"{r['schedule']}; {dev}; torch {m['torch']}"
+    )
+    hdr = (
+        f"{'epoch':>5} | {'vanilla n':>9} {'vanilla s':>9} | {'KCD n':>7} {'expected':>8} {'KCD s':>7} | "
+        f"{'n ratio':>7} {'s ratio':>7} | condensation"
+    )
+    print(hdr)
+    print("-" * len(hdr))
+    cond = {c["epoch"]: c for c in kcd["history"]}
+    for e in range(len(van["epoch_samples"])):
+        vs, ks = van["epoch_seconds"][e], kcd["epoch_seconds"][e]
+        vn, kn = van["epoch_samples"][e], kcd["epoch_samples"][e]
+        note = ""
+        if e + 1 in cond:
+            c = cond[e + 1]
+            note = f"after: kept {c['kept']}, dropped {c['dropped']}, {c['pairs']} pairs summarised"
+        print(
+            f"{e:>5} | {vn:>9} {vs:>9.2f} | {kn:>7} {exp[e]:>8} {ks:>7.2f} | "
+            f"{kn / vn:>7.3f} {ks / vs:>7.3f} | {note}"
+        )
+    print("-" * len(hdr))
+    print(
+        f"{'total':>5} | {van['samples']:>9} {van['seconds']:>9.2f} | {kcd['samples']:>7} {sum(exp):>8} "
+        f"{kcd['seconds']:>7.2f} | {kcd['samples'] / van['samples']:>7.3f} "
+        f"{kcd['seconds'] / van['seconds']:>7.3f} |"
+    )
+    o = r["overhead"]
+    print(
+        f"\nmeasured ratio KCD / vanilla (wall clock): {r['measured_ratio']:.4f}   "
+        f"(CPU time of this process: {r['measured_ratio_cpu_time']:.4f}; "
+        f"median-step estimate: {r['measured_ratio_robust']:.4f})"
+    )
+    print(
+        f"theoretical C (relative_cost of this schedule): {r['theoretical_C']:.4f}   "
+        f"paper C (closed form): {r['paper_C']:.4f}   "
+        f"measured - C = {r['delta_vs_theoretical_C']:+.4f} (goal within +0.02: "
+        f"{'yes' if r['goal_within_0.02'] else 'no'})"
+    )
+    t_acc = r["teacher"].get("accuracy")
+    print(
+        f"test accuracy: vanilla KD {van['accuracy']:.2f}%  KCD {kcd['accuracy']:.2f}%  "
+        f"(delta {r['accuracy_delta']:+.2f}; teacher {t_acc if t_acc is None else f'{t_acc:.2f}%'})"
+    )
+    rt = o["retimed"]
+    split = (
+        (
+            f"; re-timed apart: values {rt['values_s'] * 1e3:.1f} ms, "
+            f"condense {rt['condense_s'] * 1e3:.1f} ms, "
+            f"summary {rt['summary_s'] * 1e3:.1f} ms"
+        )
+        if rt
+        else ""
+    )
+    print(
+        f"KCD overhead: scoring (observe) {o['scoring_s']:.3f} s + epoch-end (values, condensation, summary) "
+        f"{o['epoch_end_s']:.3f} s [vanilla epoch-end {o['vanilla_epoch_end_s']:.3f} s] "
+        f"= {o['total_s']:.3f} s = "
+        f"{100 * o['fraction_of_kcd_run']:.2f}% of the KCD run{split}"
+    )
+
+
+def plot(r: dict[str, Any], path: str) -> None:
+    """Per-epoch seconds and samples of both runs, and the running ratio against C."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    van, kcd = r["vanilla"], r["kcd"]
+    e = np.arange(len(van["epoch_seconds"]))
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4.2))
+    w = 0.4
+    ax[0].bar(e - w / 2, van["epoch_seconds"], w, label="vanilla KD")
+    ax[0].bar(e + w / 2, kcd["epoch_seconds"], w, label="KCD")
+    ax[0].axhline(
+        np.mean(van["epoch_seconds"]) * r["theoretical_C"],
+        color="k",
+        ls="--",
+        lw=1,
+        label=f"mean vanilla x C ({r['theoretical_C']:.3f})",
+    )
+    ax[0].set(xlabel="epoch", ylabel="seconds", title="seconds per epoch")
+    ax[0].legend(fontsize=7, loc="lower left", framealpha=0.9)
+    ax[1].bar(e - w / 2, van["epoch_samples"], w, label="vanilla KD")
+    ax[1].bar(e + w / 2, kcd["epoch_samples"], w, label="KCD")
+    ax[1].plot(e, kcd["epoch_samples_expected"], "k.", label="schedule")
+    ax[1].axhline(r["n_train"] * r["theoretical_C"], color="k", ls="--", lw=1, label="N x C")
+    ax[1].set(xlabel="epoch", ylabel="samples", title="samples per epoch")
+    ax[1].legend(fontsize=7, loc="lower left", framealpha=0.9)
+    cum_s = np.cumsum(kcd["epoch_seconds"]) / np.cumsum(van["epoch_seconds"])
+    cum_n = np.cumsum(kcd["epoch_samples"]) / np.cumsum(van["epoch_samples"])
+    ax[2].plot(e, cum_s, "o-", label="measured seconds ratio (cumulative)")
+    ax[2].plot(e, cum_n, "s--", label="samples ratio (cumulative)")
+    ax[2].axhline(
+        r["theoretical_C"], color="k", ls="--", lw=1, label=f"theoretical C {r['theoretical_C']:.4f}"
+    )
+    ax[2].axhline(r["paper_C"], color="grey", ls=":", lw=1, label=f"paper C {r['paper_C']:.4f}")
+    ax[2].set(xlabel="epoch", ylabel="KCD / vanilla", title=f"measured {r['measured_ratio']:.4f} vs C")
+    ax[2].legend(fontsize=8)
+    m = r["machine"]
+    dev = m.get("gpu") or f"{m['cpu_count']} CPU cores"
+    fig.suptitle(
+        f"KCD vs vanilla KD ({r['teacher']['name']} -> {r['student']['name']}, N = {r['n_train']}, "
+        f"{dev}): accuracy {van['accuracy']:.2f}% vs {kcd['accuracy']:.2f}%",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    run(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,417 @@
+"""Teacher and student networks for the KD trainer, and a teacher cache.
+
+- CIFAR-style ResNets as in the KD literature (CRD / RepDistiller, which KCD's code builds
+  on): ``resnet8``, ``resnet14``, ``resnet20``, ``resnet32``, ``resnet44``, ``resnet56``,
+  ``resnet110`` and the 4x-wide ``resnet8x4`` (student) and ``resnet32x4`` (teacher).
+- A tiny pair small enough for a CPU run on 32x32 RGB images: ``convnet_s`` / ``convnet_t``.
+- An MLP pair for small flat inputs such as sklearn's 8x8 digits: ``mlp_s`` / ``mlp_t``.
+- torchvision models for ImageNet-style data: ``tv:<name>`` (e.g. ``tv:resnet18``),
+  built with random weights (nothing is downloaded).
+
+Every model maps a float batch ``[B, C, H, W]`` to logits ``[B, num_classes]``;
+``model(x, features=True)`` also returns the penultimate embedding ``[B, D]`` (the hook
+for a feature loss). Weights are initialised from a seed with a per-call generator; the
+global RNGs are never reseeded (see :func:`build_model`).
+
+:func:`cached_teacher` trains a teacher once and keeps its checkpoint under a cache folder,
+keyed by a hash of the data, the model and the training configuration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .train import BatchPreprocess, KDConfig
+
+__all__ = [
+    "CIFAR_RESNETS",
+    "MODELS",
+    "ConvNet",
+    "MLP",
+    "CifarResNet",
+    "build_model",
+    "cached_teacher",
+    "dataset_fingerprint",
+    "init_weights_",
+    "count_parameters",
+]
+
+
+# -- CIFAR ResNets (He et al. 2016, as in CRD/RepDistiller) ------------------------------
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with a residual connection (1x1 projection when the shape changes)."""
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or inplanes != planes:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        residual = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + residual)
+
+
+class CifarResNet(nn.Module):
+    """ResNet-``depth`` for 32x32 inputs: a 3x3 stem, three stages of ``(depth - 2) / 6``
+    basic blocks (strides 1, 2, 2), global average pooling and a linear classifier.
+
+    ``widths`` are ``(stem, stage1, stage2, stage3)``: ``(16, 16, 32, 64)`` for resnet8..110,
+    ``(32, 64, 128, 256)`` for the x4 models. Pooling is adaptive, so other input sizes work.
+    """
+
+    def __init__(self, depth: int, widths: Sequence[int], num_classes: int = 100, in_channels: int = 3):
+        super().__init__()
+        if (depth - 2) % 6 != 0 or depth < 8:
+            raise ValueError(f"depth must be 6n + 2 with n >= 1 (8, 14, 20, 32, ...), got {depth!r}")
+        if len(widths) != 4:
+            raise ValueError(f"widths must hold 4 numbers (stem, stage1..3), got {widths!r}")
+        blocks = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        layers, inplanes = [], widths[0]
+        for stage, (planes, stride) in enumerate(zip(widths[1:], (1, 2, 2), strict=True)):
+            stage_blocks = []
+            for b in range(blocks):
+                stage_blocks.append(BasicBlock(inplanes, planes, stride if b == 0 else 1))
+                inplanes = planes
+            layers.append(nn.Sequential(*stage_blocks))
+            setattr(self, f"layer{stage + 1}", layers[-1])
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(inplanes, num_classes)
+        self.embed_dim = inplanes
+
+    def forward(self, x: torch.Tensor, features: bool = False):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        f = torch.flatten(self.pool(x), 1)
+        logits = self.fc(f)
+        return (logits, f) if features else logits
+
+
+CIFAR_RESNETS: dict[str, tuple[int, tuple[int, int, int, int]]] = {
+    **{f"resnet{d}": (d, (16, 16, 32, 64)) for d in (8, 14, 20, 32, 44, 56, 110)},
+    "resnet8x4": (8, (32, 64, 128, 256)),
+    "resnet32x4": (32, (32, 64, 128, 256)),
+}
+
+
+# -- tiny models for CPU runs --------------------------------------------------------------
+class ConvNet(nn.Module):
+    """A plain conv net: ``len(widths)`` blocks of conv3x3-BN-ReLU, each followed by 2x2
+    max pooling, then global average pooling and a linear classifier."""
+
+    def __init__(self, widths: Sequence[int], num_classes: int = 10, in_channels: int = 3):
+        super().__init__()
+        blocks: list[nn.Module] = []
+        c = in_channels
+        for w in widths:
+            blocks += [
+                nn.Conv2d(c, w, 3, 1, 1, bias=False),
+                nn.BatchNorm2d(w),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            ]
+            c = w
+        self.body = nn.Sequential(*blocks)
+        self.fc = nn.Linear(c, num_classes)
+        self.embed_dim = c
+
+    def forward(self, x: torch.Tensor, features: bool = False):
+        f = torch.flatten(F.adaptive_avg_pool2d(self.body(x), 1), 1)
+        logits = self.fc(f)
+        return (logits, f) if features else logits
+
+
+class MLP(nn.Module):
+    """Flatten, then ``len(hidden)`` Linear-ReLU layers and a linear classifier (no batch
+    norm, so a last batch of one sample trains too)."""
+
+    def __init__(self, in_features: int, hidden: Sequence[int], num_classes: int = 10):
+        super().__init__()
+        layers: list[nn.Module] = []
+        d = in_features
+        for h in hidden:
+            layers += [nn.Linear(d, h), nn.ReLU(inplace=True)]
+            d = h
+        self.body = nn.Sequential(*layers)
+        self.fc = nn.Linear(d, num_classes)
+        self.embed_dim = d
+
+    def forward(self, x: torch.Tensor, features: bool = False):
+        f = self.body(torch.flatten(x, 1))
+        logits = self.fc(f)
+        return (logits, f) if features else logits
+
+
+class _TorchvisionWrapper(nn.Module):
+    """A torchvision classifier with the ``features=`` keyword (the embedding is taken
+    from the input of the last Linear layer through a forward hook)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.net = model
+        self._last_linear = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+        self.embed_dim = self._last_linear.in_features
+
+    def forward(self, x: torch.Tensor, features: bool = False):
+        if not features:
+            return self.net(x)
+        box: list[torch.Tensor] = []
+        handle = self._last_linear.register_forward_hook(lambda _m, inp, _o: box.append(inp[0]))
+        try:
+            logits = self.net(x)
+        finally:
+            handle.remove()
+        return logits, torch.flatten(box[0], 1)
+
+
+MODELS: dict[str, str] = {
+    **{name: f"CIFAR ResNet-{d}, widths {w}" for name, (d, w) in CIFAR_RESNETS.items()},
+    "convnet_s": "tiny student: 3 conv blocks, widths (16, 32, 64)",
+    "convnet_t": "tiny teacher: 3 conv blocks x 2 convs, widths (32, 64, 128)",
+    "mlp_s": "MLP student: one hidden layer of 32",
+    "mlp_t": "MLP teacher: two hidden layers of 256",
+    "tv:<name>": "any torchvision classification model, random weights (e.g. tv:resnet18)",
+}
+
+
+def _construct(name: str, num_classes: int, input_shape: Sequence[int]) -> nn.Module:
+    c = int(input_shape[0])
+    if name in CIFAR_RESNETS:
+        depth, widths = CIFAR_RESNETS[name]
+        return CifarResNet(depth, widths, num_classes, in_channels=c)
+    if name == "convnet_s":
+        return ConvNet((16, 32, 64), num_classes, in_channels=c)
+    if name == "convnet_t":
+        return _ConvNetTeacher(num_classes, in_channels=c)
+    if name in ("mlp_s", "mlp_t"):
+        hidden = (32,) if name == "mlp_s" else (256, 256)
+        return MLP(math.prod(int(s) for s in input_shape), hidden, num_classes)
+    if name.startswith("tv:"):
+        import torchvision
+
+        try:
+            net = torchvision.models.get_model(name[3:], weights=None, num_classes=num_classes)
+        except ValueError as err:
+            raise ValueError(f"model {name!r}: torchvision has no model {name[3:]!r} ({err})") from None
+        return _TorchvisionWrapper(net)
+    choices = ", ".join(MODELS)
+    raise ValueError(f"model must be one of {choices}, got {name!r}")
+
+
+class _ConvNetTeacher(nn.Module):
+    """The tiny teacher: three stages of two conv3x3-BN-ReLU, widths 32/64/128, max pooling."""
+
+    def __init__(self, num_classes: int, in_channels: int = 3):
+        super().__init__()
+        blocks: list[nn.Module] = []
+        c = in_channels
+        for w in (32, 64, 128):
+            for _ in range(2):
+                blocks += [nn.Conv2d(c, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+                c = w
+            blocks.append(nn.MaxPool2d(2))
+        self.body = nn.Sequential(*blocks)
+        self.fc = nn.Linear(c, num_classes)
+        self.embed_dim = c
+
+    def forward(self, x: torch.Tensor, features: bool = False):
+        f = torch.flatten(F.adaptive_avg_pool2d(self.body(x), 1), 1)
+        logits = self.fc(f)
+        return (logits, f) if features else logits
+
+
+def init_weights_(model: nn.Module, generator: torch.Generator) -> nn.Module:
+    """Re-initialises conv, linear and norm layers in place from ``generator``:
+    Kaiming-normal (fan-out) convolutions, PyTorch's default uniform for linear layers,
+    norm weights 1 and biases 0. Other parameters keep their values."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu", generator=generator)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            bound = 1.0 / math.sqrt(m.in_features)
+            nn.init.uniform_(m.weight, -bound, bound, generator=generator)
+            if m.bias is not None:
+                nn.init.uniform_(m.bias, -bound, bound, generator=generator)
+        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)):
+            if m.weight is not None:
+                nn.init.ones_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return model
+
+
+def build_model(
+    name: str, num_classes: int, input_shape: Sequence[int] = (3, 32, 32), seed: int = 0
+) -> nn.Module:
+    """A freshly initialised model (see the module docstring for the names).
+
+    Args:
+        name: a key of :data:`MODELS`, or ``"tv:<torchvision name>"``.
+        num_classes: number of classes (>= 2).
+        input_shape: ``(C, H, W)`` of one input (the MLPs need it; convs use only C).
+        seed: the weights are a function of ``(name, num_classes, input_shape, seed)``.
+            Construction runs inside ``torch.random.fork_rng`` (the global RNG state is
+            restored afterwards) and every conv/linear/norm layer is then re-initialised
+            from a ``torch.Generator`` seeded with ``seed``.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+    if len(input_shape) != 3 or any(int(s) < 1 for s in input_shape):
+        raise ValueError(f"input_shape must be (C, H, W) with positive sizes, got {tuple(input_shape)!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)  # forked state: restored on exit
+        model = _construct(name, num_classes, input_shape)
+    init_weights_(model, torch.Generator().manual_seed(seed))
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters (trainable or frozen, such as a teacher's)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+# -- teacher cache ---------------------------------------------------------------------------
+def dataset_fingerprint(images: Any, labels: Any) -> str:
+    """SHA-256 of the image bytes, shape and labels (hex)."""
+    h = hashlib.sha256()
+    for name, arr in (("images", images), ("labels", labels)):
+        t = arr if isinstance(arr, torch.Tensor) else torch.as_tensor(arr)
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def cached_teacher(
+    name: str,
+    train_set: Any,
+    *,
+    num_classes: int,
+    input_shape: Sequence[int],
+    config: KDConfig,
+    epochs: int,
+    preprocess: BatchPreprocess,
+    batch_size: int = 128,
+    test_set: Any = None,
+    cache_dir: str | Path | None = "benchmarks/cache",
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """A trained teacher, loaded from ``cache_dir`` when a checkpoint with the same key
+    exists, else trained with cross-entropy (the KD trainer with ``alpha_kd = 0``) and saved.
+
+    The key hashes the training images and labels (``train_set.images`` / ``.labels``, or
+    ``.data`` / ``.targets``), the model name, classes, input shape, epochs, batch size,
+    seed, ``config`` and ``preprocess``. Pass ``cache_dir=None`` to always train.
+
+    Returns ``(teacher, info)``: the teacher in eval mode on ``device``, with
+    ``info = {"cached": bool, "path": str | None, "key": str, "seconds": float,
+    "accuracy": float | None}`` (test accuracy when ``test_set`` is given).
+    """
+    from .train import KDTrainer, PlainLoader, evaluate, make_eval_loader
+
+    images = getattr(train_set, "images", getattr(train_set, "data", None))
+    labels = getattr(train_set, "labels", getattr(train_set, "targets", None))
+    if images is None or labels is None:
+        raise ValueError(
+            f"train_set must expose images and labels (.images/.labels or .data/.targets) to key the cache, "
+            f"got {type(train_set).__name__}"
+        )
+    meta = {
+        "name": name,
+        "num_classes": num_classes,
+        "input_shape": list(map(int, input_shape)),
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "seed": seed,
+        "config": _jsonable(asdict(config)),
+        "preprocess": preprocess.spec(),
+        "data": dataset_fingerprint(images, labels),
+    }
+    key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+    path = None if cache_dir is None else Path(cache_dir) / f"teacher-{name.replace(':', '_')}-{key[:16]}.pt"
+    device = torch.device(device)
+    teacher = build_model(name, num_classes, input_shape, seed=seed)
+    if path is not None and path.exists():
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if ckpt.get("key") == key:
+            teacher.load_state_dict(ckpt["state_dict"])
+            teacher.to(device).eval()
+            if log:
+                log(f"teacher {name}: loaded {path} (accuracy {ckpt.get('accuracy')})")
+            return teacher, {
+                "cached": True,
+                "path": str(path),
+                "key": key,
+                "seconds": 0.0,
+                "accuracy": ckpt.get("accuracy"),
+            }
+    if log:
+        log(f"teacher {name}: training for {epochs} epochs (cache miss)")
+    loader = PlainLoader(train_set, epochs=epochs, batch_size=batch_size, shuffle=True, seed=seed)
+    trainer = KDTrainer(
+        teacher,
+        None,
+        loader,
+        config,
+        preprocess=preprocess,
+        device=device,
+        progress=progress,
+        name=f"teacher {name}",
+    )
+    t0 = time.perf_counter()
+    trainer.fit()
+    seconds = time.perf_counter() - t0
+    accuracy = None
+    if test_set is not None:
+        accuracy = evaluate(teacher, make_eval_loader(test_set, batch_size=512), preprocess, device)
+    teacher.eval()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        state = {k: v.detach().cpu() for k, v in teacher.state_dict().items()}
+        torch.save({"key": key, "meta": json.dumps(meta), "state_dict": state, "accuracy": accuracy}, tmp)
+        tmp.replace(path)
+    if log:
+        log(f"teacher {name}: trained in {seconds:.1f} s, accuracy {accuracy}")
+    return teacher, {
+        "cached": False,
+        "path": None if path is None else str(path),
+        "key": key,
+        "seconds": seconds,
+        "accuracy": accuracy,
+    }
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}

@@ -1,0 +1,1178 @@
+"""A knowledge-distillation trainer in which vanilla KD and KCD share one loop.
+
+The only difference between the two is the loader: :class:`PlainLoader` (vanilla KD:
+every point every epoch, ``observe`` does nothing) or :class:`kcd_fast.KCDLoader`
+(KCD: the schedule's shrinking sets, ``observe`` scores the points). Both yield
+``(inputs, targets, indices)`` and report ``len()``, ``total_steps()`` and
+``steps_per_epoch()``, so the LR schedule is sized right although KCD's epochs shrink.
+
+Loss: ``gamma * CE + alpha_kd * T^2 * KL(softmax(t / T) || softmax(s / T)) [+ beta * feature
+loss]``. SGD with momentum and weight decay; the LR follows a per-step schedule over
+``loader.total_steps()``. The teacher runs in eval mode under ``no_grad``. On CUDA the
+forward passes run under bf16 autocast and the models and inputs use ``channels_last``;
+on the CPU both are off (``KDConfig.amp`` / ``channels_last`` override this).
+
+Per epoch the trainer records the samples and steps trained, the wall-clock seconds (on
+CUDA the device is synchronised at the epoch's start and end only) and KCD's own overhead:
+``observe_s`` (scoring, the host time of ``loader.observe``) and ``epoch_end_s`` (the time
+from the last batch to the end of the epoch's iterator: for KCDLoader this holds the value
+computation, condensation and VAKS summary when one is due).
+
+Usage (module)::
+
+    from kcd_fast import ArrayDataset, CondensationSchedule, KCDLoader
+    from kcd_fast.train import KDConfig, KDTrainer, BatchPreprocess, PlainLoader
+
+    loader = KCDLoader(train_set, CondensationSchedule(240, 40, 0.7), batch_size=64, shuffle=True, seed=0)
+    # vanilla KD: loader = PlainLoader(train_set, epochs=240, batch_size=64, seed=0)
+    trainer = KDTrainer(student, teacher, loader, KDConfig(), preprocess=BatchPreprocess.cifar(),
+                        device="cuda", test_loader=make_eval_loader(test_set))
+    result = trainer.fit()            # or trainer.train_epoch() per epoch
+    print(result.accuracy, result.seconds)
+
+Usage (command line): ``python -m kcd_fast.train --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from enum import Enum, unique
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+
+__all__ = [
+    "BatchPreprocess",
+    "EpochRecord",
+    "KDConfig",
+    "KDTrainer",
+    "LRSchedule",
+    "PlainLoader",
+    "TrainResult",
+    "digits_arrays",
+    "evaluate",
+    "kd_loss",
+    "keep_uint8",
+    "load_arrays",
+    "lr_factor",
+    "main",
+    "make_eval_loader",
+    "make_loader",
+    "split_arrays",
+    "synthetic_arrays",
+]
+
+
+# -- configuration ------------------------------------------------------------------------
+@unique
+class LRSchedule(str, Enum):
+    """How the LR moves over ``total_steps`` (after ``warmup_steps`` of linear warm-up)."""
+
+    COSINE = "cosine"  # 0.5 * (1 + cos(pi * progress))
+    MULTISTEP = "multistep"  # times lr_decay at each fraction in milestones (CRD: 150/180/210 of 240)
+    CONSTANT = "constant"
+
+    @classmethod
+    def parse(cls, value: Any) -> LRSchedule:
+        try:
+            return cls(value.value if isinstance(value, LRSchedule) else value)
+        except ValueError:
+            choices = ", ".join(repr(v.value) for v in cls)
+            raise ValueError(f"lr_schedule must be one of {choices}, got {value!r}") from None
+
+
+@dataclass
+class KDConfig:
+    """Optimisation and loss settings of one KD run (both runs of a comparison share one).
+
+    Defaults follow CRD/KCD's CIFAR recipe (SGD 0.05, momentum 0.9, wd 5e-4, T = 4,
+    gamma 0.1 and alpha 0.9 for KD) with a cosine LR over the run's total steps.
+    """
+
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    temperature: float = 4.0
+    gamma: float = 0.1  # cross-entropy weight
+    alpha_kd: float = 0.9  # KL weight
+    beta: float = 0.0  # feature-loss weight (needs a feature_loss in KDTrainer)
+    lr_schedule: str = "cosine"
+    milestones: tuple[float, ...] = (0.625, 0.75, 0.875)  # fractions of total_steps (multistep)
+    lr_decay: float = 0.1
+    warmup_steps: int = 0
+    amp: str = "auto"  # "auto" (bf16 on CUDA, off on CPU), "bf16", "fp16", "off"
+    channels_last: bool | None = None  # None: on CUDA only
+    grad_clip: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("lr", "temperature"):
+            v = getattr(self, name)
+            if not _finite(v) or v <= 0:
+                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+        for name in ("momentum", "weight_decay", "gamma", "alpha_kd", "beta", "lr_decay"):
+            v = getattr(self, name)
+            if not _finite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        LRSchedule.parse(self.lr_schedule)
+        self.milestones = tuple(float(m) for m in self.milestones)
+        if any(not 0.0 < m < 1.0 for m in self.milestones):
+            raise ValueError(f"milestones must be fractions of the run in (0, 1), got {self.milestones!r}")
+        if (
+            isinstance(self.warmup_steps, bool)
+            or not isinstance(self.warmup_steps, int)
+            or self.warmup_steps < 0
+        ):
+            raise ValueError(f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
+        if self.amp not in ("auto", "bf16", "fp16", "off"):
+            raise ValueError(f"amp must be one of 'auto', 'bf16', 'fp16', 'off', got {self.amp!r}")
+        if self.grad_clip is not None and (not _finite(self.grad_clip) or self.grad_clip <= 0):
+            raise ValueError(f"grad_clip must be None or a finite number > 0, got {self.grad_clip!r}")
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def lr_factor(step: int, total_steps: int, config: KDConfig) -> float:
+    """The LR multiplier at optimizer step ``step`` (0-based) of ``total_steps``."""
+    if config.warmup_steps and step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = min(1.0, (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps))
+    kind = LRSchedule.parse(config.lr_schedule)
+    if kind is LRSchedule.COSINE:
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if kind is LRSchedule.MULTISTEP:
+        return config.lr_decay ** sum(progress >= m for m in config.milestones)
+    return 1.0
+
+
+# -- loss ---------------------------------------------------------------------------------
+def kd_loss(
+    logits_s: torch.Tensor,  # [B, C]
+    logits_t: torch.Tensor | None,  # [B, C]
+    targets: torch.Tensor,  # [B] int64
+    *,
+    temperature: float = 4.0,
+    gamma: float = 0.1,
+    alpha_kd: float = 0.9,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, ce, kl)``: ``loss = gamma * ce + alpha_kd * kl`` with
+    ``kl = T^2 * KL(softmax(t / T) || softmax(s / T))`` averaged over the batch (Hinton et al.).
+    Without a teacher (``logits_t=None``) ``kl`` is 0. Computed in float32."""
+    s = logits_s.float()
+    ce = F.cross_entropy(s, targets)
+    if logits_t is None or alpha_kd == 0:
+        kl = s.new_zeros(())
+    else:
+        t = logits_t.float()
+        kl = (
+            F.kl_div(
+                F.log_softmax(s / temperature, dim=1),
+                F.log_softmax(t / temperature, dim=1),
+                reduction="batchmean",
+                log_target=True,
+            )
+            * temperature**2
+        )
+    return gamma * ce + alpha_kd * kl, ce, kl
+
+
+# -- batch preprocessing (on the training device) -----------------------------------------------
+def keep_uint8(image: torch.Tensor) -> torch.Tensor:
+    """An :class:`kcd_fast.ArrayDataset` transform that keeps the uint8 ``[C, H, W]`` image
+    (the collate step copies it), so normalisation and augmentation run batched on the
+    training device in :class:`BatchPreprocess`."""
+    return image
+
+
+class BatchPreprocess:
+    """Turns a collated batch into the network's input on the training device:
+    uint8 ``[B, C, H, W]`` (or float in ``[0, 1]``) -> float32 ``(x / 255 - mean) / std``, with
+    optional batched augmentation for training: ``"crop"`` (pad by ``pad`` with zeros and
+    crop back at a random offset per image), ``"crop_flip"`` (also a random horizontal flip),
+    or ``"none"``. Random draws come from a ``torch.Generator`` per device seeded with
+    ``seed``, never from the global RNG.
+    """
+
+    def __init__(
+        self,
+        mean: Sequence[float],
+        std: Sequence[float],
+        augment: str = "none",
+        pad: int = 4,
+        seed: int = 0,
+        channels_last: bool = False,
+    ):
+        if len(mean) != len(std) or not mean:
+            raise ValueError(
+                f"mean and std must be equal-length, non-empty sequences, got {mean!r} and {std!r}"
+            )
+        if any(not _finite(s) or s <= 0 for s in std):
+            raise ValueError(f"std must hold finite numbers > 0, got {std!r}")
+        if augment not in ("none", "crop", "crop_flip"):
+            raise ValueError(f"augment must be one of 'none', 'crop', 'crop_flip', got {augment!r}")
+        if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
+            raise ValueError(f"pad must be an int >= 0, got {pad!r}")
+        self.mean, self.std = [float(m) for m in mean], [float(s) for s in std]
+        self.augment, self.pad, self.seed = augment, pad, int(seed)
+        self.channels_last = bool(channels_last)
+        self._generators: dict[str, torch.Generator] = {}
+        self._consts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @classmethod
+    def cifar(cls, channels: int = 3, augment: str = "crop_flip", seed: int = 0) -> BatchPreprocess:
+        """Mean 0.5 / std 0.25 per channel (a generic normalisation for uint8 images)."""
+        return cls([0.5] * channels, [0.25] * channels, augment=augment, seed=seed)
+
+    def spec(self) -> dict[str, Any]:
+        """A JSON-able description (part of the teacher cache key)."""
+        return {
+            "mean": self.mean,
+            "std": self.std,
+            "augment": self.augment,
+            "pad": self.pad,
+            "seed": self.seed,
+        }
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        if key not in self._generators:
+            self._generators[key] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[key]
+
+    def __call__(self, x: torch.Tensor, train: bool = False) -> torch.Tensor:
+        """``x`` ``[B, C, H, W]`` uint8 or float on the target device -> float32 ``[B, C, H, W]``."""
+        if x.dim() != 4:
+            raise ValueError(f"a batch of images must be 4-D [B, C, H, W], got shape {tuple(x.shape)}")
+        if x.shape[1] != len(self.mean):
+            raise ValueError(f"batch has {x.shape[1]} channels but mean/std have {len(self.mean)}")
+        key = str(x.device)
+        if key not in self._consts:
+            m = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+            s = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+            self._consts[key] = (m, s)
+        mean, std = self._consts[key]
+        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+        x = (x - mean) / std
+        if train and self.augment != "none" and x.shape[0] > 0:
+            x = self._augment(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _augment(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        g, dev = self._generator(x.device), x.device
+        if self.pad:
+            p = self.pad
+            padded = F.pad(x, (p, p, p, p))  # pads with the mean colour (0 after normalisation)
+            oy = torch.randint(0, 2 * p + 1, (b,), generator=g, device=dev)
+            ox = torch.randint(0, 2 * p + 1, (b,), generator=g, device=dev)
+            rows = (oy[:, None] + torch.arange(h, device=dev))[:, :, None]  # [B, H, 1]
+            cols = (ox[:, None] + torch.arange(w, device=dev))[:, None, :]  # [B, 1, W]
+            bi = torch.arange(b, device=dev)[:, None, None]
+            x = padded.permute(0, 2, 3, 1)[bi, rows, cols].permute(0, 3, 1, 2)  # [B, C, H, W]
+        if self.augment == "crop_flip":
+            flip = torch.rand(b, generator=g, device=dev) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        return x.contiguous()
+
+
+# -- loaders --------------------------------------------------------------------------------
+class _BatchList(Sampler[list[int]]):
+    """Yields the index batches planned for the current epoch."""
+
+    def __init__(self) -> None:
+        self.batches: list[np.ndarray] = []
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for b in self.batches:
+            yield b.tolist()
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class PlainLoader:
+    """Vanilla KD's loader: a ``torch.utils.data.DataLoader`` over the whole dataset every
+    epoch, yielding ``(inputs, targets, indices)`` like :class:`kcd_fast.KCDLoader`.
+
+    It fetches exactly as KCDLoader's torch back end does (the same DataLoader with a batch
+    sampler, the same per-item ``dataset[i]`` and collate, the same workers), and orders
+    epoch ``e`` with the same ``numpy.random.default_rng([seed, e]).permutation(N)``: so a
+    KCD run and a vanilla run with one seed see the same batches until the first
+    condensation, and their wall-clock differs only by what KCD does differently.
+    ``observe`` is a no-op (vanilla KD scores nothing), ``total_steps()`` is
+    ``epochs * len(loader)``. Iterating past ``epochs`` raises ``RuntimeError``.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        *,
+        epochs: int,
+        batch_size: int = 64,
+        shuffle: bool = True,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        drop_last: bool = False,
+        seed: int = 0,
+        persistent_workers: bool = False,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+    ):
+        for name, v, lo in (
+            ("epochs", epochs, 1),
+            ("batch_size", batch_size, 1),
+            ("num_workers", num_workers, 0),
+            ("seed", seed, 0),
+        ):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+        n = len(dataset)
+        if n < 1:
+            raise ValueError(f"dataset is empty (len(dataset) = {n})")
+        if persistent_workers and num_workers == 0:
+            raise ValueError("persistent_workers=True needs num_workers > 0, got num_workers=0")
+        self.dataset, self.n, self.epochs = dataset, n, epochs
+        self.batch_size, self.shuffle, self.drop_last, self.seed = (
+            batch_size,
+            bool(shuffle),
+            bool(drop_last),
+            seed,
+        )
+        self.pin_memory = bool(pin_memory)
+        self.epoch = 0
+        self.history: list[dict[str, Any]] = []
+        self._sampler = _BatchList()
+        kwargs: dict[str, Any] = {
+            "num_workers": num_workers,
+            "pin_memory": pin_memory,
+            "persistent_workers": persistent_workers,
+        }
+        if collate_fn is not None:
+            kwargs["collate_fn"] = collate_fn
+        self._loader = DataLoader(dataset, batch_sampler=self._sampler, **kwargs)
+
+    def _num_batches(self) -> int:
+        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+
+    def __len__(self) -> int:
+        return self._num_batches() if self.epoch < self.epochs else 0
+
+    def steps_per_epoch(self) -> list[int]:
+        return [self._num_batches()] * self.epochs
+
+    def total_steps(self) -> int:
+        return self._num_batches() * self.epochs
+
+    def epoch_sizes(self) -> list[int]:
+        """Points trained on in each epoch (all of them)."""
+        return [self.n] * self.epochs
+
+    def observe(self, indices: Any, logits: Any, teacher_logits: Any = None) -> None:
+        """Vanilla KD scores nothing."""
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        if self.epoch >= self.epochs:
+            raise RuntimeError(f"the loader's {self.epochs} epochs are done (epoch = {self.epoch})")
+        order = (
+            np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+            if self.shuffle
+            else np.arange(self.n, dtype=np.int64)
+        )
+        bs, nb = self.batch_size, self._num_batches()
+        self._sampler.batches = [order[k * bs : (k + 1) * bs] for k in range(nb)]
+        order_t = torch.from_numpy(order)
+        return self._epoch(order_t, nb)
+
+    def _epoch(self, order: torch.Tensor, nb: int) -> Iterator[tuple[Any, ...]]:
+        bs, k = self.batch_size, 0
+        for batch in self._loader:
+            idx = order[k * bs : (k + 1) * bs]
+            k += 1
+            yield (*batch, idx) if isinstance(batch, (tuple, list)) else (batch, idx)
+        if k == nb:
+            self.epoch += 1
+
+
+class _Unscored:
+    """A KCDLoader whose ``observe`` does nothing (vanilla KD on a non-torch back end)."""
+
+    def __init__(self, loader: Any):
+        self._loader = loader
+
+    def observe(self, indices: Any, logits: Any, teacher_logits: Any = None) -> None:
+        """Vanilla KD scores nothing."""
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        return iter(self._loader)
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loader, name)
+
+
+def make_loader(
+    kind: str,
+    dataset: Any,
+    *,
+    epochs: int,
+    period: int = 1,
+    rho: float = 0.7,
+    decay: str = "exp",
+    warmup: int = 1,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    seed: int = 0,
+    backend: str = "torch",
+    value: str = "entropy",
+    vaks: str = "low",
+    device: Any = None,
+    drop_last: bool = False,
+) -> Any:
+    """The loader of one run; the two kinds differ only in what KCD does differently.
+
+    ``kind="kcd"``: a :class:`kcd_fast.KCDLoader` with
+    ``CondensationSchedule(epochs, period, rho, decay, warmup)``.
+    ``kind="kd"`` (vanilla): on the torch back end a :class:`PlainLoader` (same fetch path,
+    order and seed as KCDLoader's torch back end); on another back end, KCDLoader itself
+    on a schedule that never condenses, with a no-op ``observe``.
+    """
+    if kind == "kd" and backend != "torch":
+        # another back end: the same KCDLoader pipeline on a schedule that never condenses
+        # (one stage, warm-up = the whole run, rho = 1) and no scoring
+        from .loader import KCDLoader
+        from .schedule import CondensationSchedule
+
+        full = CondensationSchedule(epochs, epochs, rho=1.0, warmup=epochs)
+        return _Unscored(
+            KCDLoader(
+                dataset,
+                full,
+                batch_size=batch_size,
+                shuffle=True,
+                num_workers=num_workers,
+                pin_memory=pin_memory,
+                drop_last=drop_last,
+                seed=seed,
+                backend=backend,
+                vaks="off",
+                device=device,
+                persistent_workers=num_workers > 0,
+            )
+        )
+    if kind == "kd":
+        return PlainLoader(
+            dataset,
+            epochs=epochs,
+            batch_size=batch_size,
+            shuffle=True,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            drop_last=drop_last,
+            seed=seed,
+            persistent_workers=num_workers > 0,
+        )
+    if kind == "kcd":
+        from .loader import KCDLoader
+        from .schedule import CondensationSchedule
+
+        schedule = CondensationSchedule(epochs, period, rho=rho, decay=decay, warmup=warmup)
+        return KCDLoader(
+            dataset,
+            schedule,
+            batch_size=batch_size,
+            shuffle=True,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            drop_last=drop_last,
+            seed=seed,
+            backend=backend,
+            value=value,
+            vaks=vaks,
+            device=device,
+            persistent_workers=num_workers > 0,
+        )
+    raise ValueError(f"kind must be 'kd' or 'kcd', got {kind!r}")
+
+
+def make_eval_loader(dataset: Any, batch_size: int = 512, num_workers: int = 0) -> DataLoader:
+    """A plain, unshuffled DataLoader for evaluation (yields ``(inputs, targets)``)."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+
+
+# -- records ------------------------------------------------------------------------------
+@dataclass
+class EpochRecord:
+    """What one epoch did and cost.
+
+    seconds: wall clock of the whole epoch (data, teacher, student, scoring, and the
+    epoch-end work of the loader). observe_s: host time in ``loader.observe`` (scoring).
+    epoch_end_s: from the last batch to the iterator's end (KCDLoader: values, condensation
+    and VAKS summary when one is due). cpu_s: CPU time of this process over the epoch
+    (``time.process_time``; immune to other processes on a shared machine, blind to
+    worker processes and the GPU). step_median_s: the median host time of one step
+    (fetch to optimizer step; on CUDA only meaningful once the launch queue is full).
+    condensations: ``loader.history`` records added.
+    """
+
+    epoch: int
+    samples: int
+    steps: int
+    seconds: float
+    loss: float
+    lr: float
+    observe_s: float
+    epoch_end_s: float
+    cpu_s: float = 0.0
+    step_median_s: float = 0.0
+    condensations: list[dict[str, Any]] = field(default_factory=list)
+    accuracy: float | None = None
+
+
+@dataclass
+class TrainResult:
+    """A finished run: per-epoch records, totals and test accuracy (percent)."""
+
+    name: str
+    epochs: list[EpochRecord]
+    accuracy: float | None
+    history: list[dict[str, Any]]
+
+    @property
+    def seconds(self) -> float:
+        return float(sum(e.seconds for e in self.epochs))
+
+    @property
+    def samples(self) -> int:
+        return int(sum(e.samples for e in self.epochs))
+
+    @property
+    def cpu_s(self) -> float:
+        return float(sum(e.cpu_s for e in self.epochs))
+
+    @property
+    def observe_s(self) -> float:
+        return float(sum(e.observe_s for e in self.epochs))
+
+    @property
+    def epoch_end_s(self) -> float:
+        return float(sum(e.epoch_end_s for e in self.epochs))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "seconds": self.seconds,
+            "samples": self.samples,
+            "accuracy": self.accuracy,
+            "epoch_samples": [e.samples for e in self.epochs],
+            "epoch_seconds": [e.seconds for e in self.epochs],
+            "epoch_cpu_seconds": [e.cpu_s for e in self.epochs],
+            "epoch_step_median_s": [e.step_median_s for e in self.epochs],
+            "cpu_seconds": self.cpu_s,
+            "epoch_steps": [e.steps for e in self.epochs],
+            "epoch_loss": [e.loss for e in self.epochs],
+            "epoch_observe_s": [e.observe_s for e in self.epochs],
+            "epoch_end_s": [e.epoch_end_s for e in self.epochs],
+            "observe_s": self.observe_s,
+            "condense_and_summary_s": self.epoch_end_s,
+            "history": self.history,
+        }
+
+
+# -- the trainer ----------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class KDTrainer:
+    """One KD training run over ``loader`` (a :class:`PlainLoader` or a KCDLoader).
+
+    Args:
+        student: the network trained (moved to ``device``).
+        teacher: the frozen teacher (moved to ``device``, eval mode, no grad), or None for
+            plain cross-entropy training (used to train teachers).
+        loader: yields ``(inputs, targets, indices)``; has ``observe``, ``total_steps()``
+            and either ``schedule.epochs`` or ``epochs``.
+        config: :class:`KDConfig`.
+        preprocess: :class:`BatchPreprocess` applied on ``device`` to each batch.
+        device: where the models run.
+        test_loader: a loader of ``(inputs, targets)`` for the final accuracy (optional).
+        feature_loss: optional ``f(feat_s [B, Ds], feat_t [B, Dt]) -> scalar``, weighted by
+            ``config.beta`` (an ``nn.Module``'s parameters are trained with the student).
+        eval_every: also evaluate after every ``eval_every`` epochs (0: only at the end).
+        progress: a tqdm bar per epoch. name: a label for the bars and records.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None,
+        loader: Any,
+        config: KDConfig,
+        *,
+        preprocess: BatchPreprocess,
+        device: str | torch.device = "cpu",
+        test_loader: Any = None,
+        feature_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        eval_every: int = 0,
+        progress: bool = False,
+        name: str = "kd",
+    ):
+        if not isinstance(config, KDConfig):
+            raise TypeError(f"config must be a KDConfig, got {type(config).__name__}")
+        for attr in ("observe", "total_steps", "__iter__", "__len__"):
+            if not hasattr(loader, attr):
+                raise TypeError(
+                    f"loader must be a PlainLoader or KCDLoader (with {attr}), got {type(loader).__name__}"
+                )
+        if config.beta > 0 and feature_loss is None:
+            raise ValueError(f"config.beta = {config.beta} needs a feature_loss, got None")
+        if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 0:
+            raise ValueError(f"eval_every must be an int >= 0, got {eval_every!r}")
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} but torch sees no CUDA device")
+        self.config, self.loader, self.preprocess, self.name = config, loader, preprocess, name
+        self.test_loader, self.eval_every, self.progress = test_loader, eval_every, progress
+        self.feature_loss = feature_loss if config.beta > 0 else None
+        self.epochs = int(loader.schedule.epochs) if hasattr(loader, "schedule") else int(loader.epochs)
+        self.total_steps = int(loader.total_steps())
+        cuda = self.device.type == "cuda"
+        amp = config.amp if config.amp != "auto" else ("bf16" if cuda else "off")
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+        self.channels_last = cuda if config.channels_last is None else bool(config.channels_last)
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.student = student.to(self.device, memory_format=fmt)
+        self.teacher = None if teacher is None else teacher.to(self.device, memory_format=fmt).eval()
+        if self.teacher is not None:
+            for p in self.teacher.parameters():
+                p.requires_grad_(False)
+        self.preprocess.channels_last = self.channels_last
+        params = list(self.student.parameters())
+        if isinstance(self.feature_loss, nn.Module):
+            self.feature_loss.to(self.device)
+            params += list(self.feature_loss.parameters())
+        self.optimizer = torch.optim.SGD(
+            params,
+            lr=config.lr,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+            nesterov=config.nesterov,
+        )
+        total = self.total_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, total, config)
+        )
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype is torch.float16 and cuda else None
+        self.step = 0
+        self.records: list[EpochRecord] = []
+        self._history_seen = len(getattr(loader, "history", []))
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def train_epoch(self) -> EpochRecord:
+        """Trains one epoch (one pass over the loader) and returns its record."""
+        cfg, dev, loader = self.config, self.device, self.loader
+        epoch = int(getattr(loader, "epoch", len(self.records)))
+        need_feat = self.feature_loss is not None
+        self.student.train()
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(loader), desc=f"{self.name} epoch {epoch}", leave=False, dynamic_ncols=True)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=dev)
+        samples = steps = 0
+        observe_s = 0.0
+        step_times: list[float] = []
+        n_batches = len(loader)
+        _sync(dev)
+        t_start, c_start = time.perf_counter(), time.process_time()
+        it = iter(loader)
+        while True:
+            t_next = time.perf_counter()
+            try:
+                inputs, targets, indices = next(it)
+            except StopIteration:
+                epoch_end_s = time.perf_counter() - t_next
+                break
+            x = self.preprocess(inputs.to(dev, non_blocking=True), train=True)
+            y = targets.to(dev, non_blocking=True)
+            with self._autocast():
+                logits_t = feat_t = None
+                if self.teacher is not None:
+                    with torch.no_grad():
+                        out_t = self.teacher(x, features=True) if need_feat else self.teacher(x)
+                    logits_t, feat_t = out_t if need_feat else (out_t, None)
+                out_s = self.student(x, features=True) if need_feat else self.student(x)
+                logits_s, feat_s = out_s if need_feat else (out_s, None)
+                loss, _, _ = kd_loss(
+                    logits_s,
+                    logits_t,
+                    y,
+                    temperature=cfg.temperature,
+                    gamma=cfg.gamma,
+                    alpha_kd=cfg.alpha_kd if self.teacher is not None else 0.0,
+                )
+                if self.feature_loss is not None and feat_t is not None:
+                    loss = loss + cfg.beta * self.feature_loss(feat_s, feat_t)
+            t_obs = time.perf_counter()
+            loader.observe(indices, logits_s.detach(), None if logits_t is None else logits_t.detach())
+            observe_s += time.perf_counter() - t_obs
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                if cfg.grad_clip is not None:
+                    self.scaler.unscale_(self.optimizer)
+                    nn.utils.clip_grad_norm_(self.student.parameters(), cfg.grad_clip)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                loss.backward()
+                if cfg.grad_clip is not None:
+                    nn.utils.clip_grad_norm_(self.student.parameters(), cfg.grad_clip)
+                self.optimizer.step()
+            self.scheduler.step()
+            self.step += 1
+            loss_sum += loss.detach().float() * y.shape[0]
+            samples += int(y.shape[0])
+            steps += 1
+            if steps == n_batches:
+                _sync(dev)  # drain the device first, so that epoch_end_s times the loader's own work
+            step_times.append(time.perf_counter() - t_next)
+            if bar is not None:
+                bar.update(1)
+        _sync(dev)
+        seconds, cpu_s = time.perf_counter() - t_start, time.process_time() - c_start
+        if bar is not None:
+            bar.close()
+        history = list(getattr(loader, "history", []))
+        new = [dict(r) for r in history[self._history_seen :]]
+        self._history_seen = len(history)
+        rec = EpochRecord(
+            epoch=epoch,
+            samples=samples,
+            steps=steps,
+            seconds=seconds,
+            loss=float(loss_sum.item()) / max(1, samples),
+            lr=self.optimizer.param_groups[0]["lr"],
+            observe_s=observe_s,
+            epoch_end_s=epoch_end_s,
+            cpu_s=cpu_s,
+            step_median_s=float(np.median(step_times)) if step_times else 0.0,
+            condensations=new,
+        )
+        if (
+            self.test_loader is not None
+            and self.eval_every
+            and (len(self.records) + 1) % self.eval_every == 0
+        ):
+            rec.accuracy = self.evaluate()
+        self.records.append(rec)
+        return rec
+
+    def evaluate(self, loader: Any = None) -> float:
+        """Top-1 accuracy (percent) of the student on ``loader`` (default: test_loader)."""
+        loader = self.test_loader if loader is None else loader
+        if loader is None:
+            raise ValueError("evaluate needs a loader: pass one or give KDTrainer a test_loader")
+        return evaluate(self.student, loader, self.preprocess, self.device, self.amp_dtype)
+
+    def fit(self) -> TrainResult:
+        """Trains the remaining epochs, then evaluates on ``test_loader`` if given."""
+        while len(self.records) < self.epochs:
+            self.train_epoch()
+        return self.result()
+
+    def result(self) -> TrainResult:
+        """The run so far, with the final test accuracy (evaluated now if needed)."""
+        acc = None
+        if self.test_loader is not None:
+            last = self.records[-1].accuracy if self.records else None
+            acc = last if last is not None else self.evaluate()
+            if self.records:
+                self.records[-1].accuracy = acc
+        return TrainResult(
+            self.name, list(self.records), acc, [dict(r) for r in getattr(self.loader, "history", [])]
+        )
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Any,
+    preprocess: BatchPreprocess,
+    device: str | torch.device = "cpu",
+    amp_dtype: torch.dtype | None = None,
+) -> float:
+    """Top-1 accuracy in percent of ``model`` over ``loader`` (``(inputs, targets[, ...])``)."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    total = 0
+    ctx = (
+        torch.autocast(device_type=device.type, dtype=amp_dtype)
+        if amp_dtype is not None
+        else contextlib.nullcontext()
+    )
+    for batch in loader:
+        x = preprocess(batch[0].to(device, non_blocking=True), train=False)
+        y = batch[1].to(device, non_blocking=True)
+        with ctx:
+            logits = model(x)
+        correct += (logits.argmax(1) == y).sum()
+        total += int(y.shape[0])
+    model.train(was_training)
+    return 100.0 * float(correct.item()) / max(1, total)
+
+
+# -- data ---------------------------------------------------------------------------------
+def synthetic_arrays(
+    n: int,
+    *,
+    num_classes: int = 10,
+    image_size: int = 32,
+    seed: int = 0,
+    world_seed: int = 2207,
+    mix: float = 0.45,
+    noise: float = 0.4,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A class-conditional, learnable, CIFAR-shaped image set generated in code.
+
+    Each class owns two coloured sine gratings (orientation, frequency, colour) and a
+    coloured Gaussian blob at a class position; these come from ``world_seed``, so train and
+    test sets made with different ``seed`` share the classes. Each image shows its class's
+    pattern at a random phase, blob jitter and contrast, blended with up to ``mix`` of
+    another class's pattern (ambiguous points: the values KCD ranks differ), plus Gaussian
+    pixel noise. Returns uint8 ``[n, S, S, 3]`` images and int64 ``[n]`` labels (balanced).
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an int >= 1, got {n!r}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 4:
+        raise ValueError(f"image_size must be an int >= 4, got {image_size!r}")
+    if not (_finite(mix) and 0.0 <= mix < 0.5):
+        raise ValueError(f"mix must be in [0, 0.5) (the true class must dominate), got {mix!r}")
+    if not (_finite(noise) and noise >= 0):
+        raise ValueError(f"noise must be a finite number >= 0, got {noise!r}")
+    k, s = num_classes, image_size
+    world = np.random.default_rng([world_seed, k, s])
+    theta = world.uniform(0.0, np.pi, (k, 2))
+    freq = world.uniform(1.5, 5.0, (k, 2))
+    color = world.normal(0.0, 1.0, (k, 3, 3))
+    color /= np.linalg.norm(color, axis=2, keepdims=True)
+    center = world.uniform(0.25, 0.75, (k, 2))
+    rng = np.random.default_rng([seed, k, s, 1])
+    labels = rng.permutation(np.arange(n) % k).astype(np.int64)
+    other = (labels + rng.integers(1, k, n)) % k
+    w_other = rng.uniform(0.0, mix, n)
+    yy, xx = (np.mgrid[0:s, 0:s].astype(np.float32) + 0.5) / s  # [S, S]
+    out = np.empty((n, s, s, 3), dtype=np.uint8)
+    for a in range(0, n, 1024):
+        b = min(n, a + 1024)
+        m = b - a
+        img = np.zeros((m, s, s, 3), dtype=np.float32)
+        for cls, w in ((labels[a:b], 1.0 - w_other[a:b]), (other[a:b], w_other[a:b])):
+            phase = rng.uniform(0.0, 2 * np.pi, (m, 2))
+            for g in range(2):
+                proj = (
+                    xx[None] * np.cos(theta[cls, g])[:, None, None]
+                    + yy[None] * np.sin(theta[cls, g])[:, None, None]
+                )
+                wave = np.sin(2 * np.pi * freq[cls, g][:, None, None] * proj + phase[:, g][:, None, None])
+                img += (w[:, None, None, None] * wave[..., None] * color[cls, g][:, None, None, :]).astype(
+                    np.float32
+                )
+            c = center[cls] + rng.normal(0.0, 0.06, (m, 2))
+            r2 = (xx[None] - c[:, 0, None, None]) ** 2 + (yy[None] - c[:, 1, None, None]) ** 2
+            blob = np.exp(-r2 / (2 * 0.12**2))
+            img += (w[:, None, None, None] * 1.5 * blob[..., None] * color[cls, 2][:, None, None, :]).astype(
+                np.float32
+            )
+        contrast = rng.uniform(0.6, 1.2, (m, 1, 1, 1)).astype(np.float32)
+        img = 0.5 + 0.16 * contrast * img + rng.normal(0.0, noise, img.shape).astype(np.float32)
+        out[a:b] = np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
+    return out, labels
+
+
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """sklearn's 8x8 handwritten digits (1797 images, 10 classes; ships with
+    scikit-learn) as uint8 ``[1797, 8, 8, 1]`` (0..16 scaled to 0..240) and int64 labels."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = (d.images * 15.0).round().clip(0, 255).astype(np.uint8)[..., None]
+    return images, d.target.astype(np.int64)
+
+
+def split_arrays(
+    images: np.ndarray, labels: np.ndarray, test_fraction: float, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A stratified train/test split: ``(train_images, train_labels, test_images, test_labels)``."""
+    if not (_finite(test_fraction) and 0.0 < test_fraction < 1.0):
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+    rng = np.random.default_rng([seed, 7])
+    test = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[rng.permutation(idx.size)]
+        test.append(idx[: max(1, int(round(test_fraction * idx.size)))])
+    test_idx = np.sort(np.concatenate(test))
+    mask = np.ones(labels.shape[0], dtype=bool)
+    mask[test_idx] = False
+    return images[mask], labels[mask], images[test_idx], labels[test_idx]
+
+
+_NPZ_KEYS = {
+    "train": (("x_train", "y_train"), ("train_images", "train_labels"), ("images", "labels"), ("x", "y")),
+    "test": (("x_test", "y_test"), ("test_images", "test_labels")),
+}
+
+
+def load_arrays(
+    path: str | Path, image_size: int = 32, test_fraction: float = 0.2, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Loads ``(train_images, train_labels, test_images, test_labels)`` (uint8 NHWC, int64).
+
+    ``path`` is an ``.npz`` holding uint8 images ``[N, H, W, C]`` (or ``[N, H, W]``) and
+    labels under ``images``/``labels`` (or ``x``/``y``, ``x_train``/``y_train``,
+    ``train_images``/``train_labels``), with an optional test split under
+    ``x_test``/``y_test`` or ``test_images``/``test_labels``; or an image folder laid out
+    as ``root/<class>/<image>`` (or ``root/train/<class>`` and ``root/test/<class>``), read
+    with Pillow and resized to ``image_size``. Without a test split, a stratified
+    ``test_fraction`` is held out.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"data path {str(p)!r} does not exist")
+    if p.is_file():
+        if p.suffix != ".npz":
+            raise ValueError(f"data file must be an .npz (or pass an image folder), got {str(p)!r}")
+        with np.load(p) as z:
+            tr = next((ks for ks in _NPZ_KEYS["train"] if all(k in z for k in ks)), None)
+            if tr is None:
+                raise ValueError(
+                    f"{p} holds {sorted(z.files)}; expected images/labels (or x/y, x_train/y_train)"
+                )
+            te = next((ks for ks in _NPZ_KEYS["test"] if all(k in z for k in ks)), None)
+            arrays = [_check_images(z[tr[0]], f"{p}:{tr[0]}"), np.asarray(z[tr[1]]).astype(np.int64)]
+            if te is not None:
+                arrays += [_check_images(z[te[0]], f"{p}:{te[0]}"), np.asarray(z[te[1]]).astype(np.int64)]
+        if len(arrays) == 4:
+            return arrays[0], arrays[1], arrays[2], arrays[3]
+        return split_arrays(arrays[0], arrays[1], test_fraction, seed)
+    if (p / "train").is_dir() and (p / "test").is_dir():
+        classes = sorted(d.name for d in (p / "train").iterdir() if d.is_dir())
+        xtr, ytr = _read_folder(p / "train", classes, image_size)
+        xte, yte = _read_folder(p / "test", classes, image_size)
+        return xtr, ytr, xte, yte
+    classes = sorted(d.name for d in p.iterdir() if d.is_dir())
+    x, y = _read_folder(p, classes, image_size)
+    return split_arrays(x, y, test_fraction, seed)
+
+
+def _check_images(x: np.ndarray, name: str) -> np.ndarray:
+    if x.dtype != np.uint8:
+        raise TypeError(f"{name} must be uint8 images, got dtype {x.dtype}")
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4:
+        raise ValueError(f"{name} must be [N, H, W, C] or [N, H, W], got shape {x.shape}")
+    return np.ascontiguousarray(x)
+
+
+def _read_folder(root: Path, classes: list[str], image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    from PIL import Image
+
+    if not classes:
+        raise ValueError(
+            f"image folder {str(root)!r} has no class sub-folders (expected root/<class>/<image>)"
+        )
+    exts = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+    xs, ys = [], []
+    for c, name in enumerate(classes):
+        for f in sorted((root / name).iterdir()):
+            if f.suffix.lower() in exts:
+                with Image.open(f) as im:
+                    xs.append(np.asarray(im.convert("RGB").resize((image_size, image_size), Image.BILINEAR)))
+                ys.append(c)
+    if not xs:
+        raise ValueError(f"image folder {str(root)!r} holds no images with extensions {sorted(exts)}")
+    return np.stack(xs).astype(np.uint8), np.asarray(ys, dtype=np.int64)
+
+
+# -- command line ---------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m kcd_fast.train",
+        description="Distil a student from a (cached) teacher with vanilla KD or KCD.",
+    )
+    p.add_argument(
+        "--mode", choices=("kd", "kcd", "both"), default="kcd", help="vanilla KD, KCD, or both (default kcd)"
+    )
+    p.add_argument(
+        "--data",
+        default="synthetic",
+        help="'synthetic' (generated CIFAR-shaped set), 'digits' (sklearn), or an .npz / image folder",
+    )
+    p.add_argument("--n-train", type=int, default=5000, help="synthetic: training images (default 5000)")
+    p.add_argument("--n-test", type=int, default=1000, help="synthetic: test images (default 1000)")
+    p.add_argument("--image-size", type=int, default=32, help="image folder / synthetic size (default 32)")
+    p.add_argument("--teacher", default=None, help="teacher model (default convnet_t, mlp_t for digits)")
+    p.add_argument("--student", default=None, help="student model (default convnet_s, mlp_s for digits)")
+    p.add_argument("--teacher-epochs", type=int, default=12)
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--period", type=int, default=2)
+    p.add_argument("--rho", type=float, default=0.7)
+    p.add_argument("--decay", default="exp", choices=("exp", "linear", "reference"))
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--value", default="entropy", choices=("entropy", "kl", "random"))
+    p.add_argument("--vaks", default="low", choices=("low", "high", "random", "off"))
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--gamma", type=float, default=0.1, help="cross-entropy weight")
+    p.add_argument("--alpha-kd", type=float, default=0.9, help="KL weight")
+    p.add_argument("--temperature", type=float, default=4.0)
+    p.add_argument("--lr-schedule", default="cosine", choices=[s.value for s in LRSchedule])
+    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--backend", default="torch", choices=("torch", "dali"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", default="benchmarks/cache", help="teacher checkpoints ('' to disable)")
+    p.add_argument("--json", default=None, help="write the results to this JSON file")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def prepare_data(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]:
+    """``(train_images, train_labels, test_images, test_labels, kind)`` for ``--data``."""
+    if args.data == "synthetic":
+        x, y = synthetic_arrays(args.n_train, image_size=args.image_size, seed=args.seed)
+        xt, yt = synthetic_arrays(args.n_test, image_size=args.image_size, seed=args.seed + 10_000)
+        return x, y, xt, yt, "image"
+    if args.data == "digits":
+        x, y = digits_arrays()
+        return (*split_arrays(x, y, 0.25, seed=args.seed), "digits")
+    return (*load_arrays(args.data, image_size=args.image_size, seed=args.seed), "image")
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """The CLI: trains (or loads) the teacher, distils the student, prints and returns results."""
+    from .datasets import ArrayDataset
+    from .models import build_model, cached_teacher
+
+    args = build_parser().parse_args(argv)
+    for name in ("n_train", "n_test", "teacher_epochs", "epochs", "period", "batch_size"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    x, y, xt, yt, kind = prepare_data(args)
+    num_classes = int(max(y.max(), yt.max())) + 1
+    input_shape = (x.shape[3], x.shape[1], x.shape[2])
+    digits = kind == "digits"
+    teacher_name = args.teacher or ("mlp_t" if digits else "convnet_t")
+    student_name = args.student or ("mlp_s" if digits else "convnet_s")
+    augment = "none" if digits else "crop_flip"
+    pre = BatchPreprocess([0.5] * input_shape[0], [0.25] * input_shape[0], augment=augment, seed=args.seed)
+    cfg = KDConfig(
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        temperature=args.temperature,
+        gamma=args.gamma,
+        alpha_kd=args.alpha_kd,
+        lr_schedule=args.lr_schedule,
+        amp=args.amp,
+    )
+    test_set = ArrayDataset(xt, yt, transform=keep_uint8)
+    teacher, tinfo = cached_teacher(
+        teacher_name,
+        ArrayDataset(x, y, transform=keep_uint8),
+        num_classes=num_classes,
+        input_shape=input_shape,
+        config=KDConfig(lr=args.lr, amp=args.amp, gamma=1.0, alpha_kd=0.0),
+        epochs=args.teacher_epochs,
+        preprocess=BatchPreprocess(pre.mean, pre.std, augment=augment, seed=args.seed),
+        batch_size=args.batch_size,
+        test_set=test_set,
+        cache_dir=args.cache_dir or None,
+        device=args.device,
+        seed=args.seed,
+        progress=not args.no_progress,
+        log=lambda m: print(m, file=sys.stderr),
+    )
+    out: dict[str, Any] = {
+        "teacher": {"name": teacher_name, **tinfo},
+        "student": student_name,
+        "config": {**asdict(cfg), "milestones": list(cfg.milestones)},
+        "args": vars(args),
+    }
+    modes = ("kd", "kcd") if args.mode == "both" else (args.mode,)
+    for mode in modes:
+        train_set = ArrayDataset(x, y, transform=keep_uint8)  # a fresh copy: KCD summarises its images
+        loader = make_loader(
+            mode,
+            train_set,
+            epochs=args.epochs,
+            period=args.period,
+            rho=args.rho,
+            decay=args.decay,
+            warmup=args.warmup,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            seed=args.seed,
+            backend=args.backend,
+            value=args.value,
+            vaks=args.vaks,
+        )
+        student = build_model(student_name, num_classes, input_shape, seed=args.seed)
+        trainer = KDTrainer(
+            student,
+            teacher,
+            loader,
+            cfg,
+            preprocess=BatchPreprocess(pre.mean, pre.std, augment=augment, seed=args.seed),
+            device=args.device,
+            test_loader=make_eval_loader(test_set),
+            progress=not args.no_progress,
+            name=mode,
+        )
+        res = trainer.fit()
+        out[mode] = res.to_dict()
+        print(
+            f"{mode:>4}: {res.samples} samples in {res.seconds:.2f} s, accuracy {res.accuracy:.2f}% "
+            f"(teacher {tinfo['accuracy']})"
+        )
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=2, default=str))
+    return out
+
+
+if __name__ == "__main__":
+    main()
