@@ -27,33 +27,49 @@ struct Range {
   int64_t* out;     // [hi - lo] point indices
 };
 
-// Monotone bucketing of values: bucket 0 holds +inf, 1..nb the finite values from the
-// largest down (linear in [lo, hi], values outside clamped to the end buckets), nb + 1
-// holds -inf and values below lo. Any lo < hi keeps buckets ordered by value, so ranks
-// of different buckets never interleave and only buckets that overlap a wanted rank
-// range need sorting; [lo, hi] only decides how evenly points spread over buckets.
-class Bucketing {
- public:
-  static constexpr int64_t kMaxBuckets = 65534;  // + 2 end buckets: ids fit uint16_t
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define KCD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define KCD_CLONES
+#endif
 
-  Bucketing(int64_t nb, double lo, double hi) : nb_(nb), lo_(lo) {
-    const double span = hi - lo;
-    scale_ = (std::isfinite(span) && span > 0.0) ? static_cast<double>(nb_) / span : 0.0;
-  }
-  int64_t count() const { return nb_ + 2; }
-  uint16_t operator()(double x) const {
-    // t is in [0, nb] for finite x in [lo, hi]; truncation is floor there, and the
-    // comparisons map +inf (t = +inf) to 0 and -inf / nan (t < 0 or nan) to nb + 1.
-    const double t = (x - lo_) * scale_;
-    const int64_t b = t >= static_cast<double>(nb_ - 1) ? nb_ - 1 : static_cast<int64_t>(t >= 0.0 ? t : -1.0);
-    const int64_t id = x == INFINITY ? 0 : (b < 0 ? nb_ + 1 : nb_ - b);
-    return static_cast<uint16_t>(id);
-  }
+// Monotone bucketing of values: t = (x - lo) * scale clamped to [-1, nb - 1] and
+// truncated, bucket id = nb - 1 - t, so ids ascend as values descend (+inf and the
+// largest values share id 0; -inf and NaN land at id nb). Any lo < hi keeps buckets
+// ordered by value, so ranks of different buckets never interleave and only the buckets
+// that overlap a wanted rank range need sorting; [lo, hi] (from a sample) only decides
+// how evenly the points spread.
+struct Bucketing {
+  static constexpr int64_t kMaxBuckets = 65535;  // ids 0..65535 fit uint16_t
+  int64_t nb;
+  double lo, scale;
 
- private:
-  int64_t nb_;
-  double lo_, scale_;
+  Bucketing(int64_t nb_, double lo_, double hi_) : nb(nb_), lo(lo_) {
+    const double span = hi_ - lo_;
+    // scale must stay > 0 (so +inf maps to the top), whatever the sample saw
+    scale = (std::isfinite(span) && span > 0.0) ? static_cast<double>(nb - 1) / span : 1.0;
+    if (!std::isfinite(scale) || scale <= 0.0) scale = 1.0;
+    if (!std::isfinite(lo)) lo = 0.0;
+  }
+  int64_t count() const { return nb + 1; }
 };
+
+// ids[i] = bucket of v[i] for i in [begin, end); returns the number of NaN values.
+KCD_CLONES int64_t bucket_ids(const double* v, int64_t begin, int64_t end, uint16_t* ids, Bucketing bk) {
+  const double top = static_cast<double>(bk.nb - 1);
+  const int32_t last = static_cast<int32_t>(bk.nb - 1);
+  int64_t nan_count = 0;
+#pragma omp simd reduction(+ : nan_count)
+  for (int64_t i = begin; i < end; ++i) {
+    const double x = v[i];
+    double t = (x - bk.lo) * bk.scale;
+    t = t >= -1.0 ? t : -1.0;  // also NaN -> -1
+    t = t <= top ? t : top;
+    ids[i] = static_cast<uint16_t>(last - static_cast<int32_t>(t));
+    nan_count += x != x;
+  }
+  return nan_count;
+}
 
 // The finite value range of an evenly strided sample (deterministic, O(4096)).
 std::pair<double, double> sample_range(const double* v, int64_t N) {
@@ -116,39 +132,92 @@ void sort_points(Point* first, Point* last) {
   });
 }
 
+void insertion_sort(Point* first, Point* last) {
+  for (Point* p = first + 1; p < last; ++p) {
+    const Point x = *p;
+    Point* q = p;
+    while (q > first && (q - 1)->value < x.value) {
+      *q = *(q - 1);
+      --q;
+    }
+    *q = x;
+  }
+}
+
+// Sorts the points of one bucket (id `id`, arriving in index order) by value descending,
+// ties by index: a stable counting sort into 16 sub-buckets of the same linear map (so
+// the order agrees with the buckets'), then insertion sort of each (~1-2 points).
+void sort_bucket(Point* first, Point* last, int64_t id, const Bucketing& bk, std::vector<Point>& tmp) {
+  constexpr int R = 16;
+  const int64_t n = last - first;
+  if (n <= 12) {
+    insertion_sort(first, last);
+    return;
+  }
+  const double base = static_cast<double>(bk.nb - 1 - id);  // t of the bucket's lower edge
+  int sub_of[4096];
+  int count[R + 1] = {0};
+  const bool small = n <= 4096;
+  if (!small) {
+    sort_points(first, last);
+    return;
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    double f = ((first[j].value - bk.lo) * bk.scale - base) * R;
+    f = f >= 0.0 ? f : 0.0;
+    f = f <= R - 1 ? f : R - 1;
+    const int sub = R - 1 - static_cast<int>(f);  // ascending sub = descending value
+    sub_of[j] = sub;
+    ++count[sub + 1];
+  }
+  for (int r = 0; r < R; ++r) count[r + 1] += count[r];
+  tmp.resize(static_cast<size_t>(n));
+  int pos[R];
+  for (int r = 0; r < R; ++r) pos[r] = count[r];
+  for (int64_t j = 0; j < n; ++j) tmp[pos[sub_of[j]]++] = first[j];
+  for (int r = 0; r < R; ++r) insertion_sort(tmp.data() + count[r], tmp.data() + count[r + 1]);
+  std::copy(tmp.begin(), tmp.begin() + n, first);
+}
+
+struct Scratch {
+  std::vector<uint16_t> bid;
+  std::vector<int64_t> hist, fill, start, cand_start;
+  std::vector<uint8_t> needed;
+  std::vector<Point> cand;
+};
+
+template <typename T>
+T* grow(std::vector<T>& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
+  return v.data();
+}
+
 // Writes keep [n_keep] (the top n_keep points, sorted by index) and pi[lo:hi] for each
 // range: two streaming passes over the values, one over the bucket ids, plus sorting the
 // buckets that overlap the ranges.
 void partial_rank(const double* v, int64_t N, int64_t n_keep, const std::vector<Range>& ranges, int64_t* keep) {
   const int T = thread_count(N);
   const auto [lo, hi] = sample_range(v, N);
-  const Bucketing bucket(std::max<int64_t>(1, std::min<int64_t>(Bucketing::kMaxBuckets, N / 16)), lo, hi);
+  const Bucketing bucket(std::max<int64_t>(2, std::min<int64_t>(Bucketing::kMaxBuckets, N / 16)), lo, hi);
   const int64_t K = bucket.count();
 
+  // Scratch reused across calls of one thread (first-touch page faults of fresh buffers
+  // cost as much as a pass over the data); the parallel regions use raw pointers only.
+  thread_local Scratch scratch;
+  Scratch& sc = scratch;
+
   // Pass 1: bucket of every point, per-chunk histograms, NaN count.
-  // Scratch reused across calls of one thread: first-touch page faults of fresh
-  // buffers cost as much as a pass over the data.
-  // (thread_local storage: the parallel regions below use the raw pointers only.)
-  thread_local std::vector<uint16_t> bid_store;
-  if (static_cast<int64_t>(bid_store.size()) < N) bid_store.resize(static_cast<size_t>(N));
-  uint16_t* const bid = bid_store.data();
-  std::vector<std::vector<int64_t>> hist(static_cast<size_t>(T));
+  uint16_t* const bid = grow(sc.bid, N);
+  int64_t* const hist = grow(sc.hist, T * K);  // [T, K]
   std::vector<int64_t> nans(static_cast<size_t>(T), 0);
 #pragma omp parallel num_threads(T)
   {
     const int t = thread_id();
     const Chunk c = chunk_of(t, T, N);
-    hist[t].assign(static_cast<size_t>(K), 0);
-    int64_t* h = hist[t].data();
-    uint16_t* out = bid;
-    int64_t nan_count = 0;
-#pragma omp simd reduction(+ : nan_count)
-    for (int64_t i = c.begin; i < c.end; ++i) {
-      out[i] = bucket(v[i]);
-      nan_count += v[i] != v[i];
-    }
-    for (int64_t i = c.begin; i < c.end; ++i) ++h[out[i]];
-    nans[t] = nan_count;
+    int64_t* h = hist + t * K;
+    std::fill(h, h + K, 0);
+    nans[t] = bucket_ids(v, c.begin, c.end, bid, bucket);
+    for (int64_t i = c.begin; i < c.end; ++i) ++h[bid[i]];
   }
   for (int t = 0; t < T; ++t) {
     if (nans[t] == 0) continue;
@@ -156,10 +225,11 @@ void partial_rank(const double* v, int64_t N, int64_t n_keep, const std::vector<
       if (std::isnan(v[i])) throw std::invalid_argument("values[" + std::to_string(i) + "] is nan");
     }
   }
-  std::vector<int64_t> start(static_cast<size_t>(K + 1), 0);
+  int64_t* const start = grow(sc.start, K + 1);
+  start[0] = 0;
   for (int64_t k = 0; k < K; ++k) {
     int64_t total = 0;
-    for (int t = 0; t < T; ++t) total += hist[t][k];
+    for (int t = 0; t < T; ++t) total += hist[t * K + k];
     start[k + 1] = start[k] + total;
   }
 
@@ -189,8 +259,9 @@ void partial_rank(const double* v, int64_t N, int64_t n_keep, const std::vector<
 
   // Buckets to sort: those overlapping a range; each range covers a contiguous run of
   // buckets, laid out with per-chunk runs (so candidates stay in index order).
-  std::vector<uint8_t> needed(static_cast<size_t>(K), 0);
-  std::vector<int64_t> cand_start(static_cast<size_t>(K + 1), 0);
+  uint8_t* const needed = grow(sc.needed, K);
+  int64_t* const cand_start = grow(sc.cand_start, K + 1);
+  cand_start[0] = 0;
   int64_t need_lo = K, need_hi = -1;
   for (int64_t k = 0; k < K; ++k) {
     bool need = false;
@@ -202,21 +273,18 @@ void partial_rank(const double* v, int64_t N, int64_t n_keep, const std::vector<
       need_hi = std::max(need_hi, k);
     }
   }
-  thread_local std::vector<Point> cand_store;
-  if (static_cast<int64_t>(cand_store.size()) < cand_start[K]) cand_store.resize(static_cast<size_t>(cand_start[K]));
-  Point* const cand = cand_store.data();
-  std::vector<std::vector<int64_t>> fill(static_cast<size_t>(T));
+  Point* const cand = grow(sc.cand, cand_start[K]);
+  int64_t* const fill = grow(sc.fill, T * K);  // [T, K]: next candidate slot
   std::vector<int64_t> keep_base(static_cast<size_t>(T + 1), 0);
   for (int t = 0; t < T; ++t) {
-    fill[t].assign(static_cast<size_t>(K), 0);
     int64_t kept = 0;
     for (int64_t k = 0; k < K; ++k) {
       if (needed[k]) {
         int64_t before = 0;
-        for (int u = 0; u < t; ++u) before += hist[u][k];
-        fill[t][k] = cand_start[k] + before;
+        for (int u = 0; u < t; ++u) before += hist[u * K + k];
+        fill[t * K + k] = cand_start[k] + before;
       }
-      if (k < kept_below) kept += hist[t][k];
+      if (k < kept_below) kept += hist[t * K + k];
     }
     const Chunk c = chunk_of(t, T, N);
     kept += std::lower_bound(straddle_kept.begin(), straddle_kept.end(), c.end) -
@@ -230,28 +298,36 @@ void partial_rank(const double* v, int64_t N, int64_t n_keep, const std::vector<
     const int t = thread_id();
     const Chunk c = chunk_of(t, T, N);
     int64_t w = keep_base[t];
-    int64_t* f = fill[t].data();
+    int64_t* f = fill + t * K;
     auto sk = std::lower_bound(straddle_kept.begin(), straddle_kept.end(), c.begin);
     int64_t next_straddle = sk != straddle_kept.end() ? *sk : N;
     const uint16_t* b = bid;
     const uint32_t below = static_cast<uint32_t>(kept_below);
     const int64_t w_end = keep_base[t + 1];
+    // One branch-free pass: append whole kept buckets to keep (the slot is overwritten
+    // when i is not kept), the few kept points of the straddling bucket by cursor, and
+    // compact the indices whose bucket lies in the needed span.
+    thread_local std::vector<int64_t> span_store;  // this worker thread's own buffer
+    int64_t* const in_span = grow(span_store, c.end - c.begin);
+    const uint32_t nlo = static_cast<uint32_t>(need_lo);
+    const uint32_t nspan = need_lo <= need_hi ? static_cast<uint32_t>(need_hi - need_lo) : 0;
+    const bool any_needed = need_lo <= need_hi;
+    int64_t m = 0;
     for (int64_t i = c.begin; i < c.end; ++i) {
-      // branch-free append of whole kept buckets (the slot is overwritten when i is not
-      // kept); the few kept points of the straddling bucket by cursor
+      const uint32_t k = b[i];
       if (w < w_end) keep[w] = i;
-      w += static_cast<uint32_t>(b[i]) < below;
+      w += k < below;
       if (i == next_straddle) {
         keep[w++] = i;
         next_straddle = ++sk != straddle_kept.end() ? *sk : N;
       }
+      in_span[m] = i;
+      m += any_needed && k - nlo <= nspan;
     }
-    if (need_lo <= need_hi) {
-      const uint16_t nlo = static_cast<uint16_t>(need_lo), span = static_cast<uint16_t>(need_hi - need_lo);
-      for (int64_t i = c.begin; i < c.end; ++i) {
-        const uint16_t k = b[i];
-        if (static_cast<uint16_t>(k - nlo) <= span && needed[k]) cand[f[k]++] = {v[i], i};
-      }
+    for (int64_t j = 0; j < m; ++j) {
+      const int64_t i = in_span[j];
+      const uint16_t k = b[i];
+      if (needed[k]) cand[f[k]++] = {v[i], i};
     }
   }
 
@@ -261,7 +337,8 @@ void partial_rank(const double* v, int64_t N, int64_t n_keep, const std::vector<
     if (!needed[k]) continue;
     Point* first = cand + cand_start[k];
     Point* last = cand + cand_start[k + 1];
-    sort_points(first, last);
+    thread_local std::vector<Point> tmp;
+    sort_bucket(first, last, k, bucket, tmp);
     for (const Range& r : ranges) {
       const int64_t a = std::max(r.lo, start[k]), b = std::min(r.hi, start[k + 1]);
       for (int64_t rank = a; rank < b; ++rank) r.out[rank - r.lo] = first[rank - start[k]].index;
@@ -278,7 +355,6 @@ void condense(const double* values, int64_t N, int64_t n_keep, int64_t n_prev, V
     throw std::invalid_argument("condense needs 1 <= n_keep <= n_prev <= N, got n_keep = " + std::to_string(n_keep) +
                                 ", n_prev = " + std::to_string(n_prev) + ", N = " + std::to_string(N));
   }
-  const int64_t L = n_prev - n_keep;
   const int64_t P = vaks_pairs(n_keep, n_prev, mode);
   if (mode == VaksMode::kRandom) {
     for (int64_t j = 0; j < P; ++j) {
@@ -289,21 +365,10 @@ void condense(const double* values, int64_t N, int64_t n_keep, int64_t n_prev, V
     }
   }
 
-  std::vector<Range> ranges;
-  std::vector<int64_t> low_and_dropped;
-  if (mode == VaksMode::kLow) {
-    // pi[n_keep - P : n_prev]: the P lowest kept points, then the dropped ones.
-    low_and_dropped.resize(static_cast<size_t>(P + L));
-    ranges.push_back({n_keep - P, n_prev, low_and_dropped.data()});
-  } else {
-    ranges.push_back({n_keep, n_prev, dropped});
-    if (mode == VaksMode::kHigh) ranges.push_back({0, P, dst});
-  }
+  std::vector<Range> ranges{{n_keep, n_prev, dropped}};
+  if (mode == VaksMode::kLow) ranges.push_back({n_keep - P, n_keep, dst});  // the P lowest kept
+  if (mode == VaksMode::kHigh) ranges.push_back({0, P, dst});               // the P highest kept
   partial_rank(values, N, n_keep, ranges, keep);
-  if (mode == VaksMode::kLow) {
-    std::copy(low_and_dropped.begin(), low_and_dropped.begin() + P, dst);
-    std::copy(low_and_dropped.begin() + P, low_and_dropped.end(), dropped);
-  }
   for (int64_t j = 0; j < P; ++j) {
     src[j] = dropped[j];
     if (mode == VaksMode::kRandom) {
