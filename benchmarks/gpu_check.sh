@@ -27,8 +27,11 @@ echo "build rc=$rc_build in $(( $(date +%s) - start )) s" | tee -a "$out/summary
 [ $rc_build -eq 0 ] || { tail -40 "$out/build.log"; exit 1; }
 $py -c "import kcd_fast, json; print(json.dumps(kcd_fast.build_info()))" | tee -a "$out/summary.txt"
 
+# CUDA kernels + the CPU core, then the GPU paths of the loader and trainer (DALI tests skip
+# where DALI is absent, as on the lent machines).
 $py -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_ops.py tests/test_condense.py tests/test_schedule.py \
-  tests/test_bank.py --junitxml="$out/pytest.xml" 2>&1 | tee "$out/pytest.log" | tail -15
+  tests/test_bank.py tests/test_loader.py tests/test_train.py tests/test_dali.py \
+  --junitxml="$out/pytest.xml" 2>&1 | tee "$out/pytest.log" | tail -15
 echo "pytest rc=${PIPESTATUS[0]}" | tee -a "$out/summary.txt"
 
 $py benchmarks/kernels.py --device cuda --json "$out/kernels_cuda.json" 2>&1 | tee "$out/kernels_cuda.log"

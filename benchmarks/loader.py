@@ -16,15 +16,34 @@ to float, normalize) and the same workers.
 Both loaders use ``persistent_workers`` when ``num_workers > 0`` so that worker start-up
 is not timed as part of an epoch.
 
-Usage: python benchmarks/loader.py [--quick] [--json PATH] [--n N] [--workers 0 2 ...]
+``--workload jpeg``: the DALI back end on a JPEG folder (generated in code, cached under
+``benchmarks/cache/``: N smooth synthetic 256 x 256 images, quality 90, 10 classes), ImageNet
+training recipe (random resized crop 224, flip, normalize to float32 [B, 3, 224, 224]):
+3. Full keep: images/s of torch's DataLoader over ``kcd_fast.ImageFolder`` with PIL +
+   torchvision transforms (``num_workers`` = W processes, persistent) against
+   ``KCDLoader(..., backend="dali")`` on the CPU (W DALI threads, a fresh pipeline per
+   epoch, its build timed), epochs interleaved, medians. Goal: DALI / DataLoader >= 1.5.
+4. After a condensation to rho * N points: the DALI epoch time against the full-keep DALI
+   epoch, and the files read per epoch, counted twice (the back end's counter and Linux
+   inotify ``IN_OPEN`` events on the folder): both must equal the surviving points.
+The files sit in the page cache (they were just written or read): decoding, not the disk,
+is what is measured. Where torch sees a GPU, the DALI back end runs there (``"mixed"``
+decoding, CUDA outputs) and the DataLoader's batches are copied to the GPU (pinned) in its
+timed loop; ``CUDA_VISIBLE_DEVICES=`` forces the CPU comparison.
+
+Usage: python benchmarks/loader.py [--workload arrays|jpeg] [--quick] [--json PATH] [--n N]
+       [--workers 0 2 ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import ctypes
 import json
 import os
 import statistics
+import struct
 import sys
 import time
 from pathlib import Path
@@ -37,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repo root, when kcd_fast is not installed
 from _common import machine_info  # noqa: E402
 
-from kcd_fast import ArrayDataset, CondensationSchedule, KCDLoader  # noqa: E402
+from kcd_fast import ArrayDataset, CondensationSchedule, ImageFolder, KCDLoader  # noqa: E402
 
 CLASSES = 100
 
@@ -162,6 +181,229 @@ def bench_workers(ds: ArrayDataset, workers: int, batch_size: int, repeats: int,
     return out
 
 
+# -- JPEG folder: DALI back end vs DataLoader + PIL ------------------------------------------------
+JPEG_CLASSES = 10
+CACHE = Path(__file__).resolve().parent / "cache"
+
+
+def make_jpeg_folder(n: int, size: int = 256, seed: int = 0) -> Path:
+    """``cache/jpeg<size>_n<n>_s<seed>/c<k>/<i>.jpg``: smooth synthetic images (a 6 x 6
+    random grid upsampled bicubically plus mild noise, so JPEGs of a natural size),
+    quality 90; written once, reused while complete."""
+    from PIL import Image
+
+    root = CACHE / f"jpeg{size}_n{n}_s{seed}"
+    done = root / ".complete"
+    if done.exists():
+        return root
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        d = root / f"c{i % JPEG_CLASSES}"
+        d.mkdir(parents=True, exist_ok=True)
+        grid = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8))
+        img = np.asarray(grid.resize((size, size), Image.Resampling.BICUBIC), dtype=np.int16)
+        img = np.clip(img + rng.integers(-12, 13, img.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(d / f"{i:06d}.jpg", quality=90)
+    done.write_text(f"{n}\n")
+    return root
+
+
+def imagenet_pil_transform() -> Any:
+    """The ImageNet training recipe on PIL images (torchvision v2): crop and flip on PIL,
+    then to float32 [3, 224, 224], normalize."""
+    from torchvision.transforms import v2
+
+    return v2.Compose([
+        v2.RandomResizedCrop(224, antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.PILToTensor(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    ])
+
+
+class FileOpens:
+    """Opens of the files in some folders, from Linux inotify ``IN_OPEN`` events (what was
+    really read, independent of the loader's own counters)."""
+
+    def __init__(self, dirs: list[str]):
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = self.libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self.fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1 failed")
+        self.dirs = {}
+        for d in dirs:
+            wd = self.libc.inotify_add_watch(self.fd, os.fsencode(d), 0x20)  # IN_OPEN
+            if wd < 0:
+                raise OSError(ctypes.get_errno(), f"inotify_add_watch failed on {d}")
+            self.dirs[wd] = d
+
+    def drain(self) -> collections.Counter[str]:
+        count: collections.Counter[str] = collections.Counter()
+        while True:
+            try:
+                buf = os.read(self.fd, 1 << 16)
+            except BlockingIOError:
+                return count
+            off = 0
+            while off < len(buf):
+                wd, mask, _cookie, size = struct.unpack_from("iIII", buf, off)
+                name = buf[off + 16:off + 16 + size].rstrip(b"\0").decode()
+                off += 16 + size
+                if name and not mask & 0x40000000:  # not IN_ISDIR
+                    count[os.path.join(self.dirs[wd], name)] += 1
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def bench_jpeg(root: Path, workers: int, batch_size: int, repeats: int, rho: float, seed: int) -> dict[str, Any]:
+    n = len(ImageFolder(root))
+    threads = max(1, workers)
+    logits = torch.randn(n, JPEG_CLASSES, generator=torch.Generator().manual_seed(seed)) * 2  # per point
+
+    gpu = torch.cuda.is_available()  # KCDLoader's DALI back end then runs on the GPU (device_id "auto")
+
+    def epoch(loader: Any, kcd: bool) -> tuple[float, int]:
+        t0 = time.perf_counter()
+        seen = 0
+        for batch in loader:
+            if kcd:
+                loader.observe(batch[2], logits[batch[2]])
+            elif gpu:  # the DataLoader's batches go to the GPU too, where training would use them
+                batch[0].to("cuda", non_blocking=True)
+            seen += batch[0].shape[0]
+        if gpu:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0, seen
+
+    torch_ds = ImageFolder(root, transform=imagenet_pil_transform())
+    plain = torch.utils.data.DataLoader(torch_ds, batch_size=batch_size, shuffle=True, num_workers=workers,
+                                        persistent_workers=workers > 0, pin_memory=gpu,
+                                        generator=torch.Generator().manual_seed(seed))
+    epochs = repeats + 1
+    dali = KCDLoader(ImageFolder(root), CondensationSchedule(epochs=epochs, period=epochs, rho=1.0),
+                     batch_size=batch_size, shuffle=True, num_workers=workers, seed=seed, backend="dali", vaks="off")
+    opens = FileOpens(sorted({os.path.dirname(p) for p, _ in torch_ds.samples}))
+    t_plain, t_dali, reads_full = [], [], []
+    try:
+        for r in range(epochs):  # interleaved, alternating which goes first
+            order = ("plain", "dali") if r % 2 == 0 else ("dali", "plain")
+            for which in order:
+                if which == "plain":
+                    tp, seen = epoch(plain, False)
+                    if seen != n:
+                        raise RuntimeError(f"DataLoader yielded {seen} of {n} images")
+                else:
+                    opens.drain()
+                    td, seen = epoch(dali, True)
+                    got = opens.drain()
+                    reads_full.append({"points": seen, "backend_files_read": dali._backend.reads["files"],
+                                       "inotify_files_opened": sum(got.values()), "distinct_files": len(got)})
+            if r > 0:
+                t_plain.append(tp)
+                t_dali.append(td)
+
+        sched = CondensationSchedule(epochs=1 + epochs, period=1 + epochs, rho=rho, warmup=1)
+        kcd = KCDLoader(ImageFolder(root), sched, batch_size=batch_size, shuffle=True, num_workers=workers,
+                        seed=seed, backend="dali", vaks="off")
+        epoch(kcd, True)  # epoch 0 on all N points, then the condensation to rho * N
+        kept = len(kcd.active_indices)
+        t_kept, reads_kept = [], []
+        for _ in range(epochs):
+            planned = collections.Counter(torch_ds.samples[i][0] for i in kcd.epoch_order().tolist())
+            opens.drain()
+            tk, seen = epoch(kcd, True)
+            got = opens.drain()
+            t_kept.append(tk)
+            reads_kept.append({"points": seen, "backend_files_read": kcd._backend.reads["files"],
+                               "inotify_files_opened": sum(got.values()), "opened_exactly_the_planned_files":
+                               got == planned})
+        t_kept = t_kept[1:]
+    finally:
+        opens.close()
+    med_plain, med_dali, med_kept = statistics.median(t_plain), statistics.median(t_dali), statistics.median(t_kept)
+    ok_full = all(r["points"] == r["backend_files_read"] == r["inotify_files_opened"] == n for r in reads_full)
+    ok_kept = all(r["points"] == r["backend_files_read"] == r["inotify_files_opened"] == kept
+                  and r["opened_exactly_the_planned_files"] for r in reads_kept)
+    dali_device = dali._backend.device_id
+    return {
+        "num_workers": workers,
+        "dali_threads": threads,
+        "dali_device": "cpu (device_id=None)" if dali_device is None else f"cuda:{dali_device} (mixed decoder)",
+        "full_keep": {
+            "dataloader_pil_images_per_s": n / med_plain,
+            "dali_images_per_s": n / med_dali,
+            "ratio": med_plain / med_dali,
+            "ratio_pairwise_median": statistics.median(p / d for p, d in zip(t_plain, t_dali, strict=True)),
+            "goal": ">= 1.5 (DALI on the CPU), >= 5 (DALI on a GPU)",
+            "dataloader_epoch_s": t_plain,
+            "dali_epoch_s": t_dali,
+            "files_read_per_epoch": reads_full,
+            "files_read_equal_points": ok_full,
+        },
+        "after_condensation": {
+            "rho": rho,
+            "kept": kept,
+            "kept_fraction": kept / n,
+            "dali_epoch_s": med_kept,
+            "dali_full_epoch_s": med_dali,
+            "time_fraction": med_kept / med_dali,
+            "dali_images_per_s": kept / med_kept,
+            "epochs_s": t_kept,
+            "files_read_per_epoch": reads_kept[1:],
+            "files_read_equal_surviving_points": ok_kept,
+            "vaks": "off (summaries of image folders need the core wiring; see kcd_fast.dali_backend)",
+        },
+    }
+
+
+def main_jpeg(args: argparse.Namespace) -> dict[str, Any]:
+    n = args.n or (1000 if args.quick else 4000)
+    repeats = args.repeats or (3 if args.quick else 5)
+    workers = args.workers if args.workers is not None else [2]
+    t0 = time.perf_counter()
+    root = make_jpeg_folder(n, seed=args.seed)
+    made_s = time.perf_counter() - t0
+    info = machine_info()
+    info["load_average_before"] = list(os.getloadavg())
+    import torchvision
+    from nvidia.dali import __version__ as dali_version
+    from PIL import __version__ as pil_version
+
+    info.update({"torchvision": torchvision.__version__, "dali": dali_version, "pillow": pil_version})
+    sizes = [p.stat().st_size for p in root.glob("c*/*.jpg")]
+    result: dict[str, Any] = {
+        "benchmark": "loader_dali_jpeg",
+        "machine": info,
+        "config": {"n": n, "image": [256, 256, 3], "jpeg_quality": 90, "mean_file_kb": sum(sizes) / len(sizes) / 1e3,
+                   "folder": str(root), "folder_made_s": made_s, "batch_size": args.batch_size,
+                   "repeats": repeats, "quick": args.quick,
+                   "recipe": "RandomResizedCrop 224 (area 0.08-1, aspect 3/4-4/3), HFlip, Normalize, float32 CHW",
+                   "dataloader": "torch DataLoader(kcd_fast.ImageFolder + PIL + torchvision v2), persistent workers",
+                   "dali": "KCDLoader(backend='dali'): io.file.read -> decoders.image_random_crop -> resize -> "
+                           "crop_mirror_normalize; observe() per batch"},
+        "results": [],
+    }
+    for w in workers:
+        r = bench_jpeg(root, w, args.batch_size, repeats, 0.7, args.seed)
+        result["results"].append(r)
+        fk, ac = r["full_keep"], r["after_condensation"]
+        print(f"num_workers={w}: full keep  DataLoader+PIL {fk['dataloader_pil_images_per_s']:7.0f} img/s  "
+              f"DALI ({r['dali_device']}) {fk['dali_images_per_s']:7.0f} img/s  ratio {fk['ratio']:.2f} "
+              f"(goal >= 1.5 on the CPU, >= 5 on a GPU); "
+              f"files read == points every epoch: {fk['files_read_equal_points']}")
+        print(f"num_workers={w}: rho 0.70  kept {ac['kept']} ({ac['kept_fraction']:.3f})  epoch "
+              f"{ac['dali_epoch_s']:.3f} s vs full {ac['dali_full_epoch_s']:.3f} s -> {ac['time_fraction']:.3f}; "
+              f"files read == surviving points: {ac['files_read_equal_surviving_points']}")
+    info["load_average_after"] = list(os.getloadavg())
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes, under a minute on 2 cores")
@@ -172,7 +414,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--repeats", type=int, default=None, help="timed epochs per loader (default 7 quick, 9)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workload", choices=["arrays", "jpeg"], default="arrays",
+                   help="arrays: KCDLoader (torch) vs DataLoader on CIFAR-like arrays; jpeg: the DALI back end "
+                        "vs DataLoader + PIL on a generated JPEG folder (defaults: n 1000 quick / 4000, workers 2)")
     args = p.parse_args(argv)
+    if args.workload == "jpeg":
+        torch.set_num_threads(1)
+        return main_jpeg(args)
     n = args.n or (8192 if args.quick else 50000)
     repeats = args.repeats or (7 if args.quick else 9)
     workers = args.workers if args.workers is not None else ([2] if args.quick else [0, 2])

@@ -13,6 +13,7 @@ from ._version import __version__
 from .bank import Measure, ValueBank
 from .condense import Condensation, Vaks, condense
 from .datasets import ArrayDataset
+from .image_folder import ImageFolder
 from .loader import KCDLoader
 from .schedule import CondensationSchedule, Decay, unix_computation
 
@@ -21,6 +22,7 @@ __all__ = [
     "Condensation",
     "CondensationSchedule",
     "Decay",
+    "ImageFolder",
     "KCDLoader",
     "Measure",
     "Vaks",

@@ -40,11 +40,26 @@ class ValueBank:
     logits) are skipped on the device and counted, and ``check()`` (called by
     ``values()``) raises them. ``strict=True`` validates every batch before it is scored.
 
+    Under ``torch.distributed`` (``local=True``), ``sums`` / ``counts`` hold the GLOBAL
+    totals as of the last :meth:`all_reduce_`, identical on every rank, and this rank's
+    observations since then accumulate in ``local_sums`` ``[N]`` float64 /
+    ``local_counts`` ``[N]`` int32. ``all_reduce_(group)`` (a collective) adds every
+    rank's local accumulators to the totals and zeroes them, so each observation is in
+    the totals exactly once; ``values()`` ranks the totals. ``state_dict(group)`` is then
+    a collective too: it holds the global totals including everything observed since the
+    last reduce (without changing the bank), the same on every rank, so it resumes at
+    any world size.
+
     Example::
 
         bank = ValueBank(len(dataset), period=40)
         bank.observe(indices, student_logits)           # every training step
         cond = kcd_fast.condense(bank.values(), n_keep)  # at a condensation point
+
+        bank = ValueBank(len(dataset), period=40, local=True)   # under DDP
+        bank.observe(indices, student_logits)           # this rank's points, no communication
+        bank.all_reduce_()                              # at a condensation point, on every rank
+        cond = kcd_fast.condense(bank.values(), n_keep)  # identical on every rank
     """
 
     def __init__(
@@ -58,6 +73,7 @@ class ValueBank:
         device: str | torch.device | None = "cpu",
         strict: bool = False,
         seed: int = 0,
+        local: bool = False,
     ):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an int >= 1 (the number of points), got {n!r}")
@@ -72,11 +88,16 @@ class ValueBank:
         self.alpha = float(alpha)
         self.measure = Measure.parse(measure)
         self.temperature = float(temperature)
+        if not isinstance(local, (bool, np.bool_)):
+            raise TypeError(f"local must be a bool, got {type(local).__name__} {local!r}")
         self.strict = bool(strict)
         self.seed = int(seed)
+        self.local = bool(local)
         self._random_draws = 0
         self.sums: torch.Tensor | None = None
         self.counts: torch.Tensor | None = None
+        self.local_sums: torch.Tensor | None = None  # [N] float64, local=True only
+        self.local_counts: torch.Tensor | None = None  # [N] int32, local=True only
         self._errors: torch.Tensor | None = None
         if device is not None:
             self._allocate(torch.device(device))
@@ -92,6 +113,9 @@ class ValueBank:
             device = torch.device("cuda", torch.cuda.current_device())
         self.sums = torch.zeros(self.n, dtype=torch.float64, device=device)
         self.counts = torch.zeros(self.n, dtype=torch.int32, device=device)
+        if self.local:
+            self.local_sums = torch.zeros_like(self.sums)
+            self.local_counts = torch.zeros_like(self.counts)
         self._errors = torch.zeros(2, dtype=torch.int64, device=device) if device.type == "cuda" else None
 
     def to(self, device: str | torch.device) -> ValueBank:
@@ -101,10 +125,11 @@ class ValueBank:
             self._allocate(device)
             return self
         self.check()
-        sums, counts = self.sums.to(device), self.counts.to(device)
+        old = (self.sums, self.counts, self.local_sums, self.local_counts)
         self._allocate(device)
-        self.sums.copy_(sums)
-        self.counts.copy_(counts)
+        for new, t in zip((self.sums, self.counts, self.local_sums, self.local_counts), old, strict=True):
+            if new is not None:
+                new.copy_(t)
         return self
 
     def observe(self, indices, logits, teacher_logits=None) -> None:
@@ -122,18 +147,19 @@ class ValueBank:
             )
         if idx.device != self.device:
             idx = idx.to(self.device, non_blocking=True)
+        sums, counts = (self.local_sums, self.local_counts) if self.local else (self.sums, self.counts)
         if self.measure is Measure.KL:
             if teacher_logits is None:
                 raise ValueError("measure 'kl' needs teacher_logits, got None")
-            ops.observe_kl(lg.detach(), A.as_torch(teacher_logits, "teacher_logits")[0].detach(), idx, self.sums,
-                           self.counts, self.temperature, errors=self._errors, strict=self.strict)
+            ops.observe_kl(lg.detach(), A.as_torch(teacher_logits, "teacher_logits")[0].detach(), idx, sums,
+                           counts, self.temperature, errors=self._errors, strict=self.strict)
         elif self.measure is Measure.ENTROPY:
-            ops.observe_entropy(lg.detach(), idx, self.sums, self.counts, errors=self._errors, strict=self.strict)
+            ops.observe_entropy(lg.detach(), idx, sums, counts, errors=self._errors, strict=self.strict)
         else:  # random values: only count the observations
             if idx.dim() != 1 or idx.dtype != torch.int64:
                 raise TypeError(f"indices must be a 1-D int64 tensor, got {idx.dtype} {tuple(idx.shape)}")
             ops.strict_check(idx, self.n, [])
-            self.counts.index_add_(0, idx, torch.ones_like(idx, dtype=torch.int32))
+            counts.index_add_(0, idx, torch.ones_like(idx, dtype=torch.int32))
 
     def check(self) -> None:
         """Raises (and clears) rows the CUDA kernels skipped since the last check.
@@ -143,13 +169,53 @@ class ValueBank:
         bad_index, non_finite = (int(v) for v in self._errors.tolist())
         if bad_index or non_finite:
             self._errors.zero_()
+            self._raise_errors(bad_index, non_finite)
+
+    def _raise_errors(self, bad_index: int, non_finite: int) -> None:
+        if bad_index or non_finite:
             raise ValueError(
                 f"{bad_index} observed row(s) had an index outside [0, {self.n}) and {non_finite} row(s) had "
                 "non-finite logits; they were skipped (nothing else changed)"
             )
 
+    def _reduce_local(self, group: Any, in_place: bool) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """Collective: ``(Σ_ranks local_sums, Σ_ranks local_counts, bad indices, non-finite
+        rows)``; reduced in the local accumulators themselves when ``in_place``. The CUDA
+        error counters are reduced with them, so every rank raises together."""
+        if not self.local:
+            raise ValueError("this bank was made with local=False: its sums already hold every observation; "
+                             "make it with ValueBank(..., local=True) to all-reduce across ranks")
+        from . import distributed as D
+
+        if self.sums is None:
+            self._allocate(D.comm_device(group, None))
+        sums = self.local_sums if in_place else self.local_sums.clone()
+        counts = self.local_counts if in_place else self.local_counts.clone()
+        errors = torch.zeros(2, dtype=torch.int64, device=self.device) if self._errors is None \
+            else self._errors.clone()
+        D.all_reduce_sum_([sums, counts, errors], group)
+        bad_index, non_finite = (int(v) for v in errors.tolist())
+        if self._errors is not None:
+            self._errors.zero_()
+        return sums, counts, bad_index, non_finite
+
+    def all_reduce_(self, group: Any = None) -> None:
+        """Collective over ``group`` (None: the default process group; call it on every
+        rank): adds every rank's ``local_sums`` / ``local_counts`` to ``sums`` / ``counts``
+        and zeroes them. Afterwards every rank holds the same global totals (the reduced
+        tensor is the same bits on every rank), each observation counted exactly once.
+        Communicates ``N * (8 + 4)`` bytes (plus 16). Rows the CUDA kernels skipped on any
+        rank raise ``ValueError`` on every rank (the good rows are folded in first)."""
+        sums, counts, bad_index, non_finite = self._reduce_local(group, in_place=True)
+        self.sums.add_(sums)
+        self.counts.add_(counts)
+        sums.zero_()
+        counts.zero_()
+        self._raise_errors(bad_index, non_finite)
+
     def values(self) -> torch.Tensor:
-        """``[N]`` float64 values on the bank's device (+inf for unobserved points)."""
+        """``[N]`` float64 values on the bank's device (+inf for unobserved points); with
+        ``local=True``, of the totals as of the last :meth:`all_reduce_`."""
         if self.sums is None:
             self._allocate(torch.device("cpu"))
         self.check()
@@ -159,9 +225,22 @@ class ValueBank:
             return torch.from_numpy(rng.random(self.n)).to(self.device)
         return ops.values(self.sums, self.counts, self.period, self.alpha)
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything that changes during training, as CPU tensors."""
-        self.check()
+    def state_dict(self, group: Any = None) -> dict[str, Any]:
+        """Everything that changes during training, as CPU tensors. With ``local=True`` a
+        collective over ``group`` (call it on every rank): ``sums`` / ``counts`` are the
+        global totals including every rank's observations since the last ``all_reduce_``,
+        the same on every rank; the bank itself does not change. ``group`` is unused
+        otherwise."""
+        if self.local:
+            red_sums, red_counts, bad_index, non_finite = self._reduce_local(group, in_place=False)
+            self._raise_errors(bad_index, non_finite)
+            total_sums = (self.sums + red_sums).detach().to("cpu")
+            total_counts = (self.counts + red_counts).detach().to("cpu")
+        else:
+            self.check()
+            # copies: a kept state must not follow later observations
+            total_sums = None if self.sums is None else self.sums.detach().to("cpu", copy=True)
+            total_counts = None if self.counts is None else self.counts.detach().to("cpu", copy=True)
         return {
             "n": self.n,
             "period": self.period,
@@ -170,13 +249,14 @@ class ValueBank:
             "temperature": self.temperature,
             "seed": self.seed,
             "random_draws": self._random_draws,
-            # copies: a kept state must not follow later observations
-            "sums": None if self.sums is None else self.sums.detach().to("cpu", copy=True),
-            "counts": None if self.counts is None else self.counts.detach().to("cpu", copy=True),
+            "sums": total_sums,
+            "counts": total_counts,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restores a ``state_dict``; the accumulators stay on this bank's device."""
+        """Restores a ``state_dict``; the accumulators stay on this bank's device. With
+        ``local=True`` the state's (global) totals become ``sums`` / ``counts`` and the
+        local accumulators are zeroed: load the same state on every rank."""
         required = ("n", "sums", "counts", "random_draws")
         missing = [k for k in required if k not in state]
         if missing:
@@ -196,9 +276,13 @@ class ValueBank:
                 self._allocate(torch.device("cpu"))
             self.sums.copy_(sums)
             self.counts.copy_(counts)
+        if self.local_sums is not None:
+            self.local_sums.zero_()
+            self.local_counts.zero_()
         self._random_draws = int(state["random_draws"])
         if "seed" in state:  # the run's seed: "random" values continue the same stream
             self.seed = int(state["seed"])
 
     def __repr__(self) -> str:
-        return f"ValueBank(n={self.n}, measure={self.measure.value!r}, device={self.device})"
+        local = ", local=True" if self.local else ""
+        return f"ValueBank(n={self.n}, measure={self.measure.value!r}, device={self.device}{local})"

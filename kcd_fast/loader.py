@@ -57,6 +57,30 @@ State and resume
     augmentation randomness is keyed to ``(seed, epoch)`` for ``num_workers > 0`` without
     ``persistent_workers``; with ``num_workers=0`` transforms draw from torch's global
     RNG, which the loader never touches.
+Distributed (DDP)
+    When a ``torch.distributed`` process group is initialised (or ``distributed=True``),
+    each rank visits its shard of the epoch's global order by ``DistributedSampler``'s
+    rules, recomputed every epoch: ``ceil(n_e / world)`` points per rank (``floor`` with
+    ``drop_last``), the order wrapped around to pad, rank ``r`` taking
+    ``padded[r::world]`` (``rank_indices``); then ``drop_last`` also applies to the
+    rank's last batch. Every rank runs the same number of steps. ``epoch_order()`` and
+    ``active_indices`` stay global (the same on every rank). A padded point is visited,
+    and observed, twice in its epoch (every observed row counts). Each rank's
+    observations accumulate locally, without communication; at a condensation the value
+    bank is all-reduced (``N * 12`` bytes) so every rank ranks the same global totals,
+    condenses identically (ties by index) and applies the same summary to its own copy
+    of the images. The ranks check that they agree (one tiny collective at the start of
+    iteration and per condensation) and raise ``RuntimeError`` where they do not.
+    Collectives happen in ``__iter__`` (the first time), at condensations (the end of
+    an epoch, ``set_epoch``), in ``state_dict()`` and ``save()``: call these on every
+    rank. Totals agree with a single-process run that made the same observations up to
+    float64 rounding (the additions are grouped differently).
+Checkpoints
+    ``loader.save(path)`` (every rank; rank 0 writes) stores the GLOBAL state atomically
+    (temporary file, fsync, ``os.replace``, directory fsync), so a crash during a save
+    leaves the previous checkpoint intact; ``KCDLoader.load(path, dataset, schedule,
+    **kwargs)`` resumes it at any world size. A truncated, corrupt or mismatched
+    checkpoint raises ``ValueError`` naming the path.
 """
 
 from __future__ import annotations
@@ -64,6 +88,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 from collections.abc import Callable, Iterator
 from enum import Enum, unique
 from typing import Any
@@ -73,9 +98,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 from . import _arrays as A
+from . import distributed as D
 from .bank import Measure, ValueBank
 from .condense import Vaks, condense
 from .datasets import require_image_storage
+from .image_folder import is_image_folder
 from .ops import blend_
 from .schedule import CondensationSchedule
 
@@ -95,7 +122,7 @@ class Backend(str, Enum):
     """Which back end moves and transforms samples."""
 
     TORCH = "torch"  # torch.utils.data.DataLoader worker processes
-    DALI = "dali"  # NVIDIA DALI pipelines (not implemented yet)
+    DALI = "dali"  # NVIDIA DALI pipelines (kcd_fast.dali_backend)
 
     @classmethod
     def parse(cls, value: Any) -> Backend:
@@ -106,9 +133,11 @@ class Backend(str, Enum):
             raise ValueError(f"backend must be one of {choices}, got {value!r}") from None
 
 
-def _stream_seed(seed: int, epoch: int, stream: int) -> int:
-    """A 63-bit seed for one RNG stream of one epoch."""
-    return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+def _stream_seed(seed: int, epoch: int, stream: int, rank: int = 0) -> int:
+    """A 63-bit seed for one RNG stream of one epoch (of one rank, for rank > 0: under DDP
+    each rank's workers draw their own augmentations; rank 0's equal a single process's)."""
+    key = [seed, epoch, stream] if rank == 0 else [seed, epoch, stream, rank]
+    return int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
 def _check_int(value: Any, name: str, minimum: int) -> int:
@@ -238,7 +267,13 @@ class KCDLoader:
         multiprocessing_context: as for ``torch.utils.data.DataLoader``.
         seed: int >= 0; keys the epoch order (``default_rng([seed, epoch])``), worker
             seeds and ``vaks="random"`` draws. No global RNG is read or changed.
-        backend: "torch" (default) or "dali" (not implemented yet).
+        backend: "torch" (default) or "dali" (:class:`kcd_fast.dali_backend.DaliBackend`:
+            ArrayDataset or image folders; ``num_workers`` = DALI CPU threads).
+        augment: DALI back end only: "auto" (none for arrays, "imagenet" for folders),
+            None, "cifar", "cifar_eval", "imagenet", "imagenet_eval" or a callable
+            ``(images, device) -> DataNode`` adding DALI ops; seeded from (seed, epoch).
+        dali_device: DALI back end only: "auto" (the current CUDA device when there is
+            one, else CPU-only operators), a CUDA device index, or None (CPU only).
         value: how points are scored: "entropy" (default), "kl" (needs teacher logits
             in ``observe``) or "random".
         vaks: "low" (default), "high", "random" or "off" (KCD_SPEC section 4).
@@ -248,6 +283,12 @@ class KCDLoader:
             observed logits.
         strict: validate every observed batch on the host (a sync on CUDA).
         progress: show a tqdm bar per epoch.
+        distributed: None (default): shard across ranks when a ``torch.distributed``
+            process group is initialised; True: shard (raise if impossible); False: never.
+        rank, world_size: default: those of ``group``; given, they must match it.
+        group: the (data-parallel) process group to shard over and all-reduce the value
+            bank in; None: the default group. See "Distributed (DDP)" in the module
+            docstring.
 
     Yields ``(inputs, targets, indices)``: the collated batch's fields followed by the
     int64 ``[b]`` CPU tensor of the batch's dataset indices (pinned with ``pin_memory``
@@ -281,17 +322,26 @@ class KCDLoader:
         device: str | torch.device | None = None,
         strict: bool = False,
         progress: bool = False,
+        distributed: bool | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        group: Any = None,
+        augment: Any = "auto",
+        dali_device: int | str | None = "auto",
     ):
         # -- arguments (all checked before any state is built) --------------------------
         backend = Backend.parse(backend)
-        if backend is Backend.DALI:
-            try:
-                import nvidia.dali  # noqa: F401
-            except ImportError:
-                raise ImportError(
-                    "backend='dali' needs NVIDIA DALI: pip install nvidia-dali-cuda130"
-                ) from None
-            raise NotImplementedError("backend='dali' is not implemented yet; use backend='torch'")
+        if backend is Backend.DALI:  # ImportError naming the package without DALI; the torch path never imports it
+            from .dali_backend import check_loader_args, require_dali
+
+            require_dali()
+            check_loader_args(collate_fn=collate_fn, worker_init_fn=worker_init_fn,
+                              multiprocessing_context=multiprocessing_context, timeout=timeout)
+        elif augment != "auto" or dali_device != "auto":
+            raise ValueError(
+                f"augment and dali_device apply to backend='dali' (got augment={augment!r}, "
+                f"dali_device={dali_device!r}); with the torch back end use the dataset's transform"
+            )
         map_style = hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")
         if isinstance(dataset, IterableDataset) or not map_style:
             raise TypeError(f"dataset must be a map-style dataset with __len__ and __getitem__, "
@@ -336,7 +386,9 @@ class KCDLoader:
             device = dev
         strict = _check_bool(strict, "strict")
         progress = _check_bool(progress, "progress")
-        storage = require_image_storage(dataset, mode.value)
+        dist_info = D.resolve(distributed, rank, world_size, group)
+        files = backend is Backend.DALI and is_image_folder(dataset)  # VAKS on files: the DALI overlay
+        storage = None if files else require_image_storage(dataset, mode.value)
         if storage is not None and storage.device.type == "cuda" and pin_memory:
             raise ValueError(f"pin_memory=True pins CPU batches, but the dataset's images live on "
                              f"{storage.device}; pass pin_memory=False")
@@ -365,9 +417,12 @@ class KCDLoader:
         self._device = device
         self._bank_placed = device is not None
         self._storage = storage
+        self._files = files  # the back end materialises summaries (DALI image-folder overlay)
+        self._dist = dist_info
+        self._ranks_agree = False  # checked by the first iteration after construction or a load
         self.bank = ValueBank(
             n, period=schedule.period, alpha=alpha, measure=measure, temperature=temperature,
-            device=device, strict=strict, seed=seed,
+            device=device, strict=strict, seed=seed, local=dist_info.communicates,
         )
         self._sizes = schedule.epoch_sizes(n)
         self._condense_at = set(schedule.condensation_epochs)
@@ -377,13 +432,27 @@ class KCDLoader:
         self._summaries: list[dict[str, Any]] = []
         self._digest: str | None = None
         self._generation = 0
-        self._backend = TorchBackend(
-            dataset, storage=storage, num_workers=num_workers, pin_memory=pin_memory,
-            collate_fn=collate_fn, persistent_workers=persistent_workers, prefetch_factor=prefetch_factor,
-            worker_init_fn=worker_init_fn, timeout=timeout, multiprocessing_context=multiprocessing_context,
-        )
+        if backend is Backend.DALI:
+            from .dali_backend import DaliBackend
+
+            self._backend: Any = DaliBackend(  # CPU threads = num_workers; the folder overlay follows the log
+                dataset, storage=storage, batch_size=batch_size, num_threads=max(1, num_workers),
+                prefetch_queue_depth=prefetch_factor or 2, pin_memory=pin_memory,
+                summary_log=lambda: self._summaries, augment=augment, device_id=dali_device,
+            )
+        else:
+            self._backend = TorchBackend(
+                dataset, storage=storage, num_workers=num_workers, pin_memory=pin_memory,
+                collate_fn=collate_fn, persistent_workers=persistent_workers, prefetch_factor=prefetch_factor,
+                worker_init_fn=worker_init_fn, timeout=timeout, multiprocessing_context=multiprocessing_context,
+            )
 
     # -- DataLoader surface ------------------------------------------------------------
+    @property
+    def backend(self) -> Any:
+        """The back-end object (``TorchBackend`` or ``DaliBackend``) that fetches samples."""
+        return self._backend
+
     @property
     def sampler(self) -> Sampler:
         """The back end's batch sampler (it yields the core's planned batches)."""
@@ -395,33 +464,67 @@ class KCDLoader:
         return self._storage
 
     def __len__(self) -> int:
-        """Batches of the coming (or current) epoch; 0 once the schedule is done."""
+        """Batches of the coming (or current) epoch on this rank; 0 once the schedule is done."""
         return self._num_batches(self._sizes[self.epoch]) if self.epoch < self.schedule.epochs else 0
 
     def _num_batches(self, n: int) -> int:
+        """Batches this rank runs in an epoch of ``n`` (global) points."""
+        if self._dist.enabled:
+            n = D.shard_size(n, self._dist.world_size, self.drop_last)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def steps_per_epoch(self) -> list[int]:
-        """Batches in each epoch of the whole schedule (``drop_last`` accounted for)."""
+        """Batches in each epoch of the whole schedule on this rank (``drop_last`` and, under
+        DDP, the shard size accounted for; the same on every rank)."""
         return [self._num_batches(s) for s in self._sizes]
 
     def total_steps(self) -> int:
-        """Batches over the whole schedule (for LR schedulers such as OneCycleLR)."""
+        """Batches over the whole schedule on this rank (for LR schedulers such as OneCycleLR)."""
         return sum(self.steps_per_epoch())
 
     @property
+    def distributed(self) -> bool:
+        """True when the loader shards its epochs across ranks."""
+        return self._dist.enabled
+
+    @property
+    def rank(self) -> int:
+        """This process's rank in the loader's group (0 when not distributed)."""
+        return self._dist.rank
+
+    @property
+    def world_size(self) -> int:
+        """Ranks the epochs are sharded over (1 when not distributed)."""
+        return self._dist.world_size
+
+    @property
     def active_indices(self) -> torch.Tensor:
-        """``[n_e]`` int64, ascending: the points of the current epoch (a copy)."""
+        """``[n_e]`` int64, ascending: the points of the current epoch, over all ranks (a copy)."""
         return torch.from_numpy(self._active.copy())
 
+    @property
+    def rank_indices(self) -> torch.Tensor:
+        """``[m]`` int64: the points this rank visits in the current epoch, in visiting
+        order, ``m = ceil(n_e / world)`` (``floor`` with ``drop_last``), padded points
+        included; the whole ``epoch_order()`` when not distributed. The rank's batches
+        are ``rank_indices[k*B:(k+1)*B]`` (the last partial one left out with ``drop_last``)."""
+        return torch.from_numpy(self._rank_order(self._order()))
+
     def epoch_order(self) -> torch.Tensor:
-        """``[n_e]`` int64: the order in which the current epoch visits its points."""
+        """``[n_e]`` int64: the order in which the current epoch visits its points (global:
+        the same on every rank; each rank visits its shard of it, ``rank_indices``)."""
         return torch.from_numpy(self._order())
 
     def _order(self) -> np.ndarray:
         if not self.shuffle:
             return self._active.copy()
         return self._active[np.random.default_rng([self.seed, self.epoch]).permutation(self._active.shape[0])]
+
+    def _rank_order(self, order: np.ndarray) -> np.ndarray:
+        """This rank's shard of the global ``order`` ``[n_e]`` (``order`` itself when not distributed)."""
+        if not self._dist.enabled:
+            return order
+        return D.shard_order(order, self._dist.rank, self._dist.world_size, self.drop_last)
 
     # -- iteration -----------------------------------------------------------------------
     def __iter__(self) -> Iterator[tuple[Any, ...]]:
@@ -430,16 +533,30 @@ class KCDLoader:
                 f"the schedule's {self.schedule.epochs} epochs are done (epoch = {self.epoch}); "
                 "KCDLoader does not run extra epochs: build a new loader or schedule to train longer"
             )
+        if self._dist.communicates and not self._ranks_agree:
+            D.agree(self._agreement_digest(), self._dist.group, "loader's configuration and state", self.bank.device)
+            self._ranks_agree = True
         self._generation += 1
         order = self._order()
         n_batches = self._num_batches(order.shape[0])
+        order = self._rank_order(order)  # under DDP: this rank's shard
         bs = self.batch_size
         batches = [order[k * bs:(k + 1) * bs] for k in range(n_batches)]
         order_t = torch.from_numpy(order)
         if self.pin_memory and torch.cuda.is_available():
             order_t = order_t.pin_memory()
-        it = self._backend.epoch_batches(batches, _stream_seed(self.seed, self.epoch, _WORKER_STREAM))
+        worker_seed = _stream_seed(self.seed, self.epoch, _WORKER_STREAM, self._dist.rank)
+        it = self._backend.epoch_batches(batches, worker_seed)
         return self._epoch(self._generation, self.epoch, order_t, n_batches, it)
+
+    def _agreement_digest(self) -> bytes:
+        """What every rank must share: the configuration, epoch, active set and history."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(repr((self.n, self.seed, self.epoch, self.shuffle, self.drop_last, self.batch_size,
+                       self.schedule.state(), self.value.value, self.vaks.value, self.eps_m, self.alpha,
+                       self.temperature, self.history, len(self._summaries))).encode())
+        h.update(self._active.tobytes())
+        return h.digest()
 
     def _epoch(self, generation: int, epoch: int, order: torch.Tensor, n_batches: int,
                it: Iterator[Any]) -> Iterator[tuple[Any, ...]]:
@@ -497,12 +614,20 @@ class KCDLoader:
     def _condense(self, epoch: int) -> None:
         """The condensation before ``epoch``: values -> keep / dropped -> VAKS -> new set."""
         n_keep, n_prev = self._sizes[epoch], int(self._active.shape[0])
+        if self._dist.communicates:  # the only per-stage communication: N * 12 bytes
+            self.bank.all_reduce_(self._dist.group)
         cond = condense(self.bank.values(), n_keep, n_prev, self.vaks, self.eps_m,
                         seed=_stream_seed(self.seed, epoch, _VAKS_STREAM))
         pairs = cond.pairs
-        if pairs and self._storage is not None:
+        if self._dist.communicates:  # every rank must summarise identically: check before blending
+            h = hashlib.blake2b(repr(epoch).encode(), digest_size=16)
+            for t in (cond.keep, cond.dst, cond.src, cond.eps):
+                h.update(t.cpu().contiguous().numpy().tobytes())
+            D.agree(h.digest(), self._dist.group, f"condensation before epoch {epoch}", self.bank.device)
+        if pairs and (self._storage is not None or self._files):
             dst, src, eps = cond.dst.cpu(), cond.src.cpu(), cond.eps.cpu()
-            _blend_rows(self._storage, dst, src, eps)
+            if self._storage is not None:
+                _blend_rows(self._storage, dst, src, eps)
             self._summaries.append({"epoch": epoch, "dst": dst, "src": src, "eps": eps})
             self._digest = None  # computed when a state_dict asks for it
             self._backend.images_changed()
@@ -538,7 +663,10 @@ class KCDLoader:
     # -- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything that changes during training, as Python values and CPU tensors
-        (``torch.save`` / ``torch.load(weights_only=True)`` friendly)."""
+        (``torch.save`` / ``torch.load(weights_only=True)`` friendly). Under DDP a
+        collective (call it on every rank): the state is GLOBAL, the same on every rank
+        (the value bank's totals include every rank's observations so far), and resumes at
+        any world size; taking it changes nothing. ``save(path)`` writes it atomically."""
         return {
             "format": STATE_FORMAT,
             "n": self.n,
@@ -549,7 +677,7 @@ class KCDLoader:
             "epoch": self.epoch,
             "active": torch.from_numpy(self._active.copy()),
             "bank": {k: v.clone() if isinstance(v, torch.Tensor) else v  # ValueBank's CPU state aliases
-                     for k, v in self.bank.state_dict().items()},
+                     for k, v in self.bank.state_dict(self._dist.group).items()},
             "history": [dict(r) for r in self.history],
             "summaries": [{"epoch": s["epoch"], "dst": s["dst"].clone(), "src": s["src"].clone(),
                            "eps": s["eps"].clone()} for s in self._summaries],
@@ -639,6 +767,7 @@ class KCDLoader:
         self.epoch = epoch
         self._active = act
         self.history = [dict(r) for r in state["history"]]
+        self._ranks_agree = False  # under DDP, the next iteration checks that every rank loaded the same
 
     def _check_summaries(self, summaries: Any) -> list[dict[str, Any]]:
         if not isinstance(summaries, list):
@@ -659,7 +788,7 @@ class KCDLoader:
                                  "float64 [P] eps")
             out.append({"epoch": int(s["epoch"]), "dst": d.cpu().clone(), "src": r.cpu().clone(),
                         "eps": e.cpu().clone()})
-        if out and self._storage is None:
+        if out and self._storage is None and not self._files:
             raise ValueError("the state holds image summaries but this loader's dataset has no image storage")
         return out
 
@@ -704,6 +833,63 @@ class KCDLoader:
         """Releases the back end's workers; the loader can iterate again afterwards."""
         self._generation += 1
         self._backend.close()
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Writes ``state_dict()`` to ``path`` atomically: a temporary file in the same
+        directory, flushed and fsynced, renamed over ``path``, the directory fsynced
+        (:func:`kcd_fast.distributed.save_checkpoint`). A crash or error at any point
+        leaves the previous file at ``path`` intact and loadable.
+
+        Under DDP a collective: call it on every rank. Every rank takes the (global)
+        state, rank 0 writes it, and the call returns on every rank once the file is in
+        place; a failed write raises on rank 0 (its error) and ``RuntimeError`` on the
+        others, instead of leaving them waiting. Save between epochs (see "State and
+        resume"); resume with :meth:`load` or :meth:`restore`, at any world size."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__} {path!r}")
+        payload = {"format": D.CHECKPOINT_FORMAT, "world_size": self.world_size, "loader": self.state_dict()}
+        error: Exception | None = None
+        if self._dist.rank == 0:
+            try:
+                D.save_checkpoint(payload, path)
+            except Exception as err:  # re-raised below, after telling the other ranks
+                error = err
+        ok = D.all_ok(error is None, self._dist.group, self.bank.device) if self._dist.communicates else True
+        if error is not None:
+            raise error
+        if not ok:
+            raise RuntimeError(f"rank 0 could not write the checkpoint {os.fspath(path)!r}; see rank 0's error")
+
+    def restore(self, path: str | os.PathLike[str]) -> None:
+        """Loads the checkpoint :meth:`save` wrote at ``path`` into this loader
+        (``load_state_dict``: this loader's dataset must hold the ORIGINAL images). Under
+        DDP call it on every rank; each rank reads the file (a file system every rank
+        sees). Raises ``ValueError`` naming the path when the file is truncated, corrupt,
+        not a KCDLoader checkpoint, or made for another dataset, schedule or configuration;
+        nothing changes then."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__} {path!r}")
+        payload = D.load_checkpoint(path)
+        if not (isinstance(payload, dict) and payload.get("format") == D.CHECKPOINT_FORMAT and "loader" in payload):
+            got = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+            raise ValueError(f"checkpoint {os.fspath(path)!r} is not a KCDLoader checkpoint "
+                             f"(format {got!r}, expected {D.CHECKPOINT_FORMAT!r})")
+        try:
+            self.load_state_dict(payload["loader"])
+        except (KeyError, TypeError, ValueError) as err:
+            msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+            raise ValueError(f"checkpoint {os.fspath(path)!r} does not fit this loader: {msg}") from err
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], dataset: Any, schedule: CondensationSchedule,
+             **kwargs: Any) -> KCDLoader:
+        """``KCDLoader(dataset, schedule, **kwargs)`` restored from the checkpoint at ``path``
+        (:meth:`restore`), at this process's world size, whatever the saving run's was.
+        ``dataset`` must hold the ORIGINAL images: the summaries are replayed onto them."""
+        loader = cls(dataset, schedule, **kwargs)
+        loader.restore(path)
+        return loader
 
     def __repr__(self) -> str:
         return (f"KCDLoader(n={self.n}, epoch={self.epoch}/{self.schedule.epochs}, "

@@ -1,0 +1,669 @@
+"""The NVIDIA DALI back end of :class:`kcd_fast.KCDLoader` (``backend="dali"``).
+
+Like every back end it only moves and transforms samples: the core plans each epoch as a
+list of index batches (the surviving points, in the epoch's order) and this back end
+reads, decodes and augments exactly those points, in that order, in a DALI pipeline.
+
+Sources
+    - arrays: :class:`kcd_fast.ArrayDataset` or a torchvision-style dataset with a uint8
+      ``.data`` ``[N, H, W(, C)]`` and ``.targets``. Each batch is gathered from the live
+      store (``images[batch]``), so a summary the core blended into the store (VAKS,
+      ``kcd_fast.ops.blend_``) is what the next epoch reads. A store on a GPU is fed to a
+      GPU pipeline without leaving the device.
+    - image folders: :class:`kcd_fast.ImageFolder`, torchvision's ``ImageFolder`` /
+      ``DatasetFolder``, or anything with ``.samples`` ``[(path, class), ...]``. Each batch
+      feeds the file paths; ``fn.io.file.read`` reads the bytes on DALI's threads and
+      ``fn.decoders.image`` decodes them (``"cpu"`` without a GPU, ``"mixed"`` with one).
+
+Epoch feeding (why one pipeline per epoch)
+    ``epoch_batches(batches, seed)`` builds a fresh pipeline whose only input is a
+    batch-mode ``fn.external_source`` (``batch=True, batch_info=True``): the callable
+    returns batch ``info.iteration`` of the plan and raises ``StopIteration`` after the
+    last one. Batch mode allows a smaller final batch (the pipeline's ``batch_size`` is the
+    maximum), so with ``drop_last=False`` the last partial batch is delivered. DALI's
+    pitfalls do not arise: the plan of an epoch is fixed before its pipeline exists, so
+    prefetching can never read another epoch's list; no ``reset()`` is ever called (an
+    epoch abandoned early is simply dropped with its pipeline); and every random operator
+    is seeded from the pipeline seed, which is derived from the core's per-epoch seed
+    ``(seed, epoch)``. So an epoch's augmentations are a function of ``(seed, epoch)`` and
+    the plan alone: independent of threads, prefetch depth, earlier epochs and resumes.
+    Building a CPU pipeline takes a few milliseconds (GPU: more, once per epoch).
+
+    Worked example, 10 surviving points, ``batch_size=4``::
+
+        plan (drop_last=False): [o0 o1 o2 o3] [o4 o5 o6 o7] [o8 o9]
+        source(iteration 0, 1, 2) -> 4, 4, 2 samples; source(iteration 3) -> StopIteration
+        yielded: 3 batches of 4, 4, 2 images; 10 reads (each point once)
+        plan (drop_last=True):  [o0 o1 o2 o3] [o4 o5 o6 o7]   (8 reads; o8, o9 not read)
+
+Reads
+    Exactly one read per planned point per epoch: the source hands each point once to
+    ``fn.io.file.read`` (or hands its overlay image, below); nothing else touches the
+    files while an epoch runs (the overlay, below, reads the images of a condensation's
+    pairs once, before the next epoch's pipeline starts). ``reads`` counts, for the
+    current (last) epoch, the points handed to DALI by kind.
+
+Augmentation (``augment``)
+    ``None`` / ``"none"``: float32 ``[B, C, H, W]`` in [0, 1] (``x / 255``; for arrays bit
+    for bit what ``ArrayDataset`` without a transform yields). ``"cifar"``: pad 4 (zeros),
+    random crop back to ``H x W`` (32 x 32 for folders), horizontal flip with p = 0.5,
+    normalize with the CIFAR-100 mean / std. ``"imagenet"``: random resized crop to
+    224 x 224 (area [0.08, 1], aspect [3/4, 4/3]; fused with decoding for files), flip,
+    normalize with the ImageNet mean / std. ``"cifar_eval"`` / ``"imagenet_eval"``: the
+    evaluation versions (normalize only; resize shorter side to 256 and center crop 224).
+    A callable ``augment(images, device) -> DataNode`` gets the decoded uint8 ``HWC``
+    images on ``device`` (``"cpu"`` / ``"gpu"``) and returns the output node (its random
+    operators are seeded by the pipeline like the recipes'). ``"auto"`` (default): ``None``
+    for arrays, ``"imagenet"`` for image folders. Outputs are float32 ``[B, C, h, w]``.
+
+VAKS on image folders: the overlay
+    Files are never rewritten. When the core's summary log grows (a condensation with
+    pairs ``(dst, src, eps)``), the summarised images are materialised once into an
+    in-memory overlay: for every pair, decode the current image of ``dst`` and of ``src``
+    (the overlay image when the point was summarised before, the file otherwise; PIL,
+    EXIF orientation applied, RGB), resize the ``src`` image to ``dst``'s size (PIL
+    bilinear, fixed-point, deterministic), blend with ``kcd_fast.ops.blend_`` (the kernel
+    the array path uses: round half up, all pairs of one condensation reading the images
+    from before it) and store the result, at ``dst``'s own size, losslessly encoded
+    (``overlay_format="pnm"``: binary PPM, raw pixels behind a short header, the default;
+    ``"png"``: smaller, slower to decode). In an epoch, a summarised point is fed as its
+    overlay bytes instead of its path (a per-sample DALI conditional picks
+    ``fn.io.file.read`` or the overlay), and both kinds go through the one decoder: still
+    exactly one read and one decode per point. The overlay is a pure function of the
+    ORIGINAL files and the summary log, so a resumed loader rebuilds it bit-exactly from
+    its log. It is synchronised lazily at the start of the next epoch (and checked against
+    the log every epoch), costs one decode of each image involved per condensation, and
+    holds about ``H * W * 3`` bytes per summarised point with ``"pnm"``.
+
+GPU
+    ``device_id="auto"`` uses the current CUDA device when torch sees one, else runs on
+    the CPU (``device_id=None``). On a GPU, files are decoded with ``device="mixed"``
+    (nvJPEG; PNM/PNG overlay images fall back to DALI's CPU decoder inside the op), the
+    recipes run on the GPU, and the images come out as torch CUDA tensors through DLPack
+    without a copy (DALI's dynamic executor gives every output its own buffer, kept alive
+    by the tensor; the DLPack exchange orders DALI's stream before torch's current one).
+    Labels stay on the CPU (a GPU store's stay on its GPU, like ``ArrayDataset``'s).
+
+Errors
+    A missing or undecodable image file raises ``FileNotFoundError`` /
+    :class:`kcd_fast.image_folder.UnreadableImageError` naming the file and the dataset
+    index, when the batch holding it is requested (DALI's own message, chained, does not
+    always name the file: the back end checks the batches DALI held at the failure).
+    Without DALI installed, constructing the back end raises ``ImportError`` saying
+    ``pip install nvidia-dali-cuda130``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from enum import Enum, unique
+from typing import Any
+
+import numpy as np
+import torch
+
+from .image_folder import UnreadableImageError, is_image_folder, load_rgb
+from .loader import _EpochBatchSampler
+from .ops import blend_
+
+__all__ = ["DALI_PACKAGE", "Augment", "DaliBackend", "OverlayFormat", "check_loader_args", "require_dali"]
+
+DALI_PACKAGE = "nvidia-dali-cuda130"
+
+CIFAR_MEAN = (0.507, 0.487, 0.441)
+CIFAR_STD = (0.267, 0.256, 0.276)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_EMPTY = np.zeros(0, dtype=np.uint8)
+_OVERLAY_CHUNK = 256  # pairs decoded at a time while materialising a summary (bounds memory)
+
+
+def require_dali() -> None:
+    """Imports NVIDIA DALI or raises ``ImportError`` naming the package to install."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        raise ImportError(f"backend='dali' needs NVIDIA DALI: pip install {DALI_PACKAGE}") from None
+
+
+def check_loader_args(*, collate_fn: Any, worker_init_fn: Any, multiprocessing_context: Any,
+                      timeout: Any) -> None:
+    """Refuses the DataLoader arguments that have no meaning for DALI (it collates on its
+    own threads and runs no worker processes)."""
+    for name, value in (("collate_fn", collate_fn), ("worker_init_fn", worker_init_fn),
+                        ("multiprocessing_context", multiprocessing_context)):
+        if value is not None:
+            raise ValueError(f"backend='dali' runs no worker processes and collates in its pipeline; "
+                             f"{name} must be None, got {value!r}")
+    if timeout not in (0, 0.0):
+        raise ValueError(f"backend='dali' has no worker timeout; timeout must be 0, got {timeout!r}")
+
+
+@unique
+class Augment(str, Enum):
+    """Built-in DALI augmentation recipes (see the module docstring)."""
+
+    NONE = "none"
+    CIFAR = "cifar"
+    CIFAR_EVAL = "cifar_eval"
+    IMAGENET = "imagenet"
+    IMAGENET_EVAL = "imagenet_eval"
+
+
+@unique
+class OverlayFormat(str, Enum):
+    """How summarised folder images are kept in memory (both lossless)."""
+
+    PNM = "pnm"  # binary PPM: raw RGB behind a short header; decoding is a copy
+    PNG = "png"  # deflate-compressed, level 1
+
+
+def _parse_augment(augment: Any, kind: str) -> Augment | Callable[..., Any]:
+    if augment == "auto":
+        return Augment.NONE if kind == "arrays" else Augment.IMAGENET
+    if augment is None:
+        return Augment.NONE
+    if isinstance(augment, Augment):
+        return augment
+    if isinstance(augment, str):
+        try:
+            return Augment(augment)
+        except ValueError:
+            choices = ", ".join(repr(a.value) for a in Augment)
+            raise ValueError(f"augment must be 'auto', None, one of {choices} or a callable "
+                             f"augment(images, device) -> DataNode, got {augment!r}") from None
+    if callable(augment):
+        return augment
+    raise TypeError(f"augment must be 'auto', None, a recipe name or a callable, got {type(augment).__name__}")
+
+
+def _dali_seed(seed: int) -> int:
+    """A 31-bit DALI pipeline seed from the core's per-epoch 63-bit seed."""
+    return int(np.random.SeedSequence(seed).generate_state(1, np.uint32)[0] >> np.uint32(1))
+
+
+def _encode(img: np.ndarray, fmt: OverlayFormat) -> np.ndarray:
+    """uint8 ``[H, W, 3]`` -> the encoded bytes ``[nbytes]`` uint8 (lossless)."""
+    h, w = img.shape[:2]
+    if fmt is OverlayFormat.PNM:
+        return np.frombuffer(f"P6\n{w} {h}\n255\n".encode() + np.ascontiguousarray(img).tobytes(), np.uint8)
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img, "RGB").save(buf, format="PNG", compress_level=1)
+    return np.frombuffer(buf.getvalue(), np.uint8)
+
+
+def _decode(data: np.ndarray) -> np.ndarray:
+    """Overlay bytes -> uint8 ``[H, W, 3]``."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data.tobytes())) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _resize(img: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """uint8 ``[h, w, 3]`` -> ``[H, W, 3]`` with PIL's bilinear filter (fixed-point, so the
+    same bytes on every run: the overlay replays bit-exactly)."""
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(img, "RGB").resize((hw[1], hw[0]), Image.Resampling.BILINEAR))
+
+
+def _same_summary(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return a is b or (int(a["epoch"]) == int(b["epoch"]) and all(
+        torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])) for k in ("dst", "src", "eps")))
+
+
+class _Feed:
+    """The external source of one epoch: batch ``info.iteration`` of the plan as DALI
+    inputs, ``StopIteration`` after the last; counts what it hands out."""
+
+    def __init__(self, batches: list[np.ndarray], make: Callable[[np.ndarray, dict[str, int]], Any]):
+        self.batches = batches
+        self.make = make
+        self.handed = 0  # batches handed to DALI so far
+        self.counts = {"points": 0, "files": 0, "overlay": 0, "arrays": 0}
+
+    def __call__(self, info: Any) -> Any:
+        k = info.iteration
+        if k >= len(self.batches):
+            raise StopIteration
+        out = self.make(self.batches[k], self.counts)
+        self.counts["points"] += int(self.batches[k].shape[0])
+        self.handed = k + 1
+        return out
+
+
+class DaliBackend:
+    """KCDLoader's DALI back end (see the module docstring for the design).
+
+    Args:
+        dataset: an array dataset (pass its ``storage``) or an image folder (``.samples``).
+        storage: the uint8 ``[N, H, W(, C)]`` store of an array dataset (a torch view, as
+            ``kcd_fast.datasets.image_storage`` returns it), or None for a folder.
+        batch_size: the largest batch (the pipeline's ``batch_size``), int >= 1.
+        num_threads: DALI CPU threads (KCDLoader passes ``max(1, num_workers)``).
+        device_id: ``"auto"`` (current CUDA device if torch sees one, else CPU), ``None``
+            (CPU only) or a CUDA device index.
+        augment: ``"auto"``, ``None``, a recipe name (:class:`Augment`) or a callable
+            ``augment(images, device) -> DataNode``.
+        prefetch_queue_depth: batches DALI prepares ahead (>= 1).
+        overlay_format: ``"pnm"`` or ``"png"`` (:class:`OverlayFormat`).
+        pin_memory: pin CPU image batches (when torch sees CUDA).
+        summary_log: a callable returning the core's summary log (the list of
+            ``{"epoch", "dst", "src", "eps"}`` dicts); the folder overlay follows it.
+
+    ``epoch_batches(batches, seed)`` yields ``(images, labels)`` per planned batch:
+    images float32 ``[b, C, h, w]`` (CPU, or CUDA on a GPU), labels int64 ``[b]``.
+    """
+
+    name = "dali"
+
+    def __init__(
+        self,
+        dataset: Any,
+        *,
+        storage: torch.Tensor | None = None,
+        batch_size: int,
+        num_threads: int = 1,
+        device_id: int | str | None = "auto",
+        augment: Any = "auto",
+        prefetch_queue_depth: int = 2,
+        overlay_format: str | OverlayFormat = "pnm",
+        pin_memory: bool = False,
+        summary_log: Callable[[], list[dict[str, Any]]] | None = None,
+    ):
+        require_dali()
+        for name, value in (("batch_size", batch_size), ("num_threads", num_threads),
+                            ("prefetch_queue_depth", prefetch_queue_depth)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if device_id == "auto":
+            device_id = torch.cuda.current_device() if torch.cuda.is_available() else None
+        elif device_id is not None:
+            if isinstance(device_id, bool) or not isinstance(device_id, (int, np.integer)) or device_id < 0:
+                raise ValueError(f"device_id must be 'auto', None or a CUDA device index >= 0, got {device_id!r}")
+            if not torch.cuda.is_available() or device_id >= torch.cuda.device_count():
+                raise ValueError(f"device_id={device_id} but torch sees {torch.cuda.device_count()} CUDA "
+                                 "device(s); pass device_id=None to run DALI on the CPU")
+            device_id = int(device_id)
+        try:
+            fmt = OverlayFormat(overlay_format.value if isinstance(overlay_format, OverlayFormat) else overlay_format)
+        except ValueError:
+            raise ValueError(f"overlay_format must be 'pnm' or 'png', got {overlay_format!r}") from None
+        if summary_log is not None and not callable(summary_log):
+            raise TypeError(f"summary_log must be callable or None, got {type(summary_log).__name__}")
+
+        self.dataset = dataset
+        self.n = len(dataset)
+        if storage is not None:
+            self._init_arrays(dataset, storage)
+        elif is_image_folder(dataset):
+            self._init_files(dataset)
+        else:
+            raise TypeError(
+                f"backend='dali' reads kcd_fast.ArrayDataset, torchvision-style datasets with a uint8 `.data` "
+                f"array and `.targets`, or image folders with `.samples` [(path, class), ...] "
+                f"(kcd_fast.ImageFolder, torchvision ImageFolder); got {type(dataset).__name__}: use backend='torch'"
+            )
+        if getattr(dataset, "transform", None) is not None:
+            warnings.warn(f"{type(dataset).__name__}.transform is a torch-side transform; backend='dali' does not "
+                          "call it and applies its `augment` recipe in the pipeline instead", UserWarning, stacklevel=3)
+        self.batch_size = int(batch_size)
+        self.num_threads = int(num_threads)
+        self.device_id: int | None = device_id
+        self.augment = _parse_augment(augment, self.kind)
+        self.prefetch_queue_depth = int(prefetch_queue_depth)
+        self.overlay_format = fmt
+        self.pin_memory = bool(pin_memory)
+        self.sampler = _EpochBatchSampler()
+        self.reads: dict[str, int] = {"points": 0, "files": 0, "overlay": 0, "arrays": 0}
+        self._summary_log = summary_log
+        self._overlay: dict[int, np.ndarray] = {}
+        self._applied: list[dict[str, Any]] = []
+        self._iter: Iterator[Any] | None = None
+
+    # -- sources ---------------------------------------------------------------------------
+    def _init_arrays(self, dataset: Any, storage: torch.Tensor) -> None:
+        if not isinstance(storage, torch.Tensor) or storage.dtype != torch.uint8 or storage.dim() not in (3, 4):
+            got = f"{storage.dtype} {tuple(storage.shape)}" if isinstance(storage, torch.Tensor) else type(storage)
+            raise ValueError(f"storage must be a uint8 [N, H, W] or [N, H, W, C] torch tensor, got {got}")
+        if storage.shape[0] != self.n:
+            raise ValueError(f"storage has {storage.shape[0]} rows but the dataset has {self.n} points")
+        if storage.dim() == 4 and storage.shape[3] not in (1, 3):
+            raise ValueError(f"backend='dali' reads [N, H, W, C] images with C = 1 or 3, got {tuple(storage.shape)}")
+        labels = getattr(dataset, "labels", None)
+        if labels is None:
+            labels = getattr(dataset, "targets", None)
+        if labels is None:
+            raise TypeError(f"{type(dataset).__name__} has images but neither `.labels` nor `.targets`")
+        lab = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+        if lab.shape != (self.n,) or not np.issubdtype(lab.dtype, np.integer):
+            raise ValueError(f"labels must be [N = {self.n}] integers, got {lab.dtype} {lab.shape}")
+        self.kind = "arrays"
+        self._storage = storage
+        self._labels = lab.astype(np.int64)
+        # labels of a GPU store stay on its device (ArrayDataset's are already there)
+        self._labels_dev = torch.as_tensor(self._labels, device=storage.device) if storage.device.type == "cuda" \
+            else None
+        self._hw = (int(storage.shape[1]), int(storage.shape[2]))
+        self._channels = int(storage.shape[3]) if storage.dim() == 4 else 1
+
+    def _init_files(self, dataset: Any) -> None:
+        samples = dataset.samples
+        if len(samples) != self.n:
+            raise ValueError(f"{type(dataset).__name__}.samples has {len(samples)} entries, len(dataset) = {self.n}")
+        paths, labels = [], []
+        for j, s in enumerate(samples):
+            if not (isinstance(s, (tuple, list)) and len(s) == 2 and isinstance(s[0], (str, os.PathLike))):
+                raise ValueError(f"{type(dataset).__name__}.samples[{j}] must be (path, class_index), got {s!r}")
+            paths.append(os.fspath(s[0]))
+            labels.append(int(s[1]))
+        self.kind = "files"
+        self._storage = None
+        self._paths = paths
+        self._labels = np.asarray(labels, dtype=np.int64)
+        self._labels_dev = None
+        self._hw = (32, 32)
+        self._channels = 3
+
+    def _array_batch(self, idx: np.ndarray, counts: dict[str, int]) -> tuple[Any, Any]:
+        """Rows ``idx`` of the live store: ``[b, H, W, C]`` uint8 and ``[b]`` int64."""
+        st = self._storage
+        counts["arrays"] += int(idx.shape[0])
+        if st.device.type == "cuda":
+            rows = st[torch.as_tensor(idx, device=st.device)].contiguous()
+            rows = rows.reshape(*rows.shape[:3], self._channels)
+            if self.device_id is not None:  # stays on the GPU
+                return rows, self._labels_dev[torch.as_tensor(idx, device=st.device)].contiguous()
+            return rows.cpu().numpy(), self._labels[idx]
+        rows = st[torch.from_numpy(idx)].contiguous().numpy()  # a copy of the current (summarised) rows
+        return rows.reshape(*rows.shape[:3], self._channels), self._labels[idx]
+
+    def _file_batch(self, overlay: dict[int, np.ndarray] | None) -> Callable[[np.ndarray, dict[str, int]], Any]:
+        paths, labels = self._paths, self._labels
+
+        def make(idx: np.ndarray, counts: dict[str, int]) -> tuple[Any, ...]:
+            ids = idx.tolist()
+            if overlay is None:
+                counts["files"] += len(ids)
+                return [np.frombuffer(os.fsencode(paths[i]), np.uint8) for i in ids], labels[idx]
+            isov = [i in overlay for i in ids]
+            n_ov = sum(isov)
+            counts["overlay"] += n_ov
+            counts["files"] += len(ids) - n_ov
+            pairs = list(zip(ids, isov, strict=True))
+            return ([np.array(o) for o in isov],
+                    [_EMPTY if o else np.frombuffer(os.fsencode(paths[i]), np.uint8) for i, o in pairs],
+                    [overlay[i] if o else _EMPTY for i, o in pairs],
+                    labels[idx])
+
+        return make
+
+    # -- the pipeline ----------------------------------------------------------------------
+    def _build(self, feed: _Feed, seed: int, with_overlay: bool) -> Any:
+        from nvidia.dali import fn, pipeline_def, types
+
+        gpu = self.device_id is not None
+        dev = "gpu" if gpu else "cpu"
+        recipe = self.augment
+
+        @pipeline_def(batch_size=self.batch_size, num_threads=self.num_threads, device_id=self.device_id,
+                      seed=_dali_seed(seed), prefetch_queue_depth=self.prefetch_queue_depth,
+                      enable_conditionals=with_overlay)
+        def graph() -> Any:  # the DALI graph of one epoch
+            if self.kind == "arrays":
+                src_dev = "gpu" if gpu and self._storage.device.type == "cuda" else "cpu"
+                images, labels = fn.external_source(
+                    source=feed, batch=True, batch_info=True, num_outputs=2, device=src_dev,
+                    layout=["HWC", ""], ndim=[3, 0], dtype=[types.UINT8, types.INT64])
+                if gpu and src_dev == "cpu":
+                    images = images.gpu()
+                return _augment_decoded(images, recipe, dev, self._hw), labels
+            if with_overlay:
+                is_overlay, paths, stored, labels = fn.external_source(
+                    source=feed, batch=True, batch_info=True, num_outputs=4,
+                    ndim=[0, 1, 1, 0], dtype=[types.BOOL, types.UINT8, types.UINT8, types.INT64])
+                if is_overlay:
+                    encoded = stored
+                else:
+                    encoded = fn.io.file.read(paths)
+            else:
+                paths, labels = fn.external_source(
+                    source=feed, batch=True, batch_info=True, num_outputs=2,
+                    ndim=[1, 0], dtype=[types.UINT8, types.INT64])
+                encoded = fn.io.file.read(paths)
+            decoder = "mixed" if gpu else "cpu"
+            if recipe is Augment.IMAGENET:  # decode only a random crop, then resize (DALI's RN50 recipe)
+                images = fn.decoders.image_random_crop(
+                    encoded, device=decoder, output_type=types.RGB, random_area=[0.08, 1.0],
+                    random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10)
+                images = fn.resize(images, resize_x=224, resize_y=224)
+                return _normalize(images, IMAGENET_MEAN, IMAGENET_STD, mirror=True), labels
+            images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
+            return _augment_decoded(images, recipe, dev, self._hw), labels
+
+        pipe = graph()
+        pipe.build()
+        return pipe
+
+    def epoch_batches(self, batches: list[np.ndarray], seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """A fresh pipeline over ``batches`` (int64 ``[b]`` arrays of dataset indices, in
+        order); yields one ``(images, labels)`` per entry. ``seed`` (the core's per-epoch
+        seed) seeds every random operator."""
+        self.close()
+        self.sampler.set_batches(batches)
+        overlay: dict[int, np.ndarray] | None = None
+        if self.kind == "files":
+            self.sync_overlay()
+            overlay = self._overlay if self._overlay else None
+            make = self._file_batch(overlay)
+        else:
+            make = self._array_batch
+        feed = _Feed(batches, make)
+        self.reads = feed.counts
+        if not batches:
+            return iter(())
+        pipe = self._build(feed, seed, overlay is not None)
+        self._iter = self._run(pipe, feed, overlay or {})
+        return self._iter
+
+    def _run(self, pipe: Any, feed: _Feed, overlay: dict[int, np.ndarray]) -> Iterator[tuple[torch.Tensor, ...]]:
+        n = len(feed.batches)
+        try:
+            for k in range(n):
+                try:
+                    outs = pipe.run()
+                except StopIteration:
+                    raise RuntimeError(f"the DALI pipeline ended the epoch after {k} of {n} batches") from None
+                except RuntimeError as err:
+                    self._diagnose(feed, k, overlay, err)
+                    raise
+                yield self._to_torch(outs, feed.batches[k].shape[0])
+        finally:
+            del pipe  # abandoned or finished: the pipeline (and its threads) go with the generator
+
+    def _diagnose(self, feed: _Feed, k: int, overlay: dict[int, np.ndarray], err: Exception) -> None:
+        """After a pipeline error at batch ``k``: find the file among the batches DALI held
+        and raise an error naming it (chained to DALI's); return if none is found."""
+        if self.kind != "files":
+            raise RuntimeError(f"the DALI pipeline failed on batch {k} of the epoch: {err}") from err
+        for j in range(k, max(feed.handed, k + 1)):
+            for i in feed.batches[j].tolist():
+                if i in overlay:
+                    continue
+                try:
+                    load_rgb(self._paths[i])
+                except FileNotFoundError as bad:
+                    raise FileNotFoundError(f"{bad} (dataset index {i}, epoch batch {j}, backend='dali')") from err
+                except UnreadableImageError as bad:
+                    raise UnreadableImageError(f"{bad} (dataset index {i}, epoch batch {j}, backend='dali')") from err
+        raise RuntimeError(f"the DALI pipeline failed on batch {k} of the epoch (every file of the batches it "
+                           f"held decodes with PIL): {err}") from err
+
+    def _to_torch(self, outs: Any, b: int) -> tuple[torch.Tensor, ...]:
+        res = []
+        for j, out in enumerate(outs):
+            if not out.is_dense_tensor():
+                shapes = sorted({tuple(sh) for sh in out.shape()})[:4]
+                raise RuntimeError(
+                    f"the DALI pipeline's output {j} holds samples of different shapes ({shapes} ...): the images "
+                    "of a batch must share one size; pick an augment recipe that crops or resizes to a fixed size"
+                )
+            t = out.as_tensor()
+            if self.device_id is not None and type(t).__name__ == "TensorGPU":
+                with torch.cuda.device(self.device_id):
+                    x = torch.from_dlpack(t)
+            else:
+                x = torch.from_dlpack(t)
+                if self.pin_memory and j == 0 and torch.cuda.is_available():
+                    x = x.pin_memory()
+            if x.shape[0] != b:
+                raise RuntimeError(f"the DALI pipeline returned {x.shape[0]} samples for a batch of {b}")
+            res.append(x)
+        return tuple(res)
+
+    # -- VAKS overlay (image folders) ------------------------------------------------------
+    def images_changed(self) -> None:
+        """The core summarised images: arrays are read live; a folder's overlay follows the
+        summary log at the start of the next epoch (``sync_overlay``)."""
+
+    def sync_overlay(self, summaries: list[dict[str, Any]] | None = None) -> None:
+        """Brings the folder overlay in line with ``summaries`` (default: the core's log):
+        applies the entries not applied yet, or rebuilds from the ORIGINAL files when the
+        log is not an extension of what was applied (a resume, a new run). Each entry is
+        ``{"epoch": int, "dst": int64 [P], "src": int64 [P], "eps": float64 [P]}``. A file
+        that cannot be read raises naming it; the overlay is then left unchanged."""
+        if self.kind != "files":
+            return
+        if summaries is None:
+            if self._summary_log is None:
+                return
+            summaries = self._summary_log()
+        if not isinstance(summaries, (list, tuple)):
+            raise TypeError(f"summaries must be a list of dicts, got {type(summaries).__name__}")
+        k = len(self._applied)
+        if k <= len(summaries) and all(_same_summary(a, b) for a, b in zip(self._applied, summaries[:k], strict=True)):
+            overlay, applied, todo = self._overlay, list(self._applied), list(summaries[k:])
+        else:
+            overlay, applied, todo = {}, [], list(summaries)
+        if not todo and overlay is self._overlay:
+            return
+        for s in todo:
+            overlay = self._apply_summary(overlay, s)
+            applied.append(s)
+        self._overlay, self._applied = overlay, applied
+
+    def _apply_summary(self, overlay: dict[int, np.ndarray], s: dict[str, Any]) -> dict[int, np.ndarray]:
+        """A new overlay with one summary applied (``overlay`` is not modified)."""
+        try:
+            dst = torch.as_tensor(s["dst"]).cpu()
+            src = torch.as_tensor(s["src"]).cpu()
+            eps = torch.as_tensor(s["eps"]).cpu()
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"a summary must hold dst / src / eps, got {sorted(s) if isinstance(s, dict) else s!r}"
+                             ) from err
+        ok = dst.dtype == src.dtype == torch.int64 and eps.is_floating_point() and dst.dim() == 1 \
+            and dst.shape == src.shape == eps.shape
+        if not ok:
+            raise ValueError(f"a summary needs int64 [P] dst / src and float [P] eps, got dst {dst.dtype} "
+                             f"{tuple(dst.shape)}, src {src.dtype} {tuple(src.shape)}, "
+                             f"eps {eps.dtype} {tuple(eps.shape)}")
+        if dst.numel() and (min(int(dst.min()), int(src.min())) < 0 or max(int(dst.max()), int(src.max())) >= self.n):
+            raise IndexError(f"summary indices must lie in [0, {self.n})")
+        d_l, s_l, e_l = dst.tolist(), src.tolist(), eps.to(torch.float64).tolist()
+        if len(set(d_l)) != len(d_l) or set(d_l) & set(s_l):
+            raise ValueError("summary dst must be unique and disjoint from src (as kcd_fast.condense makes them)")
+
+        def current(i: int) -> np.ndarray:  # the image of point i before this summary: [H, W, 3] uint8
+            return _decode(overlay[i]) if i in overlay else np.asarray(load_rgb(self._paths[i]))
+
+        def blend_pair(j: int) -> np.ndarray:
+            d_img, s_img = current(d_l[j]), current(s_l[j])
+            if s_img.shape != d_img.shape:
+                s_img = _resize(s_img, d_img.shape[:2])
+            pair = np.stack([d_img, s_img])  # [2, H, W, 3]
+            blend_(pair, np.array([0]), np.array([1]), np.array([e_l[j]]))
+            return _encode(pair[0], self.overlay_format)
+
+        # dst and src are disjoint and dst unique, so no pair reads an image another pair writes:
+        # chunked work equals reading everything before writing anything.
+        pending: dict[int, np.ndarray] = {}
+        with ThreadPoolExecutor(max_workers=self.num_threads) as pool:
+            for c in range(0, len(d_l), _OVERLAY_CHUNK):
+                js = range(c, min(c + _OVERLAY_CHUNK, len(d_l)))
+                for j, enc in zip(js, pool.map(blend_pair, js), strict=True):
+                    pending[d_l[j]] = enc
+        return {**overlay, **pending}
+
+    def overlay_image(self, index: int) -> np.ndarray | None:
+        """The summarised image of point ``index`` (uint8 ``[H, W, 3]``), or None when the
+        point reads its original file."""
+        data = self._overlay.get(int(index))
+        return None if data is None else _decode(data)
+
+    @property
+    def overlay_points(self) -> list[int]:
+        """Sorted indices of the points whose overlay image replaces their file."""
+        return sorted(self._overlay)
+
+    @property
+    def overlay_nbytes(self) -> int:
+        """Bytes the overlay holds."""
+        return sum(int(v.nbytes) for v in self._overlay.values())
+
+    def close(self) -> None:
+        """Drops the current epoch's pipeline (the overlay stays)."""
+        if self._iter is not None:
+            close = getattr(self._iter, "close", None)
+            if close is not None:
+                close()
+            self._iter = None
+
+
+def _normalize(images: Any, mean: tuple[float, ...], std: tuple[float, ...], *, mirror: bool,
+               crop: tuple[int, int] | None = None) -> Any:
+    """float32 CHW ``(x / 255 - mean) / std`` (optionally a random horizontal flip and a
+    center crop)."""
+    from nvidia.dali import fn, types
+
+    kw: dict[str, Any] = {}
+    if crop is not None:
+        kw["crop"] = crop
+    return fn.crop_mirror_normalize(
+        images, dtype=types.FLOAT, output_layout="CHW", mean=[255.0 * m for m in mean],
+        std=[255.0 * s for s in std], mirror=fn.random.coin_flip(probability=0.5) if mirror else 0, **kw)
+
+
+def _augment_decoded(images: Any, recipe: Augment | Callable[..., Any], device: str, hw: tuple[int, int]) -> Any:
+    """The recipe on decoded uint8 HWC ``images`` on ``device``; ``hw`` is the stored size
+    of an array dataset (the CIFAR crop size; 32 x 32 for folders)."""
+    from nvidia.dali import fn, types
+
+    if not isinstance(recipe, Augment):
+        return recipe(images, device)
+    if recipe is Augment.NONE:  # x / 255 in float32, exactly as torch computes it
+        return fn.transpose(fn.cast(images, dtype=types.FLOAT) / 255.0, perm=[2, 0, 1], output_layout="CHW")
+    if recipe is Augment.CIFAR:
+        h, w = hw
+        padded = fn.crop(images, crop=(h + 8, w + 8), out_of_bounds_policy="pad", fill_values=0)  # 4 each side
+        steps = [k / 8 for k in range(9)]  # anchor = pos * 8: uniform over the 9 integer offsets
+        return fn.crop_mirror_normalize(
+            padded, crop=(h, w), crop_pos_x=fn.random.uniform(values=steps), crop_pos_y=fn.random.uniform(values=steps),
+            mirror=fn.random.coin_flip(probability=0.5), dtype=types.FLOAT, output_layout="CHW",
+            mean=[255.0 * m for m in CIFAR_MEAN], std=[255.0 * s for s in CIFAR_STD])
+    if recipe is Augment.CIFAR_EVAL:
+        return _normalize(images, CIFAR_MEAN, CIFAR_STD, mirror=False)
+    if recipe is Augment.IMAGENET:
+        images = fn.random_resized_crop(images, size=[224, 224], random_area=[0.08, 1.0],
+                                        random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10)
+        return _normalize(images, IMAGENET_MEAN, IMAGENET_STD, mirror=True)
+    images = fn.resize(images, resize_shorter=256)  # IMAGENET_EVAL
+    return _normalize(images, IMAGENET_MEAN, IMAGENET_STD, mirror=False, crop=(224, 224))
+

@@ -1,0 +1,361 @@
+"""KCD under ``torch.distributed`` (DDP) and fault-tolerant checkpoints.
+
+:class:`kcd_fast.KCDLoader` stays one backend-agnostic core; this module holds the parts
+that know about process groups and files, so that the core only calls them:
+
+- :func:`resolve`: is the loader distributed, and which rank of how many (a process group
+  initialised with ``torch.distributed.init_process_group``, or explicit arguments);
+- :func:`shard_size` / :func:`shard_order`: ``torch.utils.data.DistributedSampler``'s rules
+  applied to an epoch's global order (computed again every epoch, since the set shrinks);
+- :func:`all_reduce_sum_`, :func:`agree`, :func:`all_ok`: the few collectives the loader
+  and :class:`kcd_fast.ValueBank` need, on the device the group's backend can reduce
+  (gloo: CPU tensors; nccl: CUDA tensors);
+- :func:`atomic_write`, :func:`save_checkpoint`, :func:`load_checkpoint`: a checkpoint file
+  is written to a temporary file in the same directory, flushed and fsynced, renamed over
+  the old one (``os.replace``) and the directory fsynced, so a crash at any moment leaves
+  either the old or the new checkpoint, never a mix; a truncated, corrupt or foreign file
+  raises a ``ValueError`` naming the path.
+
+Sharding, worked example (``DistributedSampler``'s rules; ``order`` is the epoch's global
+order, the same on every rank because it depends only on ``(seed, epoch)``)::
+
+    order = [7, 2, 9, 4, 0]  (n = 5), world_size = 2
+    drop_last=False: per rank ceil(5 / 2) = 3; padded by wrapping the order:
+                     [7, 2, 9, 4, 0, 7]; rank 0 -> [7, 9, 0], rank 1 -> [2, 4, 7]
+                     (point 7 is visited, and observed, twice this epoch)
+    drop_last=True:  per rank floor(5 / 2) = 2; the order is cut to [7, 2, 9, 4];
+                     rank 0 -> [7, 9], rank 1 -> [2, 4] (point 0 is not visited)
+    n < world_size (n = 1, world 3): drop_last=False pads [7, 7, 7], one point per rank;
+                     drop_last=True gives every rank 0 points.
+
+:func:`time_all_reduce` times the per-condensation all-reduce of a value bank of N points
+on local gloo processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import secrets
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "DistInfo",
+    "agree",
+    "all_ok",
+    "all_reduce_sum_",
+    "atomic_write",
+    "comm_device",
+    "load_checkpoint",
+    "resolve",
+    "save_checkpoint",
+    "shard_order",
+    "shard_size",
+    "time_all_reduce",
+]
+
+CHECKPOINT_FORMAT = "kcd_fast.checkpoint/1"
+# File layout: magic (8 bytes) | payload length (uint64, little endian) | blake2b-256 of the
+# payload (32 bytes) | payload (the bytes of torch.save(obj)).
+_MAGIC = b"KCDCKPT1"
+_HEADER = struct.Struct("<8sQ32s")
+
+
+# -- process group ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands: ``enabled`` (shard epochs), ``rank`` in
+    ``[0, world_size)``, and the process ``group`` the value bank is all-reduced over
+    (None: the default group)."""
+
+    enabled: bool = False
+    rank: int = 0
+    world_size: int = 1
+    group: Any = None
+
+    @property
+    def communicates(self) -> bool:
+        """True where collectives are needed (more than one rank)."""
+        return self.enabled and self.world_size > 1
+
+
+def is_initialized() -> bool:
+    """A default process group exists."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def _check_opt_int(value: Any, name: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int or None, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+def resolve(distributed: bool | None, rank: int | None = None, world_size: int | None = None,
+            group: Any = None) -> DistInfo:
+    """Decides whether (and how) a loader shards its epochs.
+
+    Args:
+        distributed: None (default): on when a process group is initialised (or any of
+            ``rank`` / ``world_size`` / ``group`` is given); True: on, and fail clearly if
+            that is impossible; False: off (every rank sees every point, nothing is reduced).
+        rank, world_size: this process's rank and the number of ranks; default: those of
+            ``group``. With an initialised group they must match it. Without one, only
+            ``world_size=1`` is possible (the bank could not be all-reduced).
+        group: the ``torch.distributed`` process group to shard over and all-reduce in
+            (the data-parallel group); None: the default group.
+
+    Raises ``TypeError`` / ``ValueError`` naming the argument and the value.
+    """
+    if distributed is not None and not isinstance(distributed, (bool, np.bool_)):
+        raise TypeError(f"distributed must be None or a bool, got {type(distributed).__name__} {distributed!r}")
+    rank = _check_opt_int(rank, "rank")
+    world_size = _check_opt_int(world_size, "world_size")
+    explicit = rank is not None or world_size is not None or group is not None
+    if distributed is not None and not distributed:
+        if explicit:
+            raise ValueError(f"distributed=False shards nothing, but got rank={rank!r}, world_size={world_size!r}, "
+                             f"group={group!r}; drop them or pass distributed=True")
+        return DistInfo()
+    initialised = is_initialized()
+    if distributed is None and not explicit and not initialised:
+        return DistInfo()
+    if initialised:
+        try:
+            g_world, g_rank = dist.get_world_size(group), dist.get_rank(group)
+        except (RuntimeError, ValueError, TypeError) as err:
+            raise ValueError(f"group must be a torch.distributed process group or None, got {group!r}: {err}") \
+                from err
+        if g_rank < 0:
+            raise ValueError(f"this process is not a member of group {group!r}")
+        if world_size is not None and world_size != g_world:
+            raise ValueError(f"world_size={world_size} but the process group has {g_world} ranks; "
+                             "omit world_size or pass the data-parallel group")
+        if rank is not None and rank != g_rank:
+            raise ValueError(f"rank={rank} but this process is rank {g_rank} of the process group; omit rank")
+        return DistInfo(True, g_rank, g_world, group)
+    if group is not None:
+        raise ValueError(f"group={group!r} was given but no process group is initialised; "
+                         "call torch.distributed.init_process_group first")
+    if world_size is None or rank is None:
+        raise ValueError(
+            f"distributed=True needs an initialised process group (torch.distributed.init_process_group), "
+            f"got none and rank={rank!r}, world_size={world_size!r}"
+        )
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    if world_size > 1:
+        raise ValueError(
+            f"world_size={world_size} needs an initialised process group: the value bank is all-reduced at "
+            "every condensation; call torch.distributed.init_process_group first"
+        )
+    return DistInfo(True, rank, world_size, None)
+
+
+# -- sharding (DistributedSampler's rules) --------------------------------------------------
+def shard_size(n: int, world_size: int, drop_last: bool) -> int:
+    """Points each rank visits in an epoch of ``n`` points: ``ceil(n / world_size)``, or
+    ``floor(n / world_size)`` with ``drop_last`` (exactly ``DistributedSampler``'s
+    ``num_samples``)."""
+    return n // world_size if drop_last else -(-n // world_size)
+
+
+def shard_order(order: np.ndarray, rank: int, world_size: int, drop_last: bool) -> np.ndarray:
+    """This rank's share of an epoch's global ``order``.
+
+    Args:
+        order: ``[n]`` int64, the epoch's global visiting order (same on every rank).
+        rank, world_size: ``0 <= rank < world_size``.
+        drop_last: cut the order to ``floor(n / world) * world`` points instead of padding.
+
+    Returns ``[shard_size(n, world_size, drop_last)]`` int64: ``padded[rank::world_size]``,
+    where ``padded`` is ``order`` wrapped around (repeatedly, when ``n < world_size``) to
+    ``ceil(n / world) * world`` points, or cut with ``drop_last``. The union over ranks
+    covers every point of ``order`` (without ``drop_last``); the padded points are
+    visited twice.
+    """
+    n = int(order.shape[0])
+    total = shard_size(n, world_size, drop_last) * world_size
+    padded = np.resize(order, total) if total > n else order[:total]  # np.resize repeats the order
+    return np.ascontiguousarray(padded[rank::world_size], dtype=np.int64)
+
+
+# -- collectives ----------------------------------------------------------------------------
+def comm_device(group: Any, device: torch.device | None) -> torch.device:
+    """The device collectives over ``group`` run on: for an nccl group, ``device`` if it is
+    a CUDA device, else the current CUDA device; otherwise (gloo, which reduces CPU and
+    CUDA tensors, or a ``"cpu:gloo,cuda:nccl"`` group) ``device``, or the CPU when None."""
+    backend = str(dist.get_backend(group)).lower()
+    if backend == "nccl":
+        return device if device is not None and device.type == "cuda" else torch.device(
+            "cuda", torch.cuda.current_device())
+    return device if device is not None else torch.device("cpu")
+
+
+def all_reduce_sum_(tensors: list[torch.Tensor], group: Any = None) -> None:
+    """Sums each tensor over the ranks of ``group``, in place. Tensors the group's backend
+    cannot reduce where they live are reduced in a copy on :func:`comm_device` and copied
+    back. Every rank receives the same reduced bits (the all-reduce ends by distributing
+    one result); the order of the additions is the backend's and may differ between
+    backends and world sizes."""
+    for t in tensors:
+        dev = comm_device(group, t.device)
+        if dev == t.device:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        else:
+            tmp = t.to(dev)
+            dist.all_reduce(tmp, op=dist.ReduceOp.SUM, group=group)
+            t.copy_(tmp.to(t.device))
+
+
+def _max_pair(a: int, b: int, group: Any, device: torch.device | None) -> tuple[int, int]:
+    t = torch.tensor([a, b], dtype=torch.int64, device=comm_device(group, device))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return int(t[0]), int(t[1])
+
+
+def agree(digest: bytes, group: Any = None, what: str = "state", device: torch.device | None = None) -> None:
+    """Collective: raises ``RuntimeError`` on every rank unless all ranks passed the same
+    ``digest`` (compared through a 62-bit fingerprint: a MAX all-reduce of ``(h, -h)``)."""
+    h = int.from_bytes(hashlib.blake2b(digest, digest_size=8).digest(), "little") >> 2
+    hi, neg_lo = _max_pair(h, -h, group, device)
+    if hi != h or -neg_lo != h:
+        raise RuntimeError(
+            f"the ranks disagree on the {what}: ranks must run the same dataset, schedule, seed, shuffle, "
+            "batch_size, drop_last and KCD options, and load the same checkpoint"
+        )
+
+
+def all_ok(ok: bool, group: Any = None, device: torch.device | None = None) -> bool:
+    """Collective (and a barrier): True where every rank passed ``ok=True``."""
+    bad, _ = _max_pair(0 if ok else 1, 0, group, device)
+    return bad == 0
+
+
+# -- checkpoints ----------------------------------------------------------------------------
+def _fsync_dir(directory: str) -> None:
+    """Makes a rename in ``directory`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
+    """Writes ``data`` to ``path`` so that ``path`` holds either its old content or all of
+    ``data``, whatever happens meanwhile: a temporary file in the same directory
+    (``.<name>.<random>.tmp``, created with the umask's permissions) is written, flushed
+    and fsynced, then renamed over ``path`` with ``os.replace``, and the directory is
+    fsynced. On any error the temporary file is removed and the error propagates."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+def save_checkpoint(obj: Any, path: str | os.PathLike[str]) -> None:
+    """``torch.save(obj)`` into ``path`` atomically (:func:`atomic_write`), behind a header
+    with the payload's length and blake2b digest so that :func:`load_checkpoint` detects
+    truncation and corruption. Not a collective: under DDP call it on one rank (or use
+    ``KCDLoader.save``, which does)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    payload = buf.getvalue()
+    header = _HEADER.pack(_MAGIC, len(payload), hashlib.blake2b(payload, digest_size=32).digest())
+    atomic_write(path, header + payload)
+
+
+def load_checkpoint(path: str | os.PathLike[str], *, weights_only: bool = True,
+                    map_location: Any = "cpu") -> Any:
+    """Reads a :func:`save_checkpoint` file. Raises ``FileNotFoundError`` for a missing
+    file and ``ValueError`` naming the path for a file that is not a kcd_fast checkpoint,
+    is truncated, or whose content does not match its digest."""
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    if len(data) < _HEADER.size or not data.startswith(_MAGIC):
+        what = "is truncated" if _MAGIC.startswith(data[: len(_MAGIC)]) and len(data) < _HEADER.size \
+            else "is not a kcd_fast checkpoint (bad magic bytes)"
+        raise ValueError(f"checkpoint {path!r} {what} ({len(data)} bytes)")
+    _, length, digest = _HEADER.unpack_from(data)
+    payload = data[_HEADER.size:]
+    if len(payload) != length:
+        raise ValueError(f"checkpoint {path!r} is truncated or was extended: its header announces {length} "
+                         f"payload bytes, the file holds {len(payload)}")
+    if hashlib.blake2b(payload, digest_size=32).digest() != digest:
+        raise ValueError(f"checkpoint {path!r} is corrupt: its content does not match its blake2b digest")
+    try:
+        return torch.load(io.BytesIO(payload), weights_only=weights_only, map_location=map_location)
+    except Exception as err:  # any unpickling failure means a bad file
+        raise ValueError(f"checkpoint {path!r} could not be read by torch.load: {err}") from err
+
+
+# -- benchmark: the bank's all-reduce -------------------------------------------------------
+def _bench_worker(rank: int, world: int, init_file: str, n: int, repeats: int, out: str) -> None:
+    import time
+
+    from .bank import ValueBank
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        bank = ValueBank(n, period=40, local=True)
+        times = []
+        for _ in range(repeats):
+            bank.local_sums.uniform_(0, 4, generator=torch.Generator().manual_seed(rank))
+            bank.local_counts.fill_(1)
+            dist.barrier()
+            t0 = time.perf_counter()
+            bank.all_reduce_()
+            times.append(time.perf_counter() - t0)
+        if rank == 0:
+            torch.save(times, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def time_all_reduce(n: int = 1_281_167, world_size: int = 2, repeats: int = 7) -> list[float]:
+    """Seconds ``ValueBank.all_reduce_`` takes on rank 0 (the communication of one
+    condensation: ``n * (8 + 4)`` bytes), for ``repeats`` repeats, on ``world_size``
+    local gloo processes (CPU) spawned for the purpose. Default ``n``: ImageNet-1k's
+    training set. Example::
+
+        python -c "from kcd_fast.distributed import time_all_reduce as t; print(t())"
+    """
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "times.pt")
+        mp.spawn(_bench_worker, args=(world_size, os.path.join(d, "init"), n, repeats, out), nprocs=world_size)
+        return list(torch.load(out))
