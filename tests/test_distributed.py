@@ -8,7 +8,9 @@ checkpoints; plus the bank's all-reduce and the failure paths. The parent compar
 the ranks recorded with each other, with torch's DistributedSampler (the sharding
 oracle) and with single-process runs that make the same observations. The "student" is
 a deterministic, row-wise function of the index and the (summarised) stored image, so
-every run sees the same logits for the same point whatever its batch.
+every run sees the same logits for the same point whatever its batch. A second two-rank
+session (needs DALI) runs the padded configuration with ``backend="dali"`` on the CPU and
+checks it against the same oracle and against the torch back end's ranks.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ N_PAD = 97  # epoch sizes [97, 77, 61, 61, 49, 49]: all odd, every epoch is padd
 N_EVEN = 60  # epoch sizes [60, 48, 38, 38, 30, 30]: no padding, so any world size observes the same
 STOP = 3  # the interrupted run stops after epoch 2: condensations 1, 2 behind, 4 ahead
 SPAWN_TIMEOUT = 150.0  # seconds for the whole two-rank session
+DALI_SPAWN_TIMEOUT = 90.0  # seconds for the two-rank DALI session
 
 
 def make_data(n: int, hw: int = 6) -> tuple[np.ndarray, np.ndarray]:
@@ -66,18 +69,28 @@ def loader_kwargs(drop_last: bool = False) -> dict[str, Any]:
     return {"batch_size": BS, "shuffle": True, "seed": SEED, "drop_last": drop_last}
 
 
-def run(loader: KCDLoader, ds: ArrayDataset, model: Model, epochs: int) -> list[dict[str, Any]]:
-    """Trains `epochs` epochs; records per epoch what the loader planned and yielded."""
+def run(loader: KCDLoader, ds: ArrayDataset, model: Model, epochs: int,
+        keep_batches: bool = False) -> list[dict[str, Any]]:
+    """Trains `epochs` epochs; records per epoch what the loader planned and yielded (with
+    `keep_batches`, also the yielded images and labels, the stored rows of the yielded
+    indices at the time they were yielded, and the back end's read counts)."""
     out = []
     for _ in range(epochs):
         rec = {"epoch": loader.epoch, "active": loader.active_indices, "order": loader.epoch_order(),
                "rank": loader.rank_indices, "len": len(loader)}
-        seen = []
-        for _x, _y, idx in loader:
+        seen, xs, ys, rows = [], [], [], []
+        for x, y, idx in loader:
+            if keep_batches:  # x kept as yielded (no copy): it must stay valid after later batches
+                xs.append(x)
+                ys.append(y)
+                rows.append(ds.images[idx].clone())
             loader.observe(idx, model(idx, ds.images))
             seen.append(idx)
         rec["seen"] = torch.cat(seen) if seen else torch.zeros(0, dtype=torch.int64)
         rec["batches"] = len(seen)
+        if keep_batches:
+            rec["x"], rec["y"], rec["rows"] = torch.cat(xs), torch.cat(ys), torch.cat(rows)
+            rec["reads"] = dict(loader.backend.reads)
         out.append(rec)
     return out
 
@@ -87,10 +100,14 @@ def outcome(loader: KCDLoader, ds: ArrayDataset, epochs: list[dict[str, Any]]) -
 
 
 # -- the spawned ranks ----------------------------------------------------------------------
-def _rank_main(rank: int, world: int, init_file: str, out_dir: str, ckpt_w1: str) -> None:
+def _init_group(rank: int, world: int, init_file: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
+
+
+def _rank_main(rank: int, world: int, init_file: str, out_dir: str, ckpt_w1: str) -> None:
+    _init_group(rank, world, init_file)
     try:
         res: dict[str, Any] = {}
         # 1. padded and drop_last configurations, uninterrupted
@@ -143,17 +160,34 @@ def _rank_main(rank: int, world: int, init_file: str, out_dir: str, ckpt_w1: str
         dist.destroy_process_group()
 
 
-def spawn_ranks(world: int, out_dir: Path, ckpt_w1: Path) -> list[dict[str, Any]]:
-    """Runs `_rank_main` on `world` spawned processes; kills them after SPAWN_TIMEOUT."""
-    ctx = mp.start_processes(_rank_main, args=(world, str(out_dir / "init"), str(out_dir), str(ckpt_w1)),
+def _dali_rank_main(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """The padded configuration (N_PAD points) with the DALI back end on the CPU."""
+    _init_group(rank, world, init_file)
+    try:
+        ds = ArrayDataset(*make_data(N_PAD))
+        loader = KCDLoader(ds, SCHED, backend="dali", dali_device=None, augment=None, num_workers=1,
+                           **loader_kwargs())
+        res = outcome(loader, ds, run(loader, ds, Model(N_PAD), SCHED.epochs, keep_batches=True))
+        res["dist"] = (loader.distributed, loader.rank, loader.world_size, loader.backend.name)
+        res["labels"] = ds.labels.clone()
+        torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_ranks(world: int, out_dir: Path, *args: Any, main: Any = _rank_main,
+                timeout: float = SPAWN_TIMEOUT) -> list[dict[str, Any]]:
+    """Runs `main(rank, world, init_file, out_dir, *args)` on `world` spawned processes (each
+    saves `out_dir/rank{r}.pt`); kills them after `timeout` seconds."""
+    ctx = mp.start_processes(main, args=(world, str(out_dir / "init"), str(out_dir), *map(str, args)),
                              nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + SPAWN_TIMEOUT
+    deadline = time.monotonic() + timeout
     while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):  # raises if a rank failed
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 if p.is_alive():
                     p.kill()
-            pytest.fail(f"the {world} ranks did not finish within {SPAWN_TIMEOUT} s")
+            pytest.fail(f"the {world} ranks did not finish within {timeout} s")
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
@@ -169,6 +203,14 @@ def ddp(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     t0 = time.monotonic()
     ranks = spawn_ranks(WORLD, out, out / "ckpt_w1.pt")
     return {"ranks": ranks, "dir": out, "seconds": time.monotonic() - t0}
+
+
+@pytest.fixture(scope="module")
+def ddp_dali(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("ddp_dali")
+    t0 = time.monotonic()
+    ranks = spawn_ranks(WORLD, out, main=_dali_rank_main, timeout=DALI_SPAWN_TIMEOUT)
+    return {"ranks": ranks, "seconds": time.monotonic() - t0}
 
 
 def oracle_shard(order: torch.Tensor, rank: int, world: int, drop_last: bool) -> torch.Tensor:
@@ -306,6 +348,52 @@ def test_failures_raise_on_every_rank(ddp: dict[str, Any]) -> None:
     assert r0["save_error"][0] == "FileNotFoundError"  # rank 0's own error
     assert r1["save_error"][0] == "RuntimeError" and "rank 0 could not write the checkpoint" in r1["save_error"][1]
     print(f"two-rank session: {ddp['seconds']:.1f} s")
+
+
+# -- two ranks, DALI back end -------------------------------------------------------------------
+@pytest.mark.needs_dali
+@pytest.mark.timeout(120)
+def test_dali_ranks_agree_and_read_only_their_shard(ddp_dali: dict[str, Any]) -> None:
+    r0, r1 = ddp_dali["ranks"]
+    assert r0["dist"] == (True, 0, WORLD, "dali") and r1["dist"] == (True, 1, WORLD, "dali")
+    sizes = SCHED.epoch_sizes(N_PAD)
+    per_rank = [-(-s // WORLD) for s in sizes]
+    steps = [-(-m // BS) for m in per_rank]
+    labels = r0["labels"]
+    for e, (a, b) in enumerate(zip(r0["epochs"], r1["epochs"], strict=True)):
+        assert a["epoch"] == b["epoch"] == e
+        assert torch.equal(a["active"], b["active"]) and a["active"].numel() == sizes[e]  # the same set
+        assert torch.equal(a["order"], b["order"])  # the same global order
+        for r, rec in enumerate((a, b)):
+            assert torch.equal(rec["rank"], oracle_shard(a["order"], r, WORLD, False))
+            assert rec["len"] == rec["batches"] == steps[e]
+            assert torch.equal(rec["seen"], rec["rank"]), (e, r)  # this rank's shard, in order
+            # DALI was handed this rank's shard only: one array row per yielded point
+            assert rec["reads"] == {"points": per_rank[e], "files": 0, "overlay": 0, "arrays": per_rank[e]}, (e, r)
+            # the yielded images (augment=None: x / 255) are the stored rows of the yielded indices
+            assert rec["x"].shape == (per_rank[e], 3, 6, 6) and rec["x"].dtype == torch.float32
+            assert torch.equal(rec["x"], rec["rows"].permute(0, 3, 1, 2).float() / 255.0), (e, r)
+            assert torch.equal(rec["y"], labels[rec["seen"]]), (e, r)
+        assert a["seen"].numel() == b["seen"].numel() == per_rank[e]  # equal per-rank counts
+        union = torch.cat([a["seen"], b["seen"]])
+        assert torch.equal(union.unique(), a["active"])  # every point of the epoch covered
+        assert union.numel() == sizes[e] + 1  # odd sizes: one padded point
+    assert_same_run(r0, r1, exact_bank=True)  # identical condensations, summarised images and state
+    assert len(r0["state"]["history"]) == 3 and r0["state"]["summaries"]
+    assert not torch.equal(r0["images"], torch.from_numpy(make_data(N_PAD)[0]))  # the images were summarised
+    print(f"two-rank DALI session: {ddp_dali['seconds']:.1f} s")
+
+
+@pytest.mark.needs_dali
+@pytest.mark.timeout(180)
+def test_dali_ranks_match_torch_ranks(ddp: dict[str, Any], ddp_dali: dict[str, Any]) -> None:
+    """Same seed, same observations: rank r of the DALI run visits what rank r of the torch
+    run visits, and both runs condense and summarise identically."""
+    for r in range(WORLD):
+        got, want = ddp_dali["ranks"][r], ddp["ranks"][r]["pad"]
+        for e, (a, b) in enumerate(zip(got["epochs"], want["epochs"], strict=True)):
+            assert torch.equal(a["active"], b["active"]) and torch.equal(a["seen"], b["seen"]), (r, e)
+        assert_same_run(got, want, exact_bank=True)
 
 
 # -- sharding and arguments (no processes) -----------------------------------------------------
