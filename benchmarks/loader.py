@@ -39,11 +39,9 @@ from __future__ import annotations
 
 import argparse
 import collections
-import ctypes
 import json
 import os
 import statistics
-import struct
 import sys
 import time
 from pathlib import Path
@@ -57,6 +55,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repo root, w
 from _common import machine_info  # noqa: E402
 
 from kcd_fast import ArrayDataset, CondensationSchedule, ImageFolder, KCDLoader  # noqa: E402
+from kcd_fast.fileopens import FileOpens  # noqa: E402
 
 CLASSES = 100
 
@@ -222,39 +221,6 @@ def imagenet_pil_transform() -> Any:
     ])
 
 
-class FileOpens:
-    """Opens of the files in some folders, from Linux inotify ``IN_OPEN`` events (what was
-    really read, independent of the loader's own counters)."""
-
-    def __init__(self, dirs: list[str]):
-        self.libc = ctypes.CDLL(None, use_errno=True)
-        self.fd = self.libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-        if self.fd < 0:
-            raise OSError(ctypes.get_errno(), "inotify_init1 failed")
-        self.dirs = {}
-        for d in dirs:
-            wd = self.libc.inotify_add_watch(self.fd, os.fsencode(d), 0x20)  # IN_OPEN
-            if wd < 0:
-                raise OSError(ctypes.get_errno(), f"inotify_add_watch failed on {d}")
-            self.dirs[wd] = d
-
-    def drain(self) -> collections.Counter[str]:
-        count: collections.Counter[str] = collections.Counter()
-        while True:
-            try:
-                buf = os.read(self.fd, 1 << 16)
-            except BlockingIOError:
-                return count
-            off = 0
-            while off < len(buf):
-                wd, mask, _cookie, size = struct.unpack_from("iIII", buf, off)
-                name = buf[off + 16:off + 16 + size].rstrip(b"\0").decode()
-                off += 16 + size
-                if name and not mask & 0x40000000:  # not IN_ISDIR
-                    count[os.path.join(self.dirs[wd], name)] += 1
-
-    def close(self) -> None:
-        os.close(self.fd)
 
 
 def bench_jpeg(root: Path, workers: int, batch_size: int, repeats: int, rho: float, seed: int) -> dict[str, Any]:

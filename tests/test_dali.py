@@ -7,11 +7,9 @@ a PIL + numpy reference, bit-exact resume, and bad input. Tiny synthetic data.""
 from __future__ import annotations
 
 import collections
-import ctypes
 import io
 import os
 import shutil
-import struct
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,9 +17,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from datasets_for_tests import CifarLike
 
 from kcd_fast import ArrayDataset, CondensationSchedule, ImageFolder, KCDLoader
 from kcd_fast import _reference as R
+from kcd_fast.fileopens import FileOpens
 from kcd_fast.image_folder import UnreadableImageError, load_rgb
 
 C = 5  # classes
@@ -56,58 +56,8 @@ class TableStudent:
         return self.table[idx]
 
 
-class CifarLike(torch.utils.data.Dataset):
-    """torchvision CIFAR style: a transposed (non-contiguous) uint8 `.data`, `.targets` a list."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray):
-        self.data = np.ascontiguousarray(images.transpose(0, 3, 1, 2)).transpose(0, 2, 3, 1)
-        self.targets = labels.tolist()
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return torch.from_numpy(self.data[i].transpose(2, 0, 1).astype(np.float32) / 255.0), self.targets[i]
 
 
-class FileOpens:
-    """Counts the opens of files in some folders with Linux inotify (``IN_OPEN``): what was
-    really read, independent of the back end's own counters. (inotify merges identical
-    events only when they are adjacent and unread, so a file opened twice in a row would
-    count once; the back end's counter covers that case.)"""
-
-    IN_OPEN, IN_ISDIR = 0x20, 0x40000000
-
-    def __init__(self, dirs: list[str]):
-        self.libc = ctypes.CDLL(None, use_errno=True)
-        self.fd = self.libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-        if self.fd < 0:
-            raise OSError(ctypes.get_errno(), "inotify_init1 failed")
-        self.dirs: dict[int, str] = {}
-        for d in dirs:
-            wd = self.libc.inotify_add_watch(self.fd, os.fsencode(d), self.IN_OPEN)
-            if wd < 0:
-                raise OSError(ctypes.get_errno(), f"inotify_add_watch failed on {d}")
-            self.dirs[wd] = d
-
-    def drain(self) -> collections.Counter[str]:
-        """Opens since the last drain, per file path."""
-        count: collections.Counter[str] = collections.Counter()
-        while True:
-            try:
-                buf = os.read(self.fd, 1 << 16)
-            except BlockingIOError:
-                return count
-            off = 0
-            while off < len(buf):
-                wd, mask, _cookie, size = struct.unpack_from("iIII", buf, off)
-                name = buf[off + 16:off + 16 + size].rstrip(b"\0").decode()
-                off += 16 + size
-                if name and not mask & self.IN_ISDIR:
-                    count[os.path.join(self.dirs[wd], name)] += 1
-
-    def close(self) -> None:
-        os.close(self.fd)
 
 
 def make_folder(root: Path, per_class: int = 8, classes: int = 3, seed: int = 0, size: int | None = None) -> Path:

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from datasets_for_tests import CifarLike
 
 from kcd_fast import ArrayDataset, CondensationSchedule, KCDLoader
 from kcd_fast import _reference as R
@@ -37,19 +38,6 @@ class Student:
         return (x.reshape(x.shape[0], -1) - 0.5) @ self.w
 
 
-class CifarLike(torch.utils.data.Dataset):
-    """torchvision CIFAR-style: `.data` is a *transposed* (non-contiguous) uint8 numpy
-    [N, H, W, C] array, `.targets` a list; __getitem__ reads `.data`."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray):
-        self.data = np.ascontiguousarray(images.transpose(0, 3, 1, 2)).transpose(0, 2, 3, 1)
-        self.targets = labels.tolist()
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return torch.from_numpy(self.data[i].transpose(2, 0, 1).astype(np.float32) / 255.0), self.targets[i]
 
 
 class Generic(torch.utils.data.Dataset):
