@@ -155,11 +155,31 @@ class ValueBank:
                            counts, self.temperature, errors=self._errors, strict=self.strict)
         elif self.measure is Measure.ENTROPY:
             ops.observe_entropy(lg.detach(), idx, sums, counts, errors=self._errors, strict=self.strict)
-        else:  # random values: only count the observations
-            if idx.dim() != 1 or idx.dtype != torch.int64:
-                raise TypeError(f"indices must be a 1-D int64 tensor, got {idx.dtype} {tuple(idx.shape)}")
-            ops.strict_check(idx, self.n, [])
-            counts.index_add_(0, idx, torch.ones_like(idx, dtype=torch.int32))
+        else:
+            self._count_only(idx, lg, counts)
+
+    def _count_only(self, idx: torch.Tensor, lg: torch.Tensor, counts: torch.Tensor) -> None:
+        """``measure="random"``: only counts observations, with the same input rules as
+        the scoring ops (bad rows raise on CPU or with ``strict``; on CUDA they are
+        skipped and counted without a host sync)."""
+        A.check_dtype(idx, "indices", (torch.int64,))
+        A.check_ndim(idx, "indices", 1, "[B]")
+        A.check_dtype(lg, "logits", ops.LOGIT_DTYPES)
+        A.check_ndim(lg, "logits", 2, "[B, C]")
+        if lg.shape[0] != idx.shape[0]:
+            raise ValueError(f"indices has {idx.shape[0]} entries but logits has {lg.shape[0]} rows")
+        if lg.device != idx.device:
+            raise ValueError(f"indices is on {idx.device} but logits is on {lg.device}; pass them on one device")
+        if idx.numel() == 0:
+            return
+        if self._errors is None or self.strict:
+            ops.strict_check(idx, self.n, [("logits", lg)])
+        valid = (idx >= 0) & (idx < self.n)
+        finite = torch.isfinite(lg.detach()).all(dim=1)
+        if self._errors is not None:
+            self._errors[0] += (~valid).sum()
+            self._errors[1] += (valid & ~finite).sum()
+        counts.index_add_(0, idx.clamp(0, self.n - 1), (valid & finite).to(torch.int32))
 
     def check(self) -> None:
         """Raises (and clears) rows the CUDA kernels skipped since the last check.
@@ -268,20 +288,32 @@ class ValueBank:
             if key in state and state[key] != mine:
                 raise ValueError(f"value bank state has {key} = {state[key]!r} but this bank has {mine!r}")
         sums, counts = state["sums"], state["counts"]
+        # validate everything first: a malformed state changes nothing
+        if (sums is None) != (counts is None):
+            raise ValueError("value bank state: sums and counts must both be tensors or both be None")
+        if sums is not None and not (
+            isinstance(sums, torch.Tensor) and isinstance(counts, torch.Tensor)
+            and sums.shape == (self.n,) and sums.dtype == torch.float64
+            and counts.shape == (self.n,) and counts.dtype == torch.int32
+        ):
+            raise ValueError("value bank state: sums must be float64 [n] and counts int32 [n]")
+        draws, seed = state["random_draws"], state.get("seed", self.seed)
+        for name, v in (("random_draws", draws), ("seed", seed)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+                raise ValueError(f"value bank state: {name} must be an int >= 0, got {v!r}")
         if sums is not None:
-            if sums.shape != (self.n,) or sums.dtype != torch.float64 or counts.shape != (self.n,) \
-                    or counts.dtype != torch.int32:
-                raise ValueError("value bank state: sums must be float64 [n] and counts int32 [n]")
             if self.sums is None:
                 self._allocate(torch.device("cpu"))
             self.sums.copy_(sums)
             self.counts.copy_(counts)
+        elif self.sums is not None:  # a state made before any observation: nothing observed
+            self.sums.zero_()
+            self.counts.zero_()
         if self.local_sums is not None:
             self.local_sums.zero_()
             self.local_counts.zero_()
-        self._random_draws = int(state["random_draws"])
-        if "seed" in state:  # the run's seed: "random" values continue the same stream
-            self.seed = int(state["seed"])
+        self._random_draws = int(draws)
+        self.seed = int(seed)  # the run's seed: "random" values continue the same stream
 
     def __repr__(self) -> str:
         local = ", local=True" if self.local else ""

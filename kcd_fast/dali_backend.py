@@ -319,6 +319,10 @@ class DaliBackend:
         self.num_threads = int(num_threads)
         self.device_id: int | None = device_id
         self.augment = _parse_augment(augment, self.kind)
+        channels = 1 if storage is not None and (storage.dim() == 3 or storage.shape[3] == 1) else 3
+        if channels != 3 and augment in ("cifar", "cifar_eval", "imagenet", "imagenet_eval"):
+            raise ValueError(f"augment={augment!r} normalises 3 channels, but the images are single-channel "
+                             f"{tuple(storage.shape)}; use augment=None or a callable recipe")
         self.prefetch_queue_depth = int(prefetch_queue_depth)
         self.overlay_format = fmt
         self.pin_memory = bool(pin_memory)

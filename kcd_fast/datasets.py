@@ -143,6 +143,8 @@ def _storage_or_reason(dataset: Any) -> tuple[torch.Tensor | None, str]:
             return None, f"{name}.data has dtype {data.dtype}, not uint8"
         if not data.flags.writeable:
             return None, f"{name}.data is a read-only numpy array"
+        if any(st < 0 for st in data.strides):
+            return None, f"{name}.data has negative strides {data.strides} (a reversed view), which torch cannot share"
         t = torch.from_numpy(data)  # shares memory, keeps the strides
     elif isinstance(data, torch.Tensor):
         if data.dtype != torch.uint8:

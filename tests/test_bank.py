@@ -114,3 +114,34 @@ def test_bad_bank_arguments(kwargs, match) -> None:
     n = kwargs.pop("n")
     with pytest.raises(ValueError, match=match):
         ValueBank(n, **kwargs)
+
+
+def test_random_measure_checks_its_input() -> None:
+    bank = ValueBank(6, period=1, measure="random")
+    with pytest.raises(ValueError, match="indices has 5 entries but logits has 3 rows"):
+        bank.observe(torch.arange(5), randn(3, 3))
+    bad = randn(2, 3)
+    bad[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="row 1 .*non-finite"):
+        bank.observe(torch.arange(2), bad)
+    with pytest.raises(TypeError, match="logits must have dtype"):
+        bank.observe(torch.arange(2), randn(2, 3).double())
+    with pytest.raises(IndexError, match=r"indices\[0\] = 9"):
+        bank.observe(torch.tensor([9]), randn(1, 3))
+    assert int(bank.counts.sum()) == 0
+    bank.observe(torch.tensor([1, 1, 4]), randn(3, 3))
+    assert bank.counts.tolist() == [0, 2, 0, 0, 1, 0]
+
+
+def test_malformed_state_changes_nothing_and_empty_state_resets() -> None:
+    bank = ValueBank(4, period=1)
+    bank.observe(torch.arange(2), randn(2, 3))
+    before = bank.state_dict()
+    bad = dict(before, random_draws="x")
+    with pytest.raises(ValueError, match="random_draws must be an int >= 0, got 'x'"):
+        bank.load_state_dict(bad)
+    assert torch.equal(bank.sums, before["sums"]) and torch.equal(bank.counts, before["counts"])
+    fresh_state = ValueBank(4, period=1, device=None).state_dict()
+    assert fresh_state["sums"] is None
+    bank.load_state_dict(fresh_state)
+    assert int(bank.counts.sum()) == 0 and float(bank.sums.sum()) == 0.0

@@ -541,3 +541,11 @@ def test_loader_passes_augment_to_dali_and_refuses_it_for_torch() -> None:
     loader = KCDLoader(ds, SCHED, batch_size=5, backend="dali", augment="cifar_eval", dali_device=None, seed=1)
     images, _, idx = next(iter(loader))
     assert images.dtype == torch.float32 and images.shape[0] == 5 and idx.shape == (5,)
+
+
+
+@needs_dali
+def test_rgb_recipes_refuse_grayscale_at_construction() -> None:
+    ds = ArrayDataset(np.zeros((6, 8, 8), np.uint8), np.zeros(6, np.int64))
+    with pytest.raises(ValueError, match="normalises 3 channels, but the images are single-channel"):
+        KCDLoader(ds, SCHED, batch_size=2, backend="dali", augment="cifar", dali_device=None)

@@ -487,3 +487,22 @@ def test_cuda_storage_and_bank_match_cpu() -> None:
                 orders.append(idx)
         runs.append((torch.cat(orders), ds.images.cpu(), loader.active_indices))
     assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1], strict=True))
+
+
+def test_reversed_numpy_data_works_with_vaks_off_and_explains_otherwise() -> None:
+    class Reversed(torch.utils.data.Dataset):
+        def __init__(self) -> None:
+            self.data = np.arange(6 * 4 * 4 * 3, dtype=np.uint8).reshape(6, 4, 4, 3)[:, ::-1]
+            self.targets = [0] * 6
+
+        def __len__(self) -> int:
+            return 6
+
+        def __getitem__(self, i: int):
+            return torch.from_numpy(self.data[i].copy()), self.targets[i]
+
+    sched = CondensationSchedule(epochs=2, period=1)
+    loader = KCDLoader(Reversed(), sched, batch_size=3, vaks="off")
+    assert len(list(loader)) == 2
+    with pytest.raises(ValueError, match="negative strides"):
+        KCDLoader(Reversed(), sched, batch_size=3)
