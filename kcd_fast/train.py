@@ -555,25 +555,28 @@ class TrainResult:
     accuracy: float | None
     history: list[dict[str, Any]]
 
+    def _total(self, field: str) -> float:
+        return float(sum(getattr(e, field) for e in self.epochs))
+
     @property
     def seconds(self) -> float:
-        return float(sum(e.seconds for e in self.epochs))
+        return self._total("seconds")
 
     @property
     def samples(self) -> int:
-        return int(sum(e.samples for e in self.epochs))
+        return int(self._total("samples"))
 
     @property
     def cpu_s(self) -> float:
-        return float(sum(e.cpu_s for e in self.epochs))
+        return self._total("cpu_s")
 
     @property
     def observe_s(self) -> float:
-        return float(sum(e.observe_s for e in self.epochs))
+        return self._total("observe_s")
 
     @property
     def epoch_end_s(self) -> float:
-        return float(sum(e.epoch_end_s for e in self.epochs))
+        return self._total("epoch_end_s")
 
     def to_dict(self) -> dict[str, Any]:
         return {
