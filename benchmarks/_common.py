@@ -40,6 +40,23 @@ def median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 2, device: str 
     return statistics.median(times)
 
 
+def interleaved_median_ms(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2,
+                          device: str = "cpu") -> dict[str, float]:
+    """Median wall time (ms) of each fn, timed round-robin so that a burst of load on a
+    shared machine slows every contender alike instead of one of them. The order rotates
+    every round, so no contender always runs right after the same one (the allocator state
+    a call leaves, e.g. memory just returned to the OS, changes the next call's page faults)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for i in range(warmup + repeats):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            fn = fns[name]
+            ms = median_ms(fn, 1, warmup=0, device=device)
+            if i >= warmup:
+                times[name].append(ms)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def machine_info(device: str = "cpu") -> dict[str, Any]:
     import kcd_fast
 

@@ -102,6 +102,20 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("blend", &blend, "images [N, ...] u8, dst [L] i64, src [L] i64, eps [L] f64");
   m.def("condense", &condense, "values [N] f64, n_keep, n_prev, mode, eps_m, random_pos [P], keep [n_keep], "
                                "dropped [L], dst [P], src [P], eps [P]");
+  m.def("condense_isa", &kcd::cpu::condense_isa, "the compaction kernels condense uses: 'avx512' or 'generic'");
+  m.def("set_condense_isa", &kcd::cpu::set_condense_isa, py::arg("name"),
+        "force condense's compaction kernels: 'auto', 'generic' or 'avx512' (tests, benchmarks)");
+  m.def(
+      "last_condense_stats",
+      [] {
+        const kcd::cpu::CondenseStats s = kcd::cpu::last_condense_stats();
+        py::dict d;
+        d["members"] = s.members;
+        d["passes"] = s.passes;
+        d["recopied"] = s.recopied;
+        return d;
+      },
+      "what this thread's last CPU condense did: members sorted, passes over the values, recopied");
   m.def("openmp_enabled", &kcd::cpu::openmp_enabled);
   m.def("openmp_threads", &kcd::cpu::openmp_threads);
   m.attr("__version__") = KCD_VERSION;

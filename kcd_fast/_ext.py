@@ -32,6 +32,7 @@ def build_info() -> dict[str, Any]:
         "cuda_archs": _cuda.cuda_archs.split(",") if _cuda is not None else [],
         "openmp": bool(_cpu.openmp_enabled()),
         "openmp_threads": int(_cpu.openmp_threads()),
+        "cpu_condense_isa": str(_cpu.condense_isa()),
         "cuda_devices": int(_cuda.device_count()) if _cuda is not None else 0,
     }
 

@@ -84,9 +84,9 @@ def condense(
         eps_m: the smallest weight a kept image keeps, in [0, 1].
         seed: seeds the draw of kept points for ``vaks="random"``.
 
-    CPU: a bucketed partial ranking, O(N) plus sorting the few candidates near the ranks
-    that matter. CUDA: an on-device CUB radix sort; nothing returns to the host except
-    the NaN check.
+    CPU: a sample selection, O(N) plus a radix sort of the points near the ranks that
+    matter (about the dropped points and the VAKS partners). CUDA: an on-device CUB radix
+    sort; nothing returns to the host except the NaN check.
 
     Example (N = 5, keep 3 of 5, vaks "low")::
 
@@ -113,6 +113,8 @@ def condense(
     seed = _check_int(seed, "seed")
     if device.type == "cuda" and n > 2**31 - 1:
         raise ValueError(f"CUDA condense handles N < 2**31 points, got N = {n}")
+    if device.type == "cpu" and n > 2**32 - 1:
+        raise ValueError(f"CPU condense handles N < 2**32 points, got N = {n}")
 
     v = v.to(torch.float64).contiguous()
     pairs = 0 if mode is Vaks.OFF else min(n_prev - n_keep, n_keep)

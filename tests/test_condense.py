@@ -139,3 +139,96 @@ def test_condense_bad_values() -> None:
         kcd_fast.condense(np.arange(4), 2)
     with pytest.raises(ValueError, match=r"values must be 1-D \[N\]"):
         kcd_fast.condense(np.zeros((2, 2)), 1)
+
+
+# ---- The sample selection at sizes that use threads, the radix sort and both ISAs ------
+
+from kcd_fast import _cpu  # noqa: E402
+
+ISAS = ["generic", "avx512"]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    """Runs a test under each compaction kernel the CPU has, then restores "auto"."""
+    try:
+        _cpu.set_condense_isa(request.param)
+    except ValueError:
+        pytest.skip(f"this CPU has no {request.param}")
+    yield request.param
+    _cpu.set_condense_isa("auto")
+
+
+def test_isa_names_and_bad_isa() -> None:
+    assert _cpu.condense_isa() in ("avx512", "generic")
+    assert kcd_fast.build_info()["cpu_condense_isa"] == _cpu.condense_isa()
+    with pytest.raises(ValueError, match="isa must be 'auto', 'generic' or 'avx512', got 'sse9'"):
+        _cpu.set_condense_isa("sse9")
+
+
+@pytest.mark.parametrize("vaks", VAKS)
+@pytest.mark.parametrize("kind", ["uniform", "ties", "inf", "skewed", "signed"])
+@pytest.mark.parametrize("n", [70_001, 262_147])
+def test_condense_large_matches_reference(isa: str, vaks: str, kind: str, n: int) -> None:
+    rng = np.random.default_rng(n + len(kind))
+    v = _values(rng, n, kind)
+    for _ in range(2):
+        n_prev = int(rng.integers(n // 2, n + 1))
+        n_keep = int(rng.integers(1, n_prev + 1))
+        _compare(v, n_keep, n_prev, vaks, seed=int(rng.integers(0, 100)))
+    _compare(v, n - 1, n, vaks)  # one dropped point
+    _compare(v, n, n, vaks)  # nothing dropped
+
+
+def _sampled(n: int) -> np.ndarray:
+    """The positions the CPU condense samples (512 cache lines of 8 values, evenly spread)."""
+    mask = np.zeros(n, dtype=bool)
+    for j in range(512):
+        mask[n * j // 512 : n * j // 512 + 8] = True
+    return mask
+
+
+def test_condense_recovers_from_a_misleading_sample(isa: str) -> None:
+    # The sampled points spread over [0, 1); every other point sits near 0.9, so the
+    # zone predicted for rank 2n/3 misses it: the pass repeats with widened zones.
+    rng = np.random.default_rng(5)
+    n = 200_003
+    v = 0.9 + 1e-3 * rng.random(n)
+    s = _sampled(n)
+    v[s] = rng.random(s.sum())
+    for vaks in VAKS:
+        _compare(v, 2 * n // 3, n, vaks)
+        assert _cpu.last_condense_stats()["passes"] == 2
+    _compare(v, n // 3, 2 * n // 3, "high")
+    _compare(v, n // 2, n, "low")  # wants every rank: one pass
+
+
+def test_condense_recopies_when_the_predicted_zone_overflows(isa: str) -> None:
+    # The sample says few points lie near the median; in fact almost all do, so the copy
+    # made during the pass runs out of room and the members are copied again.
+    rng = np.random.default_rng(6)
+    n = 200_003
+    v = 0.5 + 1e-9 * rng.random(n)
+    s = _sampled(n)
+    v[s] = rng.random(s.sum())
+    _compare(v, n // 2, n, "off")  # wants ranks around n/2: the zone holds 0.5
+    stats = _cpu.last_condense_stats()
+    assert stats["recopied"] and stats["passes"] == 1 and stats["members"] > n // 2
+
+
+def test_condense_sorts_only_near_the_wanted_ranks() -> None:
+    rng = np.random.default_rng(7)
+    n = 1_000_003
+    v = rng.uniform(0, 7, n)
+    n_keep = int(0.94 * n)
+    kcd_fast.condense(v, n_keep, n, "low")
+    stats = _cpu.last_condense_stats()
+    wanted = 2 * (n - n_keep)  # the dropped points and their partners
+    assert stats["passes"] == 1 and not stats["recopied"]
+    assert wanted <= stats["members"] < wanted + n // 20
+
+
+def test_condense_refuses_more_than_2_pow_32_points() -> None:
+    huge = torch.zeros(1, dtype=torch.float64).expand(2**32)  # no memory behind it
+    with pytest.raises(ValueError, match=r"CPU condense handles N < 2\*\*32 points, got N = 4294967296"):
+        kcd_fast.condense(huge, 1)

@@ -1,18 +1,41 @@
-// CPU condensation (KCD_SPEC section 3-4) in O(N + M log m): the rank order pi (value
+// CPU condensation (KCD_SPEC section 3-4) in O(N + M): the rank order pi (value
 // descending, index ascending) is needed only inside a few rank ranges (the dropped
-// points and the lowest / highest kept ones), plus the set of the top n_keep points.
-// A linear bucketing by value (monotone, so buckets are ordered) locates those ranges in
-// three streaming passes; only the candidates in the buckets that overlap them are
-// sorted, bucket by bucket (m ~ 20 points each for smooth value distributions).
+// points, the lowest / highest kept ones, the keep boundary), plus the set of the top
+// n_keep points. A sample selection:
+//   1. A sample of 4096 values predicts, for each wanted rank range, a value zone that
+//      holds it (four binomial standard deviations of slack on each side).
+//   2. One pass over the values counts, per thread, the points above / inside / below
+//      each zone and copies the zone members (value, index). The counts give every
+//      zone's exact rank range; where a zone misses its ranks (an unrepresentative
+//      sample) the zones widen to the classes that hold them and the pass repeats once,
+//      which then holds by construction.
+//   3. The M members, packed as (32-bit key: zone, linear position of the value in the
+//      zone; index), are sorted by a stable three-pass LSD radix sort on the key, then by
+//      exact value inside the rare runs of equal keys (ties keep index order).
+//   4. The point at rank n_keep - 1, (v*, i*), is the keep threshold: one pass writes the
+//      indices with v > v* or (v == v* and i <= i*), in index order.
+// Both passes that compact (copy, keep) use AVX-512 compress where the CPU has it and a
+// branch-free scalar loop elsewhere (set_condense_isa forces either, for tests).
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cmath>
+#include <cstring>
+#include <functional>
 #include <stdexcept>
 #include <string>
-#include <utility>
 #include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
+#endif
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>
+#define KCD_AVX512_PATH 1
+#define KCD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define KCD_AVX512_PATH 0
+#define KCD_CLONES
 #endif
 
 #include "kcd/blend.h"
@@ -23,72 +46,15 @@ namespace cpu {
 namespace {
 
 struct Range {
-  int64_t lo, hi;   // ranks [lo, hi) wanted in order
-  int64_t* out;     // [hi - lo] point indices
+  int64_t lo, hi;  // ranks [lo, hi) wanted in order
+  int64_t* out;    // [hi - lo] point indices
 };
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define KCD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define KCD_CLONES
-#endif
-
-// Monotone bucketing of values: t = (x - lo) * scale clamped to [-1, nb - 1] and
-// truncated, bucket id = nb - 1 - t, so ids ascend as values descend (+inf and the
-// largest values share id 0; -inf and NaN land at id nb). Any lo < hi keeps buckets
-// ordered by value, so ranks of different buckets never interleave and only the buckets
-// that overlap a wanted rank range need sorting; [lo, hi] (from a sample) only decides
-// how evenly the points spread.
-struct Bucketing {
-  static constexpr int64_t kMaxBuckets = 65535;  // ids 0..65535 fit uint16_t
-  int64_t nb;
-  double lo, scale;
-
-  Bucketing(int64_t nb_, double lo_, double hi_) : nb(nb_), lo(lo_) {
-    const double span = hi_ - lo_;
-    // scale must stay > 0 (so +inf maps to the top), whatever the sample saw
-    scale = (std::isfinite(span) && span > 0.0) ? static_cast<double>(nb - 1) / span : 1.0;
-    if (!std::isfinite(scale) || scale <= 0.0) scale = 1.0;
-    if (!std::isfinite(lo)) lo = 0.0;
-  }
-  int64_t count() const { return nb + 1; }
-};
-
-// ids[i] = bucket of v[i] for i in [begin, end); returns the number of NaN values.
-KCD_CLONES int64_t bucket_ids(const double* v, int64_t begin, int64_t end, uint16_t* ids, Bucketing bk) {
-  const double top = static_cast<double>(bk.nb - 1);
-  const int32_t last = static_cast<int32_t>(bk.nb - 1);
-  int64_t nan_count = 0;
-#pragma omp simd reduction(+ : nan_count)
-  for (int64_t i = begin; i < end; ++i) {
-    const double x = v[i];
-    double t = (x - bk.lo) * bk.scale;
-    t = t >= -1.0 ? t : -1.0;  // also NaN -> -1
-    t = t <= top ? t : top;
-    ids[i] = static_cast<uint16_t>(last - static_cast<int32_t>(t));
-    nan_count += x != x;
-  }
-  return nan_count;
-}
-
-// The finite value range of an evenly strided sample (deterministic, O(4096)).
-std::pair<double, double> sample_range(const double* v, int64_t N) {
-  double lo = INFINITY, hi = -INFINITY;
-  const int64_t step = std::max<int64_t>(1, N / 4096);
-  for (int64_t i = 0; i < N; i += step) {
-    if (std::isfinite(v[i])) {
-      lo = std::min(lo, v[i]);
-      hi = std::max(hi, v[i]);
-    }
-  }
-  return {lo, hi};
-}
-
-int thread_count(int64_t N) {
+int thread_count(int64_t work) {
 #ifdef _OPENMP
-  return N >= (int64_t(1) << 16) ? omp_get_max_threads() : 1;
+  return work >= (int64_t(1) << 16) ? omp_get_max_threads() : 1;
 #else
-  (void)N;
+  (void)work;
   return 1;
 #endif
 }
@@ -104,87 +70,7 @@ int thread_id() {
 struct Chunk {
   int64_t begin, end;
 };
-Chunk chunk_of(int t, int T, int64_t N) { return {N * t / T, N * (t + 1) / T}; }
-
-struct Point {
-  double value;
-  int64_t index;
-};
-
-// Sorts points (arriving in index order) by value descending; ties keep index order.
-// Small runs (the common case) by insertion sort, large ones by std::sort.
-void sort_points(Point* first, Point* last) {
-  const int64_t n = last - first;
-  if (n <= 48) {
-    for (int64_t i = 1; i < n; ++i) {
-      const Point x = first[i];
-      int64_t j = i;
-      while (j > 0 && first[j - 1].value < x.value) {
-        first[j] = first[j - 1];
-        --j;
-      }
-      first[j] = x;
-    }
-    return;
-  }
-  std::sort(first, last, [](const Point& a, const Point& b) {
-    return a.value > b.value || (a.value == b.value && a.index < b.index);
-  });
-}
-
-void insertion_sort(Point* first, Point* last) {
-  for (Point* p = first + 1; p < last; ++p) {
-    const Point x = *p;
-    Point* q = p;
-    while (q > first && (q - 1)->value < x.value) {
-      *q = *(q - 1);
-      --q;
-    }
-    *q = x;
-  }
-}
-
-// Sorts the points of one bucket (id `id`, arriving in index order) by value descending,
-// ties by index: a stable counting sort into 16 sub-buckets of the same linear map (so
-// the order agrees with the buckets'), then insertion sort of each (~1-2 points).
-void sort_bucket(Point* first, Point* last, int64_t id, const Bucketing& bk, std::vector<Point>& tmp) {
-  constexpr int R = 16;
-  const int64_t n = last - first;
-  if (n <= 12) {
-    insertion_sort(first, last);
-    return;
-  }
-  const double base = static_cast<double>(bk.nb - 1 - id);  // t of the bucket's lower edge
-  int sub_of[4096];
-  int count[R + 1] = {0};
-  const bool small = n <= 4096;
-  if (!small) {
-    sort_points(first, last);
-    return;
-  }
-  for (int64_t j = 0; j < n; ++j) {
-    double f = ((first[j].value - bk.lo) * bk.scale - base) * R;
-    f = f >= 0.0 ? f : 0.0;
-    f = f <= R - 1 ? f : R - 1;
-    const int sub = R - 1 - static_cast<int>(f);  // ascending sub = descending value
-    sub_of[j] = sub;
-    ++count[sub + 1];
-  }
-  for (int r = 0; r < R; ++r) count[r + 1] += count[r];
-  tmp.resize(static_cast<size_t>(n));
-  int pos[R];
-  for (int r = 0; r < R; ++r) pos[r] = count[r];
-  for (int64_t j = 0; j < n; ++j) tmp[pos[sub_of[j]]++] = first[j];
-  for (int r = 0; r < R; ++r) insertion_sort(tmp.data() + count[r], tmp.data() + count[r + 1]);
-  std::copy(tmp.begin(), tmp.begin() + n, first);
-}
-
-struct Scratch {
-  std::vector<uint16_t> bid;
-  std::vector<int64_t> hist, fill, start, cand_start;
-  std::vector<uint8_t> needed;
-  std::vector<Point> cand;
-};
+Chunk chunk_of(int t, int T, int64_t n) { return {n * t / T, n * (t + 1) / T}; }
 
 template <typename T>
 T* grow(std::vector<T>& v, int64_t n) {
@@ -192,161 +78,575 @@ T* grow(std::vector<T>& v, int64_t n) {
   return v.data();
 }
 
-// Writes keep [n_keep] (the top n_keep points, sorted by index) and pi[lo:hi] for each
-// range: two streaming passes over the values, one over the bucket ids, plus sorting the
-// buckets that overlap the ranges.
+// ---- Which compaction kernels run ------------------------------------------------------
+
+enum class Isa : int { kAuto = -1, kGeneric = 0, kAvx512 = 1 };
+std::atomic<int> g_isa{static_cast<int>(Isa::kAuto)};
+
+bool cpu_has_avx512() {
+#if KCD_AVX512_PATH
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("popcnt");
+#else
+  return false;
+#endif
+}
+
+Isa active_isa() {
+  const int forced = g_isa.load(std::memory_order_relaxed);
+  if (forced != static_cast<int>(Isa::kAuto)) return static_cast<Isa>(forced);
+  static const bool avx512 = cpu_has_avx512();
+  return avx512 ? Isa::kAvx512 : Isa::kGeneric;
+}
+
+// ---- Pass 1: zones, counts, the copy of the members --------------------------------------
+
+constexpr int kMaxZones = 2;  // the wanted rank ranges merge into at most two runs
+constexpr int kBlock = 4096;  // points per block of pass 1
+constexpr int kSlack = 8;     // a vector store may write this far past the last member
+
+// Value zones, descending and disjoint: zone z = [lo[z], hi[z]]. Unused zones have NaN
+// bounds, which no comparison matches.
+struct Zones {
+  int count = 0;
+  double lo[kMaxZones], hi[kMaxZones];
+  Zones() {
+    for (int z = 0; z < kMaxZones; ++z) lo[z] = hi[z] = NAN;
+  }
+};
+
+// Counts of pass 1: at_or_below_hi[z] = #(x <= hi[z]), below_lo[z] = #(x < lo[z]).
+struct ClassCounts {
+  int64_t at_or_below_hi[kMaxZones] = {0, 0}, below_lo[kMaxZones] = {0, 0}, nan = 0;
+  void add(const ClassCounts& o) {
+    for (int z = 0; z < kMaxZones; ++z) {
+      at_or_below_hi[z] += o.at_or_below_hi[z];
+      below_lo[z] += o.below_lo[z];
+    }
+    nan += o.nan;
+  }
+};
+
+KCD_CLONES void count_classes(const double* v, int64_t begin, int64_t end, Zones zn, ClassCounts* cc) {
+  const double h0 = zn.hi[0], l0 = zn.lo[0], h1 = zn.hi[1], l1 = zn.lo[1];
+  int64_t a0 = 0, b0 = 0, a1 = 0, b1 = 0, nan = 0;
+  for (int64_t i = begin; i < end; ++i) {
+    const double x = v[i];
+    a0 += x <= h0;
+    b0 += x < l0;
+    a1 += x <= h1;
+    b1 += x < l1;
+    nan += x != x;
+  }
+  cc->at_or_below_hi[0] += a0;
+  cc->below_lo[0] += b0;
+  cc->at_or_below_hi[1] += a1;
+  cc->below_lo[1] += b1;
+  cc->nan += nan;
+}
+
+// Copies the zone members of [begin, end) to ov / oi (room for their count + kSlack) and
+// adds to the counts; returns the number copied.
+int64_t scan_generic(const double* v, int64_t begin, int64_t end, Zones zn, ClassCounts* cc, double* ov,
+                     uint64_t* oi) {
+  count_classes(v, begin, end, zn, cc);
+  const double h0 = zn.hi[0], l0 = zn.lo[0], h1 = zn.hi[1], l1 = zn.lo[1];
+  int64_t m = 0;
+  for (int64_t i = begin; i < end; ++i) {
+    const double x = v[i];
+    ov[m] = x;
+    oi[m] = static_cast<uint64_t>(i);
+    m += ((x >= l0) & (x <= h0)) | ((x >= l1) & (x <= h1));
+  }
+  return m;
+}
+
+#if KCD_AVX512_PATH
+__attribute__((target("avx512f,popcnt"))) int64_t scan_avx512(const double* v, int64_t begin, int64_t end,
+                                                              Zones zn, ClassCounts* cc, double* ov, uint64_t* oi) {
+  const __m512d h0 = _mm512_set1_pd(zn.hi[0]), l0 = _mm512_set1_pd(zn.lo[0]);
+  const __m512d h1 = _mm512_set1_pd(zn.hi[1]), l1 = _mm512_set1_pd(zn.lo[1]);
+  __m512i idx = _mm512_add_epi64(_mm512_set1_epi64(begin), _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0));
+  const __m512i eight = _mm512_set1_epi64(8);
+  int64_t a0 = 0, b0 = 0, a1 = 0, b1 = 0, nan = 0, m = 0, i = begin;
+  for (; i + 8 <= end; i += 8) {
+    const __m512d x = _mm512_loadu_pd(v + i);
+    const unsigned c0 = _mm512_cmp_pd_mask(x, h0, _CMP_LE_OQ), d0 = _mm512_cmp_pd_mask(x, l0, _CMP_LT_OQ);
+    const unsigned c1 = _mm512_cmp_pd_mask(x, h1, _CMP_LE_OQ), d1 = _mm512_cmp_pd_mask(x, l1, _CMP_LT_OQ);
+    const unsigned in = (c0 & ~d0) | (c1 & ~d1);
+    a0 += __builtin_popcount(c0);
+    b0 += __builtin_popcount(d0);
+    a1 += __builtin_popcount(c1);
+    b1 += __builtin_popcount(d1);
+    nan += __builtin_popcount(_mm512_cmp_pd_mask(x, x, _CMP_UNORD_Q));
+    _mm512_storeu_pd(ov + m, _mm512_maskz_compress_pd(static_cast<__mmask8>(in), x));
+    _mm512_storeu_si512(oi + m, _mm512_maskz_compress_epi64(static_cast<__mmask8>(in), idx));
+    m += __builtin_popcount(in);
+    idx = _mm512_add_epi64(idx, eight);
+  }
+  cc->at_or_below_hi[0] += a0;
+  cc->below_lo[0] += b0;
+  cc->at_or_below_hi[1] += a1;
+  cc->below_lo[1] += b1;
+  cc->nan += nan;
+  return m + scan_generic(v, i, end, zn, cc, ov + m, oi + m);
+}
+#endif
+
+int64_t scan(Isa isa, const double* v, int64_t begin, int64_t end, Zones zn, ClassCounts* cc, double* ov,
+             uint64_t* oi) {
+#if KCD_AVX512_PATH
+  if (isa == Isa::kAvx512) return scan_avx512(v, begin, end, zn, cc, ov, oi);
+#endif
+  (void)isa;
+  return scan_generic(v, begin, end, zn, cc, ov, oi);
+}
+
+// ---- Pass 3: keep = the points ranked before the threshold (vs, is), in index order ----
+
+KCD_CLONES int64_t count_kept(const double* v, int64_t begin, int64_t end, double vs, int64_t is) {
+  int64_t n = 0;
+  for (int64_t i = begin; i < end; ++i) n += (v[i] > vs) | ((v[i] == vs) & (i <= is));
+  return n;
+}
+
+// Writes the kept indices of [begin, end) to out [cap]; returns how many.
+int64_t select_generic(const double* v, int64_t begin, int64_t end, double vs, int64_t is, int64_t* out,
+                       int64_t cap) {
+  int64_t w = 0;
+  for (int64_t i = begin; i < end; ++i) {  // branch-free: the slot is overwritten unless kept
+    if (w < cap) out[w] = i;
+    w += (v[i] > vs) | ((v[i] == vs) & (i <= is));
+  }
+  return w;
+}
+
+#if KCD_AVX512_PATH
+__attribute__((target("avx512f,popcnt"))) int64_t select_avx512(const double* v, int64_t begin, int64_t end,
+                                                                double vs, int64_t is, int64_t* out, int64_t cap) {
+  const __m512d t = _mm512_set1_pd(vs);
+  const __m512i ti = _mm512_set1_epi64(is), eight = _mm512_set1_epi64(8);
+  __m512i idx = _mm512_add_epi64(_mm512_set1_epi64(begin), _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0));
+  int64_t w = 0, i = begin;
+  for (; i + 8 <= end && w + 8 <= cap; i += 8) {
+    const __m512d x = _mm512_loadu_pd(v + i);
+    const unsigned sel = _mm512_cmp_pd_mask(x, t, _CMP_GT_OQ) |
+                         (_mm512_cmp_pd_mask(x, t, _CMP_EQ_OQ) & _mm512_cmp_epi64_mask(idx, ti, _MM_CMPINT_LE));
+    _mm512_storeu_si512(out + w, _mm512_maskz_compress_epi64(static_cast<__mmask8>(sel), idx));
+    w += __builtin_popcount(sel);
+    idx = _mm512_add_epi64(idx, eight);
+  }
+  return w + select_generic(v, i, end, vs, is, out + w, cap - w);
+}
+#endif
+
+int64_t select_kept(Isa isa, const double* v, int64_t begin, int64_t end, double vs, int64_t is, int64_t* out,
+                    int64_t cap) {
+#if KCD_AVX512_PATH
+  if (isa == Isa::kAvx512) return select_avx512(v, begin, end, vs, is, out, cap);
+#endif
+  (void)isa;
+  return select_generic(v, begin, end, vs, is, out, cap);
+}
+
+// ---- Step 3: sorting the members ------------------------------------------------------
+
+// Members are packed as key << 32 | index (N < 2^32); key = zone << 30 | position of the
+// value in the zone. A stable sort by key from index order leaves ties in index order.
+constexpr uint64_t kIndexMask = 0xffffffffull;
+constexpr uint32_t kLocalMax = (uint32_t{1} << 30) - 1;
+constexpr double kLocalSteps = static_cast<double>((uint32_t{1} << 29) - 1);
+constexpr int kDigits = 3;  // radix passes over the 32 key bits: 11 + 11 + 10
+constexpr int kDigitShift[kDigits] = {32, 43, 54};
+constexpr int kBins = 2048;  // a histogram stays in L1
+
+inline int64_t index_of(uint64_t c) { return static_cast<int64_t>(c & kIndexMask); }
+
+// Descending linear position of a value in a zone spanning [lo, hi] (finite): +inf -> 0,
+// finite x -> 1 + (hi - x) * scale clamped to [0, 2^29 - 1], -inf -> kLocalMax. Monotone
+// (every step rounds monotonically), so key order never contradicts value order; values
+// outside [lo, hi] clamp and are ordered exactly later. Halves keep hi - x finite.
+struct ZoneKey {
+  double top = 0.0, scale = 0.0;
+  uint32_t zone_bits = 0;
+  ZoneKey() = default;
+  ZoneKey(double lo, double hi, int zone) : top(hi * 0.5), zone_bits(static_cast<uint32_t>(zone) << 30) {
+    const double span = hi * 0.5 - lo * 0.5;
+    scale = span > 0.0 && std::isfinite(span) ? kLocalSteps / span : 0.0;
+    if (!std::isfinite(scale)) scale = 0.0;
+    if (!std::isfinite(top)) top = 0.0;
+  }
+  uint32_t key(double x) const {
+    double d = (top - x * 0.5) * scale;
+    d = d >= 0.0 ? d : 0.0;
+    d = d <= kLocalSteps ? d : kLocalSteps;
+    const uint32_t pos = 1 + static_cast<uint32_t>(static_cast<int32_t>(d));
+    return zone_bits | (x == INFINITY ? 0 : (x == -INFINITY ? kLocalMax : pos));
+  }
+};
+
+// out[j] = key(x[j]) << 32 | ix[j]; members below `split` belong to zone 1.
+KCD_CLONES void pack_members(const double* x, const uint64_t* ix, int64_t n, double split, ZoneKey k0, ZoneKey k1,
+                             uint64_t* out) {
+  for (int64_t j = 0; j < n; ++j) {
+    const uint32_t key = x[j] < split ? k1.key(x[j]) : k0.key(x[j]);
+    out[j] = static_cast<uint64_t>(key) << 32 | ix[j];
+  }
+}
+
+// Stable LSD radix sort of a[0, m) by the key (bits 32..63); tmp [m]. Each pass: every
+// thread counts the digits of its chunk, then scatters it after the lower threads' items
+// of the same digit, so equal digits keep their order. Returns where the result is (a or tmp).
+uint64_t* radix_sort(uint64_t* a, uint64_t* tmp, int64_t m, int64_t* hist /* [T, kBins] */, int T) {
+#pragma omp parallel num_threads(T)
+  {
+    const int t = thread_id();
+    const Chunk c = chunk_of(t, T, m);
+    int64_t* h = hist + static_cast<int64_t>(t) * kBins;
+    uint64_t* src = a;
+    uint64_t* dst = tmp;
+    for (int d = 0; d < kDigits; ++d) {
+      const int shift = kDigitShift[d];
+      std::fill(h, h + kBins, 0);
+      for (int64_t i = c.begin; i < c.end; ++i) ++h[(src[i] >> shift) & (kBins - 1)];
+#pragma omp barrier
+#pragma omp single
+      {
+        int64_t sum = 0;
+        for (int b = 0; b < kBins; ++b) {
+          for (int u = 0; u < T; ++u) {
+            const int64_t n = hist[static_cast<int64_t>(u) * kBins + b];
+            hist[static_cast<int64_t>(u) * kBins + b] = sum;
+            sum += n;
+          }
+        }
+      }  // implicit barrier
+      for (int64_t i = c.begin; i < c.end; ++i) dst[h[(src[i] >> shift) & (kBins - 1)]++] = src[i];
+#pragma omp barrier
+      std::swap(src, dst);
+    }
+  }
+  return kDigits % 2 ? tmp : a;
+}
+
+// Puts each run of equal keys in a[begin, end) (sorted by key, ties in index order) into
+// exact value order, descending; begin and end must not split a run. Runs are rare and
+// mostly already in order.
+void order_equal_keys(uint64_t* a, int64_t begin, int64_t end, const double* v) {
+  auto before = [v](uint64_t x, uint64_t y) {
+    const double vx = v[index_of(x)], vy = v[index_of(y)];
+    return vx > vy || (vx == vy && x < y);
+  };
+  for (int64_t s = begin + 1; s < end; ++s) {
+    if ((a[s] >> 32) != (a[s - 1] >> 32)) continue;
+    int64_t r = s - 1, e = s + 1;
+    bool ordered = v[index_of(a[r])] >= v[index_of(a[s])];
+    while (e < end && (a[e] >> 32) == (a[r] >> 32)) {
+      ordered = ordered && v[index_of(a[e - 1])] >= v[index_of(a[e])];
+      ++e;
+    }
+    if (!ordered) std::sort(a + r, a + e, before);
+    s = e;
+  }
+}
+
+// An evenly spread sample of the values, NaN left out: 512 cache lines of 8 (few cache
+// misses, yet spread over the whole array against index-correlated values).
+std::vector<double> take_sample(const double* v, int64_t N) {
+  std::vector<double> s;
+  const int64_t lines = 512, per_line = 8;
+  if (N <= lines * per_line) {
+    s.assign(v, v + N);
+  } else {
+    s.reserve(static_cast<size_t>(lines * per_line));
+    for (int64_t j = 0; j < lines; ++j) {
+      const int64_t b = N * j / lines;
+      s.insert(s.end(), v + b, v + b + per_line);
+    }
+  }
+  s.erase(std::remove_if(s.begin(), s.end(), [](double x) { return std::isnan(x); }), s.end());
+  return s;
+}
+
+// Zones predicted from the sample for rank ranges `wanted` (ascending, disjoint).
+Zones predict_zones(std::vector<double>& sample, int64_t N, const std::vector<std::array<int64_t, 2>>& wanted) {
+  const int64_t n = static_cast<int64_t>(sample.size());
+  // Sample position of point rank `rank` moved up (dir < 0) or down by four binomial
+  // standard deviations and a constant; the value there (nth_element, descending).
+  auto bound = [&](int64_t rank, int dir) -> double {
+    const double p = static_cast<double>(rank) / static_cast<double>(N);
+    const double s = p * n + dir * (4.0 * std::sqrt(n * p * (1.0 - p)) + 8.0);
+    const double pos = dir < 0 ? std::floor(s) : std::ceil(s);
+    if (pos < 0.0 || pos >= static_cast<double>(n)) return dir < 0 ? INFINITY : -INFINITY;
+    auto it = sample.begin() + static_cast<int64_t>(pos);
+    std::nth_element(sample.begin(), it, sample.end(), std::greater<double>());
+    return *it;
+  };
+  Zones zn;
+  for (const auto& w : wanted) {
+    const double hi = bound(w[0], -1), lo = bound(w[1] - 1, +1);
+    if (zn.count > 0 && hi >= zn.lo[zn.count - 1]) {  // overlaps the zone above: merge
+      zn.lo[zn.count - 1] = std::min(zn.lo[zn.count - 1], lo);
+    } else {
+      zn.hi[zn.count] = hi;
+      zn.lo[zn.count] = lo;
+      ++zn.count;
+    }
+  }
+  return zn;
+}
+
+thread_local CondenseStats t_stats;
+
+struct Scratch {
+  std::vector<double> copy_value;
+  std::vector<uint64_t> copy_index, cand, tmp;
+  std::vector<int64_t> radix_hist;
+};
+
+// Writes keep [n_keep] (the top n_keep points, sorted by index) and pi[lo:hi] for each range.
 void partial_rank(const double* v, int64_t N, int64_t n_keep, const std::vector<Range>& ranges, int64_t* keep) {
   const int T = thread_count(N);
-  const auto [lo, hi] = sample_range(v, N);
-  const Bucketing bucket(std::max<int64_t>(2, std::min<int64_t>(Bucketing::kMaxBuckets, N / 16)), lo, hi);
-  const int64_t K = bucket.count();
+  const Isa isa = active_isa();
+  // The wanted rank ranges, merged: the given ranges and the keep boundary.
+  std::vector<std::array<int64_t, 2>> wanted;
+  for (const Range& r : ranges) {
+    if (r.lo < r.hi) wanted.push_back({r.lo, r.hi});
+  }
+  if (n_keep < N) wanted.push_back({n_keep - 1, n_keep + 1});
+  std::sort(wanted.begin(), wanted.end());
+  {
+    std::vector<std::array<int64_t, 2>> merged;
+    for (const auto& w : wanted) {
+      if (!merged.empty() && w[0] <= merged.back()[1]) {
+        merged.back()[1] = std::max(merged.back()[1], w[1]);
+      } else {
+        merged.push_back(w);
+      }
+    }
+    wanted.swap(merged);
+  }
+  if (static_cast<int>(wanted.size()) > kMaxZones) throw std::logic_error("condense: more rank ranges than zones");
+
+  std::vector<double> sample = take_sample(v, N);
+  Zones zn = predict_zones(sample, N, wanted);
+  double sample_lo = INFINITY, sample_hi = -INFINITY;  // finite range, for infinite zone bounds
+  int64_t sampled_in = 0;
+  for (double x : sample) {
+    if (std::isfinite(x)) {
+      sample_lo = std::min(sample_lo, x);
+      sample_hi = std::max(sample_hi, x);
+    }
+    for (int z = 0; z < zn.count; ++z) sampled_in += zn.lo[z] <= x && x <= zn.hi[z];
+  }
+  double copy_fraction = sample.empty() ? 1.0 : static_cast<double>(sampled_in) / static_cast<double>(sample.size());
 
   // Scratch reused across calls of one thread (first-touch page faults of fresh buffers
   // cost as much as a pass over the data); the parallel regions use raw pointers only.
   thread_local Scratch scratch;
   Scratch& sc = scratch;
 
-  // Pass 1: bucket of every point, per-chunk histograms, NaN count.
-  uint16_t* const bid = grow(sc.bid, N);
-  int64_t* const hist = grow(sc.hist, T * K);  // [T, K]
-  std::vector<int64_t> nans(static_cast<size_t>(T), 0);
-#pragma omp parallel num_threads(T)
-  {
-    const int t = thread_id();
-    const Chunk c = chunk_of(t, T, N);
-    int64_t* h = hist + t * K;
-    std::fill(h, h + K, 0);
-    nans[t] = bucket_ids(v, c.begin, c.end, bid, bucket);
-    for (int64_t i = c.begin; i < c.end; ++i) ++h[bid[i]];
-  }
-  for (int t = 0; t < T; ++t) {
-    if (nans[t] == 0) continue;
-    for (int64_t i = 0; i < N; ++i) {
-      if (std::isnan(v[i])) throw std::invalid_argument("values[" + std::to_string(i) + "] is nan");
+  // Pass 1 (at most twice): counts and the copy of the zone members.
+  std::vector<ClassCounts> counts(static_cast<size_t>(T));
+  std::vector<int64_t> copy_base(static_cast<size_t>(T + 1), 0), copied(static_cast<size_t>(T), 0);
+  std::array<int64_t, 2 * kMaxZones + 2> class_rank{};  // class c holds ranks [class_rank[c], class_rank[c + 1])
+  t_stats = CondenseStats{};
+  for (int attempt = 0;; ++attempt) {
+    t_stats.passes = attempt + 1;
+    for (int t = 0; t < T; ++t) {
+      const Chunk c = chunk_of(t, T, N);
+      const double len = static_cast<double>(c.end - c.begin);
+      const int64_t cap = static_cast<int64_t>(std::ceil(len * (1.05 * copy_fraction + 0.01))) + 2 * kBlock;
+      copy_base[t + 1] = copy_base[t] + std::min(cap, c.end - c.begin) + kSlack;
     }
-  }
-  int64_t* const start = grow(sc.start, K + 1);
-  start[0] = 0;
-  for (int64_t k = 0; k < K; ++k) {
-    int64_t total = 0;
-    for (int t = 0; t < T; ++t) total += hist[t * K + k];
-    start[k + 1] = start[k] + total;
-  }
-
-  // Buckets below `kept_below` are kept whole; the one bucket that straddles the keep
-  // boundary (if any) is resolved first, so pass 2 can write keep in index order.
-  int64_t kept_below = 0;
-  while (kept_below < K && start[kept_below + 1] <= n_keep) ++kept_below;
-  const bool straddles = kept_below < K && start[kept_below] < n_keep;
-  std::vector<int64_t> straddle_kept;  // sorted by index
-  if (straddles) {
-    std::vector<std::vector<Point>> found(static_cast<size_t>(T));
-    const uint16_t sb = static_cast<uint16_t>(kept_below);
+    double* const cv = grow(sc.copy_value, copy_base[T]);
+    uint64_t* const ci = grow(sc.copy_index, copy_base[T]);
 #pragma omp parallel num_threads(T)
     {
       const int t = thread_id();
       const Chunk c = chunk_of(t, T, N);
-      for (int64_t i = c.begin; i < c.end; ++i) {
-        if (bid[i] == sb) found[t].push_back({v[i], i});
+      ClassCounts cc;
+      const int64_t room = copy_base[t + 1] - copy_base[t];
+      int64_t m = 0;
+      bool full = false;
+      for (int64_t b = c.begin; b < c.end; b += kBlock) {
+        const int64_t e = std::min(c.end, b + kBlock);
+        full = full || room - m < (e - b) + kSlack;
+        if (full) {  // stop copying; the members are copied again below
+          count_classes(v, b, e, zn, &cc);
+        } else {
+          m += scan(isa, v, b, e, zn, &cc, cv + copy_base[t] + m, ci + copy_base[t] + m);
+        }
+      }
+      counts[t] = cc;
+      copied[t] = full ? -1 : m;
+    }
+    ClassCounts all;
+    for (const ClassCounts& cc : counts) all.add(cc);
+    if (all.nan > 0) {
+      for (int64_t i = 0; i < N; ++i) {
+        if (std::isnan(v[i])) throw std::invalid_argument("values[" + std::to_string(i) + "] is nan");
       }
     }
-    std::vector<Point> members;
-    for (const auto& f : found) members.insert(members.end(), f.begin(), f.end());
-    sort_points(members.data(), members.data() + members.size());
-    for (int64_t j = 0; j < n_keep - start[kept_below]; ++j) straddle_kept.push_back(members[j].index);
-    std::sort(straddle_kept.begin(), straddle_kept.end());
+    const int n_classes = 2 * zn.count + 1;  // above zone 0, zone 0, between, zone 1, below
+    class_rank[0] = 0;
+    for (int z = 0; z < zn.count; ++z) {
+      class_rank[2 * z + 1] = N - all.at_or_below_hi[z];
+      class_rank[2 * z + 2] = N - all.below_lo[z];
+    }
+    class_rank[n_classes] = N;
+    bool covered = true;
+    for (const auto& w : wanted) {
+      bool inside = false;
+      for (int z = 0; z < zn.count; ++z) inside = inside || (class_rank[2 * z + 1] <= w[0] && w[1] <= class_rank[2 * z + 2]);
+      covered = covered && inside;
+    }
+    if (covered) break;
+    if (attempt == 1) throw std::logic_error("condense: widened zones missed their ranks");
+    // Widen: each wanted range takes the value bounds of the classes that hold its ranks.
+    auto upper = [&](int c) { return c == 0 ? INFINITY : (c % 2 ? zn.hi[c / 2] : zn.lo[c / 2 - 1]); };
+    auto lower = [&](int c) { return c == n_classes - 1 ? -INFINITY : (c % 2 ? zn.lo[c / 2] : zn.hi[c / 2]); };
+    Zones wide;
+    copy_fraction = 0.0;
+    for (const auto& w : wanted) {
+      int ca = 0, cb = 0;
+      while (class_rank[ca + 1] <= w[0]) ++ca;
+      while (class_rank[cb + 1] < w[1]) ++cb;
+      copy_fraction += static_cast<double>(class_rank[cb + 1] - class_rank[ca]) / static_cast<double>(N);
+      const double hi = upper(ca), lo = lower(cb);
+      if (wide.count > 0 && hi >= wide.lo[wide.count - 1]) {
+        wide.lo[wide.count - 1] = std::min(wide.lo[wide.count - 1], lo);
+      } else {
+        wide.hi[wide.count] = hi;
+        wide.lo[wide.count] = lo;
+        ++wide.count;
+      }
+    }
+    zn = wide;
   }
 
-  // Buckets to sort: those overlapping a range; each range covers a contiguous run of
-  // buckets, laid out with per-chunk runs (so candidates stay in index order).
-  uint8_t* const needed = grow(sc.needed, K);
-  int64_t* const cand_start = grow(sc.cand_start, K + 1);
-  cand_start[0] = 0;
-  int64_t need_lo = K, need_hi = -1;
-  for (int64_t k = 0; k < K; ++k) {
-    bool need = false;
-    for (const Range& r : ranges) need = need || (start[k] < r.hi && r.lo < start[k + 1]);
-    needed[k] = need;
-    cand_start[k + 1] = cand_start[k] + (need ? start[k + 1] - start[k] : 0);
-    if (need) {
-      need_lo = std::min(need_lo, k);
-      need_hi = std::max(need_hi, k);
-    }
-  }
-  Point* const cand = grow(sc.cand, cand_start[K]);
-  int64_t* const fill = grow(sc.fill, T * K);  // [T, K]: next candidate slot
-  std::vector<int64_t> keep_base(static_cast<size_t>(T + 1), 0);
+  // Zone z holds ranks [class_rank[2z + 1], class_rank[2z + 2]) and sorted positions from
+  // zone_pos[z]; thread t holds member_base[t + 1] - member_base[t] of them.
+  std::array<int64_t, kMaxZones + 1> zone_pos{};
+  for (int z = 0; z < zn.count; ++z) zone_pos[z + 1] = zone_pos[z] + class_rank[2 * z + 2] - class_rank[2 * z + 1];
+  const int64_t M = zone_pos[zn.count];
+  std::vector<int64_t> member_base(static_cast<size_t>(T + 1), 0);
+  bool copy_complete = true;
   for (int t = 0; t < T; ++t) {
-    int64_t kept = 0;
-    for (int64_t k = 0; k < K; ++k) {
-      if (needed[k]) {
-        int64_t before = 0;
-        for (int u = 0; u < t; ++u) before += hist[u * K + k];
-        fill[t * K + k] = cand_start[k] + before;
-      }
-      if (k < kept_below) kept += hist[t * K + k];
+    int64_t m = 0;
+    for (int z = 0; z < zn.count; ++z) m += counts[t].at_or_below_hi[z] - counts[t].below_lo[z];
+    member_base[t + 1] = member_base[t] + m;
+    copy_complete = copy_complete && copied[t] >= 0;
+  }
+  std::vector<int64_t> from(copy_base.begin(), copy_base.end() - 1);  // where thread t's members start
+  t_stats.members = M;
+  t_stats.recopied = !copy_complete;
+  if (!copy_complete) {  // the copy ran out of room: copy again, to exact sizes
+    double* const cv = grow(sc.copy_value, M + T * kSlack);
+    uint64_t* const ci = grow(sc.copy_index, M + T * kSlack);
+    for (int t = 0; t < T; ++t) from[t] = member_base[t] + t * kSlack;
+#pragma omp parallel num_threads(T)
+    {
+      const int t = thread_id();
+      const Chunk c = chunk_of(t, T, N);
+      ClassCounts unused;
+      scan(isa, v, c.begin, c.end, zn, &unused, cv + from[t], ci + from[t]);
     }
-    const Chunk c = chunk_of(t, T, N);
-    kept += std::lower_bound(straddle_kept.begin(), straddle_kept.end(), c.end) -
-            std::lower_bound(straddle_kept.begin(), straddle_kept.end(), c.begin);
-    keep_base[t + 1] = keep_base[t] + kept;
   }
 
-  // Pass 2: the keep set in index order, and the candidates with their values.
+  // Pack the members with their keys.
+  std::array<ZoneKey, kMaxZones> zkey;
+  for (int z = 0; z < zn.count; ++z) {
+    const double hi = std::isfinite(zn.hi[z]) ? zn.hi[z] : sample_hi;
+    const double lo = std::isfinite(zn.lo[z]) ? zn.lo[z] : sample_lo;
+    zkey[z] = ZoneKey(lo, hi, z);
+  }
+  uint64_t* cand = grow(sc.cand, M);
+  {
+    const double split = zn.count > 1 ? zn.lo[0] : -INFINITY;  // members below it are in zone 1
+    const double* cv = sc.copy_value.data();
+    const uint64_t* ci = sc.copy_index.data();
+#pragma omp parallel num_threads(T)
+    {
+      const int t = thread_id();
+      pack_members(cv + from[t], ci + from[t], member_base[t + 1] - member_base[t], split, zkey[0], zkey[1],
+                   cand + member_base[t]);
+    }
+  }
+
+  // Sort them.
+  if (M > 0) {
+    const int TS = thread_count(M);
+    if (M <= 512) {
+      std::sort(cand, cand + M);  // (key, index): ties in index order, as the radix sort leaves them
+    } else {
+      cand = radix_sort(cand, grow(sc.tmp, M), M, grow(sc.radix_hist, int64_t(TS) * kBins), TS);
+    }
+#pragma omp parallel num_threads(TS)
+    {
+      const int t = thread_id();
+      auto run_start = [&](int64_t p) {
+        while (p > 0 && p < M && (cand[p] >> 32) == (cand[p - 1] >> 32)) ++p;
+        return p;
+      };
+      const Chunk c = chunk_of(t, TS, M);
+      order_equal_keys(cand, run_start(c.begin), run_start(c.end), v);
+    }
+  }
+  auto at_rank = [&](int64_t rank) {  // the sorted member of a rank inside a zone
+    int z = 0;
+    while (rank >= class_rank[2 * z + 2]) ++z;
+    return cand + zone_pos[z] + (rank - class_rank[2 * z + 1]);
+  };
+
+  // Cut the ranges out (each lies inside one zone).
+  for (const Range& r : ranges) {
+    if (r.lo >= r.hi) continue;
+    const uint64_t* src = at_rank(r.lo);
+    const int64_t n = r.hi - r.lo;
+#pragma omp parallel for num_threads(thread_count(n)) schedule(static)
+    for (int64_t q = 0; q < n; ++q) r.out[q] = index_of(src[q]);
+  }
+
+  // Pass 3: keep, against the threshold of rank n_keep - 1.
+  if (n_keep == N) {
+#pragma omp parallel for num_threads(T) schedule(static)
+    for (int64_t i = 0; i < N; ++i) keep[i] = i;
+    return;
+  }
+  const int64_t is = index_of(*at_rank(n_keep - 1));
+  const double vs = v[is];
+  std::vector<int64_t> keep_base(static_cast<size_t>(T + 1), 0);
 #pragma omp parallel num_threads(T)
   {
     const int t = thread_id();
     const Chunk c = chunk_of(t, T, N);
-    int64_t w = keep_base[t];
-    int64_t* f = fill + t * K;
-    auto sk = std::lower_bound(straddle_kept.begin(), straddle_kept.end(), c.begin);
-    int64_t next_straddle = sk != straddle_kept.end() ? *sk : N;
-    const uint16_t* b = bid;
-    const uint32_t below = static_cast<uint32_t>(kept_below);
-    const int64_t w_end = keep_base[t + 1];
-    // One branch-free pass: append whole kept buckets to keep (the slot is overwritten
-    // when i is not kept), the few kept points of the straddling bucket by cursor, and
-    // compact the indices whose bucket lies in the needed span.
-    thread_local std::vector<int64_t> span_store;  // this worker thread's own buffer
-    int64_t* const in_span = grow(span_store, c.end - c.begin);
-    const uint32_t nlo = static_cast<uint32_t>(need_lo);
-    const uint32_t nspan = need_lo <= need_hi ? static_cast<uint32_t>(need_hi - need_lo) : 0;
-    const bool any_needed = need_lo <= need_hi;
-    int64_t m = 0;
-    for (int64_t i = c.begin; i < c.end; ++i) {
-      const uint32_t k = b[i];
-      if (w < w_end) keep[w] = i;
-      w += k < below;
-      if (i == next_straddle) {
-        keep[w++] = i;
-        next_straddle = ++sk != straddle_kept.end() ? *sk : N;
-      }
-      in_span[m] = i;
-      m += any_needed && k - nlo <= nspan;
-    }
-    for (int64_t j = 0; j < m; ++j) {
-      const int64_t i = in_span[j];
-      const uint16_t k = b[i];
-      if (needed[k]) cand[f[k]++] = {v[i], i};
-    }
-  }
-
-  // Sort the needed buckets and cut the ranges out of them.
-#pragma omp parallel for num_threads(T) schedule(dynamic, 64)
-  for (int64_t k = need_lo; k <= need_hi; ++k) {
-    if (!needed[k]) continue;
-    Point* first = cand + cand_start[k];
-    Point* last = cand + cand_start[k + 1];
-    thread_local std::vector<Point> tmp;
-    sort_bucket(first, last, k, bucket, tmp);
-    for (const Range& r : ranges) {
-      const int64_t a = std::max(r.lo, start[k]), b = std::min(r.hi, start[k + 1]);
-      for (int64_t rank = a; rank < b; ++rank) r.out[rank - r.lo] = first[rank - start[k]].index;
-    }
+    keep_base[t + 1] = count_kept(v, c.begin, c.end, vs, is);
+#pragma omp barrier
+#pragma omp single
+    for (int u = 0; u < T; ++u) keep_base[u + 1] += keep_base[u];
+    // implicit barrier
+    select_kept(isa, v, c.begin, c.end, vs, is, keep + keep_base[t], keep_base[t + 1] - keep_base[t]);
   }
 }
 
 }  // namespace
+
+CondenseStats last_condense_stats() { return t_stats; }
+
+const char* condense_isa() { return active_isa() == Isa::kAvx512 ? "avx512" : "generic"; }
+
+void set_condense_isa(const std::string& name) {
+  if (name == "auto") {
+    g_isa = static_cast<int>(Isa::kAuto);
+  } else if (name == "generic") {
+    g_isa = static_cast<int>(Isa::kGeneric);
+  } else if (name == "avx512") {
+    if (!cpu_has_avx512()) throw std::invalid_argument("isa 'avx512': this CPU (or build) has no AVX-512F");
+    g_isa = static_cast<int>(Isa::kAvx512);
+  } else {
+    throw std::invalid_argument("isa must be 'auto', 'generic' or 'avx512', got '" + name + "'");
+  }
+}
 
 void condense(const double* values, int64_t N, int64_t n_keep, int64_t n_prev, VaksMode mode,
               double eps_m, const int64_t* random_pos, int64_t* keep, int64_t* dropped,
@@ -354,6 +654,9 @@ void condense(const double* values, int64_t N, int64_t n_keep, int64_t n_prev, V
   if (N <= 0 || n_keep < 1 || n_keep > n_prev || n_prev > N) {
     throw std::invalid_argument("condense needs 1 <= n_keep <= n_prev <= N, got n_keep = " + std::to_string(n_keep) +
                                 ", n_prev = " + std::to_string(n_prev) + ", N = " + std::to_string(N));
+  }
+  if (N > static_cast<int64_t>(kIndexMask)) {
+    throw std::invalid_argument("CPU condense handles N < 2**32 points, got N = " + std::to_string(N));
   }
   const int64_t P = vaks_pairs(n_keep, n_prev, mode);
   if (mode == VaksMode::kRandom) {
@@ -369,14 +672,12 @@ void condense(const double* values, int64_t N, int64_t n_keep, int64_t n_prev, V
   if (mode == VaksMode::kLow) ranges.push_back({n_keep - P, n_keep, dst});  // the P lowest kept
   if (mode == VaksMode::kHigh) ranges.push_back({0, P, dst});               // the P highest kept
   partial_rank(values, N, n_keep, ranges, keep);
+  const bool random = mode == VaksMode::kRandom;
+#pragma omp parallel for num_threads(thread_count(P)) schedule(static)
   for (int64_t j = 0; j < P; ++j) {
     src[j] = dropped[j];
-    if (mode == VaksMode::kRandom) {
-      dst[j] = keep[random_pos[j]];
-      eps[j] = eps_m;
-    } else {
-      eps[j] = vaks_eps(j, P, eps_m);
-    }
+    if (random) dst[j] = keep[random_pos[j]];
+    eps[j] = random ? eps_m : vaks_eps(j, P, eps_m);
   }
 }
 

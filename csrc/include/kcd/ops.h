@@ -45,6 +45,20 @@ void blend(uint8_t* images, int64_t N, int64_t D, const int64_t* dst, const int6
 void condense(const double* values, int64_t N, int64_t n_keep, int64_t n_prev, VaksMode mode,
               double eps_m, const int64_t* random_pos, int64_t* keep, int64_t* dropped,
               int64_t* dst, int64_t* src, double* eps);
+// The compaction kernels condense uses: "avx512" (AVX-512F compress) or "generic"
+// (branch-free scalar). set_condense_isa("auto" | "generic" | "avx512") forces one, for
+// tests and benchmarks; "avx512" throws std::invalid_argument where the CPU lacks it.
+const char* condense_isa();
+void set_condense_isa(const std::string& name);
+// What the calling thread's last condense did: zone members sorted, passes over the
+// values (2 when the sample mispredicted), whether the members were copied again (the
+// prediction's copy ran out of room).
+struct CondenseStats {
+  int64_t members = 0;
+  int passes = 0;
+  bool recopied = false;
+};
+CondenseStats last_condense_stats();
 bool openmp_enabled();
 int openmp_threads();
 
