@@ -20,7 +20,6 @@
 #include <array>
 #include <atomic>
 #include <cmath>
-#include <cstring>
 #include <functional>
 #include <stdexcept>
 #include <string>
@@ -114,7 +113,9 @@ struct Zones {
   }
 };
 
-// Counts of pass 1: at_or_below_hi[z] = #(x <= hi[z]), below_lo[z] = #(x < lo[z]).
+// Counts of pass 1: at_or_below_hi[z] = #(x <= hi[z]), below_lo[z] = #(x < lo[z]). They
+// split the points into classes by value, descending: above zone 0, zone 0, between,
+// zone 1, below; class c holds ranks [class_rank[c], class_rank[c + 1]).
 struct ClassCounts {
   int64_t at_or_below_hi[kMaxZones] = {0, 0}, below_lo[kMaxZones] = {0, 0}, nan = 0;
   void add(const ClassCounts& o) {
