@@ -232,3 +232,34 @@ def test_condense_refuses_more_than_2_pow_32_points() -> None:
     huge = torch.zeros(1, dtype=torch.float64).expand(2**32)  # no memory behind it
     with pytest.raises(ValueError, match=r"CPU condense handles N < 2\*\*32 points, got N = 4294967296"):
         kcd_fast.condense(huge, 1)
+
+
+def test_large_cpu_outputs_share_one_fresh_buffer_and_stay_valid() -> None:
+    rng = np.random.default_rng(8)
+    n = 600_011
+    v = torch.from_numpy(rng.uniform(0, 7, n))
+    ref = R.condense(v.numpy(), 500_000, n, vaks="low")
+    got = kcd_fast.condense(v, 500_000, n, "low")
+    keep, dropped, dst, src, eps = got.keep, got.dropped, got.dst, got.src, got.eps
+    # Over 4 MB of outputs: one huge-page buffer, five views of it.
+    assert keep.untyped_storage().data_ptr() == eps.untyped_storage().data_ptr()
+    del got
+    for t in (keep, dst, src, eps):  # other views still alive after the rest are gone
+        assert t.is_contiguous() and t.device.type == "cpu"
+    np.testing.assert_array_equal(keep.numpy(), ref["keep"])
+    np.testing.assert_array_equal(dropped.numpy(), ref["dropped"])
+    np.testing.assert_array_equal(dst.numpy(), ref["dst"])
+    np.testing.assert_allclose(eps.numpy(), ref["eps"], rtol=0, atol=1e-15)
+    keep[:] = -1  # writable, and writing one view leaves the others intact
+    np.testing.assert_array_equal(src.numpy(), ref["src"])
+
+
+def test_empty_bytes() -> None:
+    buf = torch.from_dlpack(_cpu.empty_bytes(5 << 20))
+    assert buf.shape == (5 << 20,) and buf.dtype == torch.uint8
+    buf.fill_(7)
+    assert int(buf[-1]) == 7
+    assert torch.from_dlpack(_cpu.empty_bytes(0)).numel() == 0
+    _cpu.empty_bytes(1 << 20)  # never consumed: the capsule frees it
+    with pytest.raises(ValueError, match="nbytes must be >= 0, got -1"):
+        _cpu.empty_bytes(-1)

@@ -59,6 +59,10 @@ struct CondenseStats {
   bool recopied = false;
 };
 CondenseStats last_condense_stats();
+// Fresh memory of at least `bytes` for large results: 2 MiB-aligned, on transparent huge
+// pages where the OS has them, already faulted in; *mapped receives what free_pages needs.
+void* alloc_pages(size_t bytes, size_t* mapped);
+void free_pages(void* p, size_t mapped);
 bool openmp_enabled();
 int openmp_threads();
 
