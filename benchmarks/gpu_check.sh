@@ -36,4 +36,14 @@ echo "pytest rc=${PIPESTATUS[0]}" | tee -a "$out/summary.txt"
 
 $py benchmarks/kernels.py --device cuda --json "$out/kernels_cuda.json" 2>&1 | tee "$out/kernels_cuda.log"
 echo "kernels rc=${PIPESTATUS[0]}" | tee -a "$out/summary.txt"
+
+# A/B: the opt-in kernel variants (more bytes in flight per thread), tested and measured
+# the same way; whichever reaches the larger fraction of copy bandwidth should be the default.
+variants="entropy_batch=4,blend_per_thread=4"
+KCD_FAST_CUDA_VARIANTS=$variants $py -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 \
+  | tee "$out/pytest_variants.log" | tail -3
+echo "pytest variants rc=${PIPESTATUS[0]}" | tee -a "$out/summary.txt"
+KCD_FAST_CUDA_VARIANTS=$variants $py benchmarks/kernels.py --device cuda --json "$out/kernels_cuda_variants.json" \
+  2>&1 | tee "$out/kernels_cuda_variants.log"
+echo "kernels variants ($variants) rc=${PIPESTATUS[0]}" | tee -a "$out/summary.txt"
 cat "$out/summary.txt"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -152,7 +153,8 @@ def main(argv: list[str] | None = None) -> dict:
     if a.device.startswith("cuda") and not kcd_fast.has_cuda():
         p.error("--device cuda needs a GPU and kcd_fast built with CUDA")
     reps = 5 if a.quick else 21
-    res: dict = {"device": a.device, "machine": machine_info(a.device)}
+    res: dict = {"device": a.device, "machine": machine_info(a.device),
+                 "cuda_variants": os.environ.get("KCD_FAST_CUDA_VARIANTS", "")}
     res["observe_entropy"] = bench_observe(a.device, reps * 4, 256, 1000)
     res["condense"] = bench_condense(a.device, reps, IMAGENET_N)
     res["blend"] = bench_blend(a.device, reps, 50_000, 2_900)

@@ -122,6 +122,8 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("condense", &condense);
   m.def("condense_workspace_bytes", [](int64_t n) { return kcd::cuda::condense_workspace_bytes(n); });
   m.def("device_count", &kcd::cuda::device_count);
+  m.def("set_variant", &kcd::cuda::set_variant, py::arg("name"), py::arg("value"),
+        "opt-in kernel variants for A/B runs: 'entropy_batch' or 'blend_per_thread', 1 (default) or 4");
   m.attr("__version__") = KCD_VERSION;
   m.attr("cuda_archs") = KCD_CUDA_ARCHS;
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from types import ModuleType
 from typing import Any
 
@@ -13,6 +14,21 @@ try:
     from . import _cuda
 except ImportError:  # built without CUDA (no nvcc, or KCD_FAST_NO_CUDA=1)
     _cuda = None
+
+
+def _apply_cuda_variants(spec: str) -> None:
+    """Opt-in CUDA kernel variants for A/B runs, e.g. "entropy_batch=4,blend_per_thread=4"
+    (environment variable KCD_FAST_CUDA_VARIANTS; benchmarks/gpu_check.sh sets it)."""
+    if _cuda is None or not spec.strip():
+        return
+    for item in spec.split(","):
+        name, sep, value = item.partition("=")
+        if not sep or not value.strip().isdigit():
+            raise ValueError(f"KCD_FAST_CUDA_VARIANTS items are name=value, got {item!r}")
+        _cuda.set_variant(name.strip(), int(value))
+
+
+_apply_cuda_variants(os.environ.get("KCD_FAST_CUDA_VARIANTS", ""))
 
 
 def cuda_module() -> ModuleType:

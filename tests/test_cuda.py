@@ -167,3 +167,36 @@ def test_cupy_arrays_cross_through_dlpack() -> None:
     expect = R.blend(cp.asnumpy(images), cp.asnumpy(c.dst), cp.asnumpy(c.src), cp.asnumpy(c.eps))
     ops.blend_(images, c.dst, c.src, c.eps)
     np.testing.assert_array_equal(cp.asnumpy(images), expect)
+
+
+
+@pytest.mark.parametrize("variant", [("entropy_batch", 4), ("blend_per_thread", 4)])
+def test_kernel_variants_match_the_defaults(variant) -> None:
+    from kcd_fast._ext import _cuda
+
+    name, value = variant
+    rng = np.random.default_rng(3)
+    for b, c, d in [(3, 7, 16), (65, 1000, 3072), (33, 4099, 48 * 48 * 3)]:
+        for dtype in (torch.float32, torch.float16):
+            logits = _logits(rng, b, c).to(dtype).to(DEV)
+            idx = torch.from_numpy(rng.integers(0, 50, b)).to(DEV)
+            images = torch.from_numpy(rng.integers(0, 256, (40, d), dtype=np.uint8))
+            dst, src = torch.tensor([1, 5, 7, 30]), torch.tensor([2, 3, 9, 0])
+            eps = torch.tensor([0.9, 0.8, 0.7, 0.55], dtype=torch.float64)
+            expected = images.clone()
+            ops.blend_(expected, dst, src, eps)  # the CPU kernel
+            results = []
+            for v in (1, value):
+                _cuda.set_variant(name, v)
+                try:
+                    sums = torch.zeros(50, dtype=torch.float64, device=DEV)
+                    counts = torch.zeros(50, dtype=torch.int32, device=DEV)
+                    ops.observe_entropy(logits, idx, sums, counts)
+                    img = images.to(DEV)
+                    ops.blend_(img, dst.to(DEV), src.to(DEV), eps.to(DEV))
+                    results.append((sums.cpu(), counts.cpu(), img.cpu()))
+                finally:
+                    _cuda.set_variant(name, 1)
+            assert torch.equal(results[0][0], results[1][0])  # the same order of operations
+            assert torch.equal(results[0][1], results[1][1])
+            assert torch.equal(results[1][2], expected) and torch.equal(results[0][2], expected)

@@ -33,6 +33,38 @@ __global__ void blend_vec16(uint8_t* __restrict__ images, int64_t D, const int64
   }
 }
 
+// The same with kPer 16-byte chunks per thread per round, all loaded before any is
+// blended (more bytes in flight); launched with small blocks so more pairs are resident.
+template <int kPer>
+__global__ void blend_vec16_ilp(uint8_t* __restrict__ images, int64_t D, const int64_t* __restrict__ dst,
+                                const int64_t* __restrict__ src, const double* __restrict__ eps, int64_t L) {
+  const int64_t n16 = D / 16;
+  for (int64_t j = blockIdx.x; j < L; j += gridDim.x) {
+    uint4* out = reinterpret_cast<uint4*>(images + dst[j] * D);
+    const uint4* in = reinterpret_cast<const uint4*>(images + src[j] * D);
+    const double e = eps[j], f = 1.0 - eps[j];
+    for (int64_t k0 = threadIdx.x; k0 < n16; k0 += static_cast<int64_t>(kPer) * blockDim.x) {
+      uint4 a[kPer], b[kPer];
+#pragma unroll
+      for (int u = 0; u < kPer; ++u) {
+        const int64_t k = k0 + static_cast<int64_t>(u) * blockDim.x;
+        if (k < n16) {
+          a[u] = out[k];
+          b[u] = in[k];
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kPer; ++u) {
+        const int64_t k = k0 + static_cast<int64_t>(u) * blockDim.x;
+        if (k < n16) {
+          out[k] = make_uint4(blend4(a[u].x, b[u].x, e, f), blend4(a[u].y, b[u].y, e, f), blend4(a[u].z, b[u].z, e, f),
+                              blend4(a[u].w, b[u].w, e, f));
+        }
+      }
+    }
+  }
+}
+
 __global__ void blend_bytes(uint8_t* __restrict__ images, int64_t D, const int64_t* __restrict__ dst,
                             const int64_t* __restrict__ src, const double* __restrict__ eps, int64_t L) {
   for (int64_t j = blockIdx.x; j < L; j += gridDim.x) {
@@ -52,7 +84,11 @@ void blend(uint8_t* images, int64_t N, int64_t D, const int64_t* dst, const int6
   auto s = static_cast<cudaStream_t>(stream);
   const unsigned int grid = static_cast<unsigned int>(L < 65535 * 8 ? L : 65535 * 8);
   if (D % 16 == 0 && reinterpret_cast<uintptr_t>(images) % 16 == 0) {
-    blend_vec16<<<grid, kThreads, 0, s>>>(images, D, dst, src, eps, L);
+    if (variant("blend_per_thread") == 4) {
+      blend_vec16_ilp<4><<<grid, kThreads / 4, 0, s>>>(images, D, dst, src, eps, L);
+    } else {
+      blend_vec16<<<grid, kThreads, 0, s>>>(images, D, dst, src, eps, L);
+    }
   } else {
     blend_bytes<<<grid, kThreads, 0, s>>>(images, D, dst, src, eps, L);
   }

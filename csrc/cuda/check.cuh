@@ -21,6 +21,9 @@ namespace cuda {
 
 constexpr int kThreads = 256;
 
+// Kernel variants kept for A/B measurement on a GPU (see ops.h: set_variant).
+int variant(const char* name);
+
 inline unsigned int grid_for(long long work, int per_block = kThreads, unsigned int cap = 65535u * 16u) {
   long long g = (work + per_block - 1) / per_block;
   if (g < 1) g = 1;

@@ -67,8 +67,10 @@ __device__ __forceinline__ void push_chunk(RowStats& st, float& chk, const float
 }
 
 // One warp per row, one pass over the logits: each lane streams 16-byte vectors (when
-// the rows are 16-byte aligned) into running RowStats, merged across the warp.
-template <FloatKind K>
+// the rows are 16-byte aligned) into running RowStats, merged across the warp. kBatch
+// vectors are loaded before any is used (more bytes in flight per lane); a lane visits
+// its vectors in the same order for every kBatch, so results are identical.
+template <FloatKind K, int kBatch>
 __global__ void entropy_kernel(const void* __restrict__ logits, int64_t B, int64_t C, int64_t ld, bool vec,
                                const int64_t* __restrict__ indices, int64_t N, double* __restrict__ sums,
                                int32_t* __restrict__ counts, int64_t* __restrict__ errors) {
@@ -82,7 +84,15 @@ __global__ void entropy_kernel(const void* __restrict__ logits, int64_t B, int64
   int64_t tail = 0;
   if (vec) {
     const int64_t nvec = C / V::kWidth;
-    for (int64_t q = lane; q < nvec; q += kWarp) {
+    int64_t q = lane;
+    for (; q + (kBatch - 1) * kWarp < nvec; q += kBatch * kWarp) {
+      float x[kBatch][V::kWidth];
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b) V::load(logits, base + (q + b * kWarp) * V::kWidth, x[b]);
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b) push_chunk(st, chk, x[b], V::kWidth);
+    }
+    for (; q < nvec; q += kWarp) {
       float x[V::kWidth];
       V::load(logits, base + q * V::kWidth, x);
       push_chunk(st, chk, x, V::kWidth);
@@ -167,17 +177,23 @@ void observe_entropy(const void* logits, FloatKind kind, int64_t B, int64_t C, i
   // 16-byte vector loads need every row start 16-byte aligned.
   const int64_t esize = kind == FloatKind::kF32 ? 4 : 2;
   const bool vec = reinterpret_cast<uintptr_t>(logits) % 16 == 0 && (ld * esize) % 16 == 0;
+  const unsigned int grid = row_grid(B);
+  const bool batch = variant("entropy_batch") == 4;
+#define KCD_ENTROPY(KIND)                                                                                  \
+  (batch ? entropy_kernel<KIND, 4><<<grid, kThreads, 0, s>>>(logits, B, C, ld, vec, indices, N, sums, counts, errors) \
+         : entropy_kernel<KIND, 1><<<grid, kThreads, 0, s>>>(logits, B, C, ld, vec, indices, N, sums, counts, errors))
   switch (kind) {
     case FloatKind::kF32:
-      entropy_kernel<FloatKind::kF32><<<row_grid(B), kThreads, 0, s>>>(logits, B, C, ld, vec, indices, N, sums, counts, errors);
+      KCD_ENTROPY(FloatKind::kF32);
       break;
     case FloatKind::kF16:
-      entropy_kernel<FloatKind::kF16><<<row_grid(B), kThreads, 0, s>>>(logits, B, C, ld, vec, indices, N, sums, counts, errors);
+      KCD_ENTROPY(FloatKind::kF16);
       break;
     case FloatKind::kBF16:
-      entropy_kernel<FloatKind::kBF16><<<row_grid(B), kThreads, 0, s>>>(logits, B, C, ld, vec, indices, N, sums, counts, errors);
+      KCD_ENTROPY(FloatKind::kBF16);
       break;
   }
+#undef KCD_ENTROPY
   KCD_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -91,6 +91,10 @@ void condense(const double* values, int64_t N, int64_t n_keep, int64_t n_prev, V
               int64_t* keep, int64_t* dropped, int64_t* dst, int64_t* src, double* eps, void* stream);
 int device_count();
 void set_device(int device);
+// Opt-in kernel variants, for measuring them against the defaults on a GPU:
+// "entropy_batch" 1 (default) or 4 vectors loaded per lane before use; "blend_per_thread"
+// 1 (default) or 4 chunks of 16 bytes per thread in 64-thread blocks. Same results.
+void set_variant(const std::string& name, int value);
 
 
 }  // namespace cuda
