@@ -204,10 +204,17 @@ int64_t scan(Isa isa, const double* v, int64_t begin, int64_t end, Zones zn, Cla
 
 // ---- Pass 3: keep = the points ranked before the threshold (vs, is), in index order ----
 
-KCD_CLONES int64_t count_kept(const double* v, int64_t begin, int64_t end, double vs, int64_t is) {
-  int64_t n = 0;
-  for (int64_t i = begin; i < end; ++i) n += (v[i] > vs) | ((v[i] == vs) & (i <= is));
-  return n;
+// Of the copied members x / ix [n], how many are kept: at or below `hi` (the boundary
+// zone's top; the points above it are kept and counted by pass 1) and ranked at or before
+// the threshold point (vs, is).
+KCD_CLONES int64_t count_kept_members(const double* x, const uint64_t* ix, int64_t n, double hi, double vs,
+                                      int64_t is) {
+  int64_t kept = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const double y = x[j];
+    kept += (y <= hi) & ((y > vs) | ((y == vs) & (static_cast<int64_t>(ix[j]) <= is)));
+  }
+  return kept;
 }
 
 // Writes the kept indices of [begin, end) to out [cap]; returns how many.
@@ -616,16 +623,25 @@ void partial_rank(const double* v, int64_t N, int64_t n_keep, const std::vector<
   }
   const int64_t is = index_of(*at_rank(n_keep - 1));
   const double vs = v[is];
+  int zk = 0;  // the zone holding the threshold
+  while (n_keep - 1 >= class_rank[2 * zk + 2]) ++zk;
+  const double* cv = sc.copy_value.data();
+  const uint64_t* ci = sc.copy_index.data();
   std::vector<int64_t> keep_base(static_cast<size_t>(T + 1), 0);
 #pragma omp parallel num_threads(T)
   {
     const int t = thread_id();
     const Chunk c = chunk_of(t, T, N);
-    keep_base[t + 1] = count_kept(v, c.begin, c.end, vs, is);
-#pragma omp barrier
-#pragma omp single
-    for (int u = 0; u < T; ++u) keep_base[u + 1] += keep_base[u];
-    // implicit barrier
+    keep_base[t + 1] = (c.end - c.begin) - counts[t].at_or_below_hi[zk] +
+                       count_kept_members(cv + from[t], ci + from[t], member_base[t + 1] - member_base[t],
+                                          zn.hi[zk], vs, is);
+  }
+  for (int t = 0; t < T; ++t) keep_base[t + 1] += keep_base[t];
+  if (keep_base[T] != n_keep) throw std::logic_error("condense: the keep threshold selected a wrong count");
+#pragma omp parallel num_threads(T)
+  {
+    const int t = thread_id();
+    const Chunk c = chunk_of(t, T, N);
     select_kept(isa, v, c.begin, c.end, vs, is, keep + keep_base[t], keep_base[t + 1] - keep_base[t]);
   }
 }
