@@ -233,15 +233,23 @@ class ValueBank:
         counts.zero_()
         self._raise_errors(bad_index, non_finite)
 
-    def values(self) -> torch.Tensor:
+    def values(self, draw: int | None = None) -> torch.Tensor:
         """``[N]`` float64 values on the bank's device (+inf for unobserved points); with
-        ``local=True``, of the totals as of the last :meth:`all_reduce_`."""
+        ``local=True``, of the totals as of the last :meth:`all_reduce_`.
+
+        ``measure="random"`` draws uniform values from ``(seed, draw)``; ``draw=None`` takes
+        the bank's own counter and advances it. KCDLoader passes the condensation's epoch,
+        so looking at the values in between changes nothing it does."""
+        if draw is not None and not (isinstance(draw, (int, np.integer)) and not isinstance(draw, bool) and draw >= 0):
+            raise ValueError(f"draw must be an int >= 0 or None, got {draw!r}")
         if self.sums is None:
             self._allocate(torch.device("cpu"))
         self.check()
         if self.measure is Measure.RANDOM:
-            rng = np.random.default_rng([self.seed, self._random_draws])
-            self._random_draws += 1
+            if draw is None:
+                draw = self._random_draws
+                self._random_draws += 1
+            rng = np.random.default_rng([self.seed, int(draw)])
             return torch.from_numpy(rng.random(self.n)).to(self.device)
         return ops.values(self.sums, self.counts, self.period, self.alpha)
 

@@ -467,6 +467,13 @@ class KCDLoader:
         """Batches of the coming (or current) epoch on this rank; 0 once the schedule is done."""
         return self._num_batches(self._sizes[self.epoch]) if self.epoch < self.schedule.epochs else 0
 
+    def _yielded(self, n: int) -> int:
+        """Samples this rank's batches hold in an epoch of ``n`` (global) points: the
+        ``drop_last`` cut and, under DDP, the shard (padded or cut) accounted for."""
+        if self._dist.enabled:
+            n = D.shard_size(n, self._dist.world_size, self.drop_last)
+        return n - n % self.batch_size if self.drop_last else n
+
     def _num_batches(self, n: int) -> int:
         """Batches this rank runs in an epoch of ``n`` (global) points."""
         if self._dist.enabled:
@@ -477,6 +484,12 @@ class KCDLoader:
         """Batches in each epoch of the whole schedule on this rank (``drop_last`` and, under
         DDP, the shard size accounted for; the same on every rank)."""
         return [self._num_batches(s) for s in self._sizes]
+
+    def samples_per_epoch(self) -> list[int]:
+        """Samples this rank's batches hold in each epoch of the schedule: the schedule's
+        sizes after the ``drop_last`` cut and, under DDP, sharding (padded or cut). The
+        ``history`` records count the schedule's sizes (the paper's C); this is what ran."""
+        return [self._yielded(s) for s in self._sizes]
 
     def total_steps(self) -> int:
         """Batches over the whole schedule on this rank (for LR schedulers such as OneCycleLR)."""
@@ -616,7 +629,7 @@ class KCDLoader:
         n_keep, n_prev = self._sizes[epoch], int(self._active.shape[0])
         if self._dist.communicates:  # the only per-stage communication: N * 12 bytes
             self.bank.all_reduce_(self._dist.group)
-        cond = condense(self.bank.values(), n_keep, n_prev, self.vaks, self.eps_m,
+        cond = condense(self.bank.values(draw=epoch), n_keep, n_prev, self.vaks, self.eps_m,
                         seed=_stream_seed(self.seed, epoch, _VAKS_STREAM))
         pairs = cond.pairs
         if self._dist.communicates:  # every rank must summarise identically: check before blending

@@ -50,6 +50,18 @@ def test_random_values_resume_the_same_stream() -> None:
     np.testing.assert_array_equal(resumed.values().numpy(), run.values().numpy())
 
 
+def test_random_values_by_draw_leave_the_stream_alone() -> None:
+    bank = ValueBank(30, period=1, measure="random", seed=4)
+    at_2 = bank.values(draw=2).numpy()
+    np.testing.assert_array_equal(bank.values(draw=2).numpy(), at_2)  # a function of (seed, draw)
+    assert bank.state_dict()["random_draws"] == 0  # explicit draws do not advance the counter
+    assert not np.array_equal(bank.values(draw=3).numpy(), at_2)
+    np.testing.assert_array_equal(bank.values().numpy(), bank.values(draw=0).numpy())  # the counter's first draw
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="draw must be an int >= 0 or None, got"):
+            bank.values(draw=bad)
+
+
 def test_bank_random_is_seeded() -> None:
     a, b = ValueBank(50, period=1, measure="random", seed=7), ValueBank(50, period=1, measure="random", seed=7)
     np.testing.assert_array_equal(a.values().numpy(), b.values().numpy())

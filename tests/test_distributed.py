@@ -117,6 +117,7 @@ def _rank_main(rank: int, world: int, init_file: str, out_dir: str, ckpt_w1: str
             res[name] = outcome(loader, ds, run(loader, ds, Model(N_PAD), SCHED.epochs))
             res[name]["dist"] = (loader.distributed, loader.rank, loader.world_size)
             res[name]["steps"] = loader.steps_per_epoch()
+            res[name]["samples"] = loader.samples_per_epoch()
         # 2. no padding: uninterrupted; stopped between two condensations and saved; resumed
         model = Model(N_EVEN)
         ds = ArrayDataset(*make_data(N_EVEN))
@@ -251,6 +252,8 @@ def test_ranks_agree_and_shard_each_epoch(ddp: dict[str, Any], name: str) -> Non
     per_rank = [s // WORLD if drop_last else -(-s // WORLD) for s in sizes]
     steps = [m // BS if drop_last else -(-m // BS) for m in per_rank]
     assert r0["steps"] == r1["steps"] == steps
+    held = [int(rec["seen"].numel()) for rec in r0["epochs"]]  # what rank 0's batches held
+    assert r0["samples"] == r1["samples"] == held == [m // BS * BS if drop_last else m for m in per_rank]
     for e, (a, b) in enumerate(zip(r0["epochs"], r1["epochs"], strict=True)):
         assert a["epoch"] == b["epoch"] == e
         assert torch.equal(a["active"], b["active"]) and a["active"].numel() == sizes[e]  # the same set

@@ -160,6 +160,43 @@ def test_global_rngs_untouched() -> None:
     assert all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), np_state, strict=True))  # noqa: NPY002
 
 
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_history_counts_schedule_passes_and_yielded_samples(drop_last: bool) -> None:
+    ds = ArrayDataset(*make_arrays(97))
+    loader = KCDLoader(ds, SCHED, batch_size=16, shuffle=True, drop_last=drop_last)
+    held, checked = 0, 0
+    for _ in range(SCHED.epochs):
+        for _x, _y, idx in loader:
+            held += idx.shape[0]
+            loader.observe(idx, torch.zeros(idx.shape[0], C))
+        if loader.history and loader.history[-1]["epoch"] == loader.epoch:
+            rec = loader.history[-1]
+            assert rec["passes"] == sum(SCHED.epoch_sizes(97)[: loader.epoch])
+            yielded = sum(loader.samples_per_epoch()[: loader.epoch])
+            assert yielded == held  # what the batches actually held
+            assert (yielded < rec["passes"]) == drop_last
+            checked += 1
+    assert checked == len(SCHED.condensation_epochs)
+
+
+def test_random_value_condensations_ignore_values_looked_at_in_between() -> None:
+    def run(peek: bool) -> list[torch.Tensor]:
+        ds = ArrayDataset(*make_arrays(97))
+        loader = KCDLoader(ds, SCHED, batch_size=16, shuffle=True, seed=2, value="random")
+        kept = []
+        for _ in range(SCHED.epochs):
+            for _x, _y, idx in loader:
+                loader.observe(idx, torch.zeros(idx.shape[0], C))
+                if peek:
+                    loader.bank.values()  # a user inspecting the values
+            kept.append(loader.active_indices.clone())
+        return kept
+
+    plain, peeked = run(False), run(True)
+    assert all(torch.equal(a, b) for a, b in zip(plain, peeked, strict=True))
+    assert len(plain[-1]) < 97
+
+
 # -- condensation and VAKS against the numpy reference ----------------------------------
 @pytest.mark.parametrize("vaks", ["low", "high", "random", "off"])
 def test_condensation_and_summary_match_reference(vaks: str) -> None:
