@@ -69,7 +69,10 @@ VAKS on image folders: the overlay
     ``"png"``: smaller, slower to decode). In an epoch, a summarised point is fed as its
     overlay bytes instead of its path (a per-sample DALI conditional picks
     ``fn.io.file.read`` or the overlay), and both kinds go through the one decoder: still
-    exactly one read and one decode per point. The overlay is a pure function of the
+    exactly one read and one decode per point. With ``overlay_dir`` the encoded images go
+    to files in a private directory made inside it instead of memory (ImageNet-scale
+    runs: tens of GB of summaries), a summarised point is fed the path of its overlay
+    file, and the directory is removed with the back end. The overlay is a pure function of the
     ORIGINAL files and the summary log, so a resumed loader rebuilds it bit-exactly from
     its log. It is synchronised lazily at the start of the next epoch (and checked against
     the log every epoch), costs one decode of each image involved per condensation, and
@@ -97,7 +100,10 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
+import tempfile
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from enum import Enum, unique
@@ -207,6 +213,22 @@ def _decode(data: np.ndarray) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
+def _decode_entry(entry: np.ndarray | str) -> np.ndarray:
+    """An overlay entry (encoded bytes, or the path of an overlay file) -> uint8 ``[H, W, 3]``."""
+    if isinstance(entry, str):
+        with open(entry, "rb") as f:
+            return _decode(np.frombuffer(f.read(), np.uint8))
+    return _decode(entry)
+
+
+def _remove_files(paths: list[str]) -> None:
+    for path in paths:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+
+
 def _resize(img: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     """uint8 ``[h, w, 3]`` -> ``[H, W, 3]`` with PIL's bilinear filter (fixed-point, so the
     same bytes on every run: the overlay replays bit-exactly)."""
@@ -258,6 +280,8 @@ class DaliBackend:
         pin_memory: pin CPU image batches (when torch sees CUDA).
         summary_log: a callable returning the core's summary log (the list of
             ``{"epoch", "dst", "src", "eps"}`` dicts); the folder overlay follows it.
+        overlay_dir: None (default: the folder overlay in memory) or a directory (made if
+            missing) in which the back end makes a private directory for the overlay files.
 
     ``epoch_batches(batches, seed)`` yields ``(images, labels)`` per planned batch:
     images float32 ``[b, C, h, w]`` (CPU, or CUDA on a GPU), labels int64 ``[b]``.
@@ -278,6 +302,7 @@ class DaliBackend:
         overlay_format: str | OverlayFormat = "pnm",
         pin_memory: bool = False,
         summary_log: Callable[[], list[dict[str, Any]]] | None = None,
+        overlay_dir: str | os.PathLike | None = None,
     ):
         require_dali()
         for name, value in (("batch_size", batch_size), ("num_threads", num_threads),
@@ -299,6 +324,11 @@ class DaliBackend:
             raise ValueError(f"overlay_format must be 'pnm' or 'png', got {overlay_format!r}") from None
         if summary_log is not None and not callable(summary_log):
             raise TypeError(f"summary_log must be callable or None, got {type(summary_log).__name__}")
+        if overlay_dir is not None and not isinstance(overlay_dir, (str, os.PathLike)):
+            raise TypeError(f"overlay_dir must be a directory path or None, got {type(overlay_dir).__name__}")
+        if overlay_dir is not None and storage is not None:
+            raise ValueError(f"overlay_dir applies to image folders (arrays are summarised in place), got "
+                             f"overlay_dir={os.fspath(overlay_dir)!r} with an array dataset")
 
         self.dataset = dataset
         self.n = len(dataset)
@@ -329,7 +359,14 @@ class DaliBackend:
         self.sampler = _EpochBatchSampler()
         self.reads: dict[str, int] = {"points": 0, "files": 0, "overlay": 0, "arrays": 0}
         self._summary_log = summary_log
-        self._overlay: dict[int, np.ndarray] = {}
+        # index -> encoded bytes (in memory) or the path of an overlay file (overlay_dir)
+        self._overlay: dict[int, np.ndarray | str] = {}
+        self._overlay_dir: str | None = None
+        self._overlay_files = 0  # names overlay files uniquely
+        if overlay_dir is not None and self.kind == "files":
+            os.makedirs(overlay_dir, exist_ok=True)
+            self._overlay_dir = tempfile.mkdtemp(prefix="kcd-overlay-", dir=os.fspath(overlay_dir))
+            weakref.finalize(self, shutil.rmtree, self._overlay_dir, ignore_errors=True)
         self._applied: list[dict[str, Any]] = []
         self._iter: Iterator[Any] | None = None
 
@@ -390,7 +427,7 @@ class DaliBackend:
         rows = st[torch.from_numpy(idx)].contiguous().numpy()  # a copy of the current (summarised) rows
         return rows.reshape(*rows.shape[:3], self._channels), self._labels[idx]
 
-    def _file_batch(self, overlay: dict[int, np.ndarray] | None) -> Callable[[np.ndarray, dict[str, int]], Any]:
+    def _file_batch(self, overlay: dict[int, Any] | None) -> Callable[[np.ndarray, dict[str, int]], Any]:
         paths, labels = self._paths, self._labels
 
         def make(idx: np.ndarray, counts: dict[str, int]) -> tuple[Any, ...]:
@@ -398,6 +435,11 @@ class DaliBackend:
             if overlay is None:
                 counts["files"] += len(ids)
                 return [np.frombuffer(os.fsencode(paths[i]), np.uint8) for i in ids], labels[idx]
+            if self._overlay_dir is not None:  # overlay files: a path either way
+                n_ov = sum(i in overlay for i in ids)
+                counts["overlay"] += n_ov
+                counts["files"] += len(ids) - n_ov
+                return [np.frombuffer(os.fsencode(overlay.get(i, paths[i])), np.uint8) for i in ids], labels[idx]
             isov = [i in overlay for i in ids]
             n_ov = sum(isov)
             counts["overlay"] += n_ov
@@ -474,7 +516,7 @@ class DaliBackend:
         self.reads = feed.counts
         if not batches:
             return iter(())
-        pipe = self._build(feed, seed, overlay is not None)
+        pipe = self._build(feed, seed, overlay is not None and self._overlay_dir is None)
         self._iter = self._run(pipe, feed, overlay or {})
         return self._iter
 
@@ -559,13 +601,22 @@ class DaliBackend:
             overlay, applied, todo = {}, [], list(summaries)
         if not todo and overlay is self._overlay:
             return
-        for s in todo:
-            overlay = self._apply_summary(overlay, s)
-            applied.append(s)
+        created: list[str] = []  # overlay files written by this sync
+        try:
+            for s in todo:
+                overlay = self._apply_summary(overlay, s, created)
+                applied.append(s)
+        except BaseException:
+            _remove_files(created)  # the committed overlay stays as it was
+            raise
+        kept = {v for v in overlay.values() if isinstance(v, str)}
+        _remove_files([v for v in self._overlay.values() if isinstance(v, str) and v not in kept] +
+                      [f for f in created if f not in kept])
         self._overlay, self._applied = overlay, applied
 
-    def _apply_summary(self, overlay: dict[int, np.ndarray], s: dict[str, Any]) -> dict[int, np.ndarray]:
-        """A new overlay with one summary applied (``overlay`` is not modified)."""
+    def _apply_summary(self, overlay: dict[int, Any], s: dict[str, Any], created: list[str]) -> dict[int, Any]:
+        """A new overlay with one summary applied (``overlay`` is not modified; overlay
+        files it writes are appended to ``created``)."""
         try:
             dst = torch.as_tensor(s["dst"]).cpu()
             src = torch.as_tensor(s["src"]).cpu()
@@ -586,7 +637,7 @@ class DaliBackend:
             raise ValueError("summary dst must be unique and disjoint from src (as kcd_fast.condense makes them)")
 
         def current(i: int) -> np.ndarray:  # the image of point i before this summary: [H, W, 3] uint8
-            return _decode(overlay[i]) if i in overlay else np.asarray(load_rgb(self._paths[i]))
+            return _decode_entry(overlay[i]) if i in overlay else np.asarray(load_rgb(self._paths[i]))
 
         def blend_pair(j: int) -> np.ndarray:
             d_img, s_img = current(d_l[j]), current(s_l[j])
@@ -596,21 +647,32 @@ class DaliBackend:
             blend_(pair, np.array([0]), np.array([1]), np.array([e_l[j]]))
             return _encode(pair[0], self.overlay_format)
 
+        def store(i: int, data: np.ndarray) -> np.ndarray | str:
+            if self._overlay_dir is None:
+                return data
+            self._overlay_files += 1
+            ext = "ppm" if self.overlay_format is OverlayFormat.PNM else "png"
+            path = os.path.join(self._overlay_dir, f"{i}-{self._overlay_files}.{ext}")
+            created.append(path)
+            with open(path, "wb") as f:
+                f.write(data.tobytes())
+            return path
+
         # dst and src are disjoint and dst unique, so no pair reads an image another pair writes:
         # chunked work equals reading everything before writing anything.
-        pending: dict[int, np.ndarray] = {}
+        pending: dict[int, np.ndarray | str] = {}
         with ThreadPoolExecutor(max_workers=self.num_threads) as pool:
             for c in range(0, len(d_l), _OVERLAY_CHUNK):
                 js = range(c, min(c + _OVERLAY_CHUNK, len(d_l)))
                 for j, enc in zip(js, pool.map(blend_pair, js), strict=True):
-                    pending[d_l[j]] = enc
+                    pending[d_l[j]] = store(d_l[j], enc)
         return {**overlay, **pending}
 
     def overlay_image(self, index: int) -> np.ndarray | None:
         """The summarised image of point ``index`` (uint8 ``[H, W, 3]``), or None when the
         point reads its original file."""
         data = self._overlay.get(int(index))
-        return None if data is None else _decode(data)
+        return None if data is None else _decode_entry(data)
 
     @property
     def overlay_points(self) -> list[int]:
@@ -619,8 +681,13 @@ class DaliBackend:
 
     @property
     def overlay_nbytes(self) -> int:
-        """Bytes the overlay holds."""
-        return sum(int(v.nbytes) for v in self._overlay.values())
+        """Bytes the overlay holds (in memory, or in its files with ``overlay_dir``)."""
+        return sum(os.path.getsize(v) if isinstance(v, str) else int(v.nbytes) for v in self._overlay.values())
+
+    @property
+    def overlay_dir(self) -> str | None:
+        """The private directory of the overlay files (``overlay_dir`` given), else None."""
+        return self._overlay_dir
 
     def close(self) -> None:
         """Drops the current epoch's pipeline (the overlay stays)."""

@@ -274,6 +274,8 @@ class KCDLoader:
             ``(images, device) -> DataNode`` adding DALI ops; seeded from (seed, epoch).
         dali_device: DALI back end only: "auto" (the current CUDA device when there is
             one, else CPU-only operators), a CUDA device index, or None (CPU only).
+        dali_overlay_dir: DALI back end, image folders only: None (summarised images kept
+            in memory) or a directory for them as files (ImageNet-scale runs).
         value: how points are scored: "entropy" (default), "kl" (needs teacher logits
             in ``observe``) or "random".
         vaks: "low" (default), "high", "random" or "off" (KCD_SPEC section 4).
@@ -328,6 +330,7 @@ class KCDLoader:
         group: Any = None,
         augment: Any = "auto",
         dali_device: int | str | None = "auto",
+        dali_overlay_dir: str | os.PathLike | None = None,
     ):
         # -- arguments (all checked before any state is built) --------------------------
         backend = Backend.parse(backend)
@@ -337,10 +340,11 @@ class KCDLoader:
             require_dali()
             check_loader_args(collate_fn=collate_fn, worker_init_fn=worker_init_fn,
                               multiprocessing_context=multiprocessing_context, timeout=timeout)
-        elif augment != "auto" or dali_device != "auto":
+        elif augment != "auto" or dali_device != "auto" or dali_overlay_dir is not None:
             raise ValueError(
-                f"augment and dali_device apply to backend='dali' (got augment={augment!r}, "
-                f"dali_device={dali_device!r}); with the torch back end use the dataset's transform"
+                f"augment, dali_device and dali_overlay_dir apply to backend='dali' (got augment={augment!r}, "
+                f"dali_device={dali_device!r}, dali_overlay_dir={dali_overlay_dir!r}); with the torch back end "
+                "use the dataset's transform"
             )
         map_style = hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")
         if isinstance(dataset, IterableDataset) or not map_style:
@@ -439,6 +443,7 @@ class KCDLoader:
                 dataset, storage=storage, batch_size=batch_size, num_threads=max(1, num_workers),
                 prefetch_queue_depth=prefetch_factor or 2, pin_memory=pin_memory,
                 summary_log=lambda: self._summaries, augment=augment, device_id=dali_device,
+                overlay_dir=dali_overlay_dir,
             )
         else:
             self._backend = TorchBackend(

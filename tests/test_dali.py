@@ -7,6 +7,7 @@ a PIL + numpy reference, bit-exact resume, and bad input. Tiny synthetic data.""
 from __future__ import annotations
 
 import collections
+import gc
 import io
 import os
 import shutil
@@ -311,9 +312,19 @@ def reference_overlay(ds: ImageFolder, summaries: list[dict[str, Any]]) -> dict[
     return current
 
 
+def _entry_bytes(backend: Any, i: int) -> bytes:
+    """The encoded overlay image of point i, held in memory or in an overlay file."""
+    entry = backend._overlay[i]
+    if isinstance(entry, str):
+        with open(entry, "rb") as f:
+            return f.read()
+    return entry.tobytes()
+
+
 @needs_dali
+@pytest.mark.parametrize("store", ["memory", "files"])
 @pytest.mark.parametrize("overlay_format", ["pnm", "png"])
-def test_folder_overlay_after_condensations(folder: Path, overlay_format: str) -> None:
+def test_folder_overlay_after_condensations(folder: Path, tmp_path: Path, overlay_format: str, store: str) -> None:
     """Two condensations' summaries (the second reads a point the first summarised, sizes
     differ): the overlay equals the reference; an epoch decodes overlay points from memory
     (their files are not opened) and every other point from its file, once each; a new
@@ -328,8 +339,9 @@ def test_folder_overlay_after_condensations(folder: Path, overlay_format: str) -
         {"epoch": 2, "dst": t([10, 5]), "src": t([3, 0]), "eps": t([0.9, 0.7], dtype=torch.float64)},
     ]
     ref = reference_overlay(ds, log)
+    overlay_dir = tmp_path / "overlay" if store == "files" else None
     backend = DaliBackend(ds, batch_size=1, num_threads=2, device_id=None, augment=None, overlay_format=overlay_format,
-                          summary_log=lambda: log)
+                          summary_log=lambda: log, overlay_dir=overlay_dir)
     opens = FileOpens(folder_dirs(ds))
     try:
         plan = [np.array([i]) for i in (3, 0, 10, 7, 1, 12, 5)]
@@ -349,13 +361,39 @@ def test_folder_overlay_after_condensations(folder: Path, overlay_format: str) -
     assert got == collections.Counter({ds.samples[0][0]: 1, ds.samples[1][0]: 1})  # only the two unsummarised
     assert backend.reads == {"points": 7, "files": 2, "overlay": 5, "arrays": 0}
 
-    fresh = DaliBackend(ds, batch_size=1, device_id=None, augment=None, overlay_format=overlay_format)
+    fresh = DaliBackend(ds, batch_size=1, device_id=None, augment=None, overlay_format=overlay_format,
+                        overlay_dir=overlay_dir)
     fresh.sync_overlay([{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()} for s in log])
     assert fresh.overlay_points == backend.overlay_points
-    assert all(np.array_equal(fresh._overlay[i], backend._overlay[i]) for i in fresh.overlay_points)  # same bytes
+    assert all(_entry_bytes(fresh, i) == _entry_bytes(backend, i) for i in fresh.overlay_points)  # same bytes
     fresh.sync_overlay(log[1:])  # not an extension of what it applied: rebuilt from the files
     assert fresh.overlay_points == [5, 10]
     np.testing.assert_array_equal(fresh.overlay_image(10), reference_overlay(ds, log[1:])[10])
+    if store == "memory":
+        assert backend.overlay_dir is None and backend.overlay_nbytes == sum(len(_entry_bytes(backend, i))
+                                                                             for i in backend.overlay_points)
+        return
+
+    # Files: one per summarised point, in a private directory; a point summarised again
+    # replaces its file; a failed summary leaves the overlay and the directory as they were;
+    # the directory goes with the back end.
+    files = sorted(os.listdir(fresh.overlay_dir))
+    assert len(files) == 2 and os.path.dirname(fresh.overlay_dir) == str(overlay_dir)
+    assert fresh.overlay_nbytes == sum(os.path.getsize(os.path.join(fresh.overlay_dir, f)) for f in files)
+    again = [*log[1:], {"epoch": 3, "dst": t([10]), "src": t([1]), "eps": t([0.8], dtype=torch.float64)}]
+    fresh.sync_overlay(again)
+    assert fresh.overlay_points == [5, 10] and len(os.listdir(fresh.overlay_dir)) == 2
+    np.testing.assert_array_equal(fresh.overlay_image(10), reference_overlay(ds, again)[10])
+    before = sorted(os.listdir(fresh.overlay_dir))
+    fresh._paths = [*fresh._paths[:-1], str(tmp_path / "missing.jpg")]  # the last point's file is gone
+    bad = {"epoch": 4, "dst": t([2, 7]), "src": t([4, len(ds) - 1]), "eps": t([0.9, 0.9], dtype=torch.float64)}
+    with pytest.raises(FileNotFoundError):
+        fresh.sync_overlay([*again, bad])
+    assert fresh.overlay_points == [5, 10] and sorted(os.listdir(fresh.overlay_dir)) == before
+    private = fresh.overlay_dir
+    del fresh
+    gc.collect()
+    assert not os.path.exists(private) and os.path.isdir(overlay_dir)
 
 
 def core_summarises_folders(folder: Path) -> bool:
@@ -371,18 +409,22 @@ def core_summarises_folders(folder: Path) -> bool:
 
 
 @needs_dali
-def test_folder_vaks_end_to_end_and_resume(folder: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("store", ["memory", "files"])
+def test_folder_vaks_end_to_end_and_resume(folder: Path, tmp_path: Path, store: str) -> None:
     if not core_summarises_folders(folder):
         pytest.skip("KCDLoader does not yet record summaries for image folders (core wiring pending)")
     n = len(ImageFolder(folder))
     sched = CondensationSchedule(epochs=6, period=2, rho=0.45)
-    kw: dict[str, Any] = dict(batch_size=4, shuffle=True, seed=9, backend="dali", num_workers=2)
+    kw: dict[str, Any] = dict(batch_size=4, shuffle=True, seed=9, backend="dali", num_workers=2,
+                              dali_overlay_dir=tmp_path / "overlay" if store == "files" else None)
     full = KCDLoader(ImageFolder(folder), sched, **kw)
     ref = run(full, TableStudent(n), sched.epochs, by_index=True)
     log = full.state_dict()["summaries"]
     assert log and full.backend.overlay_points == sorted({d for s in log for d in s["dst"].tolist()})
     want = reference_overlay(ImageFolder(folder), log)
     assert all(np.array_equal(full.backend.overlay_image(i), want[i]) for i in want)
+    if store == "files":
+        assert len(os.listdir(full.backend.overlay_dir)) == len(want) and full.backend.overlay_nbytes > 0
 
     stop = 3
     first = KCDLoader(ImageFolder(folder), sched, **kw)
@@ -466,6 +508,10 @@ def test_argument_checks(folder: Path) -> None:
         DaliBackend(ds, storage=ds.images, batch_size=2, augment="autoaugment")
     with pytest.raises(ValueError, match="overlay_format must be 'pnm' or 'png', got 'jpeg'"):
         DaliBackend(ImageFolder(folder), batch_size=2, overlay_format="jpeg")
+    with pytest.raises(TypeError, match="overlay_dir must be a directory path or None, got int"):
+        DaliBackend(ImageFolder(folder), batch_size=2, overlay_dir=5)
+    with pytest.raises(ValueError, match="overlay_dir applies to image folders .*got overlay_dir='/tmp/x'"):
+        KCDLoader(ds, SCHED, backend="dali", dali_overlay_dir="/tmp/x")
     with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 0"):
         DaliBackend(ds, storage=ds.images, batch_size=0)
     if not torch.cuda.is_available():
@@ -536,7 +582,7 @@ def test_gpu_pipeline_yields_cuda_tensors_equal_to_cpu(tmp_path: Path) -> None:
 @needs_dali
 def test_loader_passes_augment_to_dali_and_refuses_it_for_torch() -> None:
     ds = ArrayDataset(*make_arrays(12))
-    with pytest.raises(ValueError, match="augment and dali_device apply to backend='dali'"):
+    with pytest.raises(ValueError, match="augment, dali_device and dali_overlay_dir apply to backend='dali'"):
         KCDLoader(ds, SCHED, augment="cifar")
     loader = KCDLoader(ds, SCHED, batch_size=5, backend="dali", augment="cifar_eval", dali_device=None, seed=1)
     images, _, idx = next(iter(loader))

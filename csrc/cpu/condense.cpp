@@ -409,7 +409,14 @@ struct Scratch {
   std::vector<double> copy_value;
   std::vector<uint64_t> copy_index, cand, tmp;
   std::vector<int64_t> radix_hist;
+  size_t bytes() const {
+    return (copy_value.capacity() + copy_index.capacity() + cand.capacity() + tmp.capacity() +
+            radix_hist.capacity()) * 8;
+  }
 };
+// A thread keeps its scratch for the next call up to this size (first-touch faults of
+// fresh buffers cost as much as a pass over the data); larger scratch is released.
+constexpr size_t kKeptScratchBytes = size_t{256} << 20;
 
 // Writes keep [n_keep] (the top n_keep points, sorted by index) and pi[lo:hi] for each range.
 void partial_rank(const double* v, int64_t N, int64_t n_keep, const std::vector<Range>& ranges, int64_t* keep) {
@@ -448,10 +455,16 @@ void partial_rank(const double* v, int64_t N, int64_t n_keep, const std::vector<
   }
   double copy_fraction = sample.empty() ? 1.0 : static_cast<double>(sampled_in) / static_cast<double>(sample.size());
 
-  // Scratch reused across calls of one thread (first-touch page faults of fresh buffers
-  // cost as much as a pass over the data); the parallel regions use raw pointers only.
+  // Scratch reused across calls of one thread, up to kKeptScratchBytes; the parallel
+  // regions use raw pointers only.
   thread_local Scratch scratch;
   Scratch& sc = scratch;
+  struct Release {
+    Scratch& sc;
+    ~Release() {
+      if (sc.bytes() > kKeptScratchBytes) sc = Scratch{};
+    }
+  } release{sc};
 
   // Pass 1 (at most twice): counts and the copy of the zone members.
   std::vector<ClassCounts> counts(static_cast<size_t>(T));
