@@ -23,6 +23,7 @@
 #include <functional>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #ifdef _OPENMP
@@ -55,14 +56,6 @@ int thread_count(int64_t work) {
 #else
   (void)work;
   return 1;
-#endif
-}
-
-int thread_id() {
-#ifdef _OPENMP
-  return omp_get_thread_num();
-#else
-  return 0;
 #endif
 }
 
@@ -301,49 +294,46 @@ KCD_CLONES void pack_members(const double* x, const uint64_t* ix, int64_t n, dou
   }
 }
 
-// Stable LSD radix sort of a[0, m) by the key (bits 32..63); tmp [m]. Each pass: every
-// thread counts the digits of its chunk, then scatters it after the lower threads' items
-// of the same digit, so equal digits keep their order. Returns where the result is (a or tmp).
+// Stable LSD radix sort of a[0, m) by the key (bits 32..63); tmp [m]. Each pass counts
+// the digits of T chunks, then scatters every chunk after the lower chunks' items of the
+// same digit, so equal digits keep their order. Chunks are loop iterations, so the result
+// does not depend on how many threads OpenMP actually grants. Returns where the result is.
 uint64_t* radix_sort(uint64_t* a, uint64_t* tmp, int64_t m, int64_t* hist /* [T, kBins] */, int T) {
-#pragma omp parallel num_threads(T)
-  {
-    const int t = thread_id();
-    const Chunk c = chunk_of(t, T, m);
-    int64_t* h = hist + static_cast<int64_t>(t) * kBins;
-    uint64_t* src = a;
-    uint64_t* dst = tmp;
-    for (int d = 0; d < kDigits; ++d) {
-      const int shift = kDigitShift[d];
+  uint64_t* src = a;
+  uint64_t* dst = tmp;
+  for (int d = 0; d < kDigits; ++d) {
+    const int shift = kDigitShift[d];
+#pragma omp parallel for num_threads(T) schedule(static, 1)
+    for (int t = 0; t < T; ++t) {
+      const Chunk c = chunk_of(t, T, m);
+      int64_t* h = hist + static_cast<int64_t>(t) * kBins;
       std::fill(h, h + kBins, 0);
       for (int64_t i = c.begin; i < c.end; ++i) ++h[(src[i] >> shift) & (kBins - 1)];
-#pragma omp barrier
-#pragma omp single
-      {
-        int64_t sum = 0;
-        for (int b = 0; b < kBins; ++b) {
-          for (int u = 0; u < T; ++u) {
-            const int64_t n = hist[static_cast<int64_t>(u) * kBins + b];
-            hist[static_cast<int64_t>(u) * kBins + b] = sum;
-            sum += n;
-          }
-        }
-      }  // implicit barrier
-      for (int64_t i = c.begin; i < c.end; ++i) dst[h[(src[i] >> shift) & (kBins - 1)]++] = src[i];
-#pragma omp barrier
-      std::swap(src, dst);
     }
+    int64_t sum = 0;
+    for (int b = 0; b < kBins; ++b) {
+      for (int t = 0; t < T; ++t) {
+        const int64_t n = hist[static_cast<int64_t>(t) * kBins + b];
+        hist[static_cast<int64_t>(t) * kBins + b] = sum;
+        sum += n;
+      }
+    }
+#pragma omp parallel for num_threads(T) schedule(static, 1)
+    for (int t = 0; t < T; ++t) {
+      const Chunk c = chunk_of(t, T, m);
+      int64_t* h = hist + static_cast<int64_t>(t) * kBins;
+      for (int64_t i = c.begin; i < c.end; ++i) dst[h[(src[i] >> shift) & (kBins - 1)]++] = src[i];
+    }
+    std::swap(src, dst);
   }
-  return kDigits % 2 ? tmp : a;
+  return src;
 }
 
 // Puts each run of equal keys in a[begin, end) (sorted by key, ties in index order) into
 // exact value order, descending; begin and end must not split a run. Runs are rare and
-// mostly already in order.
+// mostly already in order; one that is not is sorted as (value, word) pairs gathered once.
 void order_equal_keys(uint64_t* a, int64_t begin, int64_t end, const double* v) {
-  auto before = [v](uint64_t x, uint64_t y) {
-    const double vx = v[index_of(x)], vy = v[index_of(y)];
-    return vx > vy || (vx == vy && x < y);
-  };
+  std::vector<std::pair<double, uint64_t>> run;
   for (int64_t s = begin + 1; s < end; ++s) {
     if ((a[s] >> 32) != (a[s - 1] >> 32)) continue;
     int64_t r = s - 1, e = s + 1;
@@ -352,7 +342,14 @@ void order_equal_keys(uint64_t* a, int64_t begin, int64_t end, const double* v) 
       ordered = ordered && v[index_of(a[e - 1])] >= v[index_of(a[e])];
       ++e;
     }
-    if (!ordered) std::sort(a + r, a + e, before);
+    if (!ordered) {
+      run.clear();
+      for (int64_t q = r; q < e; ++q) run.emplace_back(v[index_of(a[q])], a[q]);
+      std::sort(run.begin(), run.end(), [](const auto& x, const auto& y) {
+        return x.first > y.first || (x.first == y.first && x.second < y.second);
+      });
+      for (int64_t q = r; q < e; ++q) a[q] = run[q - r].second;
+    }
     s = e;
   }
 }
@@ -394,6 +391,7 @@ Zones predict_zones(std::vector<double>& sample, int64_t N, const std::vector<st
     const double hi = bound(w[0], -1), lo = bound(w[1] - 1, +1);
     if (zn.count > 0 && hi >= zn.lo[zn.count - 1]) {  // overlaps the zone above: merge
       zn.lo[zn.count - 1] = std::min(zn.lo[zn.count - 1], lo);
+      zn.hi[zn.count - 1] = std::max(zn.hi[zn.count - 1], hi);
     } else {
       zn.hi[zn.count] = hi;
       zn.lo[zn.count] = lo;
@@ -444,13 +442,26 @@ void partial_rank(const double* v, int64_t N, int64_t n_keep, const std::vector<
 
   std::vector<double> sample = take_sample(v, N);
   Zones zn = predict_zones(sample, N, wanted);
-  double sample_lo = INFINITY, sample_hi = -INFINITY;  // finite range, for infinite zone bounds
+  // The finite range that stands in for infinite zone bounds in the keys: the sample's, less
+  // its two most extreme values at each end, so that an outlier (1e300 among values of
+  // order 1) cannot squeeze every key into one; the few points beyond it clamp to the
+  // zone's end keys and are ordered exactly.
+  double sample_lo = INFINITY, sample_hi = -INFINITY;
+  {
+    std::vector<double> finite;
+    for (double x : sample) {
+      if (std::isfinite(x)) finite.push_back(x);
+    }
+    if (!finite.empty()) {
+      const size_t q = std::min<size_t>(2, (finite.size() - 1) / 2);
+      std::nth_element(finite.begin(), finite.begin() + q, finite.end());
+      sample_lo = finite[q];
+      std::nth_element(finite.begin(), finite.end() - 1 - q, finite.end());
+      sample_hi = finite[finite.size() - 1 - q];
+    }
+  }
   int64_t sampled_in = 0;
   for (double x : sample) {
-    if (std::isfinite(x)) {
-      sample_lo = std::min(sample_lo, x);
-      sample_hi = std::max(sample_hi, x);
-    }
     for (int z = 0; z < zn.count; ++z) sampled_in += zn.lo[z] <= x && x <= zn.hi[z];
   }
   double copy_fraction = sample.empty() ? 1.0 : static_cast<double>(sampled_in) / static_cast<double>(sample.size());
@@ -481,9 +492,8 @@ void partial_rank(const double* v, int64_t N, int64_t n_keep, const std::vector<
     }
     double* const cv = grow(sc.copy_value, copy_base[T]);
     uint64_t* const ci = grow(sc.copy_index, copy_base[T]);
-#pragma omp parallel num_threads(T)
-    {
-      const int t = thread_id();
+#pragma omp parallel for num_threads(T) schedule(static, 1)
+    for (int t = 0; t < T; ++t) {
       const Chunk c = chunk_of(t, T, N);
       ClassCounts cc;
       const int64_t room = copy_base[t + 1] - copy_base[t];
@@ -536,6 +546,7 @@ void partial_rank(const double* v, int64_t N, int64_t n_keep, const std::vector<
       const double hi = upper(ca), lo = lower(cb);
       if (wide.count > 0 && hi >= wide.lo[wide.count - 1]) {
         wide.lo[wide.count - 1] = std::min(wide.lo[wide.count - 1], lo);
+        wide.hi[wide.count - 1] = std::max(wide.hi[wide.count - 1], hi);
       } else {
         wide.hi[wide.count] = hi;
         wide.lo[wide.count] = lo;
@@ -565,9 +576,8 @@ void partial_rank(const double* v, int64_t N, int64_t n_keep, const std::vector<
     double* const cv = grow(sc.copy_value, M + T * kSlack);
     uint64_t* const ci = grow(sc.copy_index, M + T * kSlack);
     for (int t = 0; t < T; ++t) from[t] = member_base[t] + t * kSlack;
-#pragma omp parallel num_threads(T)
-    {
-      const int t = thread_id();
+#pragma omp parallel for num_threads(T) schedule(static, 1)
+    for (int t = 0; t < T; ++t) {
       const Chunk c = chunk_of(t, T, N);
       ClassCounts unused;
       scan(isa, v, c.begin, c.end, zn, &unused, cv + from[t], ci + from[t]);
@@ -586,9 +596,8 @@ void partial_rank(const double* v, int64_t N, int64_t n_keep, const std::vector<
     const double split = zn.count > 1 ? zn.lo[0] : -INFINITY;  // members below it are in zone 1
     const double* cv = sc.copy_value.data();
     const uint64_t* ci = sc.copy_index.data();
-#pragma omp parallel num_threads(T)
-    {
-      const int t = thread_id();
+#pragma omp parallel for num_threads(T) schedule(static, 1)
+    for (int t = 0; t < T; ++t) {
       pack_members(cv + from[t], ci + from[t], member_base[t + 1] - member_base[t], split, zkey[0], zkey[1],
                    cand + member_base[t]);
     }
@@ -602,9 +611,8 @@ void partial_rank(const double* v, int64_t N, int64_t n_keep, const std::vector<
     } else {
       cand = radix_sort(cand, grow(sc.tmp, M), M, grow(sc.radix_hist, int64_t(TS) * kBins), TS);
     }
-#pragma omp parallel num_threads(TS)
-    {
-      const int t = thread_id();
+#pragma omp parallel for num_threads(TS) schedule(static, 1)
+    for (int t = 0; t < TS; ++t) {
       auto run_start = [&](int64_t p) {
         while (p > 0 && p < M && (cand[p] >> 32) == (cand[p - 1] >> 32)) ++p;
         return p;
@@ -641,9 +649,8 @@ void partial_rank(const double* v, int64_t N, int64_t n_keep, const std::vector<
   const double* cv = sc.copy_value.data();
   const uint64_t* ci = sc.copy_index.data();
   std::vector<int64_t> keep_base(static_cast<size_t>(T + 1), 0);
-#pragma omp parallel num_threads(T)
-  {
-    const int t = thread_id();
+#pragma omp parallel for num_threads(T) schedule(static, 1)
+  for (int t = 0; t < T; ++t) {
     const Chunk c = chunk_of(t, T, N);
     keep_base[t + 1] = (c.end - c.begin) - counts[t].at_or_below_hi[zk] +
                        count_kept_members(cv + from[t], ci + from[t], member_base[t + 1] - member_base[t],
@@ -651,9 +658,8 @@ void partial_rank(const double* v, int64_t N, int64_t n_keep, const std::vector<
   }
   for (int t = 0; t < T; ++t) keep_base[t + 1] += keep_base[t];
   if (keep_base[T] != n_keep) throw std::logic_error("condense: the keep threshold selected a wrong count");
-#pragma omp parallel num_threads(T)
-  {
-    const int t = thread_id();
+#pragma omp parallel for num_threads(T) schedule(static, 1)
+  for (int t = 0; t < T; ++t) {
     const Chunk c = chunk_of(t, T, N);
     select_kept(isa, v, c.begin, c.end, vs, is, keep + keep_base[t], keep_base[t + 1] - keep_base[t]);
   }
