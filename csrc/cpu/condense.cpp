@@ -299,34 +299,40 @@ KCD_CLONES void pack_members(const double* x, const uint64_t* ix, int64_t n, dou
 // same digit, so equal digits keep their order. Chunks are loop iterations, so the result
 // does not depend on how many threads OpenMP actually grants. Returns where the result is.
 uint64_t* radix_sort(uint64_t* a, uint64_t* tmp, int64_t m, int64_t* hist /* [T, kBins] */, int T) {
-  uint64_t* src = a;
-  uint64_t* dst = tmp;
-  for (int d = 0; d < kDigits; ++d) {
-    const int shift = kDigitShift[d];
-#pragma omp parallel for num_threads(T) schedule(static, 1)
-    for (int t = 0; t < T; ++t) {
-      const Chunk c = chunk_of(t, T, m);
-      int64_t* h = hist + static_cast<int64_t>(t) * kBins;
-      std::fill(h, h + kBins, 0);
-      for (int64_t i = c.begin; i < c.end; ++i) ++h[(src[i] >> shift) & (kBins - 1)];
-    }
-    int64_t sum = 0;
-    for (int b = 0; b < kBins; ++b) {
+#pragma omp parallel num_threads(T)
+  {
+    uint64_t* src = a;  // each thread's copy, swapped in step after every pass
+    uint64_t* dst = tmp;
+    for (int d = 0; d < kDigits; ++d) {
+      const int shift = kDigitShift[d];
+#pragma omp for schedule(static, 1)
       for (int t = 0; t < T; ++t) {
-        const int64_t n = hist[static_cast<int64_t>(t) * kBins + b];
-        hist[static_cast<int64_t>(t) * kBins + b] = sum;
-        sum += n;
-      }
+        const Chunk c = chunk_of(t, T, m);
+        int64_t* h = hist + static_cast<int64_t>(t) * kBins;
+        std::fill(h, h + kBins, 0);
+        for (int64_t i = c.begin; i < c.end; ++i) ++h[(src[i] >> shift) & (kBins - 1)];
+      }  // implicit barrier
+#pragma omp single
+      {
+        int64_t sum = 0;
+        for (int b = 0; b < kBins; ++b) {
+          for (int t = 0; t < T; ++t) {
+            const int64_t n = hist[static_cast<int64_t>(t) * kBins + b];
+            hist[static_cast<int64_t>(t) * kBins + b] = sum;
+            sum += n;
+          }
+        }
+      }  // implicit barrier
+#pragma omp for schedule(static, 1)
+      for (int t = 0; t < T; ++t) {
+        const Chunk c = chunk_of(t, T, m);
+        int64_t* h = hist + static_cast<int64_t>(t) * kBins;
+        for (int64_t i = c.begin; i < c.end; ++i) dst[h[(src[i] >> shift) & (kBins - 1)]++] = src[i];
+      }  // implicit barrier
+      std::swap(src, dst);
     }
-#pragma omp parallel for num_threads(T) schedule(static, 1)
-    for (int t = 0; t < T; ++t) {
-      const Chunk c = chunk_of(t, T, m);
-      int64_t* h = hist + static_cast<int64_t>(t) * kBins;
-      for (int64_t i = c.begin; i < c.end; ++i) dst[h[(src[i] >> shift) & (kBins - 1)]++] = src[i];
-    }
-    std::swap(src, dst);
   }
-  return src;
+  return kDigits % 2 ? tmp : a;
 }
 
 // Puts each run of equal keys in a[begin, end) (sorted by key, ties in index order) into
