@@ -117,7 +117,22 @@ CIFAR_RESNETS: dict[str, tuple[int, tuple[int, int, int, int]]] = {
 
 
 # -- tiny models for CPU runs --------------------------------------------------------------
-class ConvNet(nn.Module):
+class _PooledConvNet(nn.Module):
+    """A conv body, global average pooling and a linear classifier; ``forward(x, features=True)``
+    also returns the pooled features."""
+
+    def _finish(self, blocks: list[nn.Module], channels: int, num_classes: int) -> None:
+        self.body = nn.Sequential(*blocks)
+        self.fc = nn.Linear(channels, num_classes)
+        self.embed_dim = channels
+
+    def forward(self, x: torch.Tensor, features: bool = False):
+        f = torch.flatten(F.adaptive_avg_pool2d(self.body(x), 1), 1)
+        logits = self.fc(f)
+        return (logits, f) if features else logits
+
+
+class ConvNet(_PooledConvNet):
     """A plain conv net: ``len(widths)`` blocks of conv3x3-BN-ReLU, each followed by 2x2
     max pooling, then global average pooling and a linear classifier."""
 
@@ -133,14 +148,7 @@ class ConvNet(nn.Module):
                 nn.MaxPool2d(2),
             ]
             c = w
-        self.body = nn.Sequential(*blocks)
-        self.fc = nn.Linear(c, num_classes)
-        self.embed_dim = c
-
-    def forward(self, x: torch.Tensor, features: bool = False):
-        f = torch.flatten(F.adaptive_avg_pool2d(self.body(x), 1), 1)
-        logits = self.fc(f)
-        return (logits, f) if features else logits
+        self._finish(blocks, c, num_classes)
 
 
 class MLP(nn.Module):
@@ -220,7 +228,7 @@ def _construct(name: str, num_classes: int, input_shape: Sequence[int]) -> nn.Mo
     raise ValueError(f"model must be one of {choices}, got {name!r}")
 
 
-class _ConvNetTeacher(nn.Module):
+class _ConvNetTeacher(_PooledConvNet):
     """The tiny teacher: three stages of two conv3x3-BN-ReLU, widths 32/64/128, max pooling."""
 
     def __init__(self, num_classes: int, in_channels: int = 3):
@@ -232,14 +240,7 @@ class _ConvNetTeacher(nn.Module):
                 blocks += [nn.Conv2d(c, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
                 c = w
             blocks.append(nn.MaxPool2d(2))
-        self.body = nn.Sequential(*blocks)
-        self.fc = nn.Linear(c, num_classes)
-        self.embed_dim = c
-
-    def forward(self, x: torch.Tensor, features: bool = False):
-        f = torch.flatten(F.adaptive_avg_pool2d(self.body(x), 1), 1)
-        logits = self.fc(f)
-        return (logits, f) if features else logits
+        self._finish(blocks, c, num_classes)
 
 
 def init_weights_(model: nn.Module, generator: torch.Generator) -> nn.Module:

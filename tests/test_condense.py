@@ -192,14 +192,20 @@ def _sampled(n: int) -> np.ndarray:
     return mask
 
 
+def _misleading(n: int, seed: int, bulk: float, spread: float) -> np.ndarray:
+    """Sampled points uniform over [0, 1); every other point within `spread` above `bulk`."""
+    rng = np.random.default_rng(seed)
+    v = bulk + spread * rng.random(n)
+    s = _sampled(n)
+    v[s] = rng.random(s.sum())
+    return v
+
+
 def test_condense_recovers_from_a_misleading_sample(isa: str) -> None:
     # The sampled points spread over [0, 1); every other point sits near 0.9, so the
     # zone predicted for rank 2n/3 misses it: the pass repeats with widened zones.
-    rng = np.random.default_rng(5)
     n = 200_003
-    v = 0.9 + 1e-3 * rng.random(n)
-    s = _sampled(n)
-    v[s] = rng.random(s.sum())
+    v = _misleading(n, 5, 0.9, 1e-3)
     for vaks in VAKS:
         _compare(v, 2 * n // 3, n, vaks)
         assert _cpu.last_condense_stats()["passes"] == 2
@@ -210,11 +216,8 @@ def test_condense_recovers_from_a_misleading_sample(isa: str) -> None:
 def test_condense_recopies_when_the_predicted_zone_overflows(isa: str) -> None:
     # The sample says few points lie near the median; in fact almost all do, so the copy
     # made during the pass runs out of room and the members are copied again.
-    rng = np.random.default_rng(6)
     n = 200_003
-    v = 0.5 + 1e-9 * rng.random(n)
-    s = _sampled(n)
-    v[s] = rng.random(s.sum())
+    v = _misleading(n, 6, 0.5, 1e-9)
     _compare(v, n // 2, n, "off")  # wants ranks around n/2: the zone holds 0.5
     stats = _cpu.last_condense_stats()
     assert stats["recopied"] and stats["passes"] == 1 and stats["members"] > n // 2

@@ -104,6 +104,19 @@ struct Zones {
   Zones() {
     for (int z = 0; z < kMaxZones; ++z) lo[z] = hi[z] = NAN;
   }
+  // Appends [lo_, hi_] (no higher than the last zone's top), merged into the last zone
+  // when they overlap.
+  void add(double lo_, double hi_) {
+    if (count > 0 && hi_ >= lo[count - 1]) {
+      lo[count - 1] = std::min(lo[count - 1], lo_);
+      hi[count - 1] = std::max(hi[count - 1], hi_);
+    } else {
+      if (count == kMaxZones) throw std::logic_error("condense: more zones than rank ranges");
+      lo[count] = lo_;
+      hi[count] = hi_;
+      ++count;
+    }
+  }
 };
 
 // Counts of pass 1: at_or_below_hi[z] = #(x <= hi[z]), below_lo[z] = #(x < lo[z]). They
@@ -394,15 +407,7 @@ Zones predict_zones(std::vector<double>& sample, int64_t N, const std::vector<st
   };
   Zones zn;
   for (const auto& w : wanted) {
-    const double hi = bound(w[0], -1), lo = bound(w[1] - 1, +1);
-    if (zn.count > 0 && hi >= zn.lo[zn.count - 1]) {  // overlaps the zone above: merge
-      zn.lo[zn.count - 1] = std::min(zn.lo[zn.count - 1], lo);
-      zn.hi[zn.count - 1] = std::max(zn.hi[zn.count - 1], hi);
-    } else {
-      zn.hi[zn.count] = hi;
-      zn.lo[zn.count] = lo;
-      ++zn.count;
-    }
+    zn.add(bound(w[1] - 1, +1), bound(w[0], -1));
   }
   return zn;
 }
@@ -549,15 +554,7 @@ void partial_rank(const double* v, int64_t N, int64_t n_keep, const std::vector<
       while (class_rank[ca + 1] <= w[0]) ++ca;
       while (class_rank[cb + 1] < w[1]) ++cb;
       copy_fraction += static_cast<double>(class_rank[cb + 1] - class_rank[ca]) / static_cast<double>(N);
-      const double hi = upper(ca), lo = lower(cb);
-      if (wide.count > 0 && hi >= wide.lo[wide.count - 1]) {
-        wide.lo[wide.count - 1] = std::min(wide.lo[wide.count - 1], lo);
-        wide.hi[wide.count - 1] = std::max(wide.hi[wide.count - 1], hi);
-      } else {
-        wide.hi[wide.count] = hi;
-        wide.lo[wide.count] = lo;
-        ++wide.count;
-      }
+      wide.add(lower(cb), upper(ca));
     }
     zn = wide;
   }
