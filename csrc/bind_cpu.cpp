@@ -74,8 +74,8 @@ void blend(py::capsule images, py::capsule dst, py::capsule src, py::capsule eps
   kcd::cpu::blend(im.data<uint8_t>(), N, D, d.data<int64_t>(), s.data<int64_t>(), e.data<double>(), d.size(0));
 }
 
-// A uint8 [nbytes] CPU tensor on fresh huge-page memory (kcd::cpu::alloc_pages), as a
-// DLPack capsule; the memory is unmapped when its consumer frees it.
+// A uint8 [nbytes] CPU tensor on huge-page memory (kcd::cpu::alloc_pages), as a DLPack
+// capsule, uninitialised; the memory returns to the pages cache when its consumer frees it.
 struct PagesHolder {
   DLManagedTensor managed;
   int64_t shape[1];
@@ -142,7 +142,18 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("condense", &condense, "values [N] f64, n_keep, n_prev, mode, eps_m, random_pos [P], keep [n_keep], "
                                "dropped [L], dst [P], src [P], eps [P]");
   m.def("empty_bytes", &empty_bytes, py::arg("nbytes"),
-        "fresh uint8 [nbytes] CPU memory on huge pages where available, as a DLPack capsule");
+        "uninitialised uint8 [nbytes] CPU memory on huge pages where available (reused from the pages cache "
+        "when a released buffer fits), as a DLPack capsule");
+  m.def("cached_pages_bytes", &kcd::cpu::cached_pages_bytes, "bytes of released buffers the pages cache holds");
+  m.def("pages_cache_limit", &kcd::cpu::pages_cache_limit, "the pages cache's byte limit");
+  m.def(
+      "set_pages_cache_limit",
+      [](int64_t limit) {
+        if (limit < 0) throw std::invalid_argument("limit must be >= 0, got " + std::to_string(limit));
+        return kcd::cpu::set_pages_cache_limit(static_cast<size_t>(limit));
+      },
+      py::arg("limit"), "cap the pages cache at `limit` bytes (evicting down to it); returns the previous cap");
+  m.def("empty_pages_cache", &kcd::cpu::empty_pages_cache, "unmap every cached buffer; returns the bytes released");
   m.def("condense_isa", &kcd::cpu::condense_isa, "the compaction kernels condense uses: 'avx512' or 'generic'");
   m.def("set_condense_isa", &kcd::cpu::set_condense_isa, py::arg("name"),
         "force condense's compaction kernels: 'auto', 'generic' or 'avx512' (tests, benchmarks)");

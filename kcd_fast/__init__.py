@@ -5,9 +5,10 @@ Core API (see README.md and ../shared/KCD_SPEC.md):
     kcd_fast.condense                                              ranking + VAKS pairs
     kcd_fast.CondensationSchedule, kcd_fast.unix_computation       schedule, cost model
     kcd_fast.ValueBank                                             per-point accumulators
+    kcd_fast.memory                                                cache of large CPU results
 """
 
-from . import ops
+from . import memory, ops
 from ._ext import build_info, has_cuda
 from ._version import __version__
 from .bank import Measure, ValueBank
@@ -31,6 +32,7 @@ __all__ = [
     "build_info",
     "condense",
     "has_cuda",
+    "memory",
     "ops",
     "unix_computation",
 ]

@@ -4,18 +4,23 @@
 // n_keep points. A sample selection:
 //   1. A sample of 4096 values predicts, for each wanted rank range, a value zone that
 //      holds it (four binomial standard deviations of slack on each side).
-//   2. One pass over the values counts, per thread, the points above / inside / below
-//      each zone and copies the zone members (value, index). The counts give every
-//      zone's exact rank range; where a zone misses its ranks (an unrepresentative
-//      sample) the zones widen to the classes that hold them and the pass repeats once,
-//      which then holds by construction.
-//   3. The M members, packed as (32-bit key: zone, linear position of the value in the
-//      zone; index), are sorted by a stable three-pass LSD radix sort on the key, then by
-//      exact value inside the rare runs of equal keys (ties keep index order).
-//   4. The point at rank n_keep - 1, (v*, i*), is the keep threshold: one pass writes the
-//      indices with v > v* or (v == v* and i <= i*), in index order.
-// Both passes that compact (copy, keep) use AVX-512 compress where the CPU has it and a
-// branch-free scalar loop elsewhere (set_condense_isa forces either, for tests).
+//   2. One pass over the values counts, per chunk, the points above / inside / below
+//      each zone, marks in a bitmap the points above the zone of the keep boundary
+//      (they are kept whatever the exact ranks), and copies the zone members packed as
+//      (32-bit key: zone, linear position of the value in the zone; 32-bit index). The
+//      counts give every zone's exact rank range; where a zone misses its ranks (an
+//      unrepresentative sample) the zones widen to the classes that hold them and the
+//      pass repeats once, which then holds by construction.
+//   3. The M members are sorted by a stable three-pass LSD radix sort on the key (the
+//      first pass reads the chunks' copies in place), then by exact value inside the
+//      rare runs of equal keys (ties keep index order).
+//   4. The point at rank n_keep - 1 is the keep threshold: each chunk adds the bits of
+//      its members ranked at or before it to the bitmap, and the bitmap expands to the
+//      kept indices in index order. The values are read once (plus the sample and the
+//      members of rare equal-key runs): this runs at memory speed, and after another
+//      job has flushed the caches the traffic is what costs.
+// Pass 1 and the expansion use AVX-512 (compress) where the CPU has it and scalar loops
+// elsewhere (set_condense_isa forces either, for tests).
 #include <algorithm>
 #include <array>
 #include <atomic>
@@ -90,10 +95,10 @@ Isa active_isa() {
   return avx512 ? Isa::kAvx512 : Isa::kGeneric;
 }
 
-// ---- Pass 1: zones, counts, the copy of the members --------------------------------------
+// ---- Zones and keys ----------------------------------------------------------------------
 
 constexpr int kMaxZones = 2;  // the wanted rank ranges merge into at most two runs
-constexpr int kBlock = 4096;  // points per block of pass 1
+constexpr int kBlock = 4096;  // points per block of pass 1 (a multiple of 64)
 constexpr int kSlack = 8;     // a vector store may write this far past the last member
 
 // Value zones, descending and disjoint: zone z = [lo[z], hi[z]]. Unused zones have NaN
@@ -105,8 +110,8 @@ struct Zones {
     for (int z = 0; z < kMaxZones; ++z) lo[z] = hi[z] = NAN;
   }
   // Appends [lo_, hi_] (no higher than the last zone's top), merged into the last zone
-  // when they overlap.
-  void add(double lo_, double hi_) {
+  // when they overlap; returns the zone that holds it.
+  int add(double lo_, double hi_) {
     if (count > 0 && hi_ >= lo[count - 1]) {
       lo[count - 1] = std::min(lo[count - 1], lo_);
       hi[count - 1] = std::max(hi[count - 1], hi_);
@@ -116,169 +121,23 @@ struct Zones {
       hi[count] = hi_;
       ++count;
     }
+    return count - 1;
   }
 };
-
-// Counts of pass 1: at_or_below_hi[z] = #(x <= hi[z]), below_lo[z] = #(x < lo[z]). They
-// split the points into classes by value, descending: above zone 0, zone 0, between,
-// zone 1, below; class c holds ranks [class_rank[c], class_rank[c + 1]).
-struct ClassCounts {
-  int64_t at_or_below_hi[kMaxZones] = {0, 0}, below_lo[kMaxZones] = {0, 0}, nan = 0;
-  void add(const ClassCounts& o) {
-    for (int z = 0; z < kMaxZones; ++z) {
-      at_or_below_hi[z] += o.at_or_below_hi[z];
-      below_lo[z] += o.below_lo[z];
-    }
-    nan += o.nan;
-  }
-};
-
-KCD_CLONES void count_classes(const double* v, int64_t begin, int64_t end, Zones zn, ClassCounts* cc) {
-  const double h0 = zn.hi[0], l0 = zn.lo[0], h1 = zn.hi[1], l1 = zn.lo[1];
-  int64_t a0 = 0, b0 = 0, a1 = 0, b1 = 0, nan = 0;
-  for (int64_t i = begin; i < end; ++i) {
-    const double x = v[i];
-    a0 += x <= h0;
-    b0 += x < l0;
-    a1 += x <= h1;
-    b1 += x < l1;
-    nan += x != x;
-  }
-  cc->at_or_below_hi[0] += a0;
-  cc->below_lo[0] += b0;
-  cc->at_or_below_hi[1] += a1;
-  cc->below_lo[1] += b1;
-  cc->nan += nan;
-}
-
-// Copies the zone members of [begin, end) to ov / oi (room for their count + kSlack) and
-// adds to the counts; returns the number copied.
-int64_t scan_generic(const double* v, int64_t begin, int64_t end, Zones zn, ClassCounts* cc, double* ov,
-                     uint64_t* oi) {
-  count_classes(v, begin, end, zn, cc);
-  const double h0 = zn.hi[0], l0 = zn.lo[0], h1 = zn.hi[1], l1 = zn.lo[1];
-  int64_t m = 0;
-  for (int64_t i = begin; i < end; ++i) {
-    const double x = v[i];
-    ov[m] = x;
-    oi[m] = static_cast<uint64_t>(i);
-    m += ((x >= l0) & (x <= h0)) | ((x >= l1) & (x <= h1));
-  }
-  return m;
-}
-
-#if KCD_AVX512_PATH
-__attribute__((target("avx512f,popcnt"))) int64_t scan_avx512(const double* v, int64_t begin, int64_t end,
-                                                              Zones zn, ClassCounts* cc, double* ov, uint64_t* oi) {
-  const __m512d h0 = _mm512_set1_pd(zn.hi[0]), l0 = _mm512_set1_pd(zn.lo[0]);
-  const __m512d h1 = _mm512_set1_pd(zn.hi[1]), l1 = _mm512_set1_pd(zn.lo[1]);
-  __m512i idx = _mm512_add_epi64(_mm512_set1_epi64(begin), _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0));
-  const __m512i eight = _mm512_set1_epi64(8);
-  int64_t a0 = 0, b0 = 0, a1 = 0, b1 = 0, nan = 0, m = 0, i = begin;
-  for (; i + 8 <= end; i += 8) {
-    const __m512d x = _mm512_loadu_pd(v + i);
-    const unsigned c0 = _mm512_cmp_pd_mask(x, h0, _CMP_LE_OQ), d0 = _mm512_cmp_pd_mask(x, l0, _CMP_LT_OQ);
-    const unsigned c1 = _mm512_cmp_pd_mask(x, h1, _CMP_LE_OQ), d1 = _mm512_cmp_pd_mask(x, l1, _CMP_LT_OQ);
-    const unsigned in = (c0 & ~d0) | (c1 & ~d1);
-    a0 += __builtin_popcount(c0);
-    b0 += __builtin_popcount(d0);
-    a1 += __builtin_popcount(c1);
-    b1 += __builtin_popcount(d1);
-    nan += __builtin_popcount(_mm512_cmp_pd_mask(x, x, _CMP_UNORD_Q));
-    _mm512_storeu_pd(ov + m, _mm512_maskz_compress_pd(static_cast<__mmask8>(in), x));
-    _mm512_storeu_si512(oi + m, _mm512_maskz_compress_epi64(static_cast<__mmask8>(in), idx));
-    m += __builtin_popcount(in);
-    idx = _mm512_add_epi64(idx, eight);
-  }
-  cc->at_or_below_hi[0] += a0;
-  cc->below_lo[0] += b0;
-  cc->at_or_below_hi[1] += a1;
-  cc->below_lo[1] += b1;
-  cc->nan += nan;
-  return m + scan_generic(v, i, end, zn, cc, ov + m, oi + m);
-}
-#endif
-
-int64_t scan(Isa isa, const double* v, int64_t begin, int64_t end, Zones zn, ClassCounts* cc, double* ov,
-             uint64_t* oi) {
-#if KCD_AVX512_PATH
-  if (isa == Isa::kAvx512) return scan_avx512(v, begin, end, zn, cc, ov, oi);
-#endif
-  (void)isa;
-  return scan_generic(v, begin, end, zn, cc, ov, oi);
-}
-
-// ---- Pass 3: keep = the points ranked before the threshold (vs, is), in index order ----
-
-// Of the copied members x / ix [n], how many are kept: at or below `hi` (the boundary
-// zone's top; the points above it are kept and counted by pass 1) and ranked at or before
-// the threshold point (vs, is).
-KCD_CLONES int64_t count_kept_members(const double* x, const uint64_t* ix, int64_t n, double hi, double vs,
-                                      int64_t is) {
-  int64_t kept = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    const double y = x[j];
-    kept += (y <= hi) & ((y > vs) | ((y == vs) & (static_cast<int64_t>(ix[j]) <= is)));
-  }
-  return kept;
-}
-
-// Writes the kept indices of [begin, end) to out [cap]; returns how many.
-int64_t select_generic(const double* v, int64_t begin, int64_t end, double vs, int64_t is, int64_t* out,
-                       int64_t cap) {
-  int64_t w = 0;
-  for (int64_t i = begin; i < end; ++i) {  // branch-free: the slot is overwritten unless kept
-    if (w < cap) out[w] = i;
-    w += (v[i] > vs) | ((v[i] == vs) & (i <= is));
-  }
-  return w;
-}
-
-#if KCD_AVX512_PATH
-__attribute__((target("avx512f,popcnt"))) int64_t select_avx512(const double* v, int64_t begin, int64_t end,
-                                                                double vs, int64_t is, int64_t* out, int64_t cap) {
-  const __m512d t = _mm512_set1_pd(vs);
-  const __m512i ti = _mm512_set1_epi64(is), eight = _mm512_set1_epi64(8);
-  __m512i idx = _mm512_add_epi64(_mm512_set1_epi64(begin), _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0));
-  int64_t w = 0, i = begin;
-  for (; i + 8 <= end && w + 8 <= cap; i += 8) {
-    const __m512d x = _mm512_loadu_pd(v + i);
-    const unsigned sel = _mm512_cmp_pd_mask(x, t, _CMP_GT_OQ) |
-                         (_mm512_cmp_pd_mask(x, t, _CMP_EQ_OQ) & _mm512_cmp_epi64_mask(idx, ti, _MM_CMPINT_LE));
-    _mm512_storeu_si512(out + w, _mm512_maskz_compress_epi64(static_cast<__mmask8>(sel), idx));
-    w += __builtin_popcount(sel);
-    idx = _mm512_add_epi64(idx, eight);
-  }
-  return w + select_generic(v, i, end, vs, is, out + w, cap - w);
-}
-#endif
-
-int64_t select_kept(Isa isa, const double* v, int64_t begin, int64_t end, double vs, int64_t is, int64_t* out,
-                    int64_t cap) {
-#if KCD_AVX512_PATH
-  if (isa == Isa::kAvx512) return select_avx512(v, begin, end, vs, is, out, cap);
-#endif
-  (void)isa;
-  return select_generic(v, begin, end, vs, is, out, cap);
-}
-
-// ---- Step 3: sorting the members ------------------------------------------------------
 
 // Members are packed as key << 32 | index (N < 2^32); key = zone << 30 | position of the
 // value in the zone. A stable sort by key from index order leaves ties in index order.
 constexpr uint64_t kIndexMask = 0xffffffffull;
 constexpr uint32_t kLocalMax = (uint32_t{1} << 30) - 1;
 constexpr double kLocalSteps = static_cast<double>((uint32_t{1} << 29) - 1);
-constexpr int kDigits = 3;  // radix passes over the 32 key bits: 11 + 11 + 10
-constexpr int kDigitShift[kDigits] = {32, 43, 54};
-constexpr int kBins = 2048;  // a histogram stays in L1
 
 inline int64_t index_of(uint64_t c) { return static_cast<int64_t>(c & kIndexMask); }
 
 // Descending linear position of a value in a zone spanning [lo, hi] (finite): +inf -> 0,
 // finite x -> 1 + (hi - x) * scale clamped to [0, 2^29 - 1], -inf -> kLocalMax. Monotone
 // (every step rounds monotonically), so key order never contradicts value order; values
-// outside [lo, hi] clamp and are ordered exactly later. Halves keep hi - x finite.
+// outside [lo, hi] clamp and are ordered exactly later. Halves keep hi - x finite. The
+// AVX-512 pass computes the same operations lane by lane (no contraction: -ffp-contract=off).
 struct ZoneKey {
   double top = 0.0, scale = 0.0;
   uint32_t zone_bits = 0;
@@ -298,38 +157,254 @@ struct ZoneKey {
   }
 };
 
-// out[j] = key(x[j]) << 32 | ix[j]; members below `split` belong to zone 1.
-KCD_CLONES void pack_members(const double* x, const uint64_t* ix, int64_t n, double split, ZoneKey k0, ZoneKey k1,
-                             uint64_t* out) {
+// What pass 1 compares against: the zones, the top of the keep boundary's zone (points
+// above it are kept: their bits are set), the members' keys (zone 1 below `split`).
+struct Pass1 {
+  Zones zn;
+  double above = INFINITY;
+  ZoneKey key0, key1;
+  double split = -INFINITY;
+  uint64_t word(double x, int64_t i) const {
+    const uint32_t k = x < split ? key1.key(x) : key0.key(x);
+    return static_cast<uint64_t>(k) << 32 | static_cast<uint64_t>(i);
+  }
+};
+
+// ---- Pass 1: counts, the bitmap of points above the boundary zone, the members ---------
+
+// Counts of pass 1: at_or_below_hi[z] = #(x <= hi[z]), below_lo[z] = #(x < lo[z]). They
+// split the points into classes by value, descending: above zone 0, zone 0, between,
+// zone 1, below; class c holds ranks [class_rank[c], class_rank[c + 1]).
+struct ClassCounts {
+  int64_t at_or_below_hi[kMaxZones] = {0, 0}, below_lo[kMaxZones] = {0, 0}, nan = 0;
+  void add(const ClassCounts& o) {
+    for (int z = 0; z < kMaxZones; ++z) {
+      at_or_below_hi[z] += o.at_or_below_hi[z];
+      below_lo[z] += o.below_lo[z];
+    }
+    nan += o.nan;
+  }
+};
+
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the bitmap is written in bytes and read in words");
+
+// Counts the classes of [begin, end) and writes the bitmap bytes of its points (bit i & 7
+// of byte i >> 3: x > p.above); begin is a multiple of 8.
+KCD_CLONES void count_and_mark(const double* v, int64_t begin, int64_t end, const Pass1& p, ClassCounts* cc,
+                               uint8_t* bits) {
+  const double h0 = p.zn.hi[0], l0 = p.zn.lo[0], h1 = p.zn.hi[1], l1 = p.zn.lo[1], ab = p.above;
+  int64_t a0 = 0, b0 = 0, a1 = 0, b1 = 0, nan = 0;
+  for (int64_t i = begin; i < end; ++i) {
+    const double x = v[i];
+    a0 += x <= h0;
+    b0 += x < l0;
+    a1 += x <= h1;
+    b1 += x < l1;
+    nan += x != x;
+  }
+  for (int64_t i = begin; i < end; i += 8) {
+    const int64_t n = std::min<int64_t>(8, end - i);
+    unsigned byte = 0;
+    for (int64_t k = 0; k < n; ++k) byte |= static_cast<unsigned>(v[i + k] > ab) << k;
+    bits[i >> 3] = static_cast<uint8_t>(byte);
+  }
+  cc->at_or_below_hi[0] += a0;
+  cc->below_lo[0] += b0;
+  cc->at_or_below_hi[1] += a1;
+  cc->below_lo[1] += b1;
+  cc->nan += nan;
+}
+
+// Pass 1 over [begin, end) (begin a multiple of 8): counts, bitmap bytes and, when
+// `out` is not null, the packed members (room for their count + kSlack); returns how
+// many were copied.
+int64_t scan_generic(const double* v, int64_t begin, int64_t end, const Pass1& p, ClassCounts* cc, uint8_t* bits,
+                     uint64_t* out) {
+  count_and_mark(v, begin, end, p, cc, bits);
+  if (out == nullptr) return 0;
+  const double h0 = p.zn.hi[0], l0 = p.zn.lo[0], h1 = p.zn.hi[1], l1 = p.zn.lo[1];
+  int64_t m = 0;
+  for (int64_t i = begin; i < end; ++i) {  // branch-free: the slot is overwritten unless a member
+    const double x = v[i];
+    out[m] = static_cast<uint64_t>(i);
+    m += ((x >= l0) & (x <= h0)) | ((x >= l1) & (x <= h1));
+  }
+  for (int64_t j = 0; j < m; ++j) out[j] = p.word(v[out[j]], static_cast<int64_t>(out[j]));
+  return m;
+}
+
+#if KCD_AVX512_PATH
+__attribute__((target("avx512f,popcnt"))) int64_t scan_avx512(const double* v, int64_t begin, int64_t end,
+                                                                       const Pass1& p, ClassCounts* cc, uint8_t* bits,
+                                                                       uint64_t* out) {
+  const __m512d h0 = _mm512_set1_pd(p.zn.hi[0]), l0 = _mm512_set1_pd(p.zn.lo[0]);
+  const __m512d h1 = _mm512_set1_pd(p.zn.hi[1]), l1 = _mm512_set1_pd(p.zn.lo[1]);
+  const __m512d ab = _mm512_set1_pd(p.above), split = _mm512_set1_pd(p.split);
+  const __m512d top0 = _mm512_set1_pd(p.key0.top), top1 = _mm512_set1_pd(p.key1.top);
+  const __m512d scale0 = _mm512_set1_pd(p.key0.scale), scale1 = _mm512_set1_pd(p.key1.scale);
+  const __m512i zb0 = _mm512_set1_epi64(p.key0.zone_bits), zb1 = _mm512_set1_epi64(p.key1.zone_bits);
+  const __m512d half = _mm512_set1_pd(0.5), zero = _mm512_setzero_pd(), steps = _mm512_set1_pd(kLocalSteps);
+  const __m512d pinf = _mm512_set1_pd(INFINITY), ninf = _mm512_set1_pd(-INFINITY);
+  const __m512i one = _mm512_set1_epi64(1), local_max = _mm512_set1_epi64(kLocalMax);
+  __m512i idx = _mm512_add_epi64(_mm512_set1_epi64(begin), _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0));
+  const __m512i eight = _mm512_set1_epi64(8);
+  int64_t a0 = 0, b0 = 0, a1 = 0, b1 = 0, nan = 0, m = 0, i = begin;
+  for (; i + 8 <= end; i += 8) {
+    const __m512d x = _mm512_loadu_pd(v + i);
+    const unsigned c0 = _mm512_cmp_pd_mask(x, h0, _CMP_LE_OQ), d0 = _mm512_cmp_pd_mask(x, l0, _CMP_LT_OQ);
+    const unsigned c1 = _mm512_cmp_pd_mask(x, h1, _CMP_LE_OQ), d1 = _mm512_cmp_pd_mask(x, l1, _CMP_LT_OQ);
+    a0 += __builtin_popcount(c0);
+    b0 += __builtin_popcount(d0);
+    a1 += __builtin_popcount(c1);
+    b1 += __builtin_popcount(d1);
+    nan += __builtin_popcount(_mm512_cmp_pd_mask(x, x, _CMP_UNORD_Q));
+    bits[i >> 3] = static_cast<uint8_t>(_mm512_cmp_pd_mask(x, ab, _CMP_GT_OQ));
+    if (out != nullptr) {
+      const __mmask8 in = static_cast<__mmask8>((c0 & ~d0) | (c1 & ~d1));
+      const __mmask8 z1 = _mm512_cmp_pd_mask(x, split, _CMP_LT_OQ);
+      const __m512d top = _mm512_mask_blend_pd(z1, top0, top1), scale = _mm512_mask_blend_pd(z1, scale0, scale1);
+      __m512d d = _mm512_mul_pd(_mm512_sub_pd(top, _mm512_mul_pd(x, half)), scale);
+      d = _mm512_min_pd(_mm512_max_pd(d, zero), steps);  // max(NaN, 0) = 0, as the scalar key
+      __m512i key = _mm512_add_epi64(_mm512_cvtepu32_epi64(_mm512_cvttpd_epi32(d)), one);
+      key = _mm512_mask_blend_epi64(_mm512_cmp_pd_mask(x, pinf, _CMP_EQ_OQ), key, _mm512_setzero_si512());
+      key = _mm512_mask_blend_epi64(_mm512_cmp_pd_mask(x, ninf, _CMP_EQ_OQ), key, local_max);
+      key = _mm512_or_si512(key, _mm512_mask_blend_epi64(z1, zb0, zb1));
+      const __m512i word = _mm512_or_si512(_mm512_slli_epi64(key, 32), idx);
+      _mm512_storeu_si512(out + m, _mm512_maskz_compress_epi64(in, word));
+      m += __builtin_popcount(in);
+    }
+    idx = _mm512_add_epi64(idx, eight);
+  }
+  cc->at_or_below_hi[0] += a0;
+  cc->below_lo[0] += b0;
+  cc->at_or_below_hi[1] += a1;
+  cc->below_lo[1] += b1;
+  cc->nan += nan;
+  return m + scan_generic(v, i, end, p, cc, bits, out == nullptr ? nullptr : out + m);
+}
+#endif
+
+int64_t scan(Isa isa, const double* v, int64_t begin, int64_t end, const Pass1& p, ClassCounts* cc, uint8_t* bits,
+             uint64_t* out) {
+#if KCD_AVX512_PATH
+  if (isa == Isa::kAvx512) return scan_avx512(v, begin, end, p, cc, bits, out);
+#endif
+  (void)isa;
+  return scan_generic(v, begin, end, p, cc, bits, out);
+}
+
+// ---- Keep: the bitmap of the kept points, expanded to their indices ---------------------
+
+// Sets the bits of the members w [n] ranked at or before the threshold member `ws`
+// (key order, then exact value descending, then index); returns nothing, the bitmap
+// words of the members' chunk belong to the caller alone.
+void mark_kept_members(const uint64_t* w, int64_t n, uint64_t ws, const double* v, uint64_t* bits) {
+  const uint64_t key_s = ws >> 32;
+  const int64_t is = index_of(ws);
+  const double vs = v[is];
   for (int64_t j = 0; j < n; ++j) {
-    const uint32_t key = x[j] < split ? k1.key(x[j]) : k0.key(x[j]);
-    out[j] = static_cast<uint64_t>(key) << 32 | ix[j];
+    const uint64_t key = w[j] >> 32;
+    const int64_t i = index_of(w[j]);
+    bool kept = key < key_s;
+    if (key == key_s) kept = v[i] > vs || (v[i] == vs && i <= is);  // rare: equal keys
+    bits[i >> 6] |= static_cast<uint64_t>(kept) << (i & 63);
   }
 }
 
-// Stable LSD radix sort of a[0, m) by the key (bits 32..63); tmp [m]. Each pass counts
-// the digits of T chunks, then scatters every chunk after the lower chunks' items of the
-// same digit, so equal digits keep their order. Chunks are loop iterations, so the result
-// does not depend on how many threads OpenMP actually grants. Returns where the result is.
-uint64_t* radix_sort(uint64_t* a, uint64_t* tmp, int64_t m, int64_t* hist /* [T, kBins] */, int T) {
+// Writes base + the positions of the set bits of bits[0, words) to out [cap]; returns how many.
+int64_t expand_generic(const uint64_t* bits, int64_t words, int64_t base, int64_t* out, int64_t cap) {
+  int64_t w = 0;
+  for (int64_t k = 0; k < words; ++k) {
+    for (uint64_t b = bits[k]; b != 0 && w < cap; b &= b - 1) out[w++] = base + 64 * k + __builtin_ctzll(b);
+  }
+  return w;
+}
+
+#if KCD_AVX512_PATH
+__attribute__((target("avx512f,popcnt"))) int64_t expand_avx512(const uint64_t* bits, int64_t words, int64_t base,
+                                                                int64_t* out, int64_t cap) {
+  const uint8_t* bytes = reinterpret_cast<const uint8_t*>(bits);
+  __m512i idx = _mm512_add_epi64(_mm512_set1_epi64(base), _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0));
+  const __m512i all = _mm512_set1_epi64(64);
+  int64_t w = 0, k = 0;
+  for (; k < words && w + 64 <= cap; ++k) {
+    if (bits[k] == ~uint64_t{0}) {  // common: a whole word kept
+      for (int q = 0; q < 8; ++q) _mm512_storeu_si512(out + w + 8 * q, _mm512_add_epi64(idx, _mm512_set1_epi64(8 * q)));
+      w += 64;
+    } else {
+      for (int q = 0; q < 8; ++q) {
+        const __mmask8 sel = bytes[8 * k + q];
+        _mm512_storeu_si512(out + w, _mm512_maskz_compress_epi64(sel, _mm512_add_epi64(idx, _mm512_set1_epi64(8 * q))));
+        w += __builtin_popcount(sel);
+      }
+    }
+    idx = _mm512_add_epi64(idx, all);
+  }
+  return w + expand_generic(bits + k, words - k, base + 64 * k, out + w, cap - w);
+}
+#endif
+
+int64_t expand(Isa isa, const uint64_t* bits, int64_t words, int64_t base, int64_t* out, int64_t cap) {
+#if KCD_AVX512_PATH
+  if (isa == Isa::kAvx512) return expand_avx512(bits, words, base, out, cap);
+#endif
+  (void)isa;
+  return expand_generic(bits, words, base, out, cap);
+}
+
+int64_t popcount_words(const uint64_t* bits, int64_t words) {
+  int64_t n = 0;
+  for (int64_t k = 0; k < words; ++k) n += __builtin_popcountll(bits[k]);
+  return n;
+}
+
+// ---- Step 3: sorting the members ------------------------------------------------------
+
+constexpr int kDigits = 3;  // radix passes over the 32 key bits: 11 + 11 + 10
+constexpr int kDigitShift[kDigits] = {32, 43, 54};
+constexpr int kBins = 2048;  // a histogram stays in L1
+
+// Stable LSD radix sort by the key (bits 32..63) of the m words held by S segments
+// (seg[s] [seg_len[s]], in order); a, tmp [m]. The first pass reads the segments in
+// place (one chunk each), the later ones T even chunks of the contiguous array. Each pass
+// counts the digits of every chunk, then scatters every chunk after the lower chunks'
+// items of the same digit, so equal digits keep their order. Chunks are loop iterations,
+// so the result does not depend on how many threads OpenMP actually grants. Returns where
+// the result is (tmp: the passes go segments -> tmp -> a -> tmp).
+uint64_t* radix_sort(const uint64_t* const* seg, const int64_t* seg_len, int S, uint64_t* a, uint64_t* tmp,
+                     int64_t m, int64_t* hist /* [max(S, T), kBins] */, int T) {
+  static_assert(kDigits == 3, "the passes end in tmp");
 #pragma omp parallel num_threads(T)
   {
-    uint64_t* src = a;  // each thread's copy, swapped in step after every pass
-    uint64_t* dst = tmp;
     for (int d = 0; d < kDigits; ++d) {
       const int shift = kDigitShift[d];
+      const uint64_t* src = d == 1 ? tmp : a;
+      uint64_t* dst = d == 1 ? a : tmp;
+      const int C = d == 0 ? S : T;
+      auto chunk = [&](int t, const uint64_t** p, int64_t* n) {
+        if (d == 0) {
+          *p = seg[t];
+          *n = seg_len[t];
+        } else {
+          const Chunk c = chunk_of(t, T, m);
+          *p = src + c.begin;
+          *n = c.end - c.begin;
+        }
+      };
 #pragma omp for schedule(static, 1)
-      for (int t = 0; t < T; ++t) {
-        const Chunk c = chunk_of(t, T, m);
+      for (int t = 0; t < C; ++t) {
+        const uint64_t* p;
+        int64_t n;
+        chunk(t, &p, &n);
         int64_t* h = hist + static_cast<int64_t>(t) * kBins;
         std::fill(h, h + kBins, 0);
-        for (int64_t i = c.begin; i < c.end; ++i) ++h[(src[i] >> shift) & (kBins - 1)];
+        for (int64_t i = 0; i < n; ++i) ++h[(p[i] >> shift) & (kBins - 1)];
       }  // implicit barrier
 #pragma omp single
       {
         int64_t sum = 0;
         for (int b = 0; b < kBins; ++b) {
-          for (int t = 0; t < T; ++t) {
+          for (int t = 0; t < C; ++t) {
             const int64_t n = hist[static_cast<int64_t>(t) * kBins + b];
             hist[static_cast<int64_t>(t) * kBins + b] = sum;
             sum += n;
@@ -337,15 +412,16 @@ uint64_t* radix_sort(uint64_t* a, uint64_t* tmp, int64_t m, int64_t* hist /* [T,
         }
       }  // implicit barrier
 #pragma omp for schedule(static, 1)
-      for (int t = 0; t < T; ++t) {
-        const Chunk c = chunk_of(t, T, m);
+      for (int t = 0; t < C; ++t) {
+        const uint64_t* p;
+        int64_t n;
+        chunk(t, &p, &n);
         int64_t* h = hist + static_cast<int64_t>(t) * kBins;
-        for (int64_t i = c.begin; i < c.end; ++i) dst[h[(src[i] >> shift) & (kBins - 1)]++] = src[i];
+        for (int64_t i = 0; i < n; ++i) dst[h[(p[i] >> shift) & (kBins - 1)]++] = p[i];
       }  // implicit barrier
-      std::swap(src, dst);
     }
   }
-  return kDigits % 2 ? tmp : a;
+  return tmp;
 }
 
 // Puts each run of equal keys in a[begin, end) (sorted by key, ties in index order) into
@@ -391,8 +467,10 @@ std::vector<double> take_sample(const double* v, int64_t N) {
   return s;
 }
 
-// Zones predicted from the sample for rank ranges `wanted` (ascending, disjoint).
-Zones predict_zones(std::vector<double>& sample, int64_t N, const std::vector<std::array<int64_t, 2>>& wanted) {
+// Zones predicted from the sample for rank ranges `wanted` (ascending, disjoint);
+// zone_of[k] receives the zone that holds wanted[k].
+Zones predict_zones(std::vector<double>& sample, int64_t N, const std::vector<std::array<int64_t, 2>>& wanted,
+                    std::vector<int>* zone_of) {
   const int64_t n = static_cast<int64_t>(sample.size());
   // Sample position of point rank `rank` moved up (dir < 0) or down by four binomial
   // standard deviations and a constant; the value there (nth_element, descending).
@@ -406,26 +484,29 @@ Zones predict_zones(std::vector<double>& sample, int64_t N, const std::vector<st
     return *it;
   };
   Zones zn;
-  for (const auto& w : wanted) {
-    zn.add(bound(w[1] - 1, +1), bound(w[0], -1));
-  }
+  zone_of->clear();
+  for (const auto& w : wanted) zone_of->push_back(zn.add(bound(w[1] - 1, +1), bound(w[0], -1)));
   return zn;
 }
 
 thread_local CondenseStats t_stats;
 
 struct Scratch {
-  std::vector<double> copy_value;
-  std::vector<uint64_t> copy_index, cand, tmp;
+  std::vector<uint64_t> copy, cand, tmp, bits;
   std::vector<int64_t> radix_hist;
   size_t bytes() const {
-    return (copy_value.capacity() + copy_index.capacity() + cand.capacity() + tmp.capacity() +
-            radix_hist.capacity()) * 8;
+    return (copy.capacity() + cand.capacity() + tmp.capacity() + bits.capacity() + radix_hist.capacity()) * 8;
   }
 };
 // A thread keeps its scratch for the next call up to this size (first-touch faults of
 // fresh buffers cost as much as a pass over the data); larger scratch is released.
 constexpr size_t kKeptScratchBytes = size_t{256} << 20;
+
+// Chunk t of T over [0, n), starting on a multiple of 64: a bitmap word belongs to one chunk.
+Chunk chunk64_of(int t, int T, int64_t n) {
+  auto at = [&](int u) { return u == T ? n : (n * u / T) & ~int64_t{63}; };
+  return {at(t), at(t + 1)};
+}
 
 // Writes keep [n_keep] (the top n_keep points, sorted by index) and pi[lo:hi] for each range.
 void partial_rank(const double* v, int64_t N, int64_t n_keep, const std::vector<Range>& ranges, int64_t* keep) {
@@ -450,9 +531,14 @@ void partial_rank(const double* v, int64_t N, int64_t n_keep, const std::vector<
     wanted.swap(merged);
   }
   if (static_cast<int>(wanted.size()) > kMaxZones) throw std::logic_error("condense: more rank ranges than zones");
+  int boundary = -1;  // the wanted range that holds the keep boundary
+  for (size_t k = 0; k < wanted.size(); ++k) {
+    if (n_keep < N && wanted[k][0] <= n_keep - 1 && n_keep - 1 < wanted[k][1]) boundary = static_cast<int>(k);
+  }
 
   std::vector<double> sample = take_sample(v, N);
-  Zones zn = predict_zones(sample, N, wanted);
+  std::vector<int> zone_of;
+  Zones zn = predict_zones(sample, N, wanted, &zone_of);
   // The finite range that stands in for infinite zone bounds in the keys: the sample's, less
   // its two most extreme values at each end, so that an outlier (1e300 among values of
   // order 1) cannot squeeze every key into one; the few points beyond it clamp to the
@@ -487,8 +573,24 @@ void partial_rank(const double* v, int64_t N, int64_t n_keep, const std::vector<
       if (sc.bytes() > kKeptScratchBytes) sc = Scratch{};
     }
   } release{sc};
+  const int64_t words = (N + 63) / 64;
+  uint64_t* const bits = grow(sc.bits, words);
+  uint8_t* const bytes = reinterpret_cast<uint8_t*>(bits);
+  bits[words - 1] = 0;  // pass 1 writes the bytes up to point N; the bits past it stay clear
 
-  // Pass 1 (at most twice): counts and the copy of the zone members.
+  // Pass 1 (at most twice): counts, the bitmap, the packed zone members.
+  Pass1 p;
+  auto compare_with = [&](const Zones& z) {
+    p.zn = z;
+    p.above = boundary >= 0 ? z.hi[zone_of[boundary]] : INFINITY;
+    for (int k = 0; k < z.count; ++k) {
+      const double hi = std::isfinite(z.hi[k]) ? z.hi[k] : sample_hi;
+      const double lo = std::isfinite(z.lo[k]) ? z.lo[k] : sample_lo;
+      (k == 0 ? p.key0 : p.key1) = ZoneKey(lo, hi, k);
+    }
+    p.split = z.count > 1 ? z.lo[0] : -INFINITY;  // members below it are in zone 1
+  };
+  compare_with(zn);
   std::vector<ClassCounts> counts(static_cast<size_t>(T));
   std::vector<int64_t> copy_base(static_cast<size_t>(T + 1), 0), copied(static_cast<size_t>(T), 0);
   std::array<int64_t, 2 * kMaxZones + 2> class_rank{};  // class c holds ranks [class_rank[c], class_rank[c + 1])
@@ -496,28 +598,23 @@ void partial_rank(const double* v, int64_t N, int64_t n_keep, const std::vector<
   for (int attempt = 0;; ++attempt) {
     t_stats.passes = attempt + 1;
     for (int t = 0; t < T; ++t) {
-      const Chunk c = chunk_of(t, T, N);
+      const Chunk c = chunk64_of(t, T, N);
       const double len = static_cast<double>(c.end - c.begin);
       const int64_t cap = static_cast<int64_t>(std::ceil(len * (1.05 * copy_fraction + 0.01))) + 2 * kBlock;
       copy_base[t + 1] = copy_base[t] + std::min(cap, c.end - c.begin) + kSlack;
     }
-    double* const cv = grow(sc.copy_value, copy_base[T]);
-    uint64_t* const ci = grow(sc.copy_index, copy_base[T]);
+    uint64_t* const cw = grow(sc.copy, copy_base[T]);
 #pragma omp parallel for num_threads(T) schedule(static, 1)
     for (int t = 0; t < T; ++t) {
-      const Chunk c = chunk_of(t, T, N);
+      const Chunk c = chunk64_of(t, T, N);
       ClassCounts cc;
       const int64_t room = copy_base[t + 1] - copy_base[t];
       int64_t m = 0;
       bool full = false;
       for (int64_t b = c.begin; b < c.end; b += kBlock) {
         const int64_t e = std::min(c.end, b + kBlock);
-        full = full || room - m < (e - b) + kSlack;
-        if (full) {  // stop copying; the members are copied again below
-          count_classes(v, b, e, zn, &cc);
-        } else {
-          m += scan(isa, v, b, e, zn, &cc, cv + copy_base[t] + m, ci + copy_base[t] + m);
-        }
+        full = full || room - m < (e - b) + kSlack;  // then stop copying; the members are copied again below
+        m += scan(isa, v, b, e, p, &cc, bytes, full ? nullptr : cw + copy_base[t] + m);
       }
       counts[t] = cc;
       copied[t] = full ? -1 : m;
@@ -536,31 +633,32 @@ void partial_rank(const double* v, int64_t N, int64_t n_keep, const std::vector<
       class_rank[2 * z + 2] = N - all.below_lo[z];
     }
     class_rank[n_classes] = N;
-    bool covered = true;
-    for (const auto& w : wanted) {
-      bool inside = false;
-      for (int z = 0; z < zn.count; ++z) inside = inside || (class_rank[2 * z + 1] <= w[0] && w[1] <= class_rank[2 * z + 2]);
-      covered = covered && inside;
+    bool covered = true;  // each wanted range inside its own zone
+    for (size_t k = 0; k < wanted.size(); ++k) {
+      const int z = zone_of[k];
+      covered = covered && class_rank[2 * z + 1] <= wanted[k][0] && wanted[k][1] <= class_rank[2 * z + 2];
     }
     if (covered) break;
     if (attempt == 1) throw std::logic_error("condense: widened zones missed their ranks");
-    // Widen: each wanted range takes the value bounds of the classes that hold its ranks.
+    // Widen: each wanted range takes the value bounds of the classes that hold its ranks
+    // (a superset of its ranks by construction).
     auto upper = [&](int c) { return c == 0 ? INFINITY : (c % 2 ? zn.hi[c / 2] : zn.lo[c / 2 - 1]); };
     auto lower = [&](int c) { return c == n_classes - 1 ? -INFINITY : (c % 2 ? zn.lo[c / 2] : zn.hi[c / 2]); };
     Zones wide;
     copy_fraction = 0.0;
-    for (const auto& w : wanted) {
+    for (size_t k = 0; k < wanted.size(); ++k) {
       int ca = 0, cb = 0;
-      while (class_rank[ca + 1] <= w[0]) ++ca;
-      while (class_rank[cb + 1] < w[1]) ++cb;
+      while (class_rank[ca + 1] <= wanted[k][0]) ++ca;
+      while (class_rank[cb + 1] < wanted[k][1]) ++cb;
       copy_fraction += static_cast<double>(class_rank[cb + 1] - class_rank[ca]) / static_cast<double>(N);
-      wide.add(lower(cb), upper(ca));
+      zone_of[k] = wide.add(lower(cb), upper(ca));
     }
     zn = wide;
+    compare_with(zn);
   }
 
   // Zone z holds ranks [class_rank[2z + 1], class_rank[2z + 2]) and sorted positions from
-  // zone_pos[z]; thread t holds member_base[t + 1] - member_base[t] of them.
+  // zone_pos[z]; chunk t holds member_base[t + 1] - member_base[t] of them.
   std::array<int64_t, kMaxZones + 1> zone_pos{};
   for (int z = 0; z < zn.count; ++z) zone_pos[z + 1] = zone_pos[z] + class_rank[2 * z + 2] - class_rank[2 * z + 1];
   const int64_t M = zone_pos[zn.count];
@@ -572,53 +670,43 @@ void partial_rank(const double* v, int64_t N, int64_t n_keep, const std::vector<
     member_base[t + 1] = member_base[t] + m;
     copy_complete = copy_complete && copied[t] >= 0;
   }
-  std::vector<int64_t> from(copy_base.begin(), copy_base.end() - 1);  // where thread t's members start
+  std::vector<int64_t> from(copy_base.begin(), copy_base.end() - 1);  // where chunk t's members start
   t_stats.members = M;
   t_stats.recopied = !copy_complete;
   if (!copy_complete) {  // the copy ran out of room: copy again, to exact sizes
-    double* const cv = grow(sc.copy_value, M + T * kSlack);
-    uint64_t* const ci = grow(sc.copy_index, M + T * kSlack);
+    uint64_t* const cw = grow(sc.copy, M + T * kSlack);
     for (int t = 0; t < T; ++t) from[t] = member_base[t] + t * kSlack;
 #pragma omp parallel for num_threads(T) schedule(static, 1)
     for (int t = 0; t < T; ++t) {
-      const Chunk c = chunk_of(t, T, N);
+      const Chunk c = chunk64_of(t, T, N);
       ClassCounts unused;
-      scan(isa, v, c.begin, c.end, zn, &unused, cv + from[t], ci + from[t]);
+      scan(isa, v, c.begin, c.end, p, &unused, bytes, cw + from[t]);
     }
   }
-
-  // Pack the members with their keys.
-  std::array<ZoneKey, kMaxZones> zkey;
-  for (int z = 0; z < zn.count; ++z) {
-    const double hi = std::isfinite(zn.hi[z]) ? zn.hi[z] : sample_hi;
-    const double lo = std::isfinite(zn.lo[z]) ? zn.lo[z] : sample_lo;
-    zkey[z] = ZoneKey(lo, hi, z);
-  }
-  uint64_t* cand = grow(sc.cand, M);
-  {
-    const double split = zn.count > 1 ? zn.lo[0] : -INFINITY;  // members below it are in zone 1
-    const double* cv = sc.copy_value.data();
-    const uint64_t* ci = sc.copy_index.data();
-#pragma omp parallel for num_threads(T) schedule(static, 1)
-    for (int t = 0; t < T; ++t) {
-      pack_members(cv + from[t], ci + from[t], member_base[t + 1] - member_base[t], split, zkey[0], zkey[1],
-                   cand + member_base[t]);
-    }
+  std::vector<const uint64_t*> seg(static_cast<size_t>(T));  // chunk t's members [seg_len[t]], in index order
+  std::vector<int64_t> seg_len(static_cast<size_t>(T));
+  for (int t = 0; t < T; ++t) {
+    seg[t] = sc.copy.data() + from[t];
+    seg_len[t] = member_base[t + 1] - member_base[t];
   }
 
-  // Sort them.
+  // Sort the members.
+  uint64_t* cand = nullptr;
   if (M > 0) {
     const int TS = thread_count(M);
     if (M <= 512) {
+      cand = grow(sc.cand, M);
+      for (int t = 0; t < T; ++t) std::copy(seg[t], seg[t] + seg_len[t], cand + member_base[t]);
       std::sort(cand, cand + M);  // (key, index): ties in index order, as the radix sort leaves them
     } else {
-      cand = radix_sort(cand, grow(sc.tmp, M), M, grow(sc.radix_hist, int64_t(TS) * kBins), TS);
+      cand = radix_sort(seg.data(), seg_len.data(), T, grow(sc.cand, M), grow(sc.tmp, M), M,
+                        grow(sc.radix_hist, int64_t(std::max(T, TS)) * kBins), TS);
     }
 #pragma omp parallel for num_threads(TS) schedule(static, 1)
     for (int t = 0; t < TS; ++t) {
-      auto run_start = [&](int64_t p) {
-        while (p > 0 && p < M && (cand[p] >> 32) == (cand[p - 1] >> 32)) ++p;
-        return p;
+      auto run_start = [&](int64_t q) {
+        while (q > 0 && q < M && (cand[q] >> 32) == (cand[q - 1] >> 32)) ++q;
+        return q;
       };
       const Chunk c = chunk_of(t, TS, M);
       order_equal_keys(cand, run_start(c.begin), run_start(c.end), v);
@@ -639,32 +727,28 @@ void partial_rank(const double* v, int64_t N, int64_t n_keep, const std::vector<
     for (int64_t q = 0; q < n; ++q) r.out[q] = index_of(src[q]);
   }
 
-  // Pass 3: keep, against the threshold of rank n_keep - 1.
+  // Keep: the bitmap holds the points above the boundary zone; add the members ranked at
+  // or before rank n_keep - 1, count per chunk, expand.
   if (n_keep == N) {
 #pragma omp parallel for num_threads(T) schedule(static)
     for (int64_t i = 0; i < N; ++i) keep[i] = i;
     return;
   }
-  const int64_t is = index_of(*at_rank(n_keep - 1));
-  const double vs = v[is];
-  int zk = 0;  // the zone holding the threshold
-  while (n_keep - 1 >= class_rank[2 * zk + 2]) ++zk;
-  const double* cv = sc.copy_value.data();
-  const uint64_t* ci = sc.copy_index.data();
+  const uint64_t threshold = *at_rank(n_keep - 1);
   std::vector<int64_t> keep_base(static_cast<size_t>(T + 1), 0);
+  auto words_of = [&](const Chunk& c) { return (c.end + 63) / 64 - c.begin / 64; };
 #pragma omp parallel for num_threads(T) schedule(static, 1)
   for (int t = 0; t < T; ++t) {
-    const Chunk c = chunk_of(t, T, N);
-    keep_base[t + 1] = (c.end - c.begin) - counts[t].at_or_below_hi[zk] +
-                       count_kept_members(cv + from[t], ci + from[t], member_base[t + 1] - member_base[t],
-                                          zn.hi[zk], vs, is);
+    const Chunk c = chunk64_of(t, T, N);
+    mark_kept_members(seg[t], seg_len[t], threshold, v, bits);
+    keep_base[t + 1] = popcount_words(bits + c.begin / 64, words_of(c));
   }
   for (int t = 0; t < T; ++t) keep_base[t + 1] += keep_base[t];
   if (keep_base[T] != n_keep) throw std::logic_error("condense: the keep threshold selected a wrong count");
 #pragma omp parallel for num_threads(T) schedule(static, 1)
   for (int t = 0; t < T; ++t) {
-    const Chunk c = chunk_of(t, T, N);
-    select_kept(isa, v, c.begin, c.end, vs, is, keep + keep_base[t], keep_base[t + 1] - keep_base[t]);
+    const Chunk c = chunk64_of(t, T, N);
+    expand(isa, bits + c.begin / 64, words_of(c), c.begin, keep + keep_base[t], keep_base[t + 1] - keep_base[t]);
   }
 }
 

@@ -59,10 +59,16 @@ struct CondenseStats {
   bool recopied = false;
 };
 CondenseStats last_condense_stats();
-// Fresh memory of at least `bytes` for large results: 2 MiB-aligned, on transparent huge
-// pages where the OS has them, already faulted in; *mapped receives what free_pages needs.
+// Memory of at least `bytes` for large results: 2 MiB-aligned, on transparent huge pages
+// where the OS has them, already faulted in; *mapped receives what free_pages needs.
+// Uninitialised: a buffer released by free_pages is kept while the cache holds at most
+// its byte limit (default 256 MiB, 4 buffers) and handed to the next request it fits.
 void* alloc_pages(size_t bytes, size_t* mapped);
 void free_pages(void* p, size_t mapped);
+size_t cached_pages_bytes();
+size_t pages_cache_limit();
+size_t set_pages_cache_limit(size_t limit);  // returns the previous limit; evicts down to it
+size_t empty_pages_cache();                  // returns the bytes released
 bool openmp_enabled();
 int openmp_threads();
 
