@@ -41,17 +41,22 @@ def median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 2, device: str 
 
 
 def interleaved_median_ms(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2,
-                          device: str = "cpu") -> dict[str, float]:
+                          device: str = "cpu", setups: dict[str, Callable[[], Any]] | None = None,
+                          seed: int = 0) -> dict[str, float]:
     """Median wall time (ms) of each fn, timed round-robin so that a burst of load on a
-    shared machine slows every contender alike instead of one of them. The order rotates
-    every round, so no contender always runs right after the same one (the allocator state
-    a call leaves, e.g. memory just returned to the OS, changes the next call's page faults)."""
+    shared machine slows every contender alike instead of one of them. Each round runs the
+    contenders in a fresh random order (seeded), so none always runs right after the same
+    one: the state a call leaves (caches flushed, a core idle, memory just returned to the
+    OS) changes the next call's time. setups[name], where given, runs untimed right before
+    that contender's call (e.g. to time a call right after a given other job)."""
+    rng = np.random.default_rng(seed)
+    setups = setups or {}
     times: dict[str, list[float]] = {name: [] for name in fns}
     names = list(fns)
     for i in range(warmup + repeats):
-        for name in names[i % len(names) :] + names[: i % len(names)]:
-            fn = fns[name]
-            ms = median_ms(fn, 1, warmup=0, device=device)
+        for k in rng.permutation(len(names)):
+            name = names[int(k)]
+            ms = median_ms(fns[name], 1, warmup=0, device=device, setup=setups.get(name))
             if i >= warmup:
                 times[name].append(ms)
     return {name: statistics.median(t) for name, t in times.items()}

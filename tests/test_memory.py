@@ -97,3 +97,55 @@ def test_set_cache_limit_refuses_bad_values(fresh_cache, bad) -> None:
         kcd_fast.memory.set_cache_limit(bad)
     assert repr(bad) in str(info.value) or str(bad) in str(info.value)
     assert kcd_fast.memory.cache_limit() == before
+
+
+def test_zero_byte_requests_do_not_push_real_buffers_out(fresh_cache) -> None:
+    buf = torch.from_dlpack(_cpu.empty_bytes(2 << 20))
+    del buf
+    for _ in range(5):
+        assert torch.from_dlpack(_cpu.empty_bytes(0)).numel() == 0
+    assert kcd_fast.memory.cached_bytes() == 2 << 20
+
+
+def _kernels_in_child(q, v, logits, sums, counts, images, dst, src, eps) -> None:
+    # Runs in a forked child: only our kernels (each large enough for OpenMP), then numpy.
+    c = kcd_fast.condense(v, 500_000, v.shape[0])
+    q.put(int(c.keep.numpy()[:1000].sum()))
+    del c
+    q.put(kcd_fast.memory.cached_bytes())
+    kcd_fast.ops.observe_entropy(logits, torch.arange(logits.shape[0]), sums, counts)
+    q.put(float(sums.numpy()[: logits.shape[0]].mean()))
+    kcd_fast.ops.blend_(images, dst, src, eps)
+    q.put(float(images.numpy()[: dst.shape[0]].mean()))
+
+
+def test_kernels_run_in_a_forked_child(fresh_cache) -> None:
+    # libgomp's pool does not survive fork(): a child opening a team of two threads after the
+    # parent used OpenMP would wait forever. Children run the kernels on one thread, and
+    # inherit the cache of result buffers.
+    import multiprocessing as mp
+
+    n = 600_011
+    v = _values(6, n)
+    kcd_fast.condense(v, 500_000, n)  # the parent's OpenMP pool is up; a buffer is cached
+    assert kcd_fast.memory.cached_bytes() > 0
+    images = torch.full((200_000, 8), 100, dtype=torch.uint8)
+    images[100_000:] = 200
+    args = (v, torch.zeros(512, 1000), torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.int32),
+            images, torch.arange(100_000), torch.arange(100_000, 200_000), torch.full((100_000,), 0.5,
+                                                                                        dtype=torch.float64))
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_kernels_in_child, args=(q, *args))
+    p.start()
+    try:
+        got = [q.get(timeout=60) for _ in range(4)]
+    finally:
+        p.join(timeout=5)
+        if p.is_alive():
+            p.kill()
+    assert p.exitcode == 0
+    ref = R.condense(v.numpy(), 500_000, n)
+    assert got[0] == int(ref["keep"][:1000].sum()) and got[1] > 0
+    assert got[2] == pytest.approx(np.log(1000.0))  # entropy of uniform logits
+    assert got[3] == 150.0

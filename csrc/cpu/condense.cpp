@@ -25,15 +25,13 @@
 #include <array>
 #include <atomic>
 #include <cmath>
+#include <exception>
 #include <functional>
 #include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #include <immintrin.h>
 #define KCD_AVX512_PATH 1
@@ -57,7 +55,7 @@ struct Range {
 
 int thread_count(int64_t work) {
 #ifdef _OPENMP
-  return work >= (int64_t(1) << 16) ? omp_get_max_threads() : 1;
+  return work >= (int64_t(1) << 16) ? openmp_threads() : 1;
 #else
   (void)work;
   return 1;
@@ -137,7 +135,17 @@ inline int64_t index_of(uint64_t c) { return static_cast<int64_t>(c & kIndexMask
 // finite x -> 1 + (hi - x) * scale clamped to [0, 2^29 - 1], -inf -> kLocalMax. Monotone
 // (every step rounds monotonically), so key order never contradicts value order; values
 // outside [lo, hi] clamp and are ordered exactly later. Halves keep hi - x finite. The
-// AVX-512 pass computes the same operations lane by lane (no contraction: -ffp-contract=off).
+// AVX-512 pass computes the same operations lane by lane.
+// The value unchanged, but opaque to the optimiser: a product passed through it is never
+// fused with a later add into an FMA (one rounding instead of two), whatever -ffp-contract
+// says, so the AVX-512 and scalar keys agree bit for bit (scan_avx512 does the same inline).
+inline double unfused(double v) {
+#if defined(__GNUC__) && defined(__x86_64__)
+  asm("" : "+x"(v));
+#endif
+  return v;
+}
+
 struct ZoneKey {
   double top = 0.0, scale = 0.0;
   uint32_t zone_bits = 0;
@@ -149,7 +157,7 @@ struct ZoneKey {
     if (!std::isfinite(top)) top = 0.0;
   }
   uint32_t key(double x) const {
-    double d = (top - x * 0.5) * scale;
+    double d = (top - unfused(x * 0.5)) * scale;
     d = d >= 0.0 ? d : 0.0;
     d = d <= kLocalSteps ? d : kLocalSteps;
     const uint32_t pos = 1 + static_cast<uint32_t>(static_cast<int32_t>(d));
@@ -186,7 +194,9 @@ struct ClassCounts {
   }
 };
 
+#if defined(__BYTE_ORDER__)
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the bitmap is written in bytes and read in words");
+#endif
 
 // Counts the classes of [begin, end) and writes the bitmap bytes of its points (bit i & 7
 // of byte i >> 3: x > p.above); begin is a multiple of 8.
@@ -263,7 +273,9 @@ __attribute__((target("avx512f,popcnt"))) int64_t scan_avx512(const double* v, i
       const __mmask8 in = static_cast<__mmask8>((c0 & ~d0) | (c1 & ~d1));
       const __mmask8 z1 = _mm512_cmp_pd_mask(x, split, _CMP_LT_OQ);
       const __m512d top = _mm512_mask_blend_pd(z1, top0, top1), scale = _mm512_mask_blend_pd(z1, scale0, scale1);
-      __m512d d = _mm512_mul_pd(_mm512_sub_pd(top, _mm512_mul_pd(x, half)), scale);
+      __m512d h = _mm512_mul_pd(x, half);
+      asm("" : "+v"(h));  // never fused into the subtraction (see unfused)
+      __m512d d = _mm512_mul_pd(_mm512_sub_pd(top, h), scale);
       d = _mm512_min_pd(_mm512_max_pd(d, zero), steps);  // max(NaN, 0) = 0, as the scalar key
       __m512i key = _mm512_add_epi64(_mm512_cvtepu32_epi64(_mm512_cvttpd_epi32(d)), one);
       key = _mm512_mask_blend_epi64(_mm512_cmp_pd_mask(x, pinf, _CMP_EQ_OQ), key, _mm512_setzero_si512());
@@ -702,6 +714,7 @@ void partial_rank(const double* v, int64_t N, int64_t n_keep, const std::vector<
       cand = radix_sort(seg.data(), seg_len.data(), T, grow(sc.cand, M), grow(sc.tmp, M), M,
                         grow(sc.radix_hist, int64_t(std::max(T, TS)) * kBins), TS);
     }
+    std::vector<std::exception_ptr> failed(static_cast<size_t>(TS));  // an exception must not leave the region
 #pragma omp parallel for num_threads(TS) schedule(static, 1)
     for (int t = 0; t < TS; ++t) {
       auto run_start = [&](int64_t q) {
@@ -709,7 +722,14 @@ void partial_rank(const double* v, int64_t N, int64_t n_keep, const std::vector<
         return q;
       };
       const Chunk c = chunk_of(t, TS, M);
-      order_equal_keys(cand, run_start(c.begin), run_start(c.end), v);
+      try {
+        order_equal_keys(cand, run_start(c.begin), run_start(c.end), v);  // may allocate
+      } catch (...) {
+        failed[t] = std::current_exception();
+      }
+    }
+    for (const std::exception_ptr& e : failed) {
+      if (e) std::rethrow_exception(e);
     }
   }
   auto at_rank = [&](int64_t rank) {  // the sorted member of a rank inside a zone

@@ -6,9 +6,6 @@
 #include <string>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #include "kcd/ops.h"
 #include "kcd/scoring.h"
@@ -116,7 +113,7 @@ void observe_entropy(const void* logits, FloatKind kind, int64_t B, int64_t C, i
   if (B == 0) return;
   check_indices(indices, B, N);
   std::vector<double> h(static_cast<size_t>(B));
-#pragma omp parallel if (B * C >= kParallelElems)
+#pragma omp parallel num_threads(openmp_threads()) if (B * C >= kParallelElems)
   {
     std::vector<float> buf;
 #pragma omp for schedule(static)
@@ -132,7 +129,7 @@ void observe_kl(const void* student, const void* teacher, FloatKind kind, int64_
   check_indices(indices, B, N);
   std::vector<double> h(static_cast<size_t>(B));
   const float inv_temp = 1.0f / temperature;
-#pragma omp parallel if (B * C >= kParallelElems)
+#pragma omp parallel num_threads(openmp_threads()) if (B * C >= kParallelElems)
   {
     std::vector<float> bs, bt;
 #pragma omp for schedule(static)
@@ -146,24 +143,8 @@ void observe_kl(const void* student, const void* teacher, FloatKind kind, int64_
 
 void values(const double* sums, const int32_t* counts, int64_t N, double period, double alpha,
             double* out) {
-#pragma omp parallel for schedule(static) if (N >= kParallelElems)
+#pragma omp parallel for num_threads(openmp_threads()) schedule(static) if (N >= kParallelElems)
   for (int64_t i = 0; i < N; ++i) out[i] = point_value(sums[i], counts[i], period, alpha);
-}
-
-bool openmp_enabled() {
-#ifdef _OPENMP
-  return true;
-#else
-  return false;
-#endif
-}
-
-int openmp_threads() {
-#ifdef _OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
 }
 
 }  // namespace cpu

@@ -70,6 +70,8 @@ size_t pages_cache_limit();
 size_t set_pages_cache_limit(size_t limit);  // returns the previous limit; evicts down to it
 size_t empty_pages_cache();                  // returns the bytes released
 bool openmp_enabled();
+// The team size the kernels use: omp_get_max_threads(), or 1 in a forked child (libgomp's
+// pool does not survive fork()).
 int openmp_threads();
 
 }  // namespace cpu
