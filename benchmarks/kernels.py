@@ -192,18 +192,16 @@ def _print(res: dict) -> None:
           f"{c['first_ms']:.2f} ms (first, keep {c['first_n_keep']}) -> {c['speedup_vs_numpy_argsort']:.1f}x, "
           f"{c['later_ms']:.2f} ms (later) -> {c['speedup_vs_numpy_argsort_later']:.1f}x, "
           f"{c['one_shot_ms']:.2f} ms (one shot to 70%) -> {c['speedup_vs_numpy_argsort_one_shot']:.1f}x")
-    if "first_after_argsort_ms" in c:
-        print(f"  first condensation right after numpy's argsort (caches flushed): "
-              f"{c['first_after_argsort_ms']:.2f} ms -> {c['speedup_vs_numpy_argsort_first_after_argsort']:.1f}x")
-    if "first_fresh_ms" in c:
-        print(f"  first condensation on fresh output memory (result cache emptied): {c['first_fresh_ms']:.2f} ms -> "
-              f"{c['speedup_vs_numpy_argsort_first_fresh']:.1f}x")
-    if "first_kernel_ms" in c:
-        print(f"  first condensation into preallocated outputs (no page faults): {c['first_kernel_ms']:.2f} ms -> "
-              f"{c['speedup_vs_numpy_argsort_first_kernel']:.1f}x")
-    if "first_generic_ms" in c:
-        print(f"  first condensation with the generic (non-AVX-512) kernels: {c['first_generic_ms']:.2f} ms -> "
-              f"{c['speedup_vs_numpy_argsort_first_generic']:.1f}x")
+    variants = {
+        "first_after_argsort": "right after numpy's argsort (caches flushed)",
+        "first_fresh": "on fresh output memory (result cache emptied)",
+        "first_kernel": "into preallocated outputs (no page faults)",
+        "first_generic": "with the generic (non-AVX-512) kernels",
+    }
+    for name, what in variants.items():
+        if f"{name}_ms" in c:
+            print(f"  first condensation {what}: {c[f'{name}_ms']:.2f} ms -> "
+                  f"{c[f'speedup_vs_numpy_argsort_{name}']:.1f}x")
     print(f"blend_ {b['pairs']} pairs of 32x32x3: ours {b['ours_ms']:.3f} ms, numpy {b['numpy_ms']:.3f} ms -> "
           f"{b['speedup_vs_numpy']:.1f}x")
     if "copy_GBps" in res:
