@@ -350,11 +350,36 @@ void mark_kept_members(const uint64_t* w, int64_t n, uint64_t ws, const double* 
   }
 }
 
-// Writes base + the positions of the set bits of bits[0, words) to out [cap]; returns how many.
+// For each byte value: the positions of its set bits, then 8 (padding), and their count.
+struct ByteBits {
+  uint8_t pos[256][8];
+  uint8_t count[256];
+  constexpr ByteBits() : pos(), count() {
+    for (int b = 0; b < 256; ++b) {
+      int n = 0;
+      for (int k = 0; k < 8; ++k) {
+        if (b >> k & 1) pos[b][n++] = static_cast<uint8_t>(k);
+      }
+      count[b] = static_cast<uint8_t>(n);
+      for (int k = n; k < 8; ++k) pos[b][k] = 8;
+    }
+  }
+};
+constexpr ByteBits kByteBits;
+
+// Writes base + the positions of the set bits of bits[0, words) to out [cap]; returns how
+// many. Branch-free per byte of the bitmap: eight stores from a table, advance by the count.
 int64_t expand_generic(const uint64_t* bits, int64_t words, int64_t base, int64_t* out, int64_t cap) {
-  int64_t w = 0;
-  for (int64_t k = 0; k < words; ++k) {
-    for (uint64_t b = bits[k]; b != 0 && w < cap; b &= b - 1) out[w++] = base + 64 * k + __builtin_ctzll(b);
+  const uint8_t* bytes = reinterpret_cast<const uint8_t*>(bits);
+  int64_t w = 0, k = 0;
+  for (; k < 8 * words && w + 8 <= cap; ++k) {
+    const uint8_t b = bytes[k];
+    const int64_t at = base + 8 * k;
+    for (int q = 0; q < 8; ++q) out[w + q] = at + kByteBits.pos[b][q];
+    w += kByteBits.count[b];
+  }
+  for (; k < 8 * words; ++k) {  // the last few, one by one
+    for (unsigned b = bytes[k]; b != 0 && w < cap; b &= b - 1) out[w++] = base + 8 * k + __builtin_ctz(b);
   }
   return w;
 }
