@@ -319,6 +319,7 @@ __attribute__((target("avx512f,popcnt"))) int64_t scan_avx512(const double* v, i
   cc->at_or_below_hi[1] += a1;
   cc->below_lo[1] += b1;
   cc->nan += nan;
+  _mm256_zeroupper();  // see expand_avx512
   return m + scan_generic(v, i, end, p, cc, bits, out == nullptr ? nullptr : out + m);
 }
 #endif
@@ -404,6 +405,10 @@ __attribute__((target("avx512f,popcnt"))) int64_t expand_avx512(const uint64_t* 
     }
     idx = _mm512_add_epi64(idx, all);
   }
+  // Clean upper vector state before the SSE code: GCC may tail-call without vzeroupper, and
+  // dirty upper halves slowed every later scalar double loop of the thread (the VAKS
+  // weights: 0.04 -> 0.21 ms).
+  _mm256_zeroupper();
   return w + expand_generic(bits + k, words - k, base + 64 * k, out + w, cap - w);
 }
 #endif
