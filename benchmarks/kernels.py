@@ -70,16 +70,25 @@ def bench_condense(device: str, repeats: int, n: int) -> dict:
     for name, (n_keep, n_prev) in cases.items():
         fns[name] = lambda nk=n_keep, npv=n_prev: kcd_fast.condense(v, nk, npv)
         res[f"{name}_n_keep"], res[f"{name}_n_prev"] = n_keep, n_prev
-    if device == "cpu" and _cpu.condense_isa() != "generic":  # what CPUs without AVX-512 get
-
-        def generic_first(nk=cases["first"][0]):
-            _cpu.set_condense_isa("generic")
+    if device == "cpu":  # what CPUs with AVX2 only, or neither, get
+        for isa in ("avx2", "generic"):
             try:
-                kcd_fast.condense(v, nk, n)
+                _cpu.set_condense_isa(isa)
+            except ValueError:
+                continue  # this CPU has no such kernels
             finally:
                 _cpu.set_condense_isa("auto")
+            if isa == _cpu.condense_isa():
+                continue  # the same as `first`
 
-        fns["first_generic"] = generic_first
+            def forced(nk=cases["first"][0], isa=isa):
+                _cpu.set_condense_isa(isa)
+                try:
+                    kcd_fast.condense(v, nk, n)
+                finally:
+                    _cpu.set_condense_isa("auto")
+
+            fns[f"first_{isa}"] = forced
     setups = {}
     if device == "cpu":  # `first` right after numpy's argsort: caches flushed, the second core idle meanwhile
         fns["first_after_argsort"] = fns["first"]
@@ -196,7 +205,8 @@ def _print(res: dict) -> None:
         "first_after_argsort": "right after numpy's argsort (caches flushed)",
         "first_fresh": "on fresh output memory (result cache emptied)",
         "first_kernel": "into preallocated outputs (no page faults)",
-        "first_generic": "with the generic (non-AVX-512) kernels",
+        "first_avx2": "with the AVX2 kernels (no AVX-512)",
+        "first_generic": "with the generic kernels (neither AVX-512 nor AVX2)",
     }
     for name, what in variants.items():
         if f"{name}_ms" in c:

@@ -154,9 +154,9 @@ PYBIND11_MODULE(_cpu, m) {
       },
       py::arg("limit"), "cap the pages cache at `limit` bytes (evicting down to it); returns the previous cap");
   m.def("empty_pages_cache", &kcd::cpu::empty_pages_cache, "unmap every cached buffer; returns the bytes released");
-  m.def("condense_isa", &kcd::cpu::condense_isa, "the compaction kernels condense uses: 'avx512' or 'generic'");
+  m.def("condense_isa", &kcd::cpu::condense_isa, "the compaction kernels condense uses: 'avx512', 'avx2' or 'generic'");
   m.def("set_condense_isa", &kcd::cpu::set_condense_isa, py::arg("name"),
-        "force condense's compaction kernels: 'auto', 'generic' or 'avx512' (tests, benchmarks)");
+        "force condense's compaction kernels: 'auto', 'generic', 'avx2' or 'avx512' (tests, benchmarks)");
   m.def(
       "last_condense_stats",
       [] {
