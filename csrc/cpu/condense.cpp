@@ -202,6 +202,13 @@ struct ClassCounts {
     }
     nan += o.nan;
   }
+  void add(int64_t a0, int64_t b0, int64_t a1, int64_t b1, int64_t n) {
+    at_or_below_hi[0] += a0;
+    below_lo[0] += b0;
+    at_or_below_hi[1] += a1;
+    below_lo[1] += b1;
+    nan += n;
+  }
 };
 
 #if defined(__BYTE_ORDER__)
@@ -228,11 +235,7 @@ KCD_CLONES void count_and_mark(const double* v, int64_t begin, int64_t end, cons
     for (int64_t k = 0; k < n; ++k) byte |= static_cast<unsigned>(v[i + k] > ab) << k;
     bits[i >> 3] = static_cast<uint8_t>(byte);
   }
-  cc->at_or_below_hi[0] += a0;
-  cc->below_lo[0] += b0;
-  cc->at_or_below_hi[1] += a1;
-  cc->below_lo[1] += b1;
-  cc->nan += nan;
+  cc->add(a0, b0, a1, b1, nan);
 }
 
 // Pass 1 over [begin, end) (begin a multiple of 8): counts, bitmap bytes and, when
@@ -323,11 +326,7 @@ __attribute__((target("avx512f,popcnt"))) int64_t scan_avx512(const double* v, i
     key_members_avx512(staged, ms, p, out + m);
     m += ms;
   }
-  cc->at_or_below_hi[0] += a0;
-  cc->below_lo[0] += b0;
-  cc->at_or_below_hi[1] += a1;
-  cc->below_lo[1] += b1;
-  cc->nan += nan;
+  cc->add(a0, b0, a1, b1, nan);
   _mm256_zeroupper();  // see expand_avx512
   return m + scan_generic(v, i, end, p, cc, bits, out == nullptr ? nullptr : out + m);
 }
@@ -430,11 +429,7 @@ __attribute__((target("avx2,popcnt"))) int64_t scan_avx2(const double* v, int64_
     key_members_avx2(staged, ms, p, out + m);
     m += ms;
   }
-  cc->at_or_below_hi[0] += a0;
-  cc->below_lo[0] += b0;
-  cc->at_or_below_hi[1] += a1;
-  cc->below_lo[1] += b1;
-  cc->nan += nan;
+  cc->add(a0, b0, a1, b1, nan);
   _mm256_zeroupper();  // see expand_avx512
   return m + scan_generic(v, i, end, p, cc, bits, out == nullptr ? nullptr : out + m);
 }
