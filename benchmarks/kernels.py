@@ -12,9 +12,11 @@ Usage: python benchmarks/kernels.py [--quick] [--device cpu|cuda] [--json PATH]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +56,16 @@ def bench_observe(device: str, repeats: int, b: int, c: int, n: int = 50_000) ->
     return out
 
 
+@contextlib.contextmanager
+def _forced_isa(name: str) -> Iterator[None]:
+    """CPU condense on the named kernels inside the block (ValueError if the CPU lacks them)."""
+    _cpu.set_condense_isa(name)
+    try:
+        yield
+    finally:
+        _cpu.set_condense_isa("auto")
+
+
 def bench_condense(device: str, repeats: int, n: int) -> dict:
     rng = np.random.default_rng(0)
     counts = rng.integers(1, 40, n)
@@ -71,24 +83,20 @@ def bench_condense(device: str, repeats: int, n: int) -> dict:
         fns[name] = lambda nk=n_keep, npv=n_prev: kcd_fast.condense(v, nk, npv)
         res[f"{name}_n_keep"], res[f"{name}_n_prev"] = n_keep, n_prev
     if device == "cpu":  # what CPUs with AVX2 only, or neither, get
+        auto_isa = _cpu.condense_isa()
         for isa in ("avx2", "generic"):
             try:
-                _cpu.set_condense_isa(isa)
+                with _forced_isa(isa):
+                    pass
             except ValueError:
                 continue  # this CPU has no such kernels
-            finally:
-                _cpu.set_condense_isa("auto")
-            if isa == _cpu.condense_isa():
-                continue  # the same as `first`
+            if isa != auto_isa:
 
-            def forced(nk=cases["first"][0], isa=isa):
-                _cpu.set_condense_isa(isa)
-                try:
-                    kcd_fast.condense(v, nk, n)
-                finally:
-                    _cpu.set_condense_isa("auto")
+                def forced(nk=cases["first"][0], isa=isa):
+                    with _forced_isa(isa):
+                        kcd_fast.condense(v, nk, n)
 
-            fns[f"first_{isa}"] = forced
+                fns[f"first_{isa}"] = forced
     setups = {}
     if device == "cpu":  # `first` right after numpy's argsort: caches flushed, the second core idle meanwhile
         fns["first_after_argsort"] = fns["first"]

@@ -6,7 +6,6 @@
 #include <string>
 #include <vector>
 
-
 #include "kcd/ops.h"
 #include "kcd/scoring.h"
 
