@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 
-def median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 2, device: str = "cpu",
-              setup: Callable[[], Any] | None = None) -> float:
+def median_ms(
+    fn: Callable[[], Any], repeats: int, warmup: int = 2, device: str = "cpu", setup: Callable[[], Any] | None = None
+) -> float:
     """Median wall time of fn() in milliseconds; setup() runs untimed before each call."""
     times = []
     for i in range(warmup + repeats):
@@ -40,9 +41,14 @@ def median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 2, device: str 
     return statistics.median(times)
 
 
-def interleaved_median_ms(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2,
-                          device: str = "cpu", setups: dict[str, Callable[[], Any]] | None = None,
-                          seed: int = 0) -> dict[str, float]:
+def interleaved_median_ms(
+    fns: dict[str, Callable[[], Any]],
+    repeats: int,
+    warmup: int = 2,
+    device: str = "cpu",
+    setups: dict[str, Callable[[], Any]] | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
     """Median wall time (ms) of each fn, timed round-robin so that a burst of load on a
     shared machine slows every contender alike instead of one of them. Each round runs the
     contenders in a fresh random order (seeded), so none always runs right after the same
@@ -81,7 +87,9 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
         try:
             info["driver"] = subprocess.run(
                 ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                capture_output=True, text=True, timeout=20,
+                capture_output=True,
+                text=True,
+                timeout=20,
             ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             pass

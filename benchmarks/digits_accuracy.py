@@ -30,11 +30,12 @@ sys.path.insert(0, str(HERE.parent))
 from _common import machine_info  # noqa: E402
 
 from kcd_fast import ArrayDataset, CondensationSchedule  # noqa: E402
-from kcd_fast.models import build_model, cached_teacher  # noqa: E402
-from kcd_fast.train import (  # noqa: E402
+from kcd_fast.kd import (  # noqa: E402
     BatchPreprocess,
     KDConfig,
     KDTrainer,
+    build_model,
+    cached_teacher,
     digits_arrays,
     keep_uint8,
     make_eval_loader,

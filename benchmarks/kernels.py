@@ -110,8 +110,16 @@ def bench_condense(device: str, repeats: int, n: int) -> dict:
         fns["first_fresh"] = first_fresh
     if device == "cpu":  # the same call into outputs allocated once: no first-touch page faults
         nk = cases["first"][0]
-        outs = [torch.empty(k, dtype=dt) for k, dt in ((nk, torch.int64), (n - nk, torch.int64), (n - nk, torch.int64),
-                                                        (n - nk, torch.int64), (n - nk, torch.float64))]
+        outs = [
+            torch.empty(k, dtype=dt)
+            for k, dt in (
+                (nk, torch.int64),
+                (n - nk, torch.int64),
+                (n - nk, torch.int64),
+                (n - nk, torch.int64),
+                (n - nk, torch.float64),
+            )
+        ]
         caps = (capsule(v), capsule(torch.zeros(0, dtype=torch.int64)))
 
         def first_kernel():
@@ -135,8 +143,9 @@ def bench_condense(device: str, repeats: int, n: int) -> dict:
         kcd_fast.condense(v, *cases["first"])
         res["first_members_sorted"] = _cpu.last_condense_stats()["members"]
     else:
-        res["torch_argsort_ms"] = median_ms(lambda: torch.argsort(v, descending=True, stable=True), repeats,
-                                            device=device)
+        res["torch_argsort_ms"] = median_ms(
+            lambda: torch.argsort(v, descending=True, stable=True), repeats, device=device
+        )
     return res
 
 
@@ -144,7 +153,7 @@ def bench_blend(device: str, repeats: int, n: int, pairs: int) -> dict:
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
     perm = rng.permutation(n)
-    dst, src = perm[:pairs].astype(np.int64), perm[pairs:2 * pairs].astype(np.int64)
+    dst, src = perm[:pairs].astype(np.int64), perm[pairs : 2 * pairs].astype(np.int64)
     eps = 0.7 + 0.3 * (pairs - np.arange(pairs)) / pairs
 
     def numpy_blend(img):
@@ -159,9 +168,16 @@ def bench_blend(device: str, repeats: int, n: int, pairs: int) -> dict:
     t_dst, t_src, t_eps = (torch.from_numpy(x).to(device) for x in (dst, src, eps))
     ours = median_ms(lambda: ops.blend_(t_img, t_dst, t_src, t_eps, check=False), repeats, device=device)
     bytes_moved = pairs * 32 * 32 * 3 * 3  # read dst and src rows, write dst rows
-    return {"n": n, "pairs": pairs, "image_bytes": 32 * 32 * 3, "ours_ms": ours, "numpy_ms": numpy_ms,
-            "speedup_vs_numpy": numpy_ms / ours, "bytes": bytes_moved,
-            "ours_GBps": bytes_moved / (ours * 1e-3) / 1e9}
+    return {
+        "n": n,
+        "pairs": pairs,
+        "image_bytes": 32 * 32 * 3,
+        "ours_ms": ours,
+        "numpy_ms": numpy_ms,
+        "speedup_vs_numpy": numpy_ms / ours,
+        "bytes": bytes_moved,
+        "ours_GBps": bytes_moved / (ours * 1e-3) / 1e9,
+    }
 
 
 def copy_bandwidth(device: str, repeats: int) -> float:
@@ -181,8 +197,11 @@ def main(argv: list[str] | None = None) -> dict:
     if a.device.startswith("cuda") and not kcd_fast.has_cuda():
         p.error("--device cuda needs a GPU and kcd_fast built with CUDA")
     reps = 5 if a.quick else 21
-    res: dict = {"device": a.device, "machine": machine_info(a.device),
-                 "cuda_variants": os.environ.get("KCD_FAST_CUDA_VARIANTS", "")}
+    res: dict = {
+        "device": a.device,
+        "machine": machine_info(a.device),
+        "cuda_variants": os.environ.get("KCD_FAST_CUDA_VARIANTS", ""),
+    }
     res["observe_entropy"] = bench_observe(a.device, reps * 4, 256, 1000)
     res["condense"] = bench_condense(a.device, reps, IMAGENET_N)
     res["blend"] = bench_blend(a.device, reps, 50_000, 2_900)
@@ -203,12 +222,16 @@ def main(argv: list[str] | None = None) -> dict:
 def _print(res: dict) -> None:
     o, c, b = res["observe_entropy"], res["condense"], res["blend"]
     print(f"device {res['device']}  ({res['machine'].get('gpu', res['machine']['processor'])})")
-    print(f"observe_entropy B={o['B']} C={o['C']}: ours {o['ours_ms']:.3f} ms, torch composite "
-          f"{o['torch_ms']:.3f} ms -> {o['speedup_vs_torch']:.2f}x")
-    print(f"condense N={c['n']}: numpy argsort {c['numpy_argsort_ms']:.2f} ms; ours "
-          f"{c['first_ms']:.2f} ms (first, keep {c['first_n_keep']}) -> {c['speedup_vs_numpy_argsort']:.1f}x, "
-          f"{c['later_ms']:.2f} ms (later) -> {c['speedup_vs_numpy_argsort_later']:.1f}x, "
-          f"{c['one_shot_ms']:.2f} ms (one shot to 70%) -> {c['speedup_vs_numpy_argsort_one_shot']:.1f}x")
+    print(
+        f"observe_entropy B={o['B']} C={o['C']}: ours {o['ours_ms']:.3f} ms, torch composite "
+        f"{o['torch_ms']:.3f} ms -> {o['speedup_vs_torch']:.2f}x"
+    )
+    print(
+        f"condense N={c['n']}: numpy argsort {c['numpy_argsort_ms']:.2f} ms; ours "
+        f"{c['first_ms']:.2f} ms (first, keep {c['first_n_keep']}) -> {c['speedup_vs_numpy_argsort']:.1f}x, "
+        f"{c['later_ms']:.2f} ms (later) -> {c['speedup_vs_numpy_argsort_later']:.1f}x, "
+        f"{c['one_shot_ms']:.2f} ms (one shot to 70%) -> {c['speedup_vs_numpy_argsort_one_shot']:.1f}x"
+    )
     variants = {
         "first_after_argsort": "right after numpy's argsort (caches flushed)",
         "first_fresh": "on fresh output memory (result cache emptied)",
@@ -218,16 +241,21 @@ def _print(res: dict) -> None:
     }
     for name, what in variants.items():
         if f"{name}_ms" in c:
-            print(f"  first condensation {what}: {c[f'{name}_ms']:.2f} ms -> "
-                  f"{c[f'speedup_vs_numpy_argsort_{name}']:.1f}x")
-    print(f"blend_ {b['pairs']} pairs of 32x32x3: ours {b['ours_ms']:.3f} ms, numpy {b['numpy_ms']:.3f} ms -> "
-          f"{b['speedup_vs_numpy']:.1f}x")
+            print(
+                f"  first condensation {what}: {c[f'{name}_ms']:.2f} ms -> {c[f'speedup_vs_numpy_argsort_{name}']:.1f}x"
+            )
+    print(
+        f"blend_ {b['pairs']} pairs of 32x32x3: ours {b['ours_ms']:.3f} ms, numpy {b['numpy_ms']:.3f} ms -> "
+        f"{b['speedup_vs_numpy']:.1f}x"
+    )
     if "copy_GBps" in res:
         print(f"copy bandwidth {res['copy_GBps']:.0f} GB/s (read + write)")
         for key in ("observe_entropy", "observe_entropy_large", "blend", "blend_large"):
             r = res[key]
-            print(f"  {key}: {r['ours_ms']:.3f} ms, {r['ours_GBps']:.0f} GB/s = "
-                  f"{100 * r['fraction_of_copy_bw']:.0f}% of copy bandwidth")
+            print(
+                f"  {key}: {r['ours_ms']:.3f} ms, {r['ours_GBps']:.0f} GB/s = "
+                f"{100 * r['fraction_of_copy_bw']:.0f}% of copy bandwidth"
+            )
 
 
 if __name__ == "__main__":

@@ -53,9 +53,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repo root, when kcd_fast is not installed
 from _common import machine_info  # noqa: E402
+from fileopens import FileOpens  # noqa: E402
 
 from kcd_fast import ArrayDataset, CondensationSchedule, ImageFolder, KCDLoader  # noqa: E402
-from kcd_fast.fileopens import FileOpens  # noqa: E402
 
 CLASSES = 100
 
@@ -64,12 +64,14 @@ def cifar_transform() -> Any:
     """The CIFAR training recipe on uint8 [C, H, W] tensors (torchvision v2)."""
     from torchvision.transforms import v2
 
-    return v2.Compose([
-        v2.RandomCrop(32, padding=4),
-        v2.RandomHorizontalFlip(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize((0.507, 0.487, 0.441), (0.267, 0.256, 0.276)),
-    ])
+    return v2.Compose(
+        [
+            v2.RandomCrop(32, padding=4),
+            v2.RandomHorizontalFlip(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize((0.507, 0.487, 0.441), (0.267, 0.256, 0.276)),
+        ]
+    )
 
 
 def make_dataset(n: int, seed: int = 0) -> ArrayDataset:
@@ -94,16 +96,25 @@ def time_epoch(loader: Any, logits: torch.Tensor | None) -> tuple[float, int]:
     return time.perf_counter() - t0, seen
 
 
-def bench_workers(ds: ArrayDataset, workers: int, batch_size: int, repeats: int, rhos: list[float],
-                  seed: int) -> dict[str, Any]:
+def bench_workers(
+    ds: ArrayDataset, workers: int, batch_size: int, repeats: int, rhos: list[float], seed: int
+) -> dict[str, Any]:
     persistent = workers > 0
     logits = torch.randn(batch_size, CLASSES, generator=torch.Generator().manual_seed(seed))
     g = torch.Generator().manual_seed(seed)
-    plain = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers,
-                                        persistent_workers=persistent, generator=g)
+    plain = torch.utils.data.DataLoader(
+        ds, batch_size=batch_size, shuffle=True, num_workers=workers, persistent_workers=persistent, generator=g
+    )
     epochs = repeats + 1  # one warm-up epoch
-    full = KCDLoader(ds, CondensationSchedule(epochs=epochs, period=epochs, rho=1.0), batch_size=batch_size,
-                     shuffle=True, num_workers=workers, persistent_workers=persistent, seed=seed)
+    full = KCDLoader(
+        ds,
+        CondensationSchedule(epochs=epochs, period=epochs, rho=1.0),
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        persistent_workers=persistent,
+        seed=seed,
+    )
     t_plain, t_kcd = [], []
     for r in range(epochs):  # interleaved, alternating which goes first, so drift hits both alike
         if r % 2:
@@ -134,19 +145,32 @@ def bench_workers(ds: ArrayDataset, workers: int, batch_size: int, repeats: int,
     del full
     for rho in rhos:
         sched = CondensationSchedule(epochs=1 + epochs, period=1 + epochs, rho=rho, warmup=1)
-        kcd = KCDLoader(ds, sched, batch_size=batch_size, shuffle=True, num_workers=workers,
-                        persistent_workers=persistent, seed=seed, vaks="off")
+        kcd = KCDLoader(
+            ds,
+            sched,
+            batch_size=batch_size,
+            shuffle=True,
+            num_workers=workers,
+            persistent_workers=persistent,
+            seed=seed,
+            vaks="off",
+        )
         time_epoch(kcd, logits)  # epoch 0 on all N points, then the condensation to rho * N
         kept = len(kcd.active_indices)
         # reference: a plain DataLoader over the same kept points (it pays the same per-epoch pipeline fill)
         subset = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(ds, kcd.active_indices.tolist()), batch_size=batch_size, shuffle=True,
-            num_workers=workers, persistent_workers=persistent, generator=torch.Generator().manual_seed(seed))
+            torch.utils.data.Subset(ds, kcd.active_indices.tolist()),
+            batch_size=batch_size,
+            shuffle=True,
+            num_workers=workers,
+            persistent_workers=persistent,
+            generator=torch.Generator().manual_seed(seed),
+        )
         time_epoch(subset, None)
         times, base, sub = [], [], []
         for r in range(epochs):
             runs = {}
-            for which in ("plain", "kcd", "subset")[r % 3:] + ("plain", "kcd", "subset")[:r % 3]:  # rotate
+            for which in ("plain", "kcd", "subset")[r % 3 :] + ("plain", "kcd", "subset")[: r % 3]:  # rotate
                 if which == "kcd":
                     runs[which], nk = time_epoch(kcd, logits)
                     assert nk == kept
@@ -158,22 +182,24 @@ def bench_workers(ds: ArrayDataset, workers: int, batch_size: int, repeats: int,
                 sub.append(runs["subset"])
         frac_time = statistics.median(times) / statistics.median(base)
         frac_pairs = statistics.median(k / p for k, p in zip(times, base, strict=True))
-        out["after_condensation"].append({
-            "rho": rho,
-            "kept": kept,
-            "kept_fraction": kept / n,
-            "kcd_epoch_s": statistics.median(times),
-            "dataloader_full_epoch_s": statistics.median(base),
-            "time_fraction": frac_time,
-            "deviation": frac_time / (kept / n) - 1.0,
-            "time_fraction_pairwise_median": frac_pairs,
-            "goal": "|deviation| <= 0.03",
-            "dataloader_on_kept_subset_epoch_s": statistics.median(sub),
-            "kcd_vs_subset_dataloader": statistics.median(sub) / statistics.median(times),
-            "kcd_epochs_s": times,
-            "dataloader_full_epochs_s": base,
-            "dataloader_on_kept_subset_epochs_s": sub,
-        })
+        out["after_condensation"].append(
+            {
+                "rho": rho,
+                "kept": kept,
+                "kept_fraction": kept / n,
+                "kcd_epoch_s": statistics.median(times),
+                "dataloader_full_epoch_s": statistics.median(base),
+                "time_fraction": frac_time,
+                "deviation": frac_time / (kept / n) - 1.0,
+                "time_fraction_pairwise_median": frac_pairs,
+                "goal": "|deviation| <= 0.03",
+                "dataloader_on_kept_subset_epoch_s": statistics.median(sub),
+                "kcd_vs_subset_dataloader": statistics.median(sub) / statistics.median(times),
+                "kcd_epochs_s": times,
+                "dataloader_full_epochs_s": base,
+                "dataloader_on_kept_subset_epochs_s": sub,
+            }
+        )
         del subset
         del kcd
     del plain
@@ -212,15 +238,15 @@ def imagenet_pil_transform() -> Any:
     then to float32 [3, 224, 224], normalize."""
     from torchvision.transforms import v2
 
-    return v2.Compose([
-        v2.RandomResizedCrop(224, antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.PILToTensor(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    ])
-
-
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(224, antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.PILToTensor(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ]
+    )
 
 
 def bench_jpeg(root: Path, workers: int, batch_size: int, repeats: int, rho: float, seed: int) -> dict[str, Any]:
@@ -244,12 +270,26 @@ def bench_jpeg(root: Path, workers: int, batch_size: int, repeats: int, rho: flo
         return time.perf_counter() - t0, seen
 
     torch_ds = ImageFolder(root, transform=imagenet_pil_transform())
-    plain = torch.utils.data.DataLoader(torch_ds, batch_size=batch_size, shuffle=True, num_workers=workers,
-                                        persistent_workers=workers > 0, pin_memory=gpu,
-                                        generator=torch.Generator().manual_seed(seed))
+    plain = torch.utils.data.DataLoader(
+        torch_ds,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=gpu,
+        generator=torch.Generator().manual_seed(seed),
+    )
     epochs = repeats + 1
-    dali = KCDLoader(ImageFolder(root), CondensationSchedule(epochs=epochs, period=epochs, rho=1.0),
-                     batch_size=batch_size, shuffle=True, num_workers=workers, seed=seed, backend="dali", vaks="off")
+    dali = KCDLoader(
+        ImageFolder(root),
+        CondensationSchedule(epochs=epochs, period=epochs, rho=1.0),
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        seed=seed,
+        backend="dali",
+        vaks="off",
+    )
     opens = FileOpens(sorted({os.path.dirname(p) for p, _ in torch_ds.samples}))
     t_plain, t_dali, reads_full = [], [], []
     try:
@@ -264,15 +304,29 @@ def bench_jpeg(root: Path, workers: int, batch_size: int, repeats: int, rho: flo
                     opens.drain()
                     td, seen = epoch(dali, True)
                     got = opens.drain()
-                    reads_full.append({"points": seen, "backend_files_read": dali._backend.reads["files"],
-                                       "inotify_files_opened": sum(got.values()), "distinct_files": len(got)})
+                    reads_full.append(
+                        {
+                            "points": seen,
+                            "backend_files_read": dali._backend.reads["files"],
+                            "inotify_files_opened": sum(got.values()),
+                            "distinct_files": len(got),
+                        }
+                    )
             if r > 0:
                 t_plain.append(tp)
                 t_dali.append(td)
 
         sched = CondensationSchedule(epochs=1 + epochs, period=1 + epochs, rho=rho, warmup=1)
-        kcd = KCDLoader(ImageFolder(root), sched, batch_size=batch_size, shuffle=True, num_workers=workers,
-                        seed=seed, backend="dali", vaks="off")
+        kcd = KCDLoader(
+            ImageFolder(root),
+            sched,
+            batch_size=batch_size,
+            shuffle=True,
+            num_workers=workers,
+            seed=seed,
+            backend="dali",
+            vaks="off",
+        )
         epoch(kcd, True)  # epoch 0 on all N points, then the condensation to rho * N
         kept = len(kcd.active_indices)
         t_kept, reads_kept = [], []
@@ -282,16 +336,24 @@ def bench_jpeg(root: Path, workers: int, batch_size: int, repeats: int, rho: flo
             tk, seen = epoch(kcd, True)
             got = opens.drain()
             t_kept.append(tk)
-            reads_kept.append({"points": seen, "backend_files_read": kcd._backend.reads["files"],
-                               "inotify_files_opened": sum(got.values()), "opened_exactly_the_planned_files":
-                               got == planned})
+            reads_kept.append(
+                {
+                    "points": seen,
+                    "backend_files_read": kcd._backend.reads["files"],
+                    "inotify_files_opened": sum(got.values()),
+                    "opened_exactly_the_planned_files": got == planned,
+                }
+            )
         t_kept = t_kept[1:]
     finally:
         opens.close()
     med_plain, med_dali, med_kept = statistics.median(t_plain), statistics.median(t_dali), statistics.median(t_kept)
     ok_full = all(r["points"] == r["backend_files_read"] == r["inotify_files_opened"] == n for r in reads_full)
-    ok_kept = all(r["points"] == r["backend_files_read"] == r["inotify_files_opened"] == kept
-                  and r["opened_exactly_the_planned_files"] for r in reads_kept)
+    ok_kept = all(
+        r["points"] == r["backend_files_read"] == r["inotify_files_opened"] == kept
+        and r["opened_exactly_the_planned_files"]
+        for r in reads_kept
+    )
     dali_device = dali._backend.device_id
     return {
         "num_workers": workers,
@@ -342,26 +404,38 @@ def main_jpeg(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {
         "benchmark": "loader_dali_jpeg",
         "machine": info,
-        "config": {"n": n, "image": [256, 256, 3], "jpeg_quality": 90, "mean_file_kb": sum(sizes) / len(sizes) / 1e3,
-                   "folder": str(root), "folder_made_s": made_s, "batch_size": args.batch_size,
-                   "repeats": repeats, "quick": args.quick,
-                   "recipe": "RandomResizedCrop 224 (area 0.08-1, aspect 3/4-4/3), HFlip, Normalize, float32 CHW",
-                   "dataloader": "torch DataLoader(kcd_fast.ImageFolder + PIL + torchvision v2), persistent workers",
-                   "dali": "KCDLoader(backend='dali'): io.file.read -> decoders.image_random_crop -> resize -> "
-                           "crop_mirror_normalize; observe() per batch"},
+        "config": {
+            "n": n,
+            "image": [256, 256, 3],
+            "jpeg_quality": 90,
+            "mean_file_kb": sum(sizes) / len(sizes) / 1e3,
+            "folder": str(root),
+            "folder_made_s": made_s,
+            "batch_size": args.batch_size,
+            "repeats": repeats,
+            "quick": args.quick,
+            "recipe": "RandomResizedCrop 224 (area 0.08-1, aspect 3/4-4/3), HFlip, Normalize, float32 CHW",
+            "dataloader": "torch DataLoader(kcd_fast.ImageFolder + PIL + torchvision v2), persistent workers",
+            "dali": "KCDLoader(backend='dali'): io.file.read -> decoders.image_random_crop -> resize -> "
+            "crop_mirror_normalize; observe() per batch",
+        },
         "results": [],
     }
     for w in workers:
         r = bench_jpeg(root, w, args.batch_size, repeats, 0.7, args.seed)
         result["results"].append(r)
         fk, ac = r["full_keep"], r["after_condensation"]
-        print(f"num_workers={w}: full keep  DataLoader+PIL {fk['dataloader_pil_images_per_s']:7.0f} img/s  "
-              f"DALI ({r['dali_device']}) {fk['dali_images_per_s']:7.0f} img/s  ratio {fk['ratio']:.2f} "
-              f"(goal >= 1.5 on the CPU, >= 5 on a GPU); "
-              f"files read == points every epoch: {fk['files_read_equal_points']}")
-        print(f"num_workers={w}: rho 0.70  kept {ac['kept']} ({ac['kept_fraction']:.3f})  epoch "
-              f"{ac['dali_epoch_s']:.3f} s vs full {ac['dali_full_epoch_s']:.3f} s -> {ac['time_fraction']:.3f}; "
-              f"files read == surviving points: {ac['files_read_equal_surviving_points']}")
+        print(
+            f"num_workers={w}: full keep  DataLoader+PIL {fk['dataloader_pil_images_per_s']:7.0f} img/s  "
+            f"DALI ({r['dali_device']}) {fk['dali_images_per_s']:7.0f} img/s  ratio {fk['ratio']:.2f} "
+            f"(goal >= 1.5 on the CPU, >= 5 on a GPU); "
+            f"files read == points every epoch: {fk['files_read_equal_points']}"
+        )
+        print(
+            f"num_workers={w}: rho 0.70  kept {ac['kept']} ({ac['kept_fraction']:.3f})  epoch "
+            f"{ac['dali_epoch_s']:.3f} s vs full {ac['dali_full_epoch_s']:.3f} s -> {ac['time_fraction']:.3f}; "
+            f"files read == surviving points: {ac['files_read_equal_surviving_points']}"
+        )
     info["load_average_after"] = list(os.getloadavg())
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -375,14 +449,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--quick", action="store_true", help="small sizes, under a minute on 2 cores")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--n", type=int, default=None, help="dataset size (default 8192 quick, 50000 full)")
-    p.add_argument("--workers", type=int, nargs="+", default=None,
-                   help="num_workers values (default 2 quick, 0 and 2)")
+    p.add_argument("--workers", type=int, nargs="+", default=None, help="num_workers values (default 2 quick, 0 and 2)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--repeats", type=int, default=None, help="timed epochs per loader (default 7 quick, 9)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workload", choices=["arrays", "jpeg"], default="arrays",
-                   help="arrays: KCDLoader (torch) vs DataLoader on CIFAR-like arrays; jpeg: the DALI back end "
-                        "vs DataLoader + PIL on a generated JPEG folder (defaults: n 1000 quick / 4000, workers 2)")
+    p.add_argument(
+        "--workload",
+        choices=["arrays", "jpeg"],
+        default="arrays",
+        help="arrays: KCDLoader (torch) vs DataLoader on CIFAR-like arrays; jpeg: the DALI back end "
+        "vs DataLoader + PIL on a generated JPEG folder (defaults: n 1000 quick / 4000, workers 2)",
+    )
     args = p.parse_args(argv)
     if args.workload == "jpeg":
         torch.set_num_threads(1)
@@ -402,24 +479,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {
         "benchmark": "loader",
         "machine": info,
-        "config": {"n": n, "image": [32, 32, 3], "batch_size": args.batch_size, "repeats": repeats,
-                   "transform": "RandomCrop(32, pad 4), HFlip, ToDtype(float32), Normalize (torchvision v2)",
-                   "observe": f"entropy of fixed [B, {CLASSES}] float32 logits per KCD batch",
-                   "persistent_workers": "when num_workers > 0", "rhos": rhos, "quick": args.quick},
+        "config": {
+            "n": n,
+            "image": [32, 32, 3],
+            "batch_size": args.batch_size,
+            "repeats": repeats,
+            "transform": "RandomCrop(32, pad 4), HFlip, ToDtype(float32), Normalize (torchvision v2)",
+            "observe": f"entropy of fixed [B, {CLASSES}] float32 logits per KCD batch",
+            "persistent_workers": "when num_workers > 0",
+            "rhos": rhos,
+            "quick": args.quick,
+        },
         "results": [],
     }
     for w in workers:
         r = bench_workers(ds, w, args.batch_size, repeats, rhos, args.seed)
         result["results"].append(r)
         fk = r["full_keep"]
-        print(f"num_workers={w}: full keep  DataLoader {fk['dataloader_samples_per_s']:9.0f} samples/s  "
-              f"KCDLoader {fk['kcd_samples_per_s']:9.0f} samples/s  ratio {fk['ratio']:.3f} (goal >= 0.97)")
+        print(
+            f"num_workers={w}: full keep  DataLoader {fk['dataloader_samples_per_s']:9.0f} samples/s  "
+            f"KCDLoader {fk['kcd_samples_per_s']:9.0f} samples/s  ratio {fk['ratio']:.3f} (goal >= 0.97)"
+        )
         for a in r["after_condensation"]:
-            print(f"num_workers={w}: rho {a['rho']:.2f}  kept {a['kept_fraction']:.3f}  epoch "
-                  f"{a['kcd_epoch_s']:.3f} s vs full {a['dataloader_full_epoch_s']:.3f} s -> "
-                  f"{a['time_fraction']:.3f} of full, deviation {a['deviation']:+.1%} (goal within 3%); "
-                  f"DataLoader on the kept subset {a['dataloader_on_kept_subset_epoch_s']:.3f} s "
-                  f"(speed ratio {a['kcd_vs_subset_dataloader']:.3f})")
+            print(
+                f"num_workers={w}: rho {a['rho']:.2f}  kept {a['kept_fraction']:.3f}  epoch "
+                f"{a['kcd_epoch_s']:.3f} s vs full {a['dataloader_full_epoch_s']:.3f} s -> "
+                f"{a['time_fraction']:.3f} of full, deviation {a['deviation']:+.1%} (goal within 3%); "
+                f"DataLoader on the kept subset {a['dataloader_on_kept_subset_epoch_s']:.3f} s "
+                f"(speed ratio {a['kcd_vs_subset_dataloader']:.3f})"
+            )
     info["load_average_after"] = list(os.getloadavg())
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -1,20 +1,24 @@
 """kcd_fast: Knowledge Condensation Distillation that saves wall-clock time.
 
-Core API (see README.md and ../shared/KCD_SPEC.md):
+Core API (see README.md; the algorithm is docs/algorithm.md, the layout docs/architecture.md):
     kcd_fast.ops.observe_entropy / observe_kl / values / blend_   compiled kernels
     kcd_fast.condense                                              ranking + VAKS pairs
     kcd_fast.CondensationSchedule, kcd_fast.unix_computation       schedule, cost model
     kcd_fast.ValueBank                                             per-point accumulators
     kcd_fast.memory                                                cache of large CPU results
+    kcd_fast.checkpoint, kcd_fast.distributed                      atomic checkpoints, DDP collectives
+Data and loading:
+    kcd_fast.ArrayDataset, kcd_fast.ImageFolder                    kcd_fast.data
+    kcd_fast.KCDLoader                                             kcd_fast.loader
+KD trainer and models: kcd_fast.kd (``python -m kcd_fast.kd``; ``kcd_fast.train`` is an alias).
 """
 
-from . import memory, ops
+from . import checkpoint, distributed, memory, ops
 from ._ext import build_info, has_cuda
 from ._version import __version__
 from .bank import Measure, ValueBank
 from .condense import Condensation, Vaks, condense
-from .datasets import ArrayDataset
-from .image_folder import ImageFolder
+from .data import ArrayDataset, ImageFolder
 from .loader import KCDLoader
 from .schedule import CondensationSchedule, Decay, unix_computation
 
@@ -30,7 +34,9 @@ __all__ = [
     "ValueBank",
     "__version__",
     "build_info",
+    "checkpoint",
     "condense",
+    "distributed",
     "has_cuda",
     "memory",
     "ops",

@@ -14,8 +14,17 @@ def observe_kl(
 def values(sums: Capsule, counts: Capsule, out: Capsule, period: float, alpha: float) -> None: ...
 def blend(images: Capsule, dst: Capsule, src: Capsule, eps: Capsule) -> None: ...
 def condense(
-    values: Capsule, n_keep: int, n_prev: int, mode: int, eps_m: float, random_pos: Capsule,
-    keep: Capsule, dropped: Capsule, dst: Capsule, src: Capsule, eps: Capsule,
+    values: Capsule,
+    n_keep: int,
+    n_prev: int,
+    mode: int,
+    eps_m: float,
+    random_pos: Capsule,
+    keep: Capsule,
+    dropped: Capsule,
+    dst: Capsule,
+    src: Capsule,
+    eps: Capsule,
 ) -> None: ...
 def empty_bytes(nbytes: int) -> Capsule: ...
 def cached_pages_bytes() -> int: ...

@@ -11,14 +11,31 @@ def observe_entropy(
     logits: Capsule, indices: Capsule, sums: Capsule, counts: Capsule, errors: Capsule, stream: int
 ) -> None: ...
 def observe_kl(
-    student: Capsule, teacher: Capsule, indices: Capsule, sums: Capsule, counts: Capsule, temperature: float,
-    errors: Capsule, stream: int,
+    student: Capsule,
+    teacher: Capsule,
+    indices: Capsule,
+    sums: Capsule,
+    counts: Capsule,
+    temperature: float,
+    errors: Capsule,
+    stream: int,
 ) -> None: ...
 def values(sums: Capsule, counts: Capsule, out: Capsule, period: float, alpha: float, stream: int) -> None: ...
 def blend(images: Capsule, dst: Capsule, src: Capsule, eps: Capsule, stream: int) -> None: ...
 def condense(
-    values: Capsule, n_keep: int, n_prev: int, mode: int, eps_m: float, random_pos: Capsule, workspace: Capsule,
-    keep: Capsule, dropped: Capsule, dst: Capsule, src: Capsule, eps: Capsule, stream: int,
+    values: Capsule,
+    n_keep: int,
+    n_prev: int,
+    mode: int,
+    eps_m: float,
+    random_pos: Capsule,
+    workspace: Capsule,
+    keep: Capsule,
+    dropped: Capsule,
+    dst: Capsule,
+    src: Capsule,
+    eps: Capsule,
+    stream: int,
 ) -> None: ...
 def condense_workspace_bytes(n: int) -> int: ...
 def device_count() -> int: ...

@@ -50,9 +50,10 @@ def rank(values: np.ndarray) -> np.ndarray:
     return np.lexsort((np.arange(v.shape[0]), -v))
 
 
-def condense(values, n_keep: int, n_prev: int | None = None, vaks: str = "low", eps_m: float = 0.7,
-             seed: int = 0) -> dict[str, np.ndarray]:
-    """KCD_SPEC sections 3-4, literally, with a full sort."""
+def condense(
+    values, n_keep: int, n_prev: int | None = None, vaks: str = "low", eps_m: float = 0.7, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """docs/algorithm.md sections 3-4, literally, with a full sort."""
     n = len(values)
     n_prev = n if n_prev is None else n_prev
     pi = rank(values)
@@ -62,7 +63,7 @@ def condense(values, n_keep: int, n_prev: int | None = None, vaks: str = "low", 
     P = 0 if vaks == "off" else min(L, n_keep)
     src = dropped[:P]
     if vaks == "low":
-        dst = pi[n_keep - P:n_keep]
+        dst = pi[n_keep - P : n_keep]
         eps = np.array([eps_m + (1 - eps_m) * (P - j) / P for j in range(P)], dtype=np.float64)
     elif vaks == "high":
         dst = pi[:P]
@@ -74,8 +75,13 @@ def condense(values, n_keep: int, n_prev: int | None = None, vaks: str = "low", 
     else:
         dst = np.zeros(0, dtype=np.int64)
         eps = np.zeros(0, dtype=np.float64)
-    return {"keep": keep, "dropped": dropped, "dst": np.asarray(dst, dtype=np.int64),
-            "src": np.asarray(src, dtype=np.int64), "eps": eps}
+    return {
+        "keep": keep,
+        "dropped": dropped,
+        "dst": np.asarray(dst, dtype=np.int64),
+        "src": np.asarray(src, dtype=np.int64),
+        "eps": eps,
+    }
 
 
 def blend(images: np.ndarray, dst, src, eps) -> np.ndarray:
@@ -90,7 +96,7 @@ def blend(images: np.ndarray, dst, src, eps) -> np.ndarray:
 
 
 def epoch_sizes(epochs: int, period: int, rho: float, n: int, decay: str = "exp", warmup: int = 1) -> list[int]:
-    """Points trained on per epoch, straight from KCD_SPEC section 2."""
+    """Points trained on per epoch, straight from docs/algorithm.md section 2."""
     S = epochs // period
     sizes = []
     for e in range(epochs):

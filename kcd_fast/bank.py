@@ -1,21 +1,22 @@
 """The value bank: per-point accumulators S_i (sum of scores) and n_i (observations)
-over the whole run, on a chosen device (KCD_SPEC section 1)."""
+over the whole run, on a chosen device (docs/algorithm.md section 1)."""
 
 from __future__ import annotations
 
 import math
-from enum import Enum, unique
+from enum import unique
 from typing import Any
 
 import numpy as np
 import torch
 
-from . import _arrays as A
+from . import distributed as D
 from . import ops
+from ._checks import OptionEnum
 
 
 @unique
-class Measure(str, Enum):
+class Measure(OptionEnum):
     """How a point's value is scored from the training step's logits."""
 
     ENTROPY = "entropy"  # student prediction entropy (default)
@@ -23,12 +24,8 @@ class Measure(str, Enum):
     RANDOM = "random"  # uniform random values, seeded (an ablation)
 
     @classmethod
-    def parse(cls, value: Any) -> Measure:
-        try:
-            return cls(value.value if isinstance(value, Measure) else value)
-        except ValueError:
-            choices = ", ".join(repr(v.value) for v in cls)
-            raise ValueError(f"value must be one of {choices}, got {value!r}") from None
+    def option_name(cls) -> str:
+        return "value"
 
 
 class ValueBank:
@@ -99,6 +96,8 @@ class ValueBank:
         self.local_sums: torch.Tensor | None = None  # [N] float64, local=True only
         self.local_counts: torch.Tensor | None = None  # [N] int32, local=True only
         self._errors: torch.Tensor | None = None
+        self._follow = device is None  # placed on the first observed logits' device
+        self._placed = not self._follow
         if device is not None:
             self._allocate(torch.device(device))
 
@@ -135,41 +134,51 @@ class ValueBank:
     def observe(self, indices, logits, teacher_logits=None) -> None:
         """Scores one training batch: ``indices`` ``[B]`` int64 (any device; moved to the
         bank's), ``logits`` ``[B, C]`` student logits on the bank's device,
-        ``teacher_logits`` ``[B, C]`` (needed for ``measure="kl"``)."""
-        lg, _ = A.as_torch(logits, "logits")
-        idx, _ = A.as_torch(indices, "indices")
-        if self.sums is None:
-            self._allocate(lg.device)
+        ``teacher_logits`` ``[B, C]`` (needed for ``measure="kl"``). A bank made with
+        ``device=None`` moves to the first observed logits' device (again after
+        ``load_state_dict``). The arguments are converted and checked once here, then the
+        kernel runs on the bank's own accumulators."""
+        if self.measure is Measure.KL:
+            if teacher_logits is None:
+                raise ValueError("measure 'kl' needs teacher_logits, got None")
+            lg, te = ops.student_teacher_args(logits, teacher_logits)
+        else:
+            lg, te = ops.logits_arg(logits, "logits"), None
+        idx = ops.indices_arg(indices, lg.shape[0], "student_logits" if te is not None else "logits")
+        if not self._placed and self.device != lg.device:
+            self.to(lg.device)
+        self._placed = True
         if lg.device != self.device:
             raise ValueError(
                 f"logits are on {lg.device} but the value bank is on {self.device}; "
                 "create the bank with device=None to follow the logits"
             )
+        if te is not None and te.device != lg.device:
+            raise ValueError(
+                f"teacher_logits is on {te.device} but student_logits is on {lg.device}; pass them on one device"
+            )
         if idx.device != self.device:
             idx = idx.to(self.device, non_blocking=True)
         sums, counts = (self.local_sums, self.local_counts) if self.local else (self.sums, self.counts)
-        if self.measure is Measure.KL:
-            if teacher_logits is None:
-                raise ValueError("measure 'kl' needs teacher_logits, got None")
-            ops.observe_kl(lg.detach(), A.as_torch(teacher_logits, "teacher_logits")[0].detach(), idx, sums,
-                           counts, self.temperature, errors=self._errors, strict=self.strict)
-        elif self.measure is Measure.ENTROPY:
-            ops.observe_entropy(lg.detach(), idx, sums, counts, errors=self._errors, strict=self.strict)
-        else:
+        if self.measure is Measure.RANDOM:
             self._count_only(idx, lg, counts)
+            return
+        ops.launch_observe(
+            self.device,
+            lg.detach(),
+            None if te is None else te.detach(),
+            idx,
+            sums,
+            counts,
+            self.temperature,
+            self._errors,
+            self.strict,
+        )
 
     def _count_only(self, idx: torch.Tensor, lg: torch.Tensor, counts: torch.Tensor) -> None:
-        """``measure="random"``: only counts observations, with the same input rules as
-        the scoring ops (bad rows raise on CPU or with ``strict``; on CUDA they are
-        skipped and counted without a host sync)."""
-        A.check_dtype(idx, "indices", (torch.int64,))
-        A.check_ndim(idx, "indices", 1, "[B]")
-        A.check_dtype(lg, "logits", ops.LOGIT_DTYPES)
-        A.check_ndim(lg, "logits", 2, "[B, C]")
-        if lg.shape[0] != idx.shape[0]:
-            raise ValueError(f"indices has {idx.shape[0]} entries but logits has {lg.shape[0]} rows")
-        if lg.device != idx.device:
-            raise ValueError(f"indices is on {idx.device} but logits is on {lg.device}; pass them on one device")
+        """``measure="random"``: only counts observations (checked arguments on the bank's
+        device), with the same input rules as the scoring ops (bad rows raise on CPU or
+        with ``strict``; on CUDA they are skipped and counted without a host sync)."""
         if idx.numel() == 0:
             return
         if self._errors is None or self.strict:
@@ -203,16 +212,15 @@ class ValueBank:
         rows)``; reduced in the local accumulators themselves when ``in_place``. The CUDA
         error counters are reduced with them, so every rank raises together."""
         if not self.local:
-            raise ValueError("this bank was made with local=False: its sums already hold every observation; "
-                             "make it with ValueBank(..., local=True) to all-reduce across ranks")
-        from . import distributed as D
-
+            raise ValueError(
+                "this bank was made with local=False: its sums already hold every observation; "
+                "make it with ValueBank(..., local=True) to all-reduce across ranks"
+            )
         if self.sums is None:
             self._allocate(D.comm_device(group, None))
         sums = self.local_sums if in_place else self.local_sums.clone()
         counts = self.local_counts if in_place else self.local_counts.clone()
-        errors = torch.zeros(2, dtype=torch.int64, device=self.device) if self._errors is None \
-            else self._errors.clone()
+        errors = torch.zeros(2, dtype=torch.int64, device=self.device) if self._errors is None else self._errors.clone()
         D.all_reduce_sum_([sums, counts, errors], group)
         bad_index, non_finite = (int(v) for v in errors.tolist())
         if self._errors is not None:
@@ -300,9 +308,12 @@ class ValueBank:
         if (sums is None) != (counts is None):
             raise ValueError("value bank state: sums and counts must both be tensors or both be None")
         if sums is not None and not (
-            isinstance(sums, torch.Tensor) and isinstance(counts, torch.Tensor)
-            and sums.shape == (self.n,) and sums.dtype == torch.float64
-            and counts.shape == (self.n,) and counts.dtype == torch.int32
+            isinstance(sums, torch.Tensor)
+            and isinstance(counts, torch.Tensor)
+            and sums.shape == (self.n,)
+            and sums.dtype == torch.float64
+            and counts.shape == (self.n,)
+            and counts.dtype == torch.int32
         ):
             raise ValueError("value bank state: sums must be float64 [n] and counts int32 [n]")
         draws, seed = state["random_draws"], state.get("seed", self.seed)
@@ -322,6 +333,7 @@ class ValueBank:
             self.local_counts.zero_()
         self._random_draws = int(draws)
         self.seed = int(seed)  # the run's seed: "random" values continue the same stream
+        self._placed = not self._follow
 
     def __repr__(self) -> str:
         local = ", local=True" if self.local else ""

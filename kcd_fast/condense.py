@@ -1,36 +1,29 @@
-"""Condensation (KCD_SPEC sections 3-4): rank all points by value, keep the top
+"""Condensation (docs/algorithm.md sections 3-4): rank all points by value, keep the top
 ``n_keep``, and pair the dropped points with kept ones for the VAKS summary."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from enum import Enum, unique
+from enum import unique
 from typing import Any
 
 import numpy as np
 import torch
 
 from . import _arrays as A
+from ._checks import OptionEnum, check_int
 from ._ext import _cpu, cuda_module
 
 
 @unique
-class Vaks(str, Enum):
+class Vaks(OptionEnum):
     """Which kept points receive the dropped knowledge (supplement Tab. 7)."""
 
     LOW = "low"  # the L lowest-valued kept points, weights eps_m .. 1 (the paper's choice)
     HIGH = "high"  # the L highest-valued kept points, same weights
     RANDOM = "random"  # L kept points drawn with the seeded generator, eps = eps_m
     OFF = "off"  # no summary
-
-    @classmethod
-    def parse(cls, value: Any, name: str = "vaks") -> Vaks:
-        try:
-            return cls(value.value if isinstance(value, Vaks) else value)
-        except ValueError:
-            choices = ", ".join(repr(v.value) for v in cls)
-            raise ValueError(f"{name} must be one of {choices}, got {value!r}") from None
 
 
 _MODE = {Vaks.OFF: 0, Vaks.LOW: 1, Vaks.HIGH: 2, Vaks.RANDOM: 3}
@@ -61,12 +54,6 @@ class Condensation:
     @property
     def pairs(self) -> int:
         return int(self.dst.shape[0])
-
-
-def _check_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    return int(value)
 
 
 # CPU outputs this large share one buffer of fresh huge pages, faulted in by one thread:
@@ -120,8 +107,8 @@ def condense(
     n = int(v.shape[0])
     if n == 0:
         raise ValueError("values is empty: there is nothing to condense (N = 0)")
-    n_keep = _check_int(n_keep, "n_keep")
-    n_prev = n if n_prev is None else _check_int(n_prev, "n_prev")
+    n_keep = check_int(n_keep, "n_keep")
+    n_prev = n if n_prev is None else check_int(n_prev, "n_prev")
     if not 1 <= n_prev <= n:
         raise ValueError(f"n_prev must be in [1, N = {n}], got {n_prev}")
     if not 1 <= n_keep <= n_prev:
@@ -129,7 +116,7 @@ def condense(
     mode = Vaks.parse(vaks)
     if not (isinstance(eps_m, (int, float)) and math.isfinite(eps_m) and 0.0 <= eps_m <= 1.0):
         raise ValueError(f"eps_m must be in [0, 1], got {eps_m!r}")
-    seed = _check_int(seed, "seed")
+    seed = check_int(seed, "seed")
     if device.type == "cuda" and n > 2**31 - 1:
         raise ValueError(f"CUDA condense handles N < 2**31 points, got N = {n}")
     if device.type == "cpu" and n > 2**32 - 1:
@@ -143,8 +130,13 @@ def condense(
     else:
         random_pos = torch.zeros(0, dtype=torch.int64, device=device)
 
-    sizes = [(n_keep, torch.int64), (n_prev - n_keep, torch.int64), (pairs, torch.int64), (pairs, torch.int64),
-             (pairs, torch.float64)]
+    sizes = [
+        (n_keep, torch.int64),
+        (n_prev - n_keep, torch.int64),
+        (pairs, torch.int64),
+        (pairs, torch.int64),
+        (pairs, torch.float64),
+    ]
     keep, dropped, dst, src, eps = _empty_outputs(sizes, device)
     outs = [A.capsule(t) for t in (keep, dropped, dst, src, eps)]
     if device.type == "cpu":
@@ -157,7 +149,14 @@ def condense(
         with torch.cuda.device(device):
             ws = torch.empty(int(ext.condense_workspace_bytes(n)), dtype=torch.uint8, device=device)
         ext.condense(
-            A.capsule(v), n_keep, n_prev, _MODE[mode], float(eps_m), A.capsule(random_pos), A.capsule(ws), *outs,
+            A.capsule(v),
+            n_keep,
+            n_prev,
+            _MODE[mode],
+            float(eps_m),
+            A.capsule(random_pos),
+            A.capsule(ws),
+            *outs,
             A.stream_of(v),
         )
     conv = [A.to_lib(t, lib, values) for t in (keep, dropped, dst, src, eps)]

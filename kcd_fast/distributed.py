@@ -1,7 +1,7 @@
-"""KCD under ``torch.distributed`` (DDP) and fault-tolerant checkpoints.
+"""KCD under ``torch.distributed`` (DDP): collectives only.
 
 :class:`kcd_fast.KCDLoader` stays one backend-agnostic core; this module holds the parts
-that know about process groups and files, so that the core only calls them:
+that know about process groups, so that the core only calls them:
 
 - :func:`resolve`: is the loader distributed, and which rank of how many (a process group
   initialised with ``torch.distributed.init_process_group``, or explicit arguments);
@@ -10,11 +10,6 @@ that know about process groups and files, so that the core only calls them:
 - :func:`all_reduce_sum_`, :func:`agree`, :func:`all_ok`: the few collectives the loader
   and :class:`kcd_fast.ValueBank` need, on the device the group's backend can reduce
   (gloo: CPU tensors; nccl: CUDA tensors);
-- :func:`atomic_write`, :func:`save_checkpoint`, :func:`load_checkpoint`: a checkpoint file
-  is written to a temporary file in the same directory, flushed and fsynced, renamed over
-  the old one (``os.replace``) and the directory fsynced, so a crash at any moment leaves
-  either the old or the new checkpoint, never a mix; a truncated, corrupt or foreign file
-  raises a ``ValueError`` naming the path.
 
 Sharding, worked example (``DistributedSampler``'s rules; ``order`` is the epoch's global
 order, the same on every rank because it depends only on ``(seed, epoch)``)::
@@ -28,18 +23,14 @@ order, the same on every rank because it depends only on ``(seed, epoch)``)::
     n < world_size (n = 1, world 3): drop_last=False pads [7, 7, 7], one point per rank;
                      drop_last=True gives every rank 0 points.
 
-:func:`time_all_reduce` times the per-condensation all-reduce of a value bank of N points
-on local gloo processes.
+Checkpoint files (atomic, digest-checked) are :mod:`kcd_fast.checkpoint`; its
+``save_checkpoint`` / ``load_checkpoint`` are re-exported here for code written against
+kcd_fast 0.1. ``benchmarks/all_reduce.py`` times the per-condensation all-reduce.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
-import os
-import secrets
-import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,27 +38,22 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ._checks import check_opt_int
+from .checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
+
 __all__ = [
     "CHECKPOINT_FORMAT",
     "DistInfo",
     "agree",
     "all_ok",
     "all_reduce_sum_",
-    "atomic_write",
     "comm_device",
     "load_checkpoint",
     "resolve",
     "save_checkpoint",
     "shard_order",
     "shard_size",
-    "time_all_reduce",
 ]
-
-CHECKPOINT_FORMAT = "kcd_fast.checkpoint/1"
-# File layout: magic (8 bytes) | payload length (uint64, little endian) | blake2b-256 of the
-# payload (32 bytes) | payload (the bytes of torch.save(obj)).
-_MAGIC = b"KCDCKPT1"
-_HEADER = struct.Struct("<8sQ32s")
 
 
 # -- process group ---------------------------------------------------------------------------
@@ -93,16 +79,9 @@ def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _check_opt_int(value: Any, name: str) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int or None, got {type(value).__name__} {value!r}")
-    return int(value)
-
-
-def resolve(distributed: bool | None, rank: int | None = None, world_size: int | None = None,
-            group: Any = None) -> DistInfo:
+def resolve(
+    distributed: bool | None, rank: int | None = None, world_size: int | None = None, group: Any = None
+) -> DistInfo:
     """Decides whether (and how) a loader shards its epochs.
 
     Args:
@@ -119,13 +98,15 @@ def resolve(distributed: bool | None, rank: int | None = None, world_size: int |
     """
     if distributed is not None and not isinstance(distributed, (bool, np.bool_)):
         raise TypeError(f"distributed must be None or a bool, got {type(distributed).__name__} {distributed!r}")
-    rank = _check_opt_int(rank, "rank")
-    world_size = _check_opt_int(world_size, "world_size")
+    rank = check_opt_int(rank, "rank")
+    world_size = check_opt_int(world_size, "world_size")
     explicit = rank is not None or world_size is not None or group is not None
     if distributed is not None and not distributed:
         if explicit:
-            raise ValueError(f"distributed=False shards nothing, but got rank={rank!r}, world_size={world_size!r}, "
-                             f"group={group!r}; drop them or pass distributed=True")
+            raise ValueError(
+                f"distributed=False shards nothing, but got rank={rank!r}, world_size={world_size!r}, "
+                f"group={group!r}; drop them or pass distributed=True"
+            )
         return DistInfo()
     initialised = is_initialized()
     if distributed is None and not explicit and not initialised:
@@ -134,19 +115,22 @@ def resolve(distributed: bool | None, rank: int | None = None, world_size: int |
         try:
             g_world, g_rank = dist.get_world_size(group), dist.get_rank(group)
         except (RuntimeError, ValueError, TypeError) as err:
-            raise ValueError(f"group must be a torch.distributed process group or None, got {group!r}: {err}") \
-                from err
+            raise ValueError(f"group must be a torch.distributed process group or None, got {group!r}: {err}") from err
         if g_rank < 0:
             raise ValueError(f"this process is not a member of group {group!r}")
         if world_size is not None and world_size != g_world:
-            raise ValueError(f"world_size={world_size} but the process group has {g_world} ranks; "
-                             "omit world_size or pass the data-parallel group")
+            raise ValueError(
+                f"world_size={world_size} but the process group has {g_world} ranks; "
+                "omit world_size or pass the data-parallel group"
+            )
         if rank is not None and rank != g_rank:
             raise ValueError(f"rank={rank} but this process is rank {g_rank} of the process group; omit rank")
         return DistInfo(True, g_rank, g_world, group)
     if group is not None:
-        raise ValueError(f"group={group!r} was given but no process group is initialised; "
-                         "call torch.distributed.init_process_group first")
+        raise ValueError(
+            f"group={group!r} was given but no process group is initialised; "
+            "call torch.distributed.init_process_group first"
+        )
     if world_size is None or rank is None:
         raise ValueError(
             f"distributed=True needs an initialised process group (torch.distributed.init_process_group), "
@@ -199,8 +183,11 @@ def comm_device(group: Any, device: torch.device | None) -> torch.device:
     CUDA tensors, or a ``"cpu:gloo,cuda:nccl"`` group) ``device``, or the CPU when None."""
     backend = str(dist.get_backend(group)).lower()
     if backend == "nccl":
-        return device if device is not None and device.type == "cuda" else torch.device(
-            "cuda", torch.cuda.current_device())
+        return (
+            device
+            if device is not None and device.type == "cuda"
+            else torch.device("cuda", torch.cuda.current_device())
+        )
     return device if device is not None else torch.device("cpu")
 
 
@@ -242,120 +229,3 @@ def all_ok(ok: bool, group: Any = None, device: torch.device | None = None) -> b
     """Collective (and a barrier): True where every rank passed ``ok=True``."""
     bad, _ = _max_pair(0 if ok else 1, 0, group, device)
     return bad == 0
-
-
-# -- checkpoints ----------------------------------------------------------------------------
-def _fsync_dir(directory: str) -> None:
-    """Makes a rename in ``directory`` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
-    """Writes ``data`` to ``path`` so that ``path`` holds either its old content or all of
-    ``data``, whatever happens meanwhile: a temporary file in the same directory
-    (``.<name>.<random>.tmp``, created with the umask's permissions) is written, flushed
-    and fsynced, then renamed over ``path`` with ``os.replace``, and the directory is
-    fsynced. On any error the temporary file is removed and the error propagates."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(directory)
-
-
-def save_checkpoint(obj: Any, path: str | os.PathLike[str]) -> None:
-    """``torch.save(obj)`` into ``path`` atomically (:func:`atomic_write`), behind a header
-    with the payload's length and blake2b digest so that :func:`load_checkpoint` detects
-    truncation and corruption. Not a collective: under DDP call it on one rank (or use
-    ``KCDLoader.save``, which does)."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    payload = buf.getvalue()
-    header = _HEADER.pack(_MAGIC, len(payload), hashlib.blake2b(payload, digest_size=32).digest())
-    atomic_write(path, header + payload)
-
-
-def load_checkpoint(path: str | os.PathLike[str], *, weights_only: bool = True,
-                    map_location: Any = "cpu") -> Any:
-    """Reads a :func:`save_checkpoint` file. Raises ``FileNotFoundError`` for a missing
-    file and ``ValueError`` naming the path for a file that is not a kcd_fast checkpoint,
-    is truncated, or whose content does not match its digest."""
-    path = os.fspath(path)
-    with open(path, "rb") as f:
-        data = f.read()
-    if len(data) < _HEADER.size or not data.startswith(_MAGIC):
-        what = "is truncated" if _MAGIC.startswith(data[: len(_MAGIC)]) and len(data) < _HEADER.size \
-            else "is not a kcd_fast checkpoint (bad magic bytes)"
-        raise ValueError(f"checkpoint {path!r} {what} ({len(data)} bytes)")
-    _, length, digest = _HEADER.unpack_from(data)
-    payload = data[_HEADER.size:]
-    if len(payload) != length:
-        raise ValueError(f"checkpoint {path!r} is truncated or was extended: its header announces {length} "
-                         f"payload bytes, the file holds {len(payload)}")
-    if hashlib.blake2b(payload, digest_size=32).digest() != digest:
-        raise ValueError(f"checkpoint {path!r} is corrupt: its content does not match its blake2b digest")
-    try:
-        return torch.load(io.BytesIO(payload), weights_only=weights_only, map_location=map_location)
-    except Exception as err:  # any unpickling failure means a bad file
-        raise ValueError(f"checkpoint {path!r} could not be read by torch.load: {err}") from err
-
-
-# -- benchmark: the bank's all-reduce -------------------------------------------------------
-def _bench_worker(rank: int, world: int, init_file: str, n: int, repeats: int, out: str) -> None:
-    import time
-
-    from .bank import ValueBank
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        bank = ValueBank(n, period=40, local=True)
-        times = []
-        for _ in range(repeats):
-            bank.local_sums.uniform_(0, 4, generator=torch.Generator().manual_seed(rank))
-            bank.local_counts.fill_(1)
-            dist.barrier()
-            t0 = time.perf_counter()
-            bank.all_reduce_()
-            times.append(time.perf_counter() - t0)
-        if rank == 0:
-            torch.save(times, out)
-    finally:
-        dist.destroy_process_group()
-
-
-def time_all_reduce(n: int = 1_281_167, world_size: int = 2, repeats: int = 7) -> list[float]:
-    """Seconds ``ValueBank.all_reduce_`` takes on rank 0 (the communication of one
-    condensation: ``n * (8 + 4)`` bytes), for ``repeats`` repeats, on ``world_size``
-    local gloo processes (CPU) spawned for the purpose. Default ``n``: ImageNet-1k's
-    training set. Example::
-
-        python -c "from kcd_fast.distributed import time_all_reduce as t; print(t())"
-    """
-    import tempfile
-
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as d:
-        out = os.path.join(d, "times.pt")
-        mp.spawn(_bench_worker, args=(world_size, os.path.join(d, "init"), n, repeats, out), nprocs=world_size)
-        return list(torch.load(out))

@@ -1,4 +1,4 @@
-"""Value scoring and VAKS blending ops (KCD_SPEC sections 1 and 4).
+"""Value scoring and VAKS blending ops (docs/algorithm.md sections 1 and 4).
 
 Every op takes torch tensors (CPU or CUDA), numpy arrays or other DLPack arrays and runs
 the compiled kernel on the arrays' device. Accumulators and images are updated in place;
@@ -18,31 +18,38 @@ LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _bank_args(indices, sums, counts, rows: int, row_name: str):
-    idx, _ = A.as_torch(indices, "indices")
+    idx = indices_arg(indices, rows, row_name)
     s, _ = A.as_torch(sums, "sums")
     c, _ = A.as_torch(counts, "counts")
-    A.check_dtype(idx, "indices", (torch.int64,))
-    A.check_ndim(idx, "indices", 1, "[B]")
     A.check_dtype(s, "sums", (torch.float64,))
     A.check_ndim(s, "sums", 1, "[N]")
     A.check_dtype(c, "counts", (torch.int32,))
     A.check_ndim(c, "counts", 1, "[N]")
     if c.shape[0] != s.shape[0]:
         raise ValueError(f"counts has {c.shape[0]} entries but sums has {s.shape[0]}; both are [N]")
-    if idx.shape[0] != rows:
-        raise ValueError(f"indices has {idx.shape[0]} entries but {row_name} has {rows} rows")
     A.check_contiguous_out(s, "sums")
     A.check_contiguous_out(c, "counts")
-    return idx.contiguous(), s, c
+    return idx, s, c
 
 
-def _logits_arg(x, name: str) -> torch.Tensor:
+def logits_arg(x, name: str) -> torch.Tensor:
+    """``x`` as a torch view checked to be ``[B, C]`` logits (C >= 1 when B > 0), rows contiguous."""
     t, _ = A.as_torch(x, name)
     A.check_dtype(t, name, LOGIT_DTYPES)
     A.check_ndim(t, name, 2, "[B, C]")
     if t.shape[0] > 0 and t.shape[1] == 0:
         raise ValueError(f"{name} has C = 0 classes, shape {tuple(t.shape)}")
     return A.rows_contiguous(t)
+
+
+def indices_arg(indices, rows: int, row_name: str) -> torch.Tensor:
+    """``indices`` as a contiguous int64 ``[rows]`` torch view."""
+    idx, _ = A.as_torch(indices, "indices")
+    A.check_dtype(idx, "indices", (torch.int64,))
+    A.check_ndim(idx, "indices", 1, "[B]")
+    if idx.shape[0] != rows:
+        raise ValueError(f"indices has {idx.shape[0]} entries but {row_name} has {rows} rows")
+    return idx.contiguous()
 
 
 def _errors_arg(errors, device: torch.device) -> torch.Tensor | None:
@@ -69,9 +76,7 @@ def strict_check(indices: torch.Tensor, n: int, rows: list[tuple[str, torch.Tens
         finite = torch.isfinite(t).all(dim=1)
         if not bool(finite.all()):
             r = int((~finite).nonzero()[0, 0])
-            raise ValueError(
-                f"{name} row {r} (point {int(indices[r])}) holds a non-finite value (inf or nan)"
-            )
+            raise ValueError(f"{name} row {r} (point {int(indices[r])}) holds a non-finite value (inf or nan)")
 
 
 def observe_entropy(logits, indices, sums, counts, *, errors=None, strict: bool | None = None) -> None:
@@ -92,26 +97,71 @@ def observe_entropy(logits, indices, sums, counts, *, errors=None, strict: bool 
     finite even when probabilities underflow. B = 0 is a no-op. A point that appears
     twice in a batch is accumulated twice.
     """
-    lg = _logits_arg(logits, "logits")
+    lg = logits_arg(logits, "logits")
     idx, s, c = _bank_args(indices, sums, counts, lg.shape[0], "logits")
     device = A.check_same_device([("logits", lg), ("indices", idx), ("sums", s), ("counts", c)])
+    launch_observe(device, lg, None, idx, s, c, 0.0, _errors_arg(errors, device), strict)
+
+
+def launch_observe(
+    device: torch.device,
+    lg: torch.Tensor,
+    te: torch.Tensor | None,
+    idx: torch.Tensor,
+    sums: torch.Tensor,
+    counts: torch.Tensor,
+    temperature: float,
+    errors: torch.Tensor | None,
+    strict: bool | None,
+) -> None:
+    """The scoring kernels on checked arguments (the one place both the public ops and
+    ``ValueBank.observe`` launch them): entropy when ``te`` is None, else KL.
+
+    Args: ``lg`` / ``te`` ``[B, C]`` of one logit dtype with contiguous rows, ``idx`` ``[B]``
+    int64 contiguous, ``sums`` ``[N]`` float64 and ``counts`` ``[N]`` int32 contiguous, all on
+    ``device``; ``errors`` ``[2]`` int64 on ``device`` or None. Bad rows raise on the CPU
+    (the C++ kernel checks before writing) and, on CUDA, with ``strict`` or no ``errors``."""
     if lg.shape[0] == 0:
         return
     if device.type == "cpu":
-        _cpu.observe_entropy(A.capsule(lg), A.capsule(idx), A.capsule(s), A.capsule(c))
+        if te is None:
+            _cpu.observe_entropy(A.capsule(lg), A.capsule(idx), A.capsule(sums), A.capsule(counts))
+        else:
+            _cpu.observe_kl(
+                A.capsule(lg), A.capsule(te), A.capsule(idx), A.capsule(sums), A.capsule(counts), float(temperature)
+            )
         return
-    err = _errors_arg(errors, device)
-    if strict or (strict is None and err is None):
-        strict_check(idx, s.shape[0], [("logits", lg)])
-    if err is None:
-        err = torch.zeros(2, dtype=torch.int64, device=device)
-    cuda_module().observe_entropy(
-        A.capsule(lg), A.capsule(idx), A.capsule(s), A.capsule(c), A.capsule(err), A.stream_of(lg)
-    )
+    if strict or (strict is None and errors is None):
+        rows = [("logits", lg)] if te is None else [("student_logits", lg), ("teacher_logits", te)]
+        strict_check(idx, sums.shape[0], rows)
+    if errors is None:
+        errors = torch.zeros(2, dtype=torch.int64, device=device)
+    if te is None:
+        cuda_module().observe_entropy(
+            A.capsule(lg), A.capsule(idx), A.capsule(sums), A.capsule(counts), A.capsule(errors), A.stream_of(lg)
+        )
+    else:
+        cuda_module().observe_kl(
+            A.capsule(lg),
+            A.capsule(te),
+            A.capsule(idx),
+            A.capsule(sums),
+            A.capsule(counts),
+            float(temperature),
+            A.capsule(errors),
+            A.stream_of(lg),
+        )
 
 
 def observe_kl(
-    student_logits, teacher_logits, indices, sums, counts, temperature: float = 4.0, *, errors=None,
+    student_logits,
+    teacher_logits,
+    indices,
+    sums,
+    counts,
+    temperature: float = 4.0,
+    *,
+    errors=None,
     strict: bool | None = None,
 ) -> None:
     """Accumulate ``KL(softmax(t / T) || softmax(s / T))`` per row, like ``observe_entropy``.
@@ -121,34 +171,31 @@ def observe_kl(
         indices: ``[B]`` int64. sums: ``[N]`` float64. counts: ``[N]`` int32.
         temperature: the distillation temperature T > 0.
     """
+    check_temperature(temperature)
+    st, te = student_teacher_args(student_logits, teacher_logits)
+    idx, s, c = _bank_args(indices, sums, counts, st.shape[0], "student_logits")
+    device = A.check_same_device(
+        [("student_logits", st), ("teacher_logits", te), ("indices", idx), ("sums", s), ("counts", c)]
+    )
+    launch_observe(device, st, te, idx, s, c, float(temperature), _errors_arg(errors, device), strict)
+
+
+def check_temperature(temperature: float) -> None:
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    st = _logits_arg(student_logits, "student_logits")
-    te = _logits_arg(teacher_logits, "teacher_logits")
+
+
+def student_teacher_args(student_logits, teacher_logits) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both logits checked (``[B, C]``, one shape, one logit dtype), rows contiguous."""
+    st = logits_arg(student_logits, "student_logits")
+    te = logits_arg(teacher_logits, "teacher_logits")
     if st.shape != te.shape:
         raise ValueError(
             f"student_logits {tuple(st.shape)} and teacher_logits {tuple(te.shape)} must have one shape [B, C]"
         )
     if st.dtype != te.dtype:
         raise TypeError(f"student_logits is {A.dtype_name(st)} but teacher_logits is {A.dtype_name(te)}")
-    idx, s, c = _bank_args(indices, sums, counts, st.shape[0], "student_logits")
-    device = A.check_same_device(
-        [("student_logits", st), ("teacher_logits", te), ("indices", idx), ("sums", s), ("counts", c)]
-    )
-    if st.shape[0] == 0:
-        return
-    if device.type == "cpu":
-        _cpu.observe_kl(A.capsule(st), A.capsule(te), A.capsule(idx), A.capsule(s), A.capsule(c), float(temperature))
-        return
-    err = _errors_arg(errors, device)
-    if strict or (strict is None and err is None):
-        strict_check(idx, s.shape[0], [("student_logits", st), ("teacher_logits", te)])
-    if err is None:
-        err = torch.zeros(2, dtype=torch.int64, device=device)
-    cuda_module().observe_kl(
-        A.capsule(st), A.capsule(te), A.capsule(idx), A.capsule(s), A.capsule(c), float(temperature),
-        A.capsule(err), A.stream_of(st),
-    )
+    return st, te
 
 
 def values(sums, counts, period: float, alpha: float = 0.03):

@@ -1,35 +1,23 @@
-"""The condensation schedule and the cost model (KCD_SPEC section 2)."""
+"""The condensation schedule and the cost model (docs/algorithm.md section 2)."""
 
 from __future__ import annotations
 
 import math
-from enum import Enum, unique
+from enum import unique
 from typing import Any
+
+import numpy as np
+
+from ._checks import OptionEnum, check_int
 
 
 @unique
-class Decay(str, Enum):
+class Decay(OptionEnum):
     """How the keep fraction falls from stage to stage."""
 
     EXP = "exp"  # tau_s = rho ** (s / S), the paper
     LINEAR = "linear"  # tau_s = 1 - (1 - rho) * s / S
     REFERENCE = "reference"  # tau_s = 1 - (1 - rho) * (s - 1) / S, the released code
-
-    @classmethod
-    def parse(cls, value: Any) -> Decay:
-        try:
-            return cls(value.value if isinstance(value, Decay) else value)
-        except ValueError:
-            choices = ", ".join(repr(v.value) for v in cls)
-            raise ValueError(f"decay must be one of {choices}, got {value!r}") from None
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
 
 
 class CondensationSchedule:
@@ -46,15 +34,21 @@ class CondensationSchedule:
     """
 
     def __init__(self, epochs: int, period: int, rho: float = 0.7, decay: str | Decay = "exp", warmup: int = 1):
-        self.epochs = _positive_int(epochs, "epochs")
-        self.period = _positive_int(period, "period")
+        self.epochs = check_int(epochs, "epochs", 1)
+        self.period = check_int(period, "period", 1)
+        epochs, period = self.epochs, self.period
         if epochs % period != 0:
             raise ValueError(f"epochs ({epochs}) must be a multiple of period ({period})")
-        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not (0.0 < rho <= 1.0):
+        if (
+            isinstance(rho, (bool, np.bool_))
+            or not isinstance(rho, (int, float, np.integer, np.floating))
+            or not (0.0 < rho <= 1.0)
+        ):
             raise ValueError(f"rho must be in (0, 1], got {rho!r}")
         self.rho = float(rho)
         self.decay = Decay.parse(decay)
-        if isinstance(warmup, bool) or not isinstance(warmup, int) or not (1 <= warmup <= period):
+        warmup = check_int(warmup, "warmup")
+        if not 1 <= warmup <= period:
             raise ValueError(f"warmup must be in [1, period = {period}], got {warmup!r}")
         self.warmup = warmup
 
@@ -75,7 +69,7 @@ class CondensationSchedule:
 
     def keep_counts(self, n: int) -> list[int]:
         """n_s for s = 1..S on a set of n points."""
-        n = _positive_int(n, "n")
+        n = check_int(n, "n", 1)
         return [max(1, math.floor(tau * n + 0.5)) for tau in self.keep_fractions]
 
     def stage_of(self, epoch: int) -> int:
@@ -130,8 +124,13 @@ class CondensationSchedule:
             raise ValueError(f"epoch must be an int in [0, {self.epochs}), got {epoch!r}")
 
     def state(self) -> dict[str, Any]:
-        return {"epochs": self.epochs, "period": self.period, "rho": self.rho, "decay": self.decay.value,
-                "warmup": self.warmup}
+        return {
+            "epochs": self.epochs,
+            "period": self.period,
+            "rho": self.rho,
+            "decay": self.decay.value,
+            "warmup": self.warmup,
+        }
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, CondensationSchedule) and self.state() == other.state()
@@ -141,13 +140,13 @@ class CondensationSchedule:
 
     def __repr__(self) -> str:
         s = self.state()
-        return (f"CondensationSchedule(epochs={s['epochs']}, period={s['period']}, rho={s['rho']}, "
-                f"decay={s['decay']!r}, warmup={s['warmup']})")
+        return (
+            f"CondensationSchedule(epochs={s['epochs']}, period={s['period']}, rho={s['rho']}, "
+            f"decay={s['decay']!r}, warmup={s['warmup']})"
+        )
 
 
-def unix_computation(
-    n_t: float, n_s1: float, n_s2: float, f_t: float, f_s: float, b_s: float | None = None
-) -> float:
+def unix_computation(n_t: float, n_s1: float, n_s2: float, f_t: float, f_s: float, b_s: float | None = None) -> float:
     """UNIX's computation E (supplement Eq. 17): ``N_t F_t + N_s1 F_s + N_s2 B_s``.
 
     n_t, n_s1, n_s2: samples through the teacher forward, student forward and student

@@ -121,8 +121,11 @@ def test_large_n_matches_reference() -> None:
         ({"n_keep": 6, "n_prev": 5}, ValueError, r"n_keep must be in \[1, n_prev = 5\], got 6"),
         ({"n_keep": 3, "n_prev": 12}, ValueError, r"n_prev must be in \[1, N = 10\], got 12"),
         ({"n_keep": 3.0}, TypeError, r"n_keep must be an int, got float 3.0"),
-        ({"n_keep": 3, "vaks": "middle"}, ValueError,
-         r"vaks must be one of 'low', 'high', 'random', 'off', got 'middle'"),
+        (
+            {"n_keep": 3, "vaks": "middle"},
+            ValueError,
+            r"vaks must be one of 'low', 'high', 'random', 'off', got 'middle'",
+        ),
         ({"n_keep": 3, "eps_m": 1.5}, ValueError, r"eps_m must be in \[0, 1\], got 1.5"),
     ],
 )
@@ -287,8 +290,9 @@ for n_keep, n_prev, vaks in ((150_000, 225_000, "low"), (250_000, 300_007, "high
         np.testing.assert_array_equal(getattr(got, key), ref[key])
 print("ok")
 """
-    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 

@@ -117,7 +117,7 @@ def test_blend_cuda_matches_cpu(seed, shape) -> None:
     n = shape[0]
     pairs = n // 2
     perm = rng.permutation(n)
-    dst, src = perm[:pairs].astype(np.int64), perm[pairs:2 * pairs].astype(np.int64)
+    dst, src = perm[:pairs].astype(np.int64), perm[pairs : 2 * pairs].astype(np.int64)
     eps = rng.uniform(0, 1, pairs)
     eps[:1] = 0.5
     expect = R.blend(images, dst, src, eps)
@@ -130,15 +130,23 @@ def test_blend_cuda_checks_pairs_before_writing() -> None:
     gpu = torch.arange(12, dtype=torch.uint8, device=DEV).reshape(4, 3)
     before = gpu.clone()
     with pytest.raises(ValueError, match="src and dst overlap"):
-        ops.blend_(gpu, torch.tensor([0, 1], device=DEV), torch.tensor([1, 2], device=DEV),
-                   torch.tensor([0.5, 0.5], device=DEV))
+        ops.blend_(
+            gpu,
+            torch.tensor([0, 1], device=DEV),
+            torch.tensor([1, 2], device=DEV),
+            torch.tensor([0.5, 0.5], device=DEV),
+        )
     assert torch.equal(gpu, before)
 
 
 def test_mixed_devices_are_refused() -> None:
     with pytest.raises(ValueError, match="indices is on cpu but logits is on cuda"):
-        ops.observe_entropy(torch.zeros(2, 3, device=DEV), torch.tensor([0, 1]), torch.zeros(2, dtype=torch.float64),
-                            torch.zeros(2, dtype=torch.int32))
+        ops.observe_entropy(
+            torch.zeros(2, 3, device=DEV),
+            torch.tensor([0, 1]),
+            torch.zeros(2, dtype=torch.float64),
+            torch.zeros(2, dtype=torch.int32),
+        )
 
 
 def test_bank_follows_first_logits_device_and_round_trips() -> None:
@@ -167,7 +175,6 @@ def test_cupy_arrays_cross_through_dlpack() -> None:
     expect = R.blend(cp.asnumpy(images), cp.asnumpy(c.dst), cp.asnumpy(c.src), cp.asnumpy(c.eps))
     ops.blend_(images, c.dst, c.src, c.eps)
     np.testing.assert_array_equal(cp.asnumpy(images), expect)
-
 
 
 @pytest.mark.parametrize("variant", [("entropy_batch", 4), ("blend_per_thread", 4)])

@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import torch
 from datasets_for_tests import CifarLike
+from fileopens import FileOpens
 
 from kcd_fast import ArrayDataset, CondensationSchedule, ImageFolder, KCDLoader
 from kcd_fast import _reference as R
-from kcd_fast.fileopens import FileOpens
-from kcd_fast.image_folder import UnreadableImageError, load_rgb
+from kcd_fast.data import UnreadableImageError, load_rgb
 
 C = 5  # classes
 SCHED = CondensationSchedule(epochs=6, period=2, rho=0.5)  # sizes of 97: [97, 77, 61, 61, 49, 49]
@@ -55,10 +55,6 @@ class TableStudent:
 
     def __call__(self, idx: torch.Tensor) -> torch.Tensor:
         return self.table[idx]
-
-
-
-
 
 
 def make_folder(root: Path, per_class: int = 8, classes: int = 3, seed: int = 0, size: int | None = None) -> Path:
@@ -100,8 +96,9 @@ def run(loader: KCDLoader, student: Any, epochs: int, by_index: bool = False) ->
     return out
 
 
-def assert_same_epochs(a: list[list[tuple[torch.Tensor, ...]]], b: list[list[tuple[torch.Tensor, ...]]],
-                       images: bool = True) -> None:
+def assert_same_epochs(
+    a: list[list[tuple[torch.Tensor, ...]]], b: list[list[tuple[torch.Tensor, ...]]], images: bool = True
+) -> None:
     assert len(a) == len(b)
     for ea, eb in zip(a, b, strict=True):
         assert len(ea) == len(eb)
@@ -120,7 +117,8 @@ def assert_same_state(a: dict[str, Any], b: dict[str, Any]) -> None:
         elif k == "summaries":
             assert len(x) == len(y) and all(
                 s["epoch"] == t["epoch"] and all(torch.equal(s[f], t[f]) for f in ("dst", "src", "eps"))
-                for s, t in zip(x, y, strict=True))
+                for s, t in zip(x, y, strict=True)
+            )
         elif isinstance(x, torch.Tensor):
             assert torch.equal(x, y), k
         else:
@@ -138,8 +136,16 @@ def test_arrays_match_torch_backend_epoch_by_epoch(drop_last: bool) -> None:
     runs = {}
     for backend in ("torch", "dali"):
         ds = ArrayDataset(images, labels)
-        loader = KCDLoader(ds, SCHED, batch_size=bs, shuffle=True, drop_last=drop_last, seed=3, backend=backend,
-                           num_workers=0 if backend == "torch" else 2)
+        loader = KCDLoader(
+            ds,
+            SCHED,
+            batch_size=bs,
+            shuffle=True,
+            drop_last=drop_last,
+            seed=3,
+            backend=backend,
+            num_workers=0 if backend == "torch" else 2,
+        )
         assert loader.steps_per_epoch() == [s // bs if drop_last else -(-s // bs) for s in SCHED.epoch_sizes(n)]
         runs[backend] = (loader, run(loader, Student(), SCHED.epochs), ds)
     (lt, et, dt), (ld, ed, dd) = runs["torch"], runs["dali"]
@@ -179,8 +185,9 @@ def test_folder_point_sets_match_torch_backend(folder: Path) -> None:
 
     n = len(ImageFolder(folder))
     sched = CondensationSchedule(epochs=4, period=2, rho=0.5)
-    tf = v2.Compose([v2.PILToTensor(), v2.RandomResizedCrop(224, antialias=True),
-                     v2.ToDtype(torch.float32, scale=True)])
+    tf = v2.Compose(
+        [v2.PILToTensor(), v2.RandomResizedCrop(224, antialias=True), v2.ToDtype(torch.float32, scale=True)]
+    )
     out = {}
     for backend in ("torch", "dali"):
         ds = ImageFolder(folder, transform=tf if backend == "torch" else None)
@@ -221,14 +228,14 @@ def test_exactly_one_read_per_surviving_point_per_epoch(folder: Path) -> None:
 @needs_dali
 def test_last_partial_batch_and_empty_epoch_worked_example() -> None:
     """The module docstring's example: 10 points, batch_size 4 -> 4, 4, 2 (drop_last: 4, 4)."""
-    from kcd_fast.dali_backend import DaliBackend
+    from kcd_fast.loader.backends.dali import DaliBackend
 
     images, labels = make_arrays(10, seed=3)
     ds = ArrayDataset(images, labels)
     backend = DaliBackend(ds, storage=ds.images, batch_size=4, device_id=None)
     order = np.array([7, 2, 9, 0, 4, 1, 8, 3, 6, 5])
     for drop_last in (False, True):
-        plan = [order[k:k + 4] for k in range(0, 8 if drop_last else 10, 4)]
+        plan = [order[k : k + 4] for k in range(0, 8 if drop_last else 10, 4)]
         out = list(backend.epoch_batches(plan, seed=1))
         assert [x.shape[0] for x, _ in out] == ([4, 4] if drop_last else [4, 4, 2])
         for (x, y), idx in zip(out, plan, strict=True):
@@ -243,7 +250,7 @@ def test_last_partial_batch_and_empty_epoch_worked_example() -> None:
 def test_augmentation_is_seeded_per_epoch_and_thread_independent() -> None:
     from nvidia.dali import fn
 
-    from kcd_fast.dali_backend import CIFAR_MEAN, CIFAR_STD, DaliBackend
+    from kcd_fast.loader.backends.dali import CIFAR_MEAN, CIFAR_STD, DaliBackend
 
     images, labels = make_arrays(30, seed=5)
     ds = ArrayDataset(images, labels)
@@ -268,9 +275,8 @@ def test_augmentation_is_seeded_per_epoch_and_thread_independent() -> None:
         for j, i in enumerate(idx.tolist()):
             seen = x[j] * std + mean
             padded = torch.nn.functional.pad(ds.images[i].permute(2, 0, 1).float(), (4, 4, 4, 4))
-            crops = [padded[:, dy:dy + 8, dx:dx + 8] for dy in range(9) for dx in range(9)]
-            assert any(torch.allclose(seen, c, atol=0.01) or torch.allclose(seen, c.flip(-1), atol=0.01)
-                       for c in crops)
+            crops = [padded[:, dy : dy + 8, dx : dx + 8] for dy in range(9) for dx in range(9)]
+            assert any(torch.allclose(seen, c, atol=0.01) or torch.allclose(seen, c.flip(-1), atol=0.01) for c in crops)
     assert epoch("imagenet", 3)[0].shape == (12, 3, 224, 224)
     assert epoch("imagenet_eval", 3)[2].shape == (6, 3, 224, 224)
     assert torch.equal(epoch("cifar_eval", 3)[0], epoch("cifar_eval", 4)[0])  # no randomness
@@ -314,7 +320,7 @@ def reference_overlay(ds: ImageFolder, summaries: list[dict[str, Any]]) -> dict[
 
 def _entry_bytes(backend: Any, i: int) -> bytes:
     """The encoded overlay image of point i, held in memory or in an overlay file."""
-    entry = backend._overlay[i]
+    entry = backend._overlay.entries[i]
     if isinstance(entry, str):
         with open(entry, "rb") as f:
             return f.read()
@@ -330,7 +336,7 @@ def test_folder_overlay_after_condensations(folder: Path, tmp_path: Path, overla
     (their files are not opened) and every other point from its file, once each; a new
     back end given the same log rebuilds the same bytes (resume); a log that is not an
     extension of the applied one is rebuilt from the original files."""
-    from kcd_fast.dali_backend import DaliBackend
+    from kcd_fast.loader.backends.dali import DaliBackend
 
     ds = ImageFolder(folder)
     t = torch.tensor
@@ -340,8 +346,18 @@ def test_folder_overlay_after_condensations(folder: Path, tmp_path: Path, overla
     ]
     ref = reference_overlay(ds, log)
     overlay_dir = tmp_path / "overlay" if store == "files" else None
-    backend = DaliBackend(ds, batch_size=1, num_threads=2, device_id=None, augment=None, overlay_format=overlay_format,
-                          summary_log=lambda: log, overlay_dir=overlay_dir)
+    backend = DaliBackend(
+        ds,
+        batch_size=1,
+        num_threads=2,
+        device_id=None,
+        augment=None,
+        overlay_format=overlay_format,
+        overlay_dir=overlay_dir,
+    )
+    for s in log:  # pushed by the core at each condensation; materialised with the next epoch
+        backend.apply_summary(s)
+    assert backend.overlay_points == []
     opens = FileOpens(folder_dirs(ds))
     try:
         plan = [np.array([i]) for i in (3, 0, 10, 7, 1, 12, 5)]
@@ -361,8 +377,9 @@ def test_folder_overlay_after_condensations(folder: Path, tmp_path: Path, overla
     assert got == collections.Counter({ds.samples[0][0]: 1, ds.samples[1][0]: 1})  # only the two unsummarised
     assert backend.reads == {"points": 7, "files": 2, "overlay": 5, "arrays": 0}
 
-    fresh = DaliBackend(ds, batch_size=1, device_id=None, augment=None, overlay_format=overlay_format,
-                        overlay_dir=overlay_dir)
+    fresh = DaliBackend(
+        ds, batch_size=1, device_id=None, augment=None, overlay_format=overlay_format, overlay_dir=overlay_dir
+    )
     fresh.sync_overlay([{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()} for s in log])
     assert fresh.overlay_points == backend.overlay_points
     assert all(_entry_bytes(fresh, i) == _entry_bytes(backend, i) for i in fresh.overlay_points)  # same bytes
@@ -370,8 +387,9 @@ def test_folder_overlay_after_condensations(folder: Path, tmp_path: Path, overla
     assert fresh.overlay_points == [5, 10]
     np.testing.assert_array_equal(fresh.overlay_image(10), reference_overlay(ds, log[1:])[10])
     if store == "memory":
-        assert backend.overlay_dir is None and backend.overlay_nbytes == sum(len(_entry_bytes(backend, i))
-                                                                             for i in backend.overlay_points)
+        assert backend.overlay_dir is None and backend.overlay_nbytes == sum(
+            len(_entry_bytes(backend, i)) for i in backend.overlay_points
+        )
         return
 
     # Files: one per summarised point, in a private directory; a point summarised again
@@ -385,7 +403,7 @@ def test_folder_overlay_after_condensations(folder: Path, tmp_path: Path, overla
     assert fresh.overlay_points == [5, 10] and len(os.listdir(fresh.overlay_dir)) == 2
     np.testing.assert_array_equal(fresh.overlay_image(10), reference_overlay(ds, again)[10])
     before = sorted(os.listdir(fresh.overlay_dir))
-    fresh._paths = [*fresh._paths[:-1], str(tmp_path / "missing.jpg")]  # the last point's file is gone
+    fresh._overlay._paths = [*fresh._paths[:-1], str(tmp_path / "missing.jpg")]  # the last point's file is gone
     bad = {"epoch": 4, "dst": t([2, 7]), "src": t([4, len(ds) - 1]), "eps": t([0.9, 0.9], dtype=torch.float64)}
     with pytest.raises(FileNotFoundError):
         fresh.sync_overlay([*again, bad])
@@ -398,7 +416,7 @@ def test_folder_overlay_after_condensations(folder: Path, tmp_path: Path, overla
 
 def core_summarises_folders(folder: Path) -> bool:
     """True when KCDLoader records summaries for a DALI image folder (the core wiring the
-    DALI back end's overlay needs; see kcd_fast.dali_backend)."""
+    DALI back end's overlay needs; see kcd_fast.loader.backends.dali)."""
     try:
         KCDLoader(ImageFolder(folder), SCHED, backend="dali")
     except ValueError as err:
@@ -415,8 +433,14 @@ def test_folder_vaks_end_to_end_and_resume(folder: Path, tmp_path: Path, store: 
         pytest.skip("KCDLoader does not yet record summaries for image folders (core wiring pending)")
     n = len(ImageFolder(folder))
     sched = CondensationSchedule(epochs=6, period=2, rho=0.45)
-    kw: dict[str, Any] = dict(batch_size=4, shuffle=True, seed=9, backend="dali", num_workers=2,
-                              dali_overlay_dir=tmp_path / "overlay" if store == "files" else None)
+    kw: dict[str, Any] = dict(
+        batch_size=4,
+        shuffle=True,
+        seed=9,
+        backend="dali",
+        num_workers=2,
+        dali_overlay_dir=tmp_path / "overlay" if store == "files" else None,
+    )
     full = KCDLoader(ImageFolder(folder), sched, **kw)
     ref = run(full, TableStudent(n), sched.epochs, by_index=True)
     log = full.state_dict()["summaries"]
@@ -495,7 +519,7 @@ def test_missing_or_unreadable_file_raises_naming_it(tmp_path: Path) -> None:
 
 @needs_dali
 def test_argument_checks(folder: Path) -> None:
-    from kcd_fast.dali_backend import DaliBackend
+    from kcd_fast.loader.backends.dali import DaliBackend
 
     ds = ArrayDataset(*make_arrays(10))
     with pytest.raises(ValueError, match="backend='dali' runs no worker processes.*collate_fn must be None"):
@@ -519,8 +543,16 @@ def test_argument_checks(folder: Path) -> None:
             DaliBackend(ds, storage=ds.images, batch_size=2, device_id=0)
     backend = DaliBackend(ImageFolder(folder), batch_size=2, device_id=None, augment=None)
     with pytest.raises(IndexError, match=r"summary indices must lie in \[0, 24\)"):
-        backend.sync_overlay([{"epoch": 1, "dst": torch.tensor([30]), "src": torch.tensor([0]),
-                               "eps": torch.tensor([0.8], dtype=torch.float64)}])
+        backend.sync_overlay(
+            [
+                {
+                    "epoch": 1,
+                    "dst": torch.tensor([30]),
+                    "src": torch.tensor([0]),
+                    "eps": torch.tensor([0.8], dtype=torch.float64),
+                }
+            ]
+        )
     assert backend.overlay_points == []
     with pytest.raises(RuntimeError, match="samples of different shapes"):  # folder of mixed sizes, no resize
         list(backend.epoch_batches([np.array([0, 1])], seed=0))
@@ -554,7 +586,7 @@ def test_image_folder_matches_torchvision(folder: Path) -> None:
 def test_gpu_pipeline_yields_cuda_tensors_equal_to_cpu(tmp_path: Path) -> None:
     """On a GPU: CUDA outputs through DLPack, equal to the CPU pipeline's where decoding is
     the same (arrays; PNG files, which DALI decodes on the CPU in both)."""
-    from kcd_fast.dali_backend import DaliBackend
+    from kcd_fast.loader.backends.dali import DaliBackend
 
     images, labels = make_arrays(20, seed=8)
     ds = ArrayDataset(images, labels)
@@ -587,7 +619,6 @@ def test_loader_passes_augment_to_dali_and_refuses_it_for_torch() -> None:
     loader = KCDLoader(ds, SCHED, batch_size=5, backend="dali", augment="cifar_eval", dali_device=None, seed=1)
     images, _, idx = next(iter(loader))
     assert images.dtype == torch.float32 and images.shape[0] == 5 and idx.shape == (5,)
-
 
 
 @needs_dali

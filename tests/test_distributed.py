@@ -31,6 +31,7 @@ import torch.multiprocessing as mp
 from torch.utils.data import DistributedSampler
 
 from kcd_fast import ArrayDataset, CondensationSchedule, KCDLoader, ValueBank
+from kcd_fast import checkpoint as ckpt
 from kcd_fast import distributed as D
 
 WORLD = 2
@@ -69,15 +70,21 @@ def loader_kwargs(drop_last: bool = False) -> dict[str, Any]:
     return {"batch_size": BS, "shuffle": True, "seed": SEED, "drop_last": drop_last}
 
 
-def run(loader: KCDLoader, ds: ArrayDataset, model: Model, epochs: int,
-        keep_batches: bool = False) -> list[dict[str, Any]]:
+def run(
+    loader: KCDLoader, ds: ArrayDataset, model: Model, epochs: int, keep_batches: bool = False
+) -> list[dict[str, Any]]:
     """Trains `epochs` epochs; records per epoch what the loader planned and yielded (with
     `keep_batches`, also the yielded images and labels, the stored rows of the yielded
     indices at the time they were yielded, and the back end's read counts)."""
     out = []
     for _ in range(epochs):
-        rec = {"epoch": loader.epoch, "active": loader.active_indices, "order": loader.epoch_order(),
-               "rank": loader.rank_indices, "len": len(loader)}
+        rec = {
+            "epoch": loader.epoch,
+            "active": loader.active_indices,
+            "order": loader.epoch_order(),
+            "rank": loader.rank_indices,
+            "len": len(loader),
+        }
         seen, xs, ys, rows = [], [], [], []
         for x, y, idx in loader:
             if keep_batches:  # x kept as yielded (no copy): it must stay valid after later batches
@@ -102,8 +109,9 @@ def outcome(loader: KCDLoader, ds: ArrayDataset, epochs: list[dict[str, Any]]) -
 # -- the spawned ranks ----------------------------------------------------------------------
 def _init_group(rank: int, world: int, init_file: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
 
 
 def _rank_main(rank: int, world: int, init_file: str, out_dir: str, ckpt_w1: str) -> None:
@@ -166,8 +174,7 @@ def _dali_rank_main(rank: int, world: int, init_file: str, out_dir: str) -> None
     _init_group(rank, world, init_file)
     try:
         ds = ArrayDataset(*make_data(N_PAD))
-        loader = KCDLoader(ds, SCHED, backend="dali", dali_device=None, augment=None, num_workers=1,
-                           **loader_kwargs())
+        loader = KCDLoader(ds, SCHED, backend="dali", dali_device=None, augment=None, num_workers=1, **loader_kwargs())
         res = outcome(loader, ds, run(loader, ds, Model(N_PAD), SCHED.epochs, keep_batches=True))
         res["dist"] = (loader.distributed, loader.rank, loader.world_size, loader.backend.name)
         res["labels"] = ds.labels.clone()
@@ -176,12 +183,18 @@ def _dali_rank_main(rank: int, world: int, init_file: str, out_dir: str) -> None
         dist.destroy_process_group()
 
 
-def spawn_ranks(world: int, out_dir: Path, *args: Any, main: Any = _rank_main,
-                timeout: float = SPAWN_TIMEOUT) -> list[dict[str, Any]]:
+def spawn_ranks(
+    world: int, out_dir: Path, *args: Any, main: Any = _rank_main, timeout: float = SPAWN_TIMEOUT
+) -> list[dict[str, Any]]:
     """Runs `main(rank, world, init_file, out_dir, *args)` on `world` spawned processes (each
     saves `out_dir/rank{r}.pt`); kills them after `timeout` seconds."""
-    ctx = mp.start_processes(main, args=(world, str(out_dir / "init"), str(out_dir), *map(str, args)),
-                             nprocs=world, join=False, start_method="spawn")
+    ctx = mp.start_processes(
+        main,
+        args=(world, str(out_dir / "init"), str(out_dir), *map(str, args)),
+        nprocs=world,
+        join=False,
+        start_method="spawn",
+    )
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):  # raises if a rank failed
         if time.monotonic() > deadline:
@@ -216,8 +229,9 @@ def ddp_dali(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 def oracle_shard(order: torch.Tensor, rank: int, world: int, drop_last: bool) -> torch.Tensor:
     """torch's DistributedSampler (shuffle=False) applied to the epoch's global order."""
-    sampler = DistributedSampler(range(order.numel()), num_replicas=world, rank=rank, shuffle=False,
-                                 drop_last=drop_last)
+    sampler = DistributedSampler(
+        range(order.numel()), num_replicas=world, rank=rank, shuffle=False, drop_last=drop_last
+    )
     return order[torch.tensor(list(sampler), dtype=torch.int64)]
 
 
@@ -467,8 +481,8 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     fresh = ArrayDataset(*make_data(N_EVEN))
     back = KCDLoader.load(str(path), fresh, SCHED, **loader_kwargs())
     assert_same_run(outcome(back, fresh, []), outcome(loader, ds, []), exact_bank=True)
-    payload = D.load_checkpoint(path)
-    assert payload["format"] == D.CHECKPOINT_FORMAT and payload["world_size"] == 1
+    payload = ckpt.load_checkpoint(path)
+    assert payload["format"] == ckpt.CHECKPOINT_FORMAT and payload["world_size"] == 1
     with pytest.raises(TypeError, match="path must be a str or os.PathLike, got int 3"):
         loader.save(3)
 
@@ -478,8 +492,9 @@ def _fail(*_args: Any, **_kwargs: Any) -> None:
 
 
 @pytest.mark.parametrize("where", ["fsync", "replace"])
-def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                        where: str) -> None:
+def test_interrupted_save_keeps_the_previous_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
     path = tmp_path / "kcd.ckpt"
     loader, _ = trained(2)
     loader.save(path)
@@ -509,15 +524,20 @@ def test_process_killed_while_saving_keeps_the_previous_checkpoint(tmp_path: Pat
         "loader.save(sys.argv[1])\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", code, str(path), str(Path(__file__).parent), *sys.path],
-                          timeout=100, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(path), str(Path(__file__).parent), *sys.path],
+        timeout=100,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 17, proc.stderr
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "kcd.ckpt"]
     assert len(leftovers) == 1 and leftovers[0].startswith(".kcd.ckpt.") and leftovers[0].endswith(".tmp")
     assert path.read_bytes() == before
     assert KCDLoader.load(path, ArrayDataset(*make_data(N_EVEN)), SCHED, **loader_kwargs()).epoch == 2
     loader.save(path)  # a later save succeeds next to the stale temporary file
-    assert D.load_checkpoint(path)["loader"]["epoch"] == 2
+    assert ckpt.load_checkpoint(path)["loader"]["epoch"] == 2
 
 
 def test_truncated_corrupt_or_foreign_checkpoints_raise(tmp_path: Path) -> None:
@@ -543,13 +563,13 @@ def test_truncated_corrupt_or_foreign_checkpoints_raise(tmp_path: Path) -> None:
     torch.save(loader.state_dict(), tmp_path / "plain.pt")  # a plain torch.save file
     with pytest.raises(ValueError, match="is not a kcd_fast checkpoint"):
         load(tmp_path / "plain.pt")
-    D.save_checkpoint({"format": "something/else"}, tmp_path / "other.ckpt")
+    ckpt.save_checkpoint({"format": "something/else"}, tmp_path / "other.ckpt")
     with pytest.raises(ValueError, match="is not a KCDLoader checkpoint .format 'something/else'"):
         load(tmp_path / "other.ckpt")
-    with pytest.raises(ValueError, match=f"checkpoint '{path}' does not fit this loader: the state was made "
-                                         "for schedule"):
-        KCDLoader.load(path, ArrayDataset(*make_data(N_EVEN)), CondensationSchedule(epochs=6, period=3, rho=0.5),
-                       **kw)
+    with pytest.raises(
+        ValueError, match=f"checkpoint '{path}' does not fit this loader: the state was made for schedule"
+    ):
+        KCDLoader.load(path, ArrayDataset(*make_data(N_EVEN)), CondensationSchedule(epochs=6, period=3, rho=0.5), **kw)
     with pytest.raises(ValueError, match="does not fit this loader: the state was made for a dataset of 60"):
         KCDLoader.load(path, ArrayDataset(*make_data(61)), SCHED, **kw)
     target = KCDLoader(ArrayDataset(*make_data(N_EVEN)), SCHED, **kw)

@@ -14,8 +14,8 @@ from datasets_for_tests import CifarLike
 
 from kcd_fast import ArrayDataset, CondensationSchedule, KCDLoader
 from kcd_fast import _reference as R
-from kcd_fast.datasets import image_storage
-from kcd_fast.loader import _VAKS_STREAM, _stream_seed
+from kcd_fast.data import image_storage
+from kcd_fast.loader.plan import VAKS_STREAM, stream_seed
 
 C = 7  # classes
 
@@ -36,8 +36,6 @@ class Student:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return (x.reshape(x.shape[0], -1) - 0.5) @ self.w
-
-
 
 
 class Generic(torch.utils.data.Dataset):
@@ -94,8 +92,16 @@ def test_each_epoch_trains_on_the_scheduled_active_set(workers: int | str, drop_
     images, labels = make_arrays(n)
     ds = ArrayDataset(images, labels)
     persistent = workers == "persistent"
-    loader = KCDLoader(ds, SCHED, batch_size=bs, shuffle=True, drop_last=drop_last,
-                       num_workers=2 if persistent else int(workers), persistent_workers=persistent, seed=3)
+    loader = KCDLoader(
+        ds,
+        SCHED,
+        batch_size=bs,
+        shuffle=True,
+        drop_last=drop_last,
+        num_workers=2 if persistent else int(workers),
+        persistent_workers=persistent,
+        seed=3,
+    )
     student = Student()
     sizes = SCHED.epoch_sizes(n)
     assert loader.steps_per_epoch() == [s // bs if drop_last else -(-s // bs) for s in sizes]
@@ -124,8 +130,7 @@ def test_each_epoch_trains_on_the_scheduled_active_set(workers: int | str, drop_
 
 def test_drop_last_epoch_smaller_than_a_batch_yields_nothing(caplog: pytest.LogCaptureFixture) -> None:
     sched = CondensationSchedule(epochs=3, period=3, rho=0.5)  # sizes [10, 5, 5]
-    loader = KCDLoader(ArrayDataset(*make_arrays(10)), sched, batch_size=8, drop_last=True, shuffle=True,
-                       progress=True)
+    loader = KCDLoader(ArrayDataset(*make_arrays(10)), sched, batch_size=8, drop_last=True, shuffle=True, progress=True)
     assert loader.steps_per_epoch() == [1, 0, 0] and loader.total_steps() == 1
     with caplog.at_level("INFO", logger="kcd_fast.loader"):
         assert [len(b[2]) for b in loader] == [8]
@@ -151,8 +156,15 @@ def test_global_rngs_untouched() -> None:
     torch_state, np_state = torch.get_rng_state(), np.random.get_state()  # noqa: NPY002 (the legacy global)
     ds = ArrayDataset(*make_arrays(30))
     for workers in (0, 2):
-        loader = KCDLoader(ds, CondensationSchedule(epochs=2, period=2, rho=0.5), batch_size=8, shuffle=True,
-                           num_workers=workers, vaks="random", value="random")
+        loader = KCDLoader(
+            ds,
+            CondensationSchedule(epochs=2, period=2, rho=0.5),
+            batch_size=8,
+            shuffle=True,
+            num_workers=workers,
+            vaks="random",
+            value="random",
+        )
         for _ in range(2):
             for _x, _y, idx in loader:
                 loader.observe(idx, torch.zeros(idx.shape[0], C))
@@ -220,8 +232,7 @@ def test_condensation_and_summary_match_reference(vaks: str) -> None:
                 values = loader.bank.values().numpy()  # what the coming condensation ranks
         np.testing.assert_allclose(values, R.values(ref_s, ref_c, sched.period, 0.05), rtol=1e-5)
         if e + 1 in sched.condensation_epochs:
-            ref = R.condense(values, sizes[e + 1], len(ref_active), vaks, 0.6,
-                             seed=_stream_seed(11, e + 1, _VAKS_STREAM))
+            ref = R.condense(values, sizes[e + 1], len(ref_active), vaks, 0.6, seed=stream_seed(11, e + 1, VAKS_STREAM))
             ref_images = R.blend(ref_images, ref["dst"], ref["src"], ref["eps"])
             ref_active = ref["keep"]
             rec = loader.history[-1]

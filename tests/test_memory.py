@@ -131,9 +131,16 @@ def test_kernels_run_in_a_forked_child(fresh_cache) -> None:
     assert kcd_fast.memory.cached_bytes() > 0
     images = torch.full((200_000, 8), 100, dtype=torch.uint8)
     images[100_000:] = 200
-    args = (v, torch.zeros(512, 1000), torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.int32),
-            images, torch.arange(100_000), torch.arange(100_000, 200_000), torch.full((100_000,), 0.5,
-                                                                                        dtype=torch.float64))
+    args = (
+        v,
+        torch.zeros(512, 1000),
+        torch.zeros(n, dtype=torch.float64),
+        torch.zeros(n, dtype=torch.int32),
+        images,
+        torch.arange(100_000),
+        torch.arange(100_000, 200_000),
+        torch.full((100_000,), 0.5, dtype=torch.float64),
+    )
     ctx = mp.get_context("fork")
     q = ctx.Queue()
     p = ctx.Process(target=_kernels_in_child, args=(q, *args))

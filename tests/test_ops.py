@@ -109,7 +109,7 @@ def test_values_matches_reference(seed: int, n: int) -> None:
 
 def _pairs(rng: np.random.Generator, n: int, pairs: int):
     perm = rng.permutation(n)
-    return perm[:pairs].astype(np.int64), perm[pairs:2 * pairs].astype(np.int64)
+    return perm[:pairs].astype(np.int64), perm[pairs : 2 * pairs].astype(np.int64)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -153,10 +153,16 @@ def _state():
     [
         (lambda lg, ix: (lg, torch.tensor([0, 1, 5, 2])), IndexError, r"indices\[2\] = 5 is outside \[0, 5\)"),
         (lambda lg, ix: (lg, torch.tensor([0, -1, 1, 2])), IndexError, r"indices\[1\] = -1"),
-        (lambda lg, ix: (lg.index_put((torch.tensor([3]), torch.tensor([1])), torch.tensor(float("nan"))), ix),
-         ValueError, r"row 3 .*non-finite"),
-        (lambda lg, ix: (lg.index_put((torch.tensor([1]), torch.tensor([0])), torch.tensor(float("inf"))), ix),
-         ValueError, r"row 1 .*non-finite"),
+        (
+            lambda lg, ix: (lg.index_put((torch.tensor([3]), torch.tensor([1])), torch.tensor(float("nan"))), ix),
+            ValueError,
+            r"row 3 .*non-finite",
+        ),
+        (
+            lambda lg, ix: (lg.index_put((torch.tensor([1]), torch.tensor([0])), torch.tensor(float("inf"))), ix),
+            ValueError,
+            r"row 1 .*non-finite",
+        ),
         (lambda lg, ix: (lg.double(), ix), TypeError, r"logits must have dtype .* got float64"),
         (lambda lg, ix: (lg, ix.int()), TypeError, r"indices must have dtype int64, got int32"),
         (lambda lg, ix: (lg[0], ix), ValueError, r"logits must be 2-D \[B, C\], got shape \(6,\)"),

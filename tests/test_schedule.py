@@ -1,4 +1,4 @@
-"""CondensationSchedule and the cost model against KCD_SPEC section 2."""
+"""CondensationSchedule and the cost model against docs/algorithm.md section 2."""
 
 from __future__ import annotations
 
@@ -69,8 +69,11 @@ def test_keep_counts_rounding() -> None:
         ({"epochs": 240, "period": 40, "rho": 1.2}, ValueError, r"rho must be in \(0, 1\], got 1.2"),
         ({"epochs": 240, "period": 40, "warmup": 0}, ValueError, r"warmup must be in \[1, period = 40\], got 0"),
         ({"epochs": 240, "period": 40, "warmup": 41}, ValueError, r"warmup must be in \[1, period = 40\], got 41"),
-        ({"epochs": 240, "period": 40, "decay": "cosine"}, ValueError,
-         r"decay must be one of 'exp', 'linear', 'reference', got 'cosine'"),
+        (
+            {"epochs": 240, "period": 40, "decay": "cosine"},
+            ValueError,
+            r"decay must be one of 'exp', 'linear', 'reference', got 'cosine'",
+        ),
         ({"epochs": 240.0, "period": 40}, TypeError, r"epochs must be an int, got float 240.0"),
     ],
 )

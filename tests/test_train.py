@@ -14,13 +14,15 @@ import torch
 import torch.nn.functional as F
 
 from kcd_fast import ArrayDataset, CondensationSchedule, KCDLoader
-from kcd_fast.models import build_model, cached_teacher, count_parameters
-from kcd_fast.train import (
+from kcd_fast.kd import (
     BatchPreprocess,
     KDConfig,
     KDTrainer,
-    PlainLoader,
+    build_model,
+    cached_teacher,
+    count_parameters,
     digits_arrays,
+    full_schedule,
     kd_loss,
     keep_uint8,
     lr_factor,
@@ -29,7 +31,7 @@ from kcd_fast.train import (
     split_arrays,
     synthetic_arrays,
 )
-from kcd_fast.train import main as train_main
+from kcd_fast.kd.cli import main as train_main
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -118,11 +120,14 @@ def test_build_model_is_seeded_and_leaves_global_rng_alone():
 
 
 # -- loaders ---------------------------------------------------------------------------------------
-def test_plain_loader_visits_every_point_in_kcd_first_epoch_order(tiny):
+def test_vanilla_loader_visits_every_point_in_kcd_first_epoch_order(tiny):
     x, y, _, _ = tiny
-    plain = PlainLoader(ArrayDataset(x, y, transform=keep_uint8), epochs=2, batch_size=64, seed=3)
-    kcd = KCDLoader(ArrayDataset(x, y, transform=keep_uint8), CondensationSchedule(2, 1), batch_size=64,
-                    shuffle=True, seed=3)
+    plain = make_loader("kd", ArrayDataset(x, y, transform=keep_uint8), epochs=2, batch_size=64, seed=3)
+    assert isinstance(plain, KCDLoader) and plain.schedule == full_schedule(2)
+    assert plain.schedule.condensation_epochs == [] and plain.schedule.epoch_sizes(320) == [320, 320]
+    kcd = KCDLoader(
+        ArrayDataset(x, y, transform=keep_uint8), CondensationSchedule(2, 1), batch_size=64, shuffle=True, seed=3
+    )
     assert len(plain) == 5 and plain.total_steps() == 10 and plain.steps_per_epoch() == [5, 5]
     got = [b for b in plain]
     idx = torch.cat([b[2] for b in got])
@@ -132,16 +137,40 @@ def test_plain_loader_visits_every_point_in_kcd_first_epoch_order(tiny):
     list(plain)
     with pytest.raises(RuntimeError, match="epochs are done"):
         iter(plain)
+    assert plain.history == []
+
+
+def test_vanilla_kd_scores_nothing_and_kcd_scores_every_batch(tiny):
+    x, y, _, _ = tiny
+    for kind, scores in (("kd", False), ("kcd", True)):
+        loader = make_loader(
+            kind, ArrayDataset(x[:96], y[:96], transform=keep_uint8), epochs=2, period=1, batch_size=32, seed=0
+        )
+        trainer = KDTrainer(
+            build_model("convnet_s", 10, (3, 16, 16)), None, loader, KDConfig(), preprocess=BatchPreprocess.cifar()
+        )
+        rec = trainer.train_epoch()
+        assert trainer.scores is scores
+        counts = loader.bank.counts
+        assert (counts is not None and int(counts.sum()) == 96) if scores else (counts is None)
+        assert (rec.observe_s > 0) is scores
 
 
 # -- the trainer -----------------------------------------------------------------------------------
 def _teacher(tiny, cache):
     x, y, xt, yt = tiny
     return cached_teacher(
-        "convnet_s", ArrayDataset(x, y, transform=keep_uint8), num_classes=10, input_shape=(3, 16, 16),
-        config=KDConfig(gamma=1.0, alpha_kd=0.0), epochs=2, batch_size=64,
-        preprocess=BatchPreprocess.cifar(), test_set=ArrayDataset(xt, yt, transform=keep_uint8),
-        cache_dir=cache, seed=1,
+        "convnet_s",
+        ArrayDataset(x, y, transform=keep_uint8),
+        num_classes=10,
+        input_shape=(3, 16, 16),
+        config=KDConfig(gamma=1.0, alpha_kd=0.0),
+        epochs=2,
+        batch_size=64,
+        preprocess=BatchPreprocess.cifar(),
+        test_set=ArrayDataset(xt, yt, transform=keep_uint8),
+        cache_dir=cache,
+        seed=1,
     )
 
 
@@ -161,13 +190,21 @@ def test_vanilla_and_kcd_share_one_loop(tiny, tmp_path):
     test_loader = make_eval_loader(ArrayDataset(xt, yt, transform=keep_uint8))
     results = {}
     for kind in ("kd", "kcd"):
-        loader = make_loader(kind, ArrayDataset(x, y, transform=keep_uint8), epochs=6, period=2, rho=0.5,
-                             batch_size=32, seed=0)
+        loader = make_loader(
+            kind, ArrayDataset(x, y, transform=keep_uint8), epochs=6, period=2, rho=0.5, batch_size=32, seed=0
+        )
         # a constant LR: with a cosine one the runs differ from step 1 on (each is sized by
         # its own loader.total_steps(), shorter for KCD)
         cfg = KDConfig(lr=0.05, lr_schedule="constant")
-        trainer = KDTrainer(build_model("convnet_s", 10, (3, 16, 16), seed=0), teacher, loader, cfg,
-                            preprocess=BatchPreprocess.cifar(seed=0), test_loader=test_loader, name=kind)
+        trainer = KDTrainer(
+            build_model("convnet_s", 10, (3, 16, 16), seed=0),
+            teacher,
+            loader,
+            cfg,
+            preprocess=BatchPreprocess.cifar(seed=0),
+            test_loader=test_loader,
+            name=kind,
+        )
         assert trainer.total_steps == loader.total_steps()
         results[kind] = trainer.fit()
         assert trainer.step == loader.total_steps()
@@ -203,9 +240,15 @@ def test_feature_loss_hook_trains_its_parameters(tiny):
     x, y, _, _ = tiny
     teacher = build_model("convnet_t", 10, (3, 16, 16), seed=1)
     feat_loss = _ProjectedMSE(64, 128)
-    loader = PlainLoader(ArrayDataset(x[:64], y[:64], transform=keep_uint8), epochs=1, batch_size=32)
-    trainer = KDTrainer(build_model("convnet_s", 10, (3, 16, 16)), teacher, loader, KDConfig(beta=1.0),
-                        preprocess=BatchPreprocess.cifar(), feature_loss=feat_loss)
+    loader = make_loader("kd", ArrayDataset(x[:64], y[:64], transform=keep_uint8), epochs=1, batch_size=32)
+    trainer = KDTrainer(
+        build_model("convnet_s", 10, (3, 16, 16)),
+        teacher,
+        loader,
+        KDConfig(beta=1.0),
+        preprocess=BatchPreprocess.cifar(),
+        feature_loss=feat_loss,
+    )
     before = feat_loss.proj.weight.detach().clone()
     trainer.fit()
     assert not torch.equal(before, feat_loss.proj.weight)
@@ -214,9 +257,14 @@ def test_feature_loss_hook_trains_its_parameters(tiny):
 # -- bad input -------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"lr": -1.0}, "lr must be"), ({"temperature": 0}, "temperature must be"),
-     ({"lr_schedule": "poly"}, "lr_schedule must be one of"), ({"amp": "fp8"}, "amp must be one of"),
-     ({"milestones": (1.5,)}, "milestones must be"), ({"warmup_steps": -1}, "warmup_steps must be")],
+    [
+        ({"lr": -1.0}, "lr must be"),
+        ({"temperature": 0}, "temperature must be"),
+        ({"lr_schedule": "poly"}, "lr_schedule must be one of"),
+        ({"amp": "fp8"}, "amp must be one of"),
+        ({"milestones": (1.5,)}, "milestones must be"),
+        ({"warmup_steps": -1}, "warmup_steps must be"),
+    ],
 )
 def test_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -231,17 +279,16 @@ def test_bad_arguments_name_the_value(tiny):
         build_model("convnet_s", 1)
     with pytest.raises(ValueError, match="augment must be one of .* got 'mixup'"):
         BatchPreprocess([0.5], [0.25], augment="mixup")
-    with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 0"):
-        PlainLoader(ArrayDataset(x, y), epochs=1, batch_size=0)
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        make_loader("kd", ArrayDataset(x, y), epochs=1, batch_size=0)
     with pytest.raises(ValueError, match="n must be an int >= 1, got 0"):
         synthetic_arrays(0)
     with pytest.raises(ValueError, match="kind must be 'kd' or 'kcd', got 'unix'"):
         make_loader("unix", ArrayDataset(x, y), epochs=1)
-    loader = PlainLoader(ArrayDataset(x, y), epochs=1)
+    loader = make_loader("kd", ArrayDataset(x, y), epochs=1)
     with pytest.raises(ValueError, match="beta = 0.5 needs a feature_loss"):
-        KDTrainer(build_model("convnet_s", 10), None, loader, KDConfig(beta=0.5),
-                  preprocess=BatchPreprocess.cifar())
-    with pytest.raises(TypeError, match="loader must be a PlainLoader or KCDLoader"):
+        KDTrainer(build_model("convnet_s", 10), None, loader, KDConfig(beta=0.5), preprocess=BatchPreprocess.cifar())
+    with pytest.raises(TypeError, match="loader must be a KCDLoader"):
         KDTrainer(build_model("convnet_s", 10), None, [1, 2], KDConfig(), preprocess=BatchPreprocess.cifar())
 
 
@@ -254,7 +301,7 @@ def test_data_helpers(tmp_path):
     b, lb = synthetic_arrays(50, seed=4)
     assert a.shape == (50, 32, 32, 3) and a.dtype == np.uint8
     assert np.array_equal(a, b) and np.array_equal(la, lb)
-    from kcd_fast.train import load_arrays
+    from kcd_fast.kd import load_arrays
 
     np.savez(tmp_path / "d.npz", images=a, labels=la)
     xtr, ytr, xte, yte = load_arrays(tmp_path / "d.npz", test_fraction=0.2)
@@ -275,12 +322,37 @@ def test_data_helpers(tmp_path):
 def test_throughput_benchmark_writes_json_and_plot(tmp_path):
     bench = _bench_module("throughput")
     out_json, out_png = tmp_path / "t.json", tmp_path / "t.png"
-    r = bench.run([
-        "--device", "cpu", "--n-train", "200", "--n-test", "100", "--image-size", "16", "--epochs", "4",
-        "--period", "2", "--teacher", "convnet_s", "--student", "convnet_s", "--teacher-epochs", "1",
-        "--batch-size", "50", "--cache-dir", str(tmp_path), "--no-progress", "--json", str(out_json),
-        "--plot", str(out_png),
-    ])
+    r = bench.run(
+        [
+            "--device",
+            "cpu",
+            "--n-train",
+            "200",
+            "--n-test",
+            "100",
+            "--image-size",
+            "16",
+            "--epochs",
+            "4",
+            "--period",
+            "2",
+            "--teacher",
+            "convnet_s",
+            "--student",
+            "convnet_s",
+            "--teacher-epochs",
+            "1",
+            "--batch-size",
+            "50",
+            "--cache-dir",
+            str(tmp_path),
+            "--no-progress",
+            "--json",
+            str(out_json),
+            "--plot",
+            str(out_png),
+        ]
+    )
     data = json.loads(out_json.read_text())
     for key in ("theoretical_C", "paper_C", "measured_ratio", "vanilla", "kcd", "machine", "overhead"):
         assert key in data
@@ -298,14 +370,49 @@ def test_throughput_benchmark_writes_json_and_plot(tmp_path):
 
 def test_digits_benchmark_and_train_cli(tmp_path):
     digits = _bench_module("digits_accuracy")
-    r = digits.run(["--seeds", "2", "--epochs", "4", "--period", "2", "--teacher-epochs", "2",
-                    "--cache-dir", str(tmp_path), "--json", str(tmp_path / "d.json")])
+    r = digits.run(
+        [
+            "--seeds",
+            "2",
+            "--epochs",
+            "4",
+            "--period",
+            "2",
+            "--teacher-epochs",
+            "2",
+            "--cache-dir",
+            str(tmp_path),
+            "--json",
+            str(tmp_path / "d.json"),
+        ]
+    )
     assert len(r["per_seed"]) == 2 and "mean" in r["kcd"] and "std" in r["vanilla"]
     assert json.loads((tmp_path / "d.json").read_text())["paired_delta"]["mean"] == pytest.approx(
-        r["paired_delta"]["mean"])
-    out = train_main(["--data", "digits", "--mode", "both", "--epochs", "4", "--period", "2",
-                      "--teacher-epochs", "2", "--batch-size", "64", "--cache-dir", str(tmp_path),
-                      "--no-progress", "--device", "cpu", "--json", str(tmp_path / "cli.json")])
+        r["paired_delta"]["mean"]
+    )
+    out = train_main(
+        [
+            "--data",
+            "digits",
+            "--mode",
+            "both",
+            "--epochs",
+            "4",
+            "--period",
+            "2",
+            "--teacher-epochs",
+            "2",
+            "--batch-size",
+            "64",
+            "--cache-dir",
+            str(tmp_path),
+            "--no-progress",
+            "--device",
+            "cpu",
+            "--json",
+            str(tmp_path / "cli.json"),
+        ]
+    )
     assert out["kd"]["samples"] == 4 * out["kd"]["epoch_samples"][0]
     assert out["kcd"]["samples"] < out["kd"]["samples"]
     assert (tmp_path / "cli.json").exists()
@@ -315,11 +422,18 @@ def test_digits_benchmark_and_train_cli(tmp_path):
 def test_trainer_on_cuda_uses_bf16_and_channels_last(tiny):
     x, y, xt, yt = tiny
     teacher = build_model("convnet_t", 10, (3, 16, 16), seed=1)
-    loader = make_loader("kcd", ArrayDataset(x, y, transform=keep_uint8), epochs=4, period=2, batch_size=64,
-                         pin_memory=True)
-    trainer = KDTrainer(build_model("convnet_s", 10, (3, 16, 16)), teacher, loader, KDConfig(),
-                        preprocess=BatchPreprocess.cifar(), device="cuda",
-                        test_loader=make_eval_loader(ArrayDataset(xt, yt, transform=keep_uint8)))
+    loader = make_loader(
+        "kcd", ArrayDataset(x, y, transform=keep_uint8), epochs=4, period=2, batch_size=64, pin_memory=True
+    )
+    trainer = KDTrainer(
+        build_model("convnet_s", 10, (3, 16, 16)),
+        teacher,
+        loader,
+        KDConfig(),
+        preprocess=BatchPreprocess.cifar(),
+        device="cuda",
+        test_loader=make_eval_loader(ArrayDataset(xt, yt, transform=keep_uint8)),
+    )
     assert trainer.amp_dtype is torch.bfloat16 and trainer.channels_last
     res = trainer.fit()
     assert [e.samples for e in res.epochs] == CondensationSchedule(4, 2).epoch_sizes(320)

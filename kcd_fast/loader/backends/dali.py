@@ -56,27 +56,15 @@ Augmentation (``augment``)
     operators are seeded by the pipeline like the recipes'). ``"auto"`` (default): ``None``
     for arrays, ``"imagenet"`` for image folders. Outputs are float32 ``[B, C, h, w]``.
 
-VAKS on image folders: the overlay
-    Files are never rewritten. When the core's summary log grows (a condensation with
-    pairs ``(dst, src, eps)``), the summarised images are materialised once into an
-    in-memory overlay: for every pair, decode the current image of ``dst`` and of ``src``
-    (the overlay image when the point was summarised before, the file otherwise; PIL,
-    EXIF orientation applied, RGB), resize the ``src`` image to ``dst``'s size (PIL
-    bilinear, fixed-point, deterministic), blend with ``kcd_fast.ops.blend_`` (the kernel
-    the array path uses: round half up, all pairs of one condensation reading the images
-    from before it) and store the result, at ``dst``'s own size, losslessly encoded
-    (``overlay_format="pnm"``: binary PPM, raw pixels behind a short header, the default;
-    ``"png"``: smaller, slower to decode). In an epoch, a summarised point is fed as its
-    overlay bytes instead of its path (a per-sample DALI conditional picks
-    ``fn.io.file.read`` or the overlay), and both kinds go through the one decoder: still
-    exactly one read and one decode per point. With ``overlay_dir`` the encoded images go
-    to files in a private directory made inside it instead of memory (ImageNet-scale
-    runs: tens of GB of summaries), a summarised point is fed the path of its overlay
-    file, and the directory is removed with the back end. The overlay is a pure function of the
-    ORIGINAL files and the summary log, so a resumed loader rebuilds it bit-exactly from
-    its log. It is synchronised lazily at the start of the next epoch (and checked against
-    the log every epoch), costs one decode of each image involved per condensation, and
-    holds about ``H * W * 3`` bytes per summarised point with ``"pnm"``.
+VAKS
+    Arrays are blended in place in their store (:class:`kcd_fast.loader.backends.base.ArrayImages`)
+    and read live. Image folders get an overlay of summarised images
+    (:mod:`kcd_fast.loader.backends.dali_overlay`): a summarised point is fed its overlay
+    bytes instead of its path (a per-sample DALI conditional picks ``fn.io.file.read`` or
+    the overlay), or, with ``overlay_dir``, the path of its overlay file; both go through
+    the one decoder: still exactly one read and one decode per point. The overlay follows
+    the summaries pushed by the core (``apply_summary``) lazily, at the start of the next
+    epoch, and is rebuilt from the ORIGINAL files on resume.
 
 GPU
     ``device_id="auto"`` uses the current CUDA device when torch sees one, else runs on
@@ -98,23 +86,19 @@ Errors
 
 from __future__ import annotations
 
-import io
 import os
-import shutil
-import tempfile
 import warnings
-import weakref
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from enum import Enum, unique
 from typing import Any
 
 import numpy as np
 import torch
 
-from .image_folder import UnreadableImageError, is_image_folder, load_rgb
-from .loader import _EpochBatchSampler
-from .ops import blend_
+from ...data.folders import UnreadableImageError, is_image_folder, load_rgb
+from ..state import Summary
+from .base import ArrayImages, EpochBatchSampler, Restore, check_prefix
+from .dali_overlay import FolderOverlay, OverlayFormat
 
 __all__ = ["DALI_PACKAGE", "Augment", "DaliBackend", "OverlayFormat", "check_loader_args", "require_dali"]
 
@@ -126,7 +110,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _EMPTY = np.zeros(0, dtype=np.uint8)
-_OVERLAY_CHUNK = 256  # pairs decoded at a time while materialising a summary (bounds memory)
 
 
 def require_dali() -> None:
@@ -137,15 +120,19 @@ def require_dali() -> None:
         raise ImportError(f"backend='dali' needs NVIDIA DALI: pip install {DALI_PACKAGE}") from None
 
 
-def check_loader_args(*, collate_fn: Any, worker_init_fn: Any, multiprocessing_context: Any,
-                      timeout: Any) -> None:
+def check_loader_args(*, collate_fn: Any, worker_init_fn: Any, multiprocessing_context: Any, timeout: Any) -> None:
     """Refuses the DataLoader arguments that have no meaning for DALI (it collates on its
     own threads and runs no worker processes)."""
-    for name, value in (("collate_fn", collate_fn), ("worker_init_fn", worker_init_fn),
-                        ("multiprocessing_context", multiprocessing_context)):
+    for name, value in (
+        ("collate_fn", collate_fn),
+        ("worker_init_fn", worker_init_fn),
+        ("multiprocessing_context", multiprocessing_context),
+    ):
         if value is not None:
-            raise ValueError(f"backend='dali' runs no worker processes and collates in its pipeline; "
-                             f"{name} must be None, got {value!r}")
+            raise ValueError(
+                f"backend='dali' runs no worker processes and collates in its pipeline; "
+                f"{name} must be None, got {value!r}"
+            )
     if timeout not in (0, 0.0):
         raise ValueError(f"backend='dali' has no worker timeout; timeout must be 0, got {timeout!r}")
 
@@ -161,14 +148,6 @@ class Augment(str, Enum):
     IMAGENET_EVAL = "imagenet_eval"
 
 
-@unique
-class OverlayFormat(str, Enum):
-    """How summarised folder images are kept in memory (both lossless)."""
-
-    PNM = "pnm"  # binary PPM: raw RGB behind a short header; decoding is a copy
-    PNG = "png"  # deflate-compressed, level 1
-
-
 def _parse_augment(augment: Any, kind: str) -> Augment | Callable[..., Any]:
     if augment == "auto":
         return Augment.NONE if kind == "arrays" else Augment.IMAGENET
@@ -181,8 +160,10 @@ def _parse_augment(augment: Any, kind: str) -> Augment | Callable[..., Any]:
             return Augment(augment)
         except ValueError:
             choices = ", ".join(repr(a.value) for a in Augment)
-            raise ValueError(f"augment must be 'auto', None, one of {choices} or a callable "
-                             f"augment(images, device) -> DataNode, got {augment!r}") from None
+            raise ValueError(
+                f"augment must be 'auto', None, one of {choices} or a callable "
+                f"augment(images, device) -> DataNode, got {augment!r}"
+            ) from None
     if callable(augment):
         return augment
     raise TypeError(f"augment must be 'auto', None, a recipe name or a callable, got {type(augment).__name__}")
@@ -191,55 +172,6 @@ def _parse_augment(augment: Any, kind: str) -> Augment | Callable[..., Any]:
 def _dali_seed(seed: int) -> int:
     """A 31-bit DALI pipeline seed from the core's per-epoch 63-bit seed."""
     return int(np.random.SeedSequence(seed).generate_state(1, np.uint32)[0] >> np.uint32(1))
-
-
-def _encode(img: np.ndarray, fmt: OverlayFormat) -> np.ndarray:
-    """uint8 ``[H, W, 3]`` -> the encoded bytes ``[nbytes]`` uint8 (lossless)."""
-    h, w = img.shape[:2]
-    if fmt is OverlayFormat.PNM:
-        return np.frombuffer(f"P6\n{w} {h}\n255\n".encode() + np.ascontiguousarray(img).tobytes(), np.uint8)
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(img, "RGB").save(buf, format="PNG", compress_level=1)
-    return np.frombuffer(buf.getvalue(), np.uint8)
-
-
-def _decode(data: np.ndarray) -> np.ndarray:
-    """Overlay bytes -> uint8 ``[H, W, 3]``."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data.tobytes())) as im:
-        return np.asarray(im.convert("RGB"))
-
-
-def _decode_entry(entry: np.ndarray | str) -> np.ndarray:
-    """An overlay entry (encoded bytes, or the path of an overlay file) -> uint8 ``[H, W, 3]``."""
-    if isinstance(entry, str):
-        with open(entry, "rb") as f:
-            return _decode(np.frombuffer(f.read(), np.uint8))
-    return _decode(entry)
-
-
-def _remove_files(paths: list[str]) -> None:
-    for path in paths:
-        try:
-            os.remove(path)
-        except FileNotFoundError:
-            pass
-
-
-def _resize(img: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """uint8 ``[h, w, 3]`` -> ``[H, W, 3]`` with PIL's bilinear filter (fixed-point, so the
-    same bytes on every run: the overlay replays bit-exactly)."""
-    from PIL import Image
-
-    return np.asarray(Image.fromarray(img, "RGB").resize((hw[1], hw[0]), Image.Resampling.BILINEAR))
-
-
-def _same_summary(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    return a is b or (int(a["epoch"]) == int(b["epoch"]) and all(
-        torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])) for k in ("dst", "src", "eps")))
 
 
 class _Feed:
@@ -268,7 +200,7 @@ class DaliBackend:
     Args:
         dataset: an array dataset (pass its ``storage``) or an image folder (``.samples``).
         storage: the uint8 ``[N, H, W(, C)]`` store of an array dataset (a torch view, as
-            ``kcd_fast.datasets.image_storage`` returns it), or None for a folder.
+            ``kcd_fast.data.image_storage`` returns it), or None for a folder.
         batch_size: the largest batch (the pipeline's ``batch_size``), int >= 1.
         num_threads: DALI CPU threads (KCDLoader passes ``max(1, num_workers)``).
         device_id: ``"auto"`` (current CUDA device if torch sees one, else CPU), ``None``
@@ -278,8 +210,6 @@ class DaliBackend:
         prefetch_queue_depth: batches DALI prepares ahead (>= 1).
         overlay_format: ``"pnm"`` or ``"png"`` (:class:`OverlayFormat`).
         pin_memory: pin CPU image batches (when torch sees CUDA).
-        summary_log: a callable returning the core's summary log (the list of
-            ``{"epoch", "dst", "src", "eps"}`` dicts); the folder overlay follows it.
         overlay_dir: None (default: the folder overlay in memory) or a directory (made if
             missing) in which the back end makes a private directory for the overlay files.
 
@@ -301,12 +231,14 @@ class DaliBackend:
         prefetch_queue_depth: int = 2,
         overlay_format: str | OverlayFormat = "pnm",
         pin_memory: bool = False,
-        summary_log: Callable[[], list[dict[str, Any]]] | None = None,
         overlay_dir: str | os.PathLike | None = None,
     ):
         require_dali()
-        for name, value in (("batch_size", batch_size), ("num_threads", num_threads),
-                            ("prefetch_queue_depth", prefetch_queue_depth)):
+        for name, value in (
+            ("batch_size", batch_size),
+            ("num_threads", num_threads),
+            ("prefetch_queue_depth", prefetch_queue_depth),
+        ):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if device_id == "auto":
@@ -315,20 +247,22 @@ class DaliBackend:
             if isinstance(device_id, bool) or not isinstance(device_id, (int, np.integer)) or device_id < 0:
                 raise ValueError(f"device_id must be 'auto', None or a CUDA device index >= 0, got {device_id!r}")
             if not torch.cuda.is_available() or device_id >= torch.cuda.device_count():
-                raise ValueError(f"device_id={device_id} but torch sees {torch.cuda.device_count()} CUDA "
-                                 "device(s); pass device_id=None to run DALI on the CPU")
+                raise ValueError(
+                    f"device_id={device_id} but torch sees {torch.cuda.device_count()} CUDA "
+                    "device(s); pass device_id=None to run DALI on the CPU"
+                )
             device_id = int(device_id)
         try:
-            fmt = OverlayFormat(overlay_format.value if isinstance(overlay_format, OverlayFormat) else overlay_format)
+            OverlayFormat(overlay_format.value if isinstance(overlay_format, OverlayFormat) else overlay_format)
         except ValueError:
             raise ValueError(f"overlay_format must be 'pnm' or 'png', got {overlay_format!r}") from None
-        if summary_log is not None and not callable(summary_log):
-            raise TypeError(f"summary_log must be callable or None, got {type(summary_log).__name__}")
         if overlay_dir is not None and not isinstance(overlay_dir, (str, os.PathLike)):
             raise TypeError(f"overlay_dir must be a directory path or None, got {type(overlay_dir).__name__}")
         if overlay_dir is not None and storage is not None:
-            raise ValueError(f"overlay_dir applies to image folders (arrays are summarised in place), got "
-                             f"overlay_dir={os.fspath(overlay_dir)!r} with an array dataset")
+            raise ValueError(
+                f"overlay_dir applies to image folders (arrays are summarised in place), got "
+                f"overlay_dir={os.fspath(overlay_dir)!r} with an array dataset"
+            )
 
         self.dataset = dataset
         self.n = len(dataset)
@@ -343,31 +277,36 @@ class DaliBackend:
                 f"(kcd_fast.ImageFolder, torchvision ImageFolder); got {type(dataset).__name__}: use backend='torch'"
             )
         if getattr(dataset, "transform", None) is not None:
-            warnings.warn(f"{type(dataset).__name__}.transform is a torch-side transform; backend='dali' does not "
-                          "call it and applies its `augment` recipe in the pipeline instead", UserWarning, stacklevel=3)
+            warnings.warn(
+                f"{type(dataset).__name__}.transform is a torch-side transform; backend='dali' does not "
+                "call it and applies its `augment` recipe in the pipeline instead",
+                UserWarning,
+                stacklevel=3,
+            )
         self.batch_size = int(batch_size)
         self.num_threads = int(num_threads)
         self.device_id: int | None = device_id
         self.augment = _parse_augment(augment, self.kind)
         channels = 1 if storage is not None and (storage.dim() == 3 or storage.shape[3] == 1) else 3
         if channels != 3 and augment in ("cifar", "cifar_eval", "imagenet", "imagenet_eval"):
-            raise ValueError(f"augment={augment!r} normalises 3 channels, but the images are single-channel "
-                             f"{tuple(storage.shape)}; use augment=None or a callable recipe")
+            raise ValueError(
+                f"augment={augment!r} normalises 3 channels, but the images are single-channel "
+                f"{tuple(storage.shape)}; use augment=None or a callable recipe"
+            )
         self.prefetch_queue_depth = int(prefetch_queue_depth)
-        self.overlay_format = fmt
         self.pin_memory = bool(pin_memory)
-        self.sampler = _EpochBatchSampler()
+        self.sampler = EpochBatchSampler()
         self.reads: dict[str, int] = {"points": 0, "files": 0, "overlay": 0, "arrays": 0}
-        self._summary_log = summary_log
-        # index -> encoded bytes (in memory) or the path of an overlay file (overlay_dir)
-        self._overlay: dict[int, np.ndarray | str] = {}
-        self._overlay_dir: str | None = None
-        self._overlay_files = 0  # names overlay files uniquely
-        if overlay_dir is not None and self.kind == "files":
-            os.makedirs(overlay_dir, exist_ok=True)
-            self._overlay_dir = tempfile.mkdtemp(prefix="kcd-overlay-", dir=os.fspath(overlay_dir))
-            weakref.finalize(self, shutil.rmtree, self._overlay_dir, ignore_errors=True)
-        self._applied: list[dict[str, Any]] = []
+        # what summaries apply to: the store (arrays) or the overlay (folders), whose log is `_log`
+        self._arrays = ArrayImages(storage) if storage is not None else None
+        self._overlay = (
+            None
+            if self.kind == "arrays"
+            else FolderOverlay(
+                self._paths, overlay_format=overlay_format, num_threads=self.num_threads, overlay_dir=overlay_dir
+            )
+        )
+        self._log: list[Summary] = []
         self._iter: Iterator[Any] | None = None
 
     # -- sources ---------------------------------------------------------------------------
@@ -391,8 +330,9 @@ class DaliBackend:
         self._storage = storage
         self._labels = lab.astype(np.int64)
         # labels of a GPU store stay on its device (ArrayDataset's are already there)
-        self._labels_dev = torch.as_tensor(self._labels, device=storage.device) if storage.device.type == "cuda" \
-            else None
+        self._labels_dev = (
+            torch.as_tensor(self._labels, device=storage.device) if storage.device.type == "cuda" else None
+        )
         self._hw = (int(storage.shape[1]), int(storage.shape[2]))
         self._channels = int(storage.shape[3]) if storage.dim() == 4 else 1
 
@@ -435,7 +375,7 @@ class DaliBackend:
             if overlay is None:
                 counts["files"] += len(ids)
                 return [np.frombuffer(os.fsencode(paths[i]), np.uint8) for i in ids], labels[idx]
-            if self._overlay_dir is not None:  # overlay files: a path either way
+            if self._overlay.directory is not None:  # overlay files: a path either way
                 n_ov = sum(i in overlay for i in ids)
                 counts["overlay"] += n_ov
                 counts["files"] += len(ids) - n_ov
@@ -445,10 +385,12 @@ class DaliBackend:
             counts["overlay"] += n_ov
             counts["files"] += len(ids) - n_ov
             pairs = list(zip(ids, isov, strict=True))
-            return ([np.array(o) for o in isov],
-                    [_EMPTY if o else np.frombuffer(os.fsencode(paths[i]), np.uint8) for i, o in pairs],
-                    [overlay[i] if o else _EMPTY for i, o in pairs],
-                    labels[idx])
+            return (
+                [np.array(o) for o in isov],
+                [_EMPTY if o else np.frombuffer(os.fsencode(paths[i]), np.uint8) for i, o in pairs],
+                [overlay[i] if o else _EMPTY for i, o in pairs],
+                labels[idx],
+            )
 
         return make
 
@@ -460,36 +402,63 @@ class DaliBackend:
         dev = "gpu" if gpu else "cpu"
         recipe = self.augment
 
-        @pipeline_def(batch_size=self.batch_size, num_threads=self.num_threads, device_id=self.device_id,
-                      seed=_dali_seed(seed), prefetch_queue_depth=self.prefetch_queue_depth,
-                      enable_conditionals=with_overlay)
+        @pipeline_def(
+            batch_size=self.batch_size,
+            num_threads=self.num_threads,
+            device_id=self.device_id,
+            seed=_dali_seed(seed),
+            prefetch_queue_depth=self.prefetch_queue_depth,
+            enable_conditionals=with_overlay,
+        )
         def graph() -> Any:  # the DALI graph of one epoch
             if self.kind == "arrays":
                 src_dev = "gpu" if gpu and self._storage.device.type == "cuda" else "cpu"
                 images, labels = fn.external_source(
-                    source=feed, batch=True, batch_info=True, num_outputs=2, device=src_dev,
-                    layout=["HWC", ""], ndim=[3, 0], dtype=[types.UINT8, types.INT64])
+                    source=feed,
+                    batch=True,
+                    batch_info=True,
+                    num_outputs=2,
+                    device=src_dev,
+                    layout=["HWC", ""],
+                    ndim=[3, 0],
+                    dtype=[types.UINT8, types.INT64],
+                )
                 if gpu and src_dev == "cpu":
                     images = images.gpu()
                 return _augment_decoded(images, recipe, dev, self._hw), labels
             if with_overlay:
                 is_overlay, paths, stored, labels = fn.external_source(
-                    source=feed, batch=True, batch_info=True, num_outputs=4,
-                    ndim=[0, 1, 1, 0], dtype=[types.BOOL, types.UINT8, types.UINT8, types.INT64])
+                    source=feed,
+                    batch=True,
+                    batch_info=True,
+                    num_outputs=4,
+                    ndim=[0, 1, 1, 0],
+                    dtype=[types.BOOL, types.UINT8, types.UINT8, types.INT64],
+                )
                 if is_overlay:
                     encoded = stored
                 else:
                     encoded = fn.io.file.read(paths)
             else:
                 paths, labels = fn.external_source(
-                    source=feed, batch=True, batch_info=True, num_outputs=2,
-                    ndim=[1, 0], dtype=[types.UINT8, types.INT64])
+                    source=feed,
+                    batch=True,
+                    batch_info=True,
+                    num_outputs=2,
+                    ndim=[1, 0],
+                    dtype=[types.UINT8, types.INT64],
+                )
                 encoded = fn.io.file.read(paths)
             decoder = "mixed" if gpu else "cpu"
             if recipe is Augment.IMAGENET:  # decode only a random crop, then resize (DALI's RN50 recipe)
                 images = fn.decoders.image_random_crop(
-                    encoded, device=decoder, output_type=types.RGB, random_area=[0.08, 1.0],
-                    random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10)
+                    encoded,
+                    device=decoder,
+                    output_type=types.RGB,
+                    random_area=[0.08, 1.0],
+                    random_aspect_ratio=[3 / 4, 4 / 3],
+                    num_attempts=10,
+                )
                 images = fn.resize(images, resize_x=224, resize_y=224)
                 return _normalize(images, IMAGENET_MEAN, IMAGENET_STD, mirror=True), labels
             images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
@@ -507,8 +476,8 @@ class DaliBackend:
         self.sampler.set_batches(batches)
         overlay: dict[int, np.ndarray] | None = None
         if self.kind == "files":
-            self.sync_overlay()
-            overlay = self._overlay if self._overlay else None
+            self._overlay.sync(self._log)
+            overlay = self._overlay.entries or None
             make = self._file_batch(overlay)
         else:
             make = self._array_batch
@@ -516,7 +485,7 @@ class DaliBackend:
         self.reads = feed.counts
         if not batches:
             return iter(())
-        pipe = self._build(feed, seed, overlay is not None and self._overlay_dir is None)
+        pipe = self._build(feed, seed, overlay is not None and self._overlay.directory is None)
         self._iter = self._run(pipe, feed, overlay or {})
         return self._iter
 
@@ -550,8 +519,10 @@ class DaliBackend:
                     raise FileNotFoundError(f"{bad} (dataset index {i}, epoch batch {j}, backend='dali')") from err
                 except UnreadableImageError as bad:
                     raise UnreadableImageError(f"{bad} (dataset index {i}, epoch batch {j}, backend='dali')") from err
-        raise RuntimeError(f"the DALI pipeline failed on batch {k} of the epoch (every file of the batches it "
-                           f"held decodes with PIL): {err}") from err
+        raise RuntimeError(
+            f"the DALI pipeline failed on batch {k} of the epoch (every file of the batches it "
+            f"held decodes with PIL): {err}"
+        ) from err
 
     def _to_torch(self, outs: Any, b: int) -> tuple[torch.Tensor, ...]:
         res = []
@@ -575,119 +546,62 @@ class DaliBackend:
             res.append(x)
         return tuple(res)
 
-    # -- VAKS overlay (image folders) ------------------------------------------------------
-    def images_changed(self) -> None:
-        """The core summarised images: arrays are read live; a folder's overlay follows the
-        summary log at the start of the next epoch (``sync_overlay``)."""
+    # -- summaries -------------------------------------------------------------------------
+    @property
+    def images(self) -> torch.Tensor | None:
+        """The uint8 store of an array dataset (None for a folder)."""
+        return self._storage
 
-    def sync_overlay(self, summaries: list[dict[str, Any]] | None = None) -> None:
-        """Brings the folder overlay in line with ``summaries`` (default: the core's log):
-        applies the entries not applied yet, or rebuilds from the ORIGINAL files when the
-        log is not an extension of what was applied (a resume, a new run). Each entry is
-        ``{"epoch": int, "dst": int64 [P], "src": int64 [P], "eps": float64 [P]}``. A file
-        that cannot be read raises naming it; the overlay is then left unchanged."""
-        if self.kind != "files":
-            return
-        if summaries is None:
-            if self._summary_log is None:
-                return
-            summaries = self._summary_log()
-        if not isinstance(summaries, (list, tuple)):
-            raise TypeError(f"summaries must be a list of dicts, got {type(summaries).__name__}")
-        k = len(self._applied)
-        if k <= len(summaries) and all(_same_summary(a, b) for a, b in zip(self._applied, summaries[:k], strict=True)):
-            overlay, applied, todo = self._overlay, list(self._applied), list(summaries[k:])
+    def apply_summary(self, summary: Summary) -> None:
+        """Arrays: blended into the store now. Folders: the overlay takes it at the start of
+        the next epoch (it is materialised once, with the next epoch's pipeline)."""
+        if self._arrays is not None:
+            self._arrays.apply(summary)
         else:
-            overlay, applied, todo = {}, [], list(summaries)
-        if not todo and overlay is self._overlay:
+            self._log.append(summary)
+
+    def prepare_restore(self, applied: list[Summary], summaries: list[Summary], digest: Any) -> Restore:
+        if self._arrays is not None:
+            commit_rows = self._arrays.prepare_restore(applied, summaries, digest)
+            return lambda: commit_rows() and None  # arrays are read live: nothing else to do
+        check_prefix(applied, summaries)
+
+        def commit() -> None:
+            self._log = list(summaries)  # the overlay is rebuilt from the files at the next epoch
+
+        return commit
+
+    def images_digest(self, summaries: list[Summary]) -> str | None:
+        return self._arrays.digest(summaries) if self._arrays is not None else None
+
+    def sync_overlay(self, summaries: list[Summary] | None = None) -> None:
+        """Brings the folder overlay in line with ``summaries`` (default: the summaries
+        applied so far) now; see :meth:`FolderOverlay.sync`."""
+        if self._overlay is None:
             return
-        created: list[str] = []  # overlay files written by this sync
-        try:
-            for s in todo:
-                overlay = self._apply_summary(overlay, s, created)
-                applied.append(s)
-        except BaseException:
-            _remove_files(created)  # the committed overlay stays as it was
-            raise
-        kept = {v for v in overlay.values() if isinstance(v, str)}
-        _remove_files([v for v in self._overlay.values() if isinstance(v, str) and v not in kept] +
-                      [f for f in created if f not in kept])
-        self._overlay, self._applied = overlay, applied
-
-    def _apply_summary(self, overlay: dict[int, Any], s: dict[str, Any], created: list[str]) -> dict[int, Any]:
-        """A new overlay with one summary applied (``overlay`` is not modified; overlay
-        files it writes are appended to ``created``)."""
-        try:
-            dst = torch.as_tensor(s["dst"]).cpu()
-            src = torch.as_tensor(s["src"]).cpu()
-            eps = torch.as_tensor(s["eps"]).cpu()
-        except (KeyError, TypeError) as err:
-            raise ValueError(f"a summary must hold dst / src / eps, got {sorted(s) if isinstance(s, dict) else s!r}"
-                             ) from err
-        ok = dst.dtype == src.dtype == torch.int64 and eps.is_floating_point() and dst.dim() == 1 \
-            and dst.shape == src.shape == eps.shape
-        if not ok:
-            raise ValueError(f"a summary needs int64 [P] dst / src and float [P] eps, got dst {dst.dtype} "
-                             f"{tuple(dst.shape)}, src {src.dtype} {tuple(src.shape)}, "
-                             f"eps {eps.dtype} {tuple(eps.shape)}")
-        if dst.numel() and (min(int(dst.min()), int(src.min())) < 0 or max(int(dst.max()), int(src.max())) >= self.n):
-            raise IndexError(f"summary indices must lie in [0, {self.n})")
-        d_l, s_l, e_l = dst.tolist(), src.tolist(), eps.to(torch.float64).tolist()
-        if len(set(d_l)) != len(d_l) or set(d_l) & set(s_l):
-            raise ValueError("summary dst must be unique and disjoint from src (as kcd_fast.condense makes them)")
-
-        def current(i: int) -> np.ndarray:  # the image of point i before this summary: [H, W, 3] uint8
-            return _decode_entry(overlay[i]) if i in overlay else np.asarray(load_rgb(self._paths[i]))
-
-        def blend_pair(j: int) -> np.ndarray:
-            d_img, s_img = current(d_l[j]), current(s_l[j])
-            if s_img.shape != d_img.shape:
-                s_img = _resize(s_img, d_img.shape[:2])
-            pair = np.stack([d_img, s_img])  # [2, H, W, 3]
-            blend_(pair, np.array([0]), np.array([1]), np.array([e_l[j]]))
-            return _encode(pair[0], self.overlay_format)
-
-        def store(i: int, data: np.ndarray) -> np.ndarray | str:
-            if self._overlay_dir is None:
-                return data
-            self._overlay_files += 1
-            ext = "ppm" if self.overlay_format is OverlayFormat.PNM else "png"
-            path = os.path.join(self._overlay_dir, f"{i}-{self._overlay_files}.{ext}")
-            created.append(path)
-            with open(path, "wb") as f:
-                f.write(data.tobytes())
-            return path
-
-        # dst and src are disjoint and dst unique, so no pair reads an image another pair writes:
-        # chunked work equals reading everything before writing anything.
-        pending: dict[int, np.ndarray | str] = {}
-        with ThreadPoolExecutor(max_workers=self.num_threads) as pool:
-            for c in range(0, len(d_l), _OVERLAY_CHUNK):
-                js = range(c, min(c + _OVERLAY_CHUNK, len(d_l)))
-                for j, enc in zip(js, pool.map(blend_pair, js), strict=True):
-                    pending[d_l[j]] = store(d_l[j], enc)
-        return {**overlay, **pending}
+        log = self._log if summaries is None else summaries
+        self._overlay.sync(log)  # raises before anything changes
+        self._log = list(log)
 
     def overlay_image(self, index: int) -> np.ndarray | None:
         """The summarised image of point ``index`` (uint8 ``[H, W, 3]``), or None when the
-        point reads its original file."""
-        data = self._overlay.get(int(index))
-        return None if data is None else _decode_entry(data)
+        point reads its original file (or the dataset is not a folder)."""
+        return None if self._overlay is None else self._overlay.image(index)
 
     @property
     def overlay_points(self) -> list[int]:
         """Sorted indices of the points whose overlay image replaces their file."""
-        return sorted(self._overlay)
+        return [] if self._overlay is None else self._overlay.points
 
     @property
     def overlay_nbytes(self) -> int:
         """Bytes the overlay holds (in memory, or in its files with ``overlay_dir``)."""
-        return sum(os.path.getsize(v) if isinstance(v, str) else int(v.nbytes) for v in self._overlay.values())
+        return 0 if self._overlay is None else self._overlay.nbytes
 
     @property
     def overlay_dir(self) -> str | None:
         """The private directory of the overlay files (``overlay_dir`` given), else None."""
-        return self._overlay_dir
+        return None if self._overlay is None else self._overlay.directory
 
     def close(self) -> None:
         """Drops the current epoch's pipeline (the overlay stays)."""
@@ -698,8 +612,9 @@ class DaliBackend:
             self._iter = None
 
 
-def _normalize(images: Any, mean: tuple[float, ...], std: tuple[float, ...], *, mirror: bool,
-               crop: tuple[int, int] | None = None) -> Any:
+def _normalize(
+    images: Any, mean: tuple[float, ...], std: tuple[float, ...], *, mirror: bool, crop: tuple[int, int] | None = None
+) -> Any:
     """float32 CHW ``(x / 255 - mean) / std`` (optionally a random horizontal flip and a
     center crop)."""
     from nvidia.dali import fn, types
@@ -708,8 +623,14 @@ def _normalize(images: Any, mean: tuple[float, ...], std: tuple[float, ...], *, 
     if crop is not None:
         kw["crop"] = crop
     return fn.crop_mirror_normalize(
-        images, dtype=types.FLOAT, output_layout="CHW", mean=[255.0 * m for m in mean],
-        std=[255.0 * s for s in std], mirror=fn.random.coin_flip(probability=0.5) if mirror else 0, **kw)
+        images,
+        dtype=types.FLOAT,
+        output_layout="CHW",
+        mean=[255.0 * m for m in mean],
+        std=[255.0 * s for s in std],
+        mirror=fn.random.coin_flip(probability=0.5) if mirror else 0,
+        **kw,
+    )
 
 
 def _augment_decoded(images: Any, recipe: Augment | Callable[..., Any], device: str, hw: tuple[int, int]) -> Any:
@@ -726,15 +647,22 @@ def _augment_decoded(images: Any, recipe: Augment | Callable[..., Any], device: 
         padded = fn.crop(images, crop=(h + 8, w + 8), out_of_bounds_policy="pad", fill_values=0)  # 4 each side
         steps = [k / 8 for k in range(9)]  # anchor = pos * 8: uniform over the 9 integer offsets
         return fn.crop_mirror_normalize(
-            padded, crop=(h, w), crop_pos_x=fn.random.uniform(values=steps), crop_pos_y=fn.random.uniform(values=steps),
-            mirror=fn.random.coin_flip(probability=0.5), dtype=types.FLOAT, output_layout="CHW",
-            mean=[255.0 * m for m in CIFAR_MEAN], std=[255.0 * s for s in CIFAR_STD])
+            padded,
+            crop=(h, w),
+            crop_pos_x=fn.random.uniform(values=steps),
+            crop_pos_y=fn.random.uniform(values=steps),
+            mirror=fn.random.coin_flip(probability=0.5),
+            dtype=types.FLOAT,
+            output_layout="CHW",
+            mean=[255.0 * m for m in CIFAR_MEAN],
+            std=[255.0 * s for s in CIFAR_STD],
+        )
     if recipe is Augment.CIFAR_EVAL:
         return _normalize(images, CIFAR_MEAN, CIFAR_STD, mirror=False)
     if recipe is Augment.IMAGENET:
-        images = fn.random_resized_crop(images, size=[224, 224], random_area=[0.08, 1.0],
-                                        random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10)
+        images = fn.random_resized_crop(
+            images, size=[224, 224], random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10
+        )
         return _normalize(images, IMAGENET_MEAN, IMAGENET_STD, mirror=True)
     images = fn.resize(images, resize_shorter=256)  # IMAGENET_EVAL
     return _normalize(images, IMAGENET_MEAN, IMAGENET_STD, mirror=False, crop=(224, 224))
-

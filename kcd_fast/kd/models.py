@@ -1,4 +1,4 @@
-"""Teacher and student networks for the KD trainer, and a teacher cache.
+"""Teacher and student networks for the KD trainer.
 
 - CIFAR-style ResNets as in the KD literature (CRD / RepDistiller, which KCD's code builds
   on): ``resnet8``, ``resnet14``, ``resnet20``, ``resnet32``, ``resnet44``, ``resnet56``,
@@ -13,27 +13,17 @@ Every model maps a float batch ``[B, C, H, W]`` to logits ``[B, num_classes]``;
 for a feature loss). Weights are initialised from a seed with a per-call generator; the
 global RNGs are never reseeded (see :func:`build_model`).
 
-:func:`cached_teacher` trains a teacher once and keeps its checkpoint under a cache folder,
-keyed by a hash of the data, the model and the training configuration.
+The teacher cache is :mod:`kcd_fast.kd.teacher`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .train import BatchPreprocess, KDConfig
 
 __all__ = [
     "CIFAR_RESNETS",
@@ -42,8 +32,6 @@ __all__ = [
     "MLP",
     "CifarResNet",
     "build_model",
-    "cached_teacher",
-    "dataset_fingerprint",
     "init_weights_",
     "count_parameters",
 ]
@@ -61,9 +49,7 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample: nn.Module | None = None
         if stride != 1 or inplanes != planes:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
-            )
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -265,9 +251,7 @@ def init_weights_(model: nn.Module, generator: torch.Generator) -> nn.Module:
     return model
 
 
-def build_model(
-    name: str, num_classes: int, input_shape: Sequence[int] = (3, 32, 32), seed: int = 0
-) -> nn.Module:
+def build_model(name: str, num_classes: int, input_shape: Sequence[int] = (3, 32, 32), seed: int = 0) -> nn.Module:
     """A freshly initialised model (see the module docstring for the names).
 
     Args:
@@ -297,122 +281,3 @@ def build_model(
 def count_parameters(model: nn.Module) -> int:
     """Number of parameters (trainable or frozen, such as a teacher's)."""
     return sum(p.numel() for p in model.parameters())
-
-
-# -- teacher cache ---------------------------------------------------------------------------
-def dataset_fingerprint(images: Any, labels: Any) -> str:
-    """SHA-256 of the image bytes, shape and labels (hex)."""
-    h = hashlib.sha256()
-    for name, arr in (("images", images), ("labels", labels)):
-        t = arr if isinstance(arr, torch.Tensor) else torch.as_tensor(arr)
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()
-
-
-def cached_teacher(
-    name: str,
-    train_set: Any,
-    *,
-    num_classes: int,
-    input_shape: Sequence[int],
-    config: KDConfig,
-    epochs: int,
-    preprocess: BatchPreprocess,
-    batch_size: int = 128,
-    test_set: Any = None,
-    cache_dir: str | Path | None = "benchmarks/cache",
-    device: str | torch.device = "cpu",
-    seed: int = 0,
-    progress: bool = False,
-    log: Callable[[str], None] | None = None,
-) -> tuple[nn.Module, dict[str, Any]]:
-    """A trained teacher, loaded from ``cache_dir`` when a checkpoint with the same key
-    exists, else trained with cross-entropy (the KD trainer with ``alpha_kd = 0``) and saved.
-
-    The key hashes the training images and labels (``train_set.images`` / ``.labels``, or
-    ``.data`` / ``.targets``), the model name, classes, input shape, epochs, batch size,
-    seed, ``config`` and ``preprocess``. Pass ``cache_dir=None`` to always train.
-
-    Returns ``(teacher, info)``: the teacher in eval mode on ``device``, with
-    ``info = {"cached": bool, "path": str | None, "key": str, "seconds": float,
-    "accuracy": float | None}`` (test accuracy when ``test_set`` is given).
-    """
-    from .train import KDTrainer, PlainLoader, evaluate, make_eval_loader
-
-    images = getattr(train_set, "images", getattr(train_set, "data", None))
-    labels = getattr(train_set, "labels", getattr(train_set, "targets", None))
-    if images is None or labels is None:
-        raise ValueError(
-            f"train_set must expose images and labels (.images/.labels or .data/.targets) to key the cache, "
-            f"got {type(train_set).__name__}"
-        )
-    meta = {
-        "name": name,
-        "num_classes": num_classes,
-        "input_shape": list(map(int, input_shape)),
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "seed": seed,
-        "config": _jsonable(asdict(config)),
-        "preprocess": preprocess.spec(),
-        "data": dataset_fingerprint(images, labels),
-    }
-    key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
-    path = None if cache_dir is None else Path(cache_dir) / f"teacher-{name.replace(':', '_')}-{key[:16]}.pt"
-    device = torch.device(device)
-    teacher = build_model(name, num_classes, input_shape, seed=seed)
-    if path is not None and path.exists():
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        if ckpt.get("key") == key:
-            teacher.load_state_dict(ckpt["state_dict"])
-            teacher.to(device).eval()
-            if log:
-                log(f"teacher {name}: loaded {path} (accuracy {ckpt.get('accuracy')})")
-            return teacher, {
-                "cached": True,
-                "path": str(path),
-                "key": key,
-                "seconds": 0.0,
-                "accuracy": ckpt.get("accuracy"),
-            }
-    if log:
-        log(f"teacher {name}: training for {epochs} epochs (cache miss)")
-    loader = PlainLoader(train_set, epochs=epochs, batch_size=batch_size, shuffle=True, seed=seed)
-    trainer = KDTrainer(
-        teacher,
-        None,
-        loader,
-        config,
-        preprocess=preprocess,
-        device=device,
-        progress=progress,
-        name=f"teacher {name}",
-    )
-    t0 = time.perf_counter()
-    trainer.fit()
-    seconds = time.perf_counter() - t0
-    accuracy = None
-    if test_set is not None:
-        accuracy = evaluate(teacher, make_eval_loader(test_set, batch_size=512), preprocess, device)
-    teacher.eval()
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        state = {k: v.detach().cpu() for k, v in teacher.state_dict().items()}
-        torch.save({"key": key, "meta": json.dumps(meta), "state_dict": state, "accuracy": accuracy}, tmp)
-        tmp.replace(path)
-    if log:
-        log(f"teacher {name}: trained in {seconds:.1f} s, accuracy {accuracy}")
-    return teacher, {
-        "cached": False,
-        "path": None if path is None else str(path),
-        "key": key,
-        "seconds": seconds,
-        "accuracy": accuracy,
-    }
-
-
-def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}

@@ -1,4 +1,4 @@
-"""Class-per-subfolder image datasets (JPEG / PNG), the layout of ImageNet-style training sets.
+"""Class-per-subfolder image datasets (JPEG, PNG, ...), the layout of ImageNet-style training sets.
 
 :class:`ImageFolder` lists ``root/<class>/**/<image>`` in the order torchvision's
 ``ImageFolder`` uses (classes sorted by name, files sorted within each folder), so both
@@ -22,7 +22,9 @@ from torch.utils.data import Dataset
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageFolder", "UnreadableImageError", "is_image_folder", "load_rgb"]
 
-IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png")
+# torchvision's IMG_EXTENSIONS: what ImageFolder counts as an image, for both back ends and
+# the trainer's --data folders (DALI's decoder reads every one of these formats).
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 class UnreadableImageError(OSError):
@@ -71,7 +73,7 @@ class ImageFolder(Dataset):
             transforms work directly). ``None``: the PIL image itself is returned.
         target_transform: called on the int class index.
         extensions: file name endings (case-insensitive) that count as images;
-            default ``(".jpg", ".jpeg", ".png")``.
+            default :data:`IMAGE_EXTENSIONS` (torchvision's list).
 
     Attributes:
         classes: ``[C]`` class names, sorted. ``class_to_idx``: name -> index.
@@ -96,10 +98,10 @@ class ImageFolder(Dataset):
         for name, fn in (("transform", transform), ("target_transform", target_transform)):
             if fn is not None and not callable(fn):
                 raise TypeError(f"{name} must be callable or None, got {type(fn).__name__}")
-        if isinstance(extensions, str) or not all(isinstance(e, str) and e for e in extensions) \
-                or not extensions:
-            raise ValueError(f"extensions must be a non-empty sequence of file endings such as '.jpg', "
-                             f"got {extensions!r}")
+        if isinstance(extensions, str) or not all(isinstance(e, str) and e for e in extensions) or not extensions:
+            raise ValueError(
+                f"extensions must be a non-empty sequence of file endings such as '.jpg', got {extensions!r}"
+            )
         base = Path(root)
         if not base.exists():
             raise FileNotFoundError(f"ImageFolder root {str(base)!r} does not exist")

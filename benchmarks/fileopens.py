@@ -43,7 +43,7 @@ class FileOpens:
             off = 0
             while off < len(buf):
                 wd, mask, _cookie, size = struct.unpack_from("iIII", buf, off)
-                name = buf[off + 16:off + 16 + size].rstrip(b"\0").decode()
+                name = buf[off + 16 : off + 16 + size].rstrip(b"\0").decode()
                 off += 16 + size
                 if name and not mask & self.IN_ISDIR:
                     count[os.path.join(self.dirs[wd], name)] += 1

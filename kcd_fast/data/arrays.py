@@ -1,4 +1,4 @@
-"""Datasets whose stored images KCD can summarise (KCD_SPEC section 4).
+"""Datasets whose stored images KCD can summarise (docs/algorithm.md section 4).
 
 VAKS blends dropped images into kept ones *in the stored images*, so the loader needs
 write access to a uint8 ``[N, ...]`` array that ``dataset[i]`` reads from:
@@ -74,14 +74,13 @@ class ArrayDataset(Dataset):
             got = str(img.dtype).replace("torch.", "")
             raise TypeError(f"images must be uint8 [N, H, W, C], got dtype {got}")
         if img.dim() not in (3, 4):
-            raise ValueError(
-                f"images must be 4-D [N, H, W, C] (or 3-D [N, H, W]), got shape {tuple(img.shape)}"
-            )
+            raise ValueError(f"images must be 4-D [N, H, W, C] (or 3-D [N, H, W]), got shape {tuple(img.shape)}")
         if img.shape[0] == 0:
             raise ValueError("images is empty (N = 0): a dataset needs at least one point")
         if lab.dim() != 1 or lab.shape[0] != img.shape[0]:
-            raise ValueError(f"labels must be [N] with N = {img.shape[0]} (the number of images), "
-                             f"got shape {tuple(lab.shape)}")
+            raise ValueError(
+                f"labels must be [N] with N = {img.shape[0]} (the number of images), got shape {tuple(lab.shape)}"
+            )
         if lab.dtype.is_floating_point or lab.dtype.is_complex or lab.dtype == torch.bool:
             raise TypeError(f"labels must be integers, got dtype {str(lab.dtype).replace('torch.', '')}")
         if transform is not None and not callable(transform):
@@ -120,8 +119,10 @@ class ArrayDataset(Dataset):
         return x, (int(y) if self.images.device.type == "cpu" else y)
 
     def __repr__(self) -> str:
-        return (f"ArrayDataset(n={len(self)}, image_shape={tuple(self.images.shape[1:])}, "
-                f"device={self.images.device}, transform={self.transform!r})")
+        return (
+            f"ArrayDataset(n={len(self)}, image_shape={tuple(self.images.shape[1:])}, "
+            f"device={self.images.device}, transform={self.transform!r})"
+        )
 
 
 def _storage_or_reason(dataset: Any) -> tuple[torch.Tensor | None, str]:
@@ -131,8 +132,9 @@ def _storage_or_reason(dataset: Any) -> tuple[torch.Tensor | None, str]:
         return dataset.images, ""
     name = type(dataset).__name__
     if not (hasattr(dataset, "data") and hasattr(dataset, "targets")):
-        return None, (f"{name} is not an ArrayDataset and has no uint8 `.data` array with `.targets` "
-                      "(torchvision style)")
+        return None, (
+            f"{name} is not an ArrayDataset and has no uint8 `.data` array with `.targets` (torchvision style)"
+        )
     data = dataset.data
     try:
         n = len(dataset)

@@ -1,0 +1,21 @@
+"""Datasets: in-memory arrays VAKS blends into, and class-per-folder image files.
+
+- :mod:`kcd_fast.data.arrays`: :class:`ArrayDataset` and the lookup of a dataset's
+  blendable uint8 image storage (``ArrayDataset.images``, or a torchvision-style ``.data``);
+- :mod:`kcd_fast.data.folders`: :class:`ImageFolder` (one reader, one extension list,
+  torchvision's sample order) and :func:`load_rgb`, the one image decoder on the host.
+"""
+
+from .arrays import ArrayDataset, image_storage, require_image_storage
+from .folders import IMAGE_EXTENSIONS, ImageFolder, UnreadableImageError, is_image_folder, load_rgb
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ArrayDataset",
+    "ImageFolder",
+    "UnreadableImageError",
+    "image_storage",
+    "is_image_folder",
+    "load_rgb",
+    "require_image_storage",
+]

@@ -1,0 +1,170 @@
+"""The KD trainer's command line: ``python -m kcd_fast.kd --help`` (``python -m kcd_fast.train``
+is the same program). Trains (or loads from the cache) the teacher, then distils the student
+with vanilla KD, KCD, or both, and prints and optionally writes the results."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..data.arrays import ArrayDataset
+from .data import digits_arrays, load_arrays, split_arrays, synthetic_arrays
+from .models import build_model
+from .teacher import cached_teacher
+from .trainer import BatchPreprocess, KDConfig, KDTrainer, LRSchedule, keep_uint8, make_eval_loader, make_loader
+
+__all__ = ["build_parser", "main", "prepare_data"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m kcd_fast.kd",
+        description="Distil a student from a (cached) teacher with vanilla KD or KCD.",
+    )
+    p.add_argument(
+        "--mode", choices=("kd", "kcd", "both"), default="kcd", help="vanilla KD, KCD, or both (default kcd)"
+    )
+    p.add_argument(
+        "--data",
+        default="synthetic",
+        help="'synthetic' (generated CIFAR-shaped set), 'digits' (sklearn), or an .npz / image folder",
+    )
+    p.add_argument("--n-train", type=int, default=5000, help="synthetic: training images (default 5000)")
+    p.add_argument("--n-test", type=int, default=1000, help="synthetic: test images (default 1000)")
+    p.add_argument("--image-size", type=int, default=32, help="image folder / synthetic size (default 32)")
+    p.add_argument("--teacher", default=None, help="teacher model (default convnet_t, mlp_t for digits)")
+    p.add_argument("--student", default=None, help="student model (default convnet_s, mlp_s for digits)")
+    p.add_argument("--teacher-epochs", type=int, default=12)
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--period", type=int, default=2)
+    p.add_argument("--rho", type=float, default=0.7)
+    p.add_argument("--decay", default="exp", choices=("exp", "linear", "reference"))
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--value", default="entropy", choices=("entropy", "kl", "random"))
+    p.add_argument("--vaks", default="low", choices=("low", "high", "random", "off"))
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--gamma", type=float, default=0.1, help="cross-entropy weight")
+    p.add_argument("--alpha-kd", type=float, default=0.9, help="KL weight")
+    p.add_argument("--temperature", type=float, default=4.0)
+    p.add_argument("--lr-schedule", default="cosine", choices=[s.value for s in LRSchedule])
+    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--backend", default="torch", choices=("torch", "dali"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", default="benchmarks/cache", help="teacher checkpoints ('' to disable)")
+    p.add_argument("--json", default=None, help="write the results to this JSON file")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def prepare_data(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]:
+    """``(train_images, train_labels, test_images, test_labels, kind)`` for ``--data``."""
+    if args.data == "synthetic":
+        x, y = synthetic_arrays(args.n_train, image_size=args.image_size, seed=args.seed)
+        xt, yt = synthetic_arrays(args.n_test, image_size=args.image_size, seed=args.seed + 10_000)
+        return x, y, xt, yt, "image"
+    if args.data == "digits":
+        x, y = digits_arrays()
+        return (*split_arrays(x, y, 0.25, seed=args.seed), "digits")
+    return (*load_arrays(args.data, image_size=args.image_size, seed=args.seed), "image")
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """The CLI: trains (or loads) the teacher, distils the student, prints and returns results."""
+    args = build_parser().parse_args(argv)
+    for name in ("n_train", "n_test", "teacher_epochs", "epochs", "period", "batch_size"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    x, y, xt, yt, kind = prepare_data(args)
+    num_classes = int(max(y.max(), yt.max())) + 1
+    input_shape = (x.shape[3], x.shape[1], x.shape[2])
+    digits = kind == "digits"
+    teacher_name = args.teacher or ("mlp_t" if digits else "convnet_t")
+    student_name = args.student or ("mlp_s" if digits else "convnet_s")
+    augment = "none" if digits else "crop_flip"
+    pre = BatchPreprocess([0.5] * input_shape[0], [0.25] * input_shape[0], augment=augment, seed=args.seed)
+    cfg = KDConfig(
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        temperature=args.temperature,
+        gamma=args.gamma,
+        alpha_kd=args.alpha_kd,
+        lr_schedule=args.lr_schedule,
+        amp=args.amp,
+    )
+    test_set = ArrayDataset(xt, yt, transform=keep_uint8)
+    teacher, tinfo = cached_teacher(
+        teacher_name,
+        ArrayDataset(x, y, transform=keep_uint8),
+        num_classes=num_classes,
+        input_shape=input_shape,
+        config=KDConfig(lr=args.lr, amp=args.amp, gamma=1.0, alpha_kd=0.0),
+        epochs=args.teacher_epochs,
+        preprocess=BatchPreprocess(pre.mean, pre.std, augment=augment, seed=args.seed),
+        batch_size=args.batch_size,
+        test_set=test_set,
+        cache_dir=args.cache_dir or None,
+        device=args.device,
+        seed=args.seed,
+        progress=not args.no_progress,
+        log=lambda m: print(m, file=sys.stderr),
+    )
+    out: dict[str, Any] = {
+        "teacher": {"name": teacher_name, **tinfo},
+        "student": student_name,
+        "config": {**asdict(cfg), "milestones": list(cfg.milestones)},
+        "args": vars(args),
+    }
+    modes = ("kd", "kcd") if args.mode == "both" else (args.mode,)
+    for mode in modes:
+        train_set = ArrayDataset(x, y, transform=keep_uint8)  # a fresh copy: KCD summarises its images
+        loader = make_loader(
+            mode,
+            train_set,
+            epochs=args.epochs,
+            period=args.period,
+            rho=args.rho,
+            decay=args.decay,
+            warmup=args.warmup,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            seed=args.seed,
+            backend=args.backend,
+            value=args.value,
+            vaks=args.vaks,
+        )
+        student = build_model(student_name, num_classes, input_shape, seed=args.seed)
+        trainer = KDTrainer(
+            student,
+            teacher,
+            loader,
+            cfg,
+            preprocess=BatchPreprocess(pre.mean, pre.std, augment=augment, seed=args.seed),
+            device=args.device,
+            test_loader=make_eval_loader(test_set),
+            progress=not args.no_progress,
+            name=mode,
+        )
+        res = trainer.fit()
+        out[mode] = res.to_dict()
+        print(
+            f"{mode:>4}: {res.samples} samples in {res.seconds:.2f} s, accuracy {res.accuracy:.2f}% "
+            f"(teacher {tinfo['accuracy']})"
+        )
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=2, default=str))
+    return out

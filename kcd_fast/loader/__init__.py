@@ -1,0 +1,14 @@
+"""The condensing loader: :class:`KCDLoader` and its parts.
+
+- :mod:`.core`: :class:`KCDLoader`, the backend-agnostic core (epochs, observe,
+  condensation, VAKS summaries, state, the DataLoader surface);
+- :mod:`.config`: :class:`LoaderConfig`, the configuration, validated once;
+- :mod:`.plan`: epoch order, DDP shards, batches and the seeds of each epoch's streams;
+- :mod:`.state`: the saved state's schema, the summary log, image digests, replay;
+- :mod:`.backends`: the torch and DALI back ends that move and transform samples.
+"""
+
+from .config import Backend, LoaderConfig
+from .core import KCDLoader
+
+__all__ = ["Backend", "KCDLoader", "LoaderConfig"]

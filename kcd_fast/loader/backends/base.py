@@ -1,0 +1,114 @@
+"""What every back end shares: the protocol the loader core calls, the batch sampler the
+core refills each epoch, and the images a summary applies to.
+
+A back end only moves and transforms samples. The core plans each epoch as a list of
+index batches and calls, in this order over a run:
+
+- ``epoch_batches(batches, seed) -> iterator``: one collated batch per entry of
+  ``batches`` (int64 ``[b]`` numpy arrays of dataset indices), in order; ``seed`` keys
+  any randomness the back end owns (worker seeds, DALI's pipeline seed) to the epoch;
+- ``apply_summary(summary)``: a condensation summarised pairs ``(dst, src, eps)``;
+  the back end's images (:class:`ArrayImages`, or the DALI folder overlay) take it, and
+  the next epoch reads the summarised images. The one call that applies a summary;
+- ``prepare_restore(applied, summaries, digest) -> commit``: a resume; validates and
+  replays the state's summary log without changing anything, ``commit()`` then installs it;
+- ``images_digest(summaries)``: the digest a state records (None where there is none);
+- ``close()``: release workers / pipelines (the back end can iterate again afterwards).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+from ..state import Summary, blend_rows, images_digest, is_prefix, prepare_array_replay, touched_rows
+
+__all__ = ["ArrayImages", "BackendProtocol", "EpochBatchSampler", "NoImages", "Restore", "check_prefix"]
+
+Restore = Callable[[], None]
+
+
+class BackendProtocol(Protocol):
+    name: str
+    sampler: Sampler
+
+    @property
+    def images(self) -> torch.Tensor | None: ...
+
+    def epoch_batches(self, batches: list[np.ndarray], seed: int) -> Iterator[Any]: ...
+
+    def apply_summary(self, summary: Summary) -> None: ...
+
+    def prepare_restore(self, applied: list[Summary], summaries: list[Summary], digest: Any) -> Restore: ...
+
+    def images_digest(self, summaries: list[Summary]) -> str | None: ...
+
+    def close(self) -> None: ...
+
+
+class EpochBatchSampler(Sampler[list[int]]):
+    """Yields the index batches the core planned for the current epoch."""
+
+    def __init__(self) -> None:
+        self._batches: list[np.ndarray] = []
+
+    def set_batches(self, batches: list[np.ndarray]) -> None:
+        self._batches = batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for b in self._batches:
+            yield b.tolist()
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+
+def check_prefix(applied: list[Summary], summaries: list[Summary]) -> None:
+    """``ValueError`` unless the summaries applied so far start the state's log."""
+    if not is_prefix(applied, summaries):
+        raise ValueError(
+            "this loader's images were already summarised along a different history than the state's; "
+            "build a new KCDLoader over a freshly loaded ORIGINAL dataset and load the state into it"
+        )
+
+
+class ArrayImages:
+    """Summaries of an in-memory uint8 ``[N, ...]`` store (``ArrayDataset.images`` or a
+    torchvision-style ``.data`` view), blended in place with ``blend_``."""
+
+    def __init__(self, storage: torch.Tensor):
+        self.storage = storage
+
+    def apply(self, summary: Summary) -> None:
+        blend_rows(self.storage, summary)
+
+    def prepare_restore(self, applied: list[Summary], summaries: list[Summary], digest: Any) -> Callable[[], bool]:
+        check_prefix(applied, summaries)
+        return prepare_array_replay(self.storage, applied, summaries, digest)
+
+    def digest(self, summaries: list[Summary]) -> str | None:
+        if not summaries:
+            return None
+        rows = touched_rows(summaries)
+        return images_digest(rows, self.storage[rows.to(self.storage.device)])
+
+
+class NoImages:
+    """A dataset without blendable images (``vaks="off"``): no summary can apply."""
+
+    storage = None
+
+    def apply(self, summary: Summary) -> None:
+        raise RuntimeError("this loader's dataset has no image storage to summarise into")
+
+    def prepare_restore(self, applied: list[Summary], summaries: list[Summary], digest: Any) -> Callable[[], bool]:
+        if summaries:
+            raise ValueError("the state holds image summaries but this loader's dataset has no image storage")
+        return lambda: False
+
+    def digest(self, summaries: list[Summary]) -> str | None:
+        return None

@@ -1,0 +1,79 @@
+"""The torch back end: ``torch.utils.data.DataLoader`` worker processes, per-item
+``dataset[i]`` and ``collate_fn``, exactly what a DataLoader user already runs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from ..state import Summary
+from .base import ArrayImages, EpochBatchSampler, NoImages, Restore
+
+__all__ = ["TorchBackend"]
+
+
+class TorchBackend:
+    """One ``torch.utils.data.DataLoader`` over a batch sampler that the core refills each
+    epoch. With ``persistent_workers`` the workers live across epochs; they are restarted
+    after a summary unless the images are a shared-memory torch tensor (``ArrayDataset``),
+    so workers always read the summarised images. Worker base seeds come from a private
+    generator reseeded every epoch (never the global RNG).
+
+    Args:
+        dataset: the map-style dataset.
+        storage: its blendable uint8 ``[N, ...]`` images, or None (``vaks="off"``).
+        loader_kwargs: ``torch.utils.data.DataLoader`` arguments (``num_workers``, ...).
+    """
+
+    name = "torch"
+
+    def __init__(self, dataset: Any, *, storage: torch.Tensor | None, **loader_kwargs: Any):
+        self.dataset = dataset
+        self.sampler = EpochBatchSampler()
+        self._generator = torch.Generator()
+        self._kwargs = {k: v for k, v in loader_kwargs.items() if v is not None}
+        self._targets = ArrayImages(storage) if storage is not None else NoImages()
+        persistent = bool(loader_kwargs.get("persistent_workers"))
+        shared = storage is not None and storage.device.type == "cpu" and storage.is_shared()
+        self._restart_on_change = persistent and not shared
+        self._loader: DataLoader | None = None
+
+    @property
+    def images(self) -> torch.Tensor | None:
+        return self._targets.storage
+
+    def epoch_batches(self, batches: list[np.ndarray], seed: int) -> Iterator[Any]:
+        self.sampler.set_batches(batches)
+        self._generator.manual_seed(seed)
+        if self._loader is None:
+            self._loader = DataLoader(
+                self.dataset, batch_sampler=self.sampler, generator=self._generator, **self._kwargs
+            )
+        return iter(self._loader)
+
+    def _images_changed(self) -> None:
+        if self._restart_on_change:
+            self.close()
+
+    def apply_summary(self, summary: Summary) -> None:
+        self._targets.apply(summary)
+        self._images_changed()
+
+    def prepare_restore(self, applied: list[Summary], summaries: list[Summary], digest: Any) -> Restore:
+        commit_rows = self._targets.prepare_restore(applied, summaries, digest)
+
+        def commit() -> None:
+            if commit_rows():
+                self._images_changed()
+
+        return commit
+
+    def images_digest(self, summaries: list[Summary]) -> str | None:
+        return self._targets.digest(summaries)
+
+    def close(self) -> None:
+        self._loader = None  # its iterator (and persistent workers) go with it

@@ -1,0 +1,647 @@
+"""KCDLoader: a drop-in for ``torch.utils.data.DataLoader`` that condenses the training set
+on the schedule of docs/algorithm.md section 2 and summarises dropped points per section 4.
+
+Layout: :class:`KCDLoader` is the backend-agnostic core (schedule, value bank,
+condensation, VAKS, active set, per-epoch order, state). It plans each epoch as a list of
+index batches and hands them to a back end, which only fetches, transforms and collates
+samples. :class:`TorchBackend` is the torch back end; a back end is any object with
+
+- ``epoch_batches(batches, seed) -> iterator``: yields, in order, one collated batch per
+  entry of ``batches`` (a list of int64 ``[b]`` numpy arrays, dataset indices);
+  ``seed`` keys any randomness the back end owns (worker seeds) to the epoch;
+- ``images_changed()``: the stored images were summarised (a condensation with pairs);
+- ``close()``: release workers / pipelines.
+
+Typical use (three lines change in a KD loop)::
+
+    schedule = CondensationSchedule(epochs=240, period=40, rho=0.7)
+    loader = KCDLoader(train_set, schedule, batch_size=64, shuffle=True, num_workers=8, seed=0)
+    for epoch in range(schedule.epochs):
+        for images, targets, indices in loader:
+            logits_s = student(images)
+            ...
+            loader.observe(indices, logits_s)      # or observe(indices, logits_s, logits_t)
+
+Documented rules
+----------------
+Epochs
+    Each full iteration over the loader is one epoch. When its iterator is exhausted the
+    loader moves to the next epoch, and, if a condensation is due before it, condenses
+    right then, so ``len(loader)`` and ``active_indices`` are already those of the next
+    epoch. Breaking out of an epoch early does not advance it (a new ``iter`` restarts the
+    same epoch with the same order); call ``set_epoch(epoch + 1)`` to move on. Iterating
+    once all ``schedule.epochs`` epochs are done raises ``RuntimeError``.
+Batches and ``drop_last``
+    Epoch ``e`` visits ``epoch_order()``: its active points (``schedule.epoch_sizes(N)[e]``
+    of them), shuffled with ``numpy.random.default_rng([seed, e])`` when ``shuffle=True``,
+    ascending otherwise. Batch ``k`` holds ``order[k*B:(k+1)*B]``. With ``drop_last=False``
+    the last batch may be smaller; with ``drop_last=True`` the last ``n_e mod B`` points of
+    the order are not yielded this epoch (they stay active; with ``shuffle=True`` a
+    different tail is left out each epoch), and an epoch with fewer than B points yields
+    no batch at all.
+Observations
+    ``observe`` only scores (``ValueBank.observe``: no host sync on CUDA). Every observed
+    row counts, including points outside the current active set and a batch observed
+    twice: a point observed twice in one epoch is accumulated twice (``n_i += 2``), as in
+    the authors' code. On CPU (or with ``strict=True``) indices outside ``[0, N)``,
+    non-finite logits and length mismatches raise before anything changes; on CUDA the
+    bad rows are skipped on the device and raised at the next condensation.
+State and resume
+    ``state_dict()`` holds the epoch, the value bank, the active set, the seed (all RNG
+    streams are derived from ``(seed, epoch)``), the history and the summary log (the
+    ``(dst, src, eps)`` of every condensation) with a digest of the summarised rows.
+    ``load_state_dict`` on a new loader over the ORIGINAL dataset replays the log with
+    ``blend_``, checks the digest, and continues bit-exactly: same active sets, images,
+    order, batches. Save between epochs: a state saved mid-epoch resumes at the start of
+    that epoch, and its bank already holds the observations made so far in it. Worker
+    augmentation randomness is keyed to ``(seed, epoch)`` for ``num_workers > 0`` without
+    ``persistent_workers``; with ``num_workers=0`` transforms draw from torch's global
+    RNG, which the loader never touches.
+Distributed (DDP)
+    When a ``torch.distributed`` process group is initialised (or ``distributed=True``),
+    each rank visits its shard of the epoch's global order by ``DistributedSampler``'s
+    rules, recomputed every epoch: ``ceil(n_e / world)`` points per rank (``floor`` with
+    ``drop_last``), the order wrapped around to pad, rank ``r`` taking
+    ``padded[r::world]`` (``rank_indices``); then ``drop_last`` also applies to the
+    rank's last batch. Every rank runs the same number of steps. ``epoch_order()`` and
+    ``active_indices`` stay global (the same on every rank). A padded point is visited,
+    and observed, twice in its epoch (every observed row counts). Each rank's
+    observations accumulate locally, without communication; at a condensation the value
+    bank is all-reduced (``N * 12`` bytes) so every rank ranks the same global totals,
+    condenses identically (ties by index) and applies the same summary to its own copy
+    of the images. The ranks check that they agree (one tiny collective at the start of
+    iteration and per condensation) and raise ``RuntimeError`` where they do not.
+    Collectives happen in ``__iter__`` (the first time), at condensations (the end of
+    an epoch, ``set_epoch``), in ``state_dict()`` and ``save()``: call these on every
+    rank. Totals agree with a single-process run that made the same observations up to
+    float64 rounding (the additions are grouped differently).
+Checkpoints
+    ``loader.save(path)`` (every rank; rank 0 writes) stores the GLOBAL state atomically
+    (temporary file, fsync, ``os.replace``, directory fsync), so a crash during a save
+    leaves the previous checkpoint intact; ``KCDLoader.load(path, dataset, schedule,
+    **kwargs)`` resumes it at any world size. A truncated, corrupt or mismatched
+    checkpoint raises ``ValueError`` naming the path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, Sampler
+
+from .. import distributed as D
+from .._checks import check_int
+from ..bank import Measure, ValueBank
+from ..checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
+from ..condense import Vaks, condense
+from ..schedule import CondensationSchedule
+from . import state as S
+from .backends.base import BackendProtocol
+from .backends.factory import make_backend
+from .config import Backend, LoaderConfig
+from .plan import VAKS_STREAM, Planner, stream_seed
+
+__all__ = ["Backend", "KCDLoader"]
+
+log = logging.getLogger(__name__)
+
+
+class KCDLoader:
+    """A DataLoader that trains each epoch on the points the KCD schedule keeps.
+
+    Args:
+        dataset: a map-style dataset (``__len__``, ``__getitem__``) of N >= 1 points:
+            :class:`kcd_fast.ArrayDataset`, a torchvision-style dataset with a uint8
+            ``.data`` and ``.targets`` (CIFAR-10/100, MNIST), or any dataset with
+            ``vaks="off"``.
+        schedule: the :class:`CondensationSchedule` (epochs, period, rho, decay, warmup).
+        batch_size, shuffle, num_workers, pin_memory, drop_last, collate_fn,
+        persistent_workers, prefetch_factor, worker_init_fn, timeout,
+        multiprocessing_context: as for ``torch.utils.data.DataLoader``.
+        seed: int >= 0; keys the epoch order (``default_rng([seed, epoch])``), worker
+            seeds and ``vaks="random"`` draws. No global RNG is read or changed.
+        backend: "torch" (default) or "dali" (:class:`kcd_fast.dali_backend.DaliBackend`:
+            ArrayDataset or image folders; ``num_workers`` = DALI CPU threads).
+        augment: DALI back end only: "auto" (none for arrays, "imagenet" for folders),
+            None, "cifar", "cifar_eval", "imagenet", "imagenet_eval" or a callable
+            ``(images, device) -> DataNode`` adding DALI ops; seeded from (seed, epoch).
+        dali_device: DALI back end only: "auto" (the current CUDA device when there is
+            one, else CPU-only operators), a CUDA device index, or None (CPU only).
+        dali_overlay_dir: DALI back end, image folders only: None (summarised images kept
+            in memory) or a directory for them as files (ImageNet-scale runs).
+        value: how points are scored: "entropy" (default), "kl" (needs teacher logits
+            in ``observe``) or "random".
+        vaks: "low" (default), "high", "random" or "off" (docs/algorithm.md section 4).
+        alpha: the cost-aware weighting exponent (0.03). eps_m: the smallest weight a
+            kept image keeps (0.7). temperature: the KL temperature for ``value="kl"``.
+        device: where the value bank lives; None (default): the device of the first
+            observed logits.
+        strict: validate every observed batch on the host (a sync on CUDA).
+        progress: show a tqdm bar per epoch.
+        distributed: None (default): shard across ranks when a ``torch.distributed``
+            process group is initialised; True: shard (raise if impossible); False: never.
+        rank, world_size: default: those of ``group``; given, they must match it.
+        group: the (data-parallel) process group to shard over and all-reduce the value
+            bank in; None: the default group. See "Distributed (DDP)" in the module
+            docstring.
+
+    Yields ``(inputs, targets, indices)``: the collated batch's fields followed by the
+    int64 ``[b]`` CPU tensor of the batch's dataset indices (pinned with ``pin_memory``
+    on a CUDA machine). See the module docstring for the rules on epochs, ``drop_last``,
+    observations and resume.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        schedule: CondensationSchedule,
+        batch_size: int = 1,
+        shuffle: bool = False,
+        *,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        drop_last: bool = False,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        persistent_workers: bool = False,
+        prefetch_factor: int | None = None,
+        worker_init_fn: Callable[[int], None] | None = None,
+        timeout: float = 0,
+        multiprocessing_context: Any = None,
+        seed: int = 0,
+        backend: str | Backend = "torch",
+        value: str | Measure = "entropy",
+        vaks: str | Vaks = "low",
+        alpha: float = 0.03,
+        eps_m: float = 0.7,
+        temperature: float = 4.0,
+        device: str | torch.device | None = None,
+        strict: bool = False,
+        progress: bool = False,
+        distributed: bool | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        group: Any = None,
+        **backend_options: Any,
+    ):
+        # -- arguments (all checked before any state is built) --------------------------
+        config = LoaderConfig.create(
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            seed=seed,
+            backend=backend,
+            value=value,
+            vaks=vaks,
+            alpha=alpha,
+            eps_m=eps_m,
+            temperature=temperature,
+            device=device,
+            strict=strict,
+            progress=progress,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            collate_fn=collate_fn,
+            persistent_workers=persistent_workers,
+            prefetch_factor=prefetch_factor,
+            worker_init_fn=worker_init_fn,
+            timeout=timeout,
+            multiprocessing_context=multiprocessing_context,
+        )
+        map_style = hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")
+        if isinstance(dataset, IterableDataset) or not map_style:
+            raise TypeError(
+                f"dataset must be a map-style dataset with __len__ and __getitem__, got {type(dataset).__name__}"
+            )
+        n = len(dataset)
+        if n < 1:
+            raise ValueError(f"dataset is empty (len(dataset) = {n}); KCD needs at least one point")
+        if not isinstance(schedule, CondensationSchedule):
+            raise TypeError(f"schedule must be a kcd_fast.CondensationSchedule, got {type(schedule).__name__}")
+        dist_info = D.resolve(distributed, rank, world_size, group)
+        backend_obj = make_backend(dataset, config, backend_options)
+
+        # -- state -------------------------------------------------------------------------
+        self.dataset = dataset
+        self.schedule = schedule
+        self.config = config
+        self.n = n
+        self.seed = config.seed  # state: load_state_dict continues the saved run's seed
+        self._dist = dist_info
+        self._planner = Planner(config.batch_size, config.shuffle, config.drop_last, config.seed, dist_info)
+        self._backend: BackendProtocol = backend_obj
+        self._ranks_agree = False  # checked by the first iteration after construction or a load
+        self.bank = ValueBank(
+            n,
+            period=schedule.period,
+            alpha=config.alpha,
+            measure=config.value,
+            temperature=config.temperature,
+            device=config.device,
+            strict=config.strict,
+            seed=config.seed,
+            local=dist_info.communicates,
+        )
+        self._sizes = schedule.epoch_sizes(n)
+        self._condense_at = set(schedule.condensation_epochs)
+        self.epoch = 0
+        self._active = np.arange(n, dtype=np.int64)
+        self.history: list[dict[str, Any]] = []
+        self._summaries: list[S.Summary] = []
+        self._digest: str | None = None
+        self._generation = 0
+
+    # -- configuration -------------------------------------------------------------------
+    batch_size = property(lambda self: self.config.batch_size, doc="Points per batch.")
+    shuffle = property(lambda self: self.config.shuffle, doc="Whether each epoch's order is shuffled.")
+    drop_last = property(lambda self: self.config.drop_last, doc="Whether a last partial batch is left out.")
+    num_workers = property(lambda self: self.config.num_workers, doc="Worker processes (DALI: CPU threads).")
+    pin_memory = property(lambda self: self.config.pin_memory, doc="Whether CPU batches are pinned.")
+    value = property(lambda self: self.config.value, doc="How points are scored (Measure).")
+    vaks = property(lambda self: self.config.vaks, doc="The VAKS mode (Vaks).")
+    alpha = property(lambda self: self.config.alpha, doc="The cost-aware weighting exponent.")
+    eps_m = property(lambda self: self.config.eps_m, doc="The smallest weight a kept image keeps.")
+    temperature = property(lambda self: self.config.temperature, doc="The KL temperature.")
+    progress = property(lambda self: self.config.progress, doc="Whether a tqdm bar shows each epoch.")
+
+    # -- DataLoader surface ------------------------------------------------------------
+    @property
+    def backend(self) -> Any:
+        """The back-end object (``TorchBackend`` or ``DaliBackend``) that fetches samples."""
+        return self._backend
+
+    @property
+    def sampler(self) -> Sampler:
+        """The back end's batch sampler (it yields the core's planned batches)."""
+        return self._backend.sampler
+
+    @property
+    def images(self) -> torch.Tensor | None:
+        """The uint8 ``[N, ...]`` storage VAKS blends into (a view), or None."""
+        return self._backend.images
+
+    def __len__(self) -> int:
+        """Batches of the coming (or current) epoch on this rank; 0 once the schedule is done."""
+        return self._planner.num_batches(self._sizes[self.epoch]) if self.epoch < self.schedule.epochs else 0
+
+    def steps_per_epoch(self) -> list[int]:
+        """Batches in each epoch of the whole schedule on this rank (``drop_last`` and, under
+        DDP, the shard size accounted for; the same on every rank)."""
+        return [self._planner.num_batches(s) for s in self._sizes]
+
+    def samples_per_epoch(self) -> list[int]:
+        """Samples this rank's batches hold in each epoch of the schedule: the schedule's
+        sizes after the ``drop_last`` cut and, under DDP, sharding (padded or cut). The
+        ``history`` records count the schedule's sizes (the paper's C); this is what ran."""
+        return [self._planner.samples(s) for s in self._sizes]
+
+    def total_steps(self) -> int:
+        """Batches over the whole schedule on this rank (for LR schedulers such as OneCycleLR)."""
+        return sum(self.steps_per_epoch())
+
+    @property
+    def distributed(self) -> bool:
+        """True when the loader shards its epochs across ranks."""
+        return self._dist.enabled
+
+    @property
+    def rank(self) -> int:
+        """This process's rank in the loader's group (0 when not distributed)."""
+        return self._dist.rank
+
+    @property
+    def world_size(self) -> int:
+        """Ranks the epochs are sharded over (1 when not distributed)."""
+        return self._dist.world_size
+
+    @property
+    def active_indices(self) -> torch.Tensor:
+        """``[n_e]`` int64, ascending: the points of the current epoch, over all ranks (a copy)."""
+        return torch.from_numpy(self._active.copy())
+
+    @property
+    def rank_indices(self) -> torch.Tensor:
+        """``[m]`` int64: the points this rank visits in the current epoch, in visiting
+        order, ``m = ceil(n_e / world)`` (``floor`` with ``drop_last``), padded points
+        included; the whole ``epoch_order()`` when not distributed. The rank's batches
+        are ``rank_indices[k*B:(k+1)*B]`` (the last partial one left out with ``drop_last``)."""
+        return torch.from_numpy(self._planner.rank_order(self._planner.order(self._active, self.epoch)))
+
+    def epoch_order(self) -> torch.Tensor:
+        """``[n_e]`` int64: the order in which the current epoch visits its points (global:
+        the same on every rank; each rank visits its shard of it, ``rank_indices``)."""
+        return torch.from_numpy(self._planner.order(self._active, self.epoch))
+
+    # -- iteration -----------------------------------------------------------------------
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        if self.epoch >= self.schedule.epochs:
+            raise RuntimeError(
+                f"the schedule's {self.schedule.epochs} epochs are done (epoch = {self.epoch}); "
+                "KCDLoader does not run extra epochs: build a new loader or schedule to train longer"
+            )
+        if self._dist.communicates and not self._ranks_agree:
+            D.agree(self._agreement_digest(), self._dist.group, "loader's configuration and state", self.bank.device)
+            self._ranks_agree = True
+        self._generation += 1
+        plan = self._planner.plan(self._active, self.epoch)
+        order_t = torch.from_numpy(plan.order)
+        if self.config.pin_memory and torch.cuda.is_available():
+            order_t = order_t.pin_memory()
+        it = self._backend.epoch_batches(plan.batches, plan.worker_seed)
+        return self._epoch(self._generation, self.epoch, order_t, len(plan.batches), it)
+
+    def _agreement_digest(self) -> bytes:
+        """What every rank must share: the configuration, seed, epoch, active set and history."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(
+            repr(
+                (
+                    self.n,
+                    self.seed,
+                    self.epoch,
+                    self.schedule.state(),
+                    self.config.agreement(),
+                    self.history,
+                    len(self._summaries),
+                )
+            ).encode()
+        )
+        h.update(self._active.tobytes())
+        return h.digest()
+
+    def _epoch(
+        self, generation: int, epoch: int, order: torch.Tensor, n_batches: int, it: Iterator[Any]
+    ) -> Iterator[tuple[Any, ...]]:
+        bar = None
+        if self.config.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=n_batches, desc=f"KCD epoch {epoch}", leave=False)
+        bs, k = self.config.batch_size, 0
+        try:
+            for batch in it:
+                if generation != self._generation:
+                    raise RuntimeError(
+                        f"this iterator was made for epoch {epoch}, but the loader has since moved "
+                        "(set_epoch, load_state_dict, close or a newer iter()); iterate the loader again"
+                    )
+                idx = order[k * bs : (k + 1) * bs]
+                k += 1
+                yield (*batch, idx) if isinstance(batch, (tuple, list)) else (batch, idx)
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+        if generation != self._generation:
+            return
+        if k != n_batches:
+            raise RuntimeError(
+                f"the {self._backend.name} back end yielded {k} batches in epoch {epoch}, expected {n_batches}"
+            )
+        self._advance()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Moves to ``epoch`` (>= the current one, <= schedule.epochs). Skipped epochs
+        count as trained without observations: condensations due in between happen now.
+        Going back is refused (a condensation cannot be undone; load a state_dict)."""
+        epoch = check_int(epoch, "epoch")
+        if not self.epoch <= epoch <= self.schedule.epochs:
+            raise ValueError(
+                f"epoch must be in [{self.epoch}, {self.schedule.epochs}] (the current epoch up to the "
+                f"schedule's end; condensation cannot be undone, load a state_dict to go back), got {epoch}"
+            )
+        if epoch == self.epoch:
+            return
+        self._generation += 1
+        while self.epoch < epoch:
+            self._advance()
+
+    def _advance(self) -> None:
+        nxt = self.epoch + 1
+        if nxt in self._condense_at:
+            self._condense(nxt)
+        self.epoch = nxt
+
+    def _condense(self, epoch: int) -> None:
+        """The condensation before ``epoch``: values -> keep / dropped -> VAKS -> new set."""
+        n_keep, n_prev = self._sizes[epoch], int(self._active.shape[0])
+        if self._dist.communicates:  # the only per-stage communication: N * 12 bytes
+            self.bank.all_reduce_(self._dist.group)
+        cond = condense(
+            self.bank.values(draw=epoch),
+            n_keep,
+            n_prev,
+            self.config.vaks,
+            self.config.eps_m,
+            seed=stream_seed(self.seed, epoch, VAKS_STREAM),
+        )
+        pairs = cond.pairs
+        if self._dist.communicates:  # every rank must summarise identically: check before blending
+            h = hashlib.blake2b(repr(epoch).encode(), digest_size=16)
+            for t in (cond.keep, cond.dst, cond.src, cond.eps):
+                h.update(t.cpu().contiguous().numpy().tobytes())
+            D.agree(h.digest(), self._dist.group, f"condensation before epoch {epoch}", self.bank.device)
+        if pairs and self.config.vaks is not Vaks.OFF:
+            summary = {"epoch": epoch, "dst": cond.dst.cpu(), "src": cond.src.cpu(), "eps": cond.eps.cpu()}
+            self._backend.apply_summary(summary)
+            self._summaries.append(summary)
+            self._digest = None  # computed when a state_dict asks for it
+        self._active = cond.keep.cpu().numpy().astype(np.int64, copy=False)
+        passes = sum(self._sizes[:epoch])
+        record = {
+            "epoch": epoch,
+            "stage": self.schedule.stage_of(epoch),
+            "kept": n_keep,
+            "dropped": n_prev - n_keep,
+            "pairs": pairs,
+            "passes": passes,
+            "cost": passes / (self.n * epoch),
+        }
+        self.history.append(record)
+        log.info(
+            "KCD condensation before epoch %d: kept %d of %d points, dropped %d, summarised %d pairs; C so far %.4f",
+            epoch,
+            n_keep,
+            n_prev,
+            n_prev - n_keep,
+            pairs,
+            record["cost"],
+        )
+
+    # -- scoring -------------------------------------------------------------------------
+    def observe(self, indices: Any, logits: Any, teacher_logits: Any = None) -> None:
+        """Scores one training batch (``ValueBank.observe``; no host sync on CUDA).
+
+        Args:
+            indices: ``[B]`` int64, the ``indices`` the loader yielded (any device).
+            logits: ``[B, C]`` student logits (float32/float16/bfloat16), any grad state.
+            teacher_logits: ``[B, C]`` teacher logits, needed for ``value="kl"``.
+
+        Every row counts (see the module docstring); bad input raises before anything
+        changes (on CUDA without ``strict``: at the next condensation).
+        """
+        self.bank.observe(indices, logits, teacher_logits)
+
+    # -- state ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything that changes during training, as Python values and CPU tensors
+        (``torch.save`` / ``torch.load(weights_only=True)`` friendly; the schema is
+        :mod:`kcd_fast.loader.state`). Under DDP a collective (call it on every rank): the
+        state is GLOBAL, the same on every rank (the value bank's totals include every
+        rank's observations so far), and resumes at any world size; taking it changes
+        nothing. ``save(path)`` writes it atomically."""
+        return {
+            "format": S.STATE_FORMAT,
+            "n": self.n,
+            "schedule": self.schedule.state(),
+            "config": self.config.state(),
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "active": torch.from_numpy(self._active.copy()),
+            "bank": {
+                k: v.clone() if isinstance(v, torch.Tensor) else v  # ValueBank's CPU state aliases
+                for k, v in self.bank.state_dict(self._dist.group).items()
+            },
+            "history": [dict(r) for r in self.history],
+            "summaries": [S.copy_summary(s) for s in self._summaries],
+            "digest": self._images_digest(),
+        }
+
+    def _images_digest(self) -> str | None:
+        """Digest of the rows the summaries touched (cached until the next summary)."""
+        if self._digest is None and self._summaries:
+            self._digest = self._backend.images_digest(self._summaries)
+        return self._digest
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores a ``state_dict``. This loader's dataset must hold the ORIGINAL images
+        (or exactly the images this loader summarised so far, when the state continues
+        its own run): the summary log is replayed and checked against the state's digest.
+        Everything is validated first; on any error nothing changes."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict from KCDLoader.state_dict(), got {type(state).__name__}")
+        missing = [k for k in S.REQUIRED if k not in state]
+        if missing:
+            raise KeyError(f"KCDLoader state is missing {missing}")
+        for key, typ in (("config", dict), ("bank", dict), ("history", list)):
+            if not isinstance(state[key], typ):
+                raise ValueError(f"state {key} must be a {typ.__name__}, got {type(state[key]).__name__}")
+        if state["format"] != S.STATE_FORMAT:
+            raise ValueError(f"state format is {state['format']!r}, this loader reads {S.STATE_FORMAT!r}")
+        if state["n"] != self.n:
+            raise ValueError(f"the state was made for a dataset of {state['n']} points, this loader's has {self.n}")
+        if state["schedule"] != self.schedule.state():
+            raise ValueError(
+                f"the state was made for schedule {state['schedule']}, this loader's is {self.schedule.state()}"
+            )
+        self.config.check_state(state["config"])
+        epoch = state["epoch"]
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch <= self.schedule.epochs:
+            raise ValueError(f"state epoch must be an int in [0, {self.schedule.epochs}], got {epoch!r}")
+        seed = state["seed"]
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"state seed must be an int >= 0, got {seed!r}")
+        act = S.check_active(state["active"], self.n, self._sizes[min(epoch, self.schedule.epochs - 1)], epoch)
+        bank = state["bank"]
+        S.check_bank_state(
+            bank,
+            {"n": self.n, "measure": self.config.value.value, "period": self.bank.period, "alpha": self.bank.alpha},
+        )
+        if not all(isinstance(r, dict) for r in state["history"]):
+            raise ValueError("state history must be a list of dicts (one record per condensation)")
+        summaries = S.check_summaries(state["summaries"], self.n)
+        commit_images = self._backend.prepare_restore(self._summaries, summaries, state["digest"])
+
+        # -- commit (nothing below raises on validated input) ------------------------------
+        self.bank.load_state_dict(bank)
+        self._generation += 1
+        self.bank.seed = seed  # ValueBank.load_state_dict keeps its own seed; the state's is the run's
+        commit_images()
+        self._summaries = summaries
+        self._digest = state["digest"]
+        self.seed = seed
+        self._planner = dataclasses.replace(self._planner, seed=seed)
+        self.epoch = epoch
+        self._active = act
+        self.history = [dict(r) for r in state["history"]]
+        self._ranks_agree = False  # under DDP, the next iteration checks that every rank loaded the same
+
+    def close(self) -> None:
+        """Releases the back end's workers; the loader can iterate again afterwards."""
+        self._generation += 1
+        self._backend.close()
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Writes ``state_dict()`` to ``path`` atomically: a temporary file in the same
+        directory, flushed and fsynced, renamed over ``path``, the directory fsynced
+        (:func:`kcd_fast.checkpoint.save_checkpoint`). A crash or error at any point
+        leaves the previous file at ``path`` intact and loadable.
+
+        Under DDP a collective: call it on every rank. Every rank takes the (global)
+        state, rank 0 writes it, and the call returns on every rank once the file is in
+        place; a failed write raises on rank 0 (its error) and ``RuntimeError`` on the
+        others, instead of leaving them waiting. Save between epochs (see "State and
+        resume"); resume with :meth:`load` or :meth:`restore`, at any world size."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__} {path!r}")
+        payload = {"format": CHECKPOINT_FORMAT, "world_size": self.world_size, "loader": self.state_dict()}
+        error: Exception | None = None
+        if self._dist.rank == 0:
+            try:
+                save_checkpoint(payload, path)
+            except Exception as err:  # re-raised below, after telling the other ranks
+                error = err
+        ok = D.all_ok(error is None, self._dist.group, self.bank.device) if self._dist.communicates else True
+        if error is not None:
+            raise error
+        if not ok:
+            raise RuntimeError(f"rank 0 could not write the checkpoint {os.fspath(path)!r}; see rank 0's error")
+
+    def restore(self, path: str | os.PathLike[str]) -> None:
+        """Loads the checkpoint :meth:`save` wrote at ``path`` into this loader
+        (``load_state_dict``: this loader's dataset must hold the ORIGINAL images). Under
+        DDP call it on every rank; each rank reads the file (a file system every rank
+        sees). Raises ``ValueError`` naming the path when the file is truncated, corrupt,
+        not a KCDLoader checkpoint, or made for another dataset, schedule or configuration;
+        nothing changes then."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__} {path!r}")
+        payload = load_checkpoint(path)
+        if not (isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT and "loader" in payload):
+            got = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+            raise ValueError(
+                f"checkpoint {os.fspath(path)!r} is not a KCDLoader checkpoint "
+                f"(format {got!r}, expected {CHECKPOINT_FORMAT!r})"
+            )
+        try:
+            self.load_state_dict(payload["loader"])
+        except (KeyError, TypeError, ValueError) as err:
+            msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+            raise ValueError(f"checkpoint {os.fspath(path)!r} does not fit this loader: {msg}") from err
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike[str], dataset: Any, schedule: CondensationSchedule, **kwargs: Any
+    ) -> KCDLoader:
+        """``KCDLoader(dataset, schedule, **kwargs)`` restored from the checkpoint at ``path``
+        (:meth:`restore`), at this process's world size, whatever the saving run's was.
+        ``dataset`` must hold the ORIGINAL images: the summaries are replayed onto them."""
+        loader = cls(dataset, schedule, **kwargs)
+        loader.restore(path)
+        return loader
+
+    def __repr__(self) -> str:
+        return (
+            f"KCDLoader(n={self.n}, epoch={self.epoch}/{self.schedule.epochs}, "
+            f"active={self._active.shape[0]}, batch_size={self.config.batch_size}, "
+            f"backend={self._backend.name!r}, value={self.config.value.value!r}, "
+            f"vaks={self.config.vaks.value!r})"
+        )
