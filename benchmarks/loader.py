@@ -381,7 +381,7 @@ def bench_jpeg(root: Path, workers: int, batch_size: int, repeats: int, rho: flo
             "epochs_s": t_kept,
             "files_read_per_epoch": reads_kept[1:],
             "files_read_equal_surviving_points": ok_kept,
-            "vaks": "off (summaries of image folders need the core wiring; see kcd_fast.dali_backend)",
+            "vaks": "off (summaries of image folders need the core wiring; see kcd_fast.loader.backends.dali)",
         },
     }
 

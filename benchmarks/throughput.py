@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-train", type=int, default=None, help="synthetic training images")
     p.add_argument("--n-test", type=int, default=None, help="synthetic test images")
     p.add_argument("--image-size", type=int, default=32, help="synthetic / image-folder size (default 32)")
-    p.add_argument("--teacher", default=None, help="teacher model (see kcd_fast.models.MODELS)")
+    p.add_argument("--teacher", default=None, help="teacher model (see kcd_fast.kd.models.MODELS)")
     p.add_argument("--student", default=None, help="student model")
     p.add_argument("--teacher-epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)

@@ -2,15 +2,13 @@
 on the schedule of docs/algorithm.md section 2 and summarises dropped points per section 4.
 
 Layout: :class:`KCDLoader` is the backend-agnostic core (schedule, value bank,
-condensation, VAKS, active set, per-epoch order, state). It plans each epoch as a list of
-index batches and hands them to a back end, which only fetches, transforms and collates
-samples. :class:`TorchBackend` is the torch back end; a back end is any object with
-
-- ``epoch_batches(batches, seed) -> iterator``: yields, in order, one collated batch per
-  entry of ``batches`` (a list of int64 ``[b]`` numpy arrays, dataset indices);
-  ``seed`` keys any randomness the back end owns (worker seeds) to the epoch;
-- ``images_changed()``: the stored images were summarised (a condensation with pairs);
-- ``close()``: release workers / pipelines.
+condensation, VAKS, active set, per-epoch order, state). Its configuration is one
+:class:`kcd_fast.loader.config.LoaderConfig`; it plans each epoch with
+:class:`kcd_fast.loader.plan.Planner` and hands the index batches to a back end
+(:mod:`kcd_fast.loader.backends`: torch or DALI, built by ``factory.make_backend``), which
+only fetches, transforms and collates samples, and takes each condensation's summary
+through one call, ``apply_summary``. Options only one back end understands (DALI's
+``augment``, ``dali_device``, ``dali_overlay_dir``) pass through ``**backend_options``.
 
 Typical use (three lines change in a KD loop)::
 
@@ -42,10 +40,11 @@ Batches and ``drop_last``
 Observations
     ``observe`` only scores (``ValueBank.observe``: no host sync on CUDA). Every observed
     row counts, including points outside the current active set and a batch observed
-    twice: a point observed twice in one epoch is accumulated twice (``n_i += 2``), as in
-    the authors' code. On CPU (or with ``strict=True``) indices outside ``[0, N)``,
-    non-finite logits and length mismatches raise before anything changes; on CUDA the
-    bad rows are skipped on the device and raised at the next condensation.
+    twice: a point observed twice in one epoch is accumulated twice (``n_i += 2``; the
+    authors' code overwrites one slot per point and epoch, docs/algorithm.md section 8).
+    On CPU (or with ``strict=True``) indices outside ``[0, N)``, non-finite logits and
+    length mismatches raise before anything changes; on CUDA the bad rows are skipped on
+    the device and raised at the next condensation.
 State and resume
     ``state_dict()`` holds the epoch, the value bank, the active set, the seed (all RNG
     streams are derived from ``(seed, epoch)``), the history and the summary log (the
@@ -127,8 +126,11 @@ class KCDLoader:
         multiprocessing_context: as for ``torch.utils.data.DataLoader``.
         seed: int >= 0; keys the epoch order (``default_rng([seed, epoch])``), worker
             seeds and ``vaks="random"`` draws. No global RNG is read or changed.
-        backend: "torch" (default) or "dali" (:class:`kcd_fast.dali_backend.DaliBackend`:
-            ArrayDataset or image folders; ``num_workers`` = DALI CPU threads).
+        backend: "torch" (default) or "dali"
+            (:class:`kcd_fast.loader.backends.dali.DaliBackend`: ArrayDataset or image
+            folders; ``num_workers`` = DALI CPU threads).
+        **backend_options: options of one back end, checked by
+            :func:`kcd_fast.loader.backends.factory.check_options`; for "dali":
         augment: DALI back end only: "auto" (none for arrays, "imagenet" for folders),
             None, "cifar", "cifar_eval", "imagenet", "imagenet_eval" or a callable
             ``(images, device) -> DataNode`` adding DALI ops; seeded from (seed, epoch).

@@ -77,7 +77,7 @@ GPU
 
 Errors
     A missing or undecodable image file raises ``FileNotFoundError`` /
-    :class:`kcd_fast.image_folder.UnreadableImageError` naming the file and the dataset
+    :class:`kcd_fast.data.UnreadableImageError` naming the file and the dataset
     index, when the batch holding it is requested (DALI's own message, chained, does not
     always name the file: the back end checks the batches DALI held at the failure).
     Without DALI installed, constructing the back end raises ``ImportError`` saying
