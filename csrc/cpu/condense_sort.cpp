@@ -4,6 +4,7 @@
 #include "condense_sort.h"
 
 #include <algorithm>
+#include <exception>
 #include <utility>
 #include <vector>
 
@@ -14,8 +15,7 @@ namespace {
 
 constexpr int kDigits = 3;  // radix passes over the 32 key bits: 11 + 11 + 10
 constexpr int kDigitShift[kDigits] = {32, 43, 54};
-
-}  // namespace
+constexpr int kBins = 2048;  // a histogram stays in L1
 
 // Stable LSD radix sort by the key (bits 32..63) of the m words held by S segments
 // (seg[s] [seg_len[s]], in order); a, tmp [m]. The first pass reads the segments in
@@ -100,6 +100,41 @@ void order_equal_keys(uint64_t* a, int64_t begin, int64_t end, const double* v) 
     }
     s = e;
   }
+}
+
+}  // namespace
+
+uint64_t* sort_members(const Members& m, const double* v, Scratch* sc) {
+  const int64_t M = m.count;
+  if (M == 0) return nullptr;
+  const int T = m.chunks(), TS = thread_count(M);
+  uint64_t* cand;
+  if (M <= 512) {
+    cand = grow(sc->cand, M);
+    for (int t = 0; t < T; ++t) std::copy(m.seg[t], m.seg[t] + m.len[t], cand + m.base[t]);
+    std::sort(cand, cand + M);  // (key, index): ties in index order, as the radix sort leaves them
+  } else {
+    cand = radix_sort(m.seg.data(), m.len.data(), T, grow(sc->cand, M), grow(sc->tmp, M), M,
+                      grow(sc->radix_hist, int64_t(std::max(T, TS)) * kBins), TS);
+  }
+  std::vector<std::exception_ptr> failed(static_cast<size_t>(TS));  // an exception must not leave the region
+#pragma omp parallel for num_threads(TS) schedule(static, 1)
+  for (int t = 0; t < TS; ++t) {
+    auto run_start = [&](int64_t q) {
+      while (q > 0 && q < M && (cand[q] >> 32) == (cand[q - 1] >> 32)) ++q;
+      return q;
+    };
+    const Chunk c = chunk_of(t, TS, M);
+    try {
+      order_equal_keys(cand, run_start(c.begin), run_start(c.end), v);  // may allocate
+    } catch (...) {
+      failed[t] = std::current_exception();
+    }
+  }
+  for (const std::exception_ptr& e : failed) {
+    if (e) std::rethrow_exception(e);
+  }
+  return cand;
 }
 
 }  // namespace condense_detail

@@ -10,17 +10,18 @@ namespace kcd {
 namespace cpu {
 namespace condense_detail {
 
-constexpr int kBins = 2048;  // radix digits of 11 bits at most: a histogram stays in L1
+// The members of pass 1, packed (key << 32 | index): chunk t's len[t] members, in index
+// order, start at seg[t]; base[t] = the members of the chunks before t ([T + 1]).
+struct Members {
+  std::vector<const uint64_t*> seg;
+  std::vector<int64_t> len, base;
+  int64_t count = 0;
+  int chunks() const { return static_cast<int>(seg.size()); }
+};
 
-// Stable LSD radix sort by the key (bits 32..63) of the m words held by S segments
-// (seg[s] [seg_len[s]], in order), on T threads; a, tmp [m], hist [max(S, T), kBins].
-// Returns where the result is (tmp).
-uint64_t* radix_sort(const uint64_t* const* seg, const int64_t* seg_len, int S, uint64_t* a, uint64_t* tmp,
-                     int64_t m, int64_t* hist, int T);
-
-// Puts each run of equal keys in a[begin, end) (sorted by key, ties in index order) into
-// exact value order, descending; begin and end must not split a run.
-void order_equal_keys(uint64_t* a, int64_t begin, int64_t end, const double* v);
+// The members in rank order (key ascending, then exact value descending, then index), in
+// one of sc's buffers: [m.count], or null when there are none. v: the values.
+uint64_t* sort_members(const Members& m, const double* v, Scratch* sc);
 
 }  // namespace condense_detail
 }  // namespace cpu

@@ -96,7 +96,7 @@ struct Pass1 {
 
 // Counts of pass 1: at_or_below_hi[z] = #(x <= hi[z]), below_lo[z] = #(x < lo[z]). They
 // split the points into classes by value, descending: above zone 0, zone 0, between,
-// zone 1, below; class c holds ranks [class_rank[c], class_rank[c + 1]).
+// zone 1, below; class c holds ranks [class_rank[c], class_rank[c + 1]) (ClassRanks).
 struct ClassCounts {
   int64_t at_or_below_hi[kMaxZones] = {0, 0}, below_lo[kMaxZones] = {0, 0}, nan = 0;
   void add(const ClassCounts& o) {
@@ -113,14 +113,44 @@ struct ClassCounts {
     below_lo[1] += b1;
     nan += n;
   }
+  // Points inside the zones.
+  int64_t members(const Zones& zn) const {
+    int64_t m = 0;
+    for (int z = 0; z < zn.count; ++z) m += at_or_below_hi[z] - below_lo[z];
+    return m;
+  }
 };
 
-// An evenly spread sample of the values, NaN left out (512 cache lines of 8).
-std::vector<double> take_sample(const double* v, int64_t N);
+// Class c holds ranks [r[c], r[c + 1]); zone z is class 2z + 1.
+using ClassRanks = std::array<int64_t, 2 * kMaxZones + 2>;
 
-// Zones predicted from the sample for rank ranges `wanted` (ascending, disjoint);
-// zone_of[k] receives the zone that holds wanted[k]. Reorders the sample.
-Zones predict_zones(std::vector<double>& sample, int64_t N, const RankRanges& wanted, std::vector<int>* zone_of);
+// The zones of the wanted rank ranges, as the sample predicts them, or widened after a
+// pass that found them missing their ranks.
+struct ZonePlan {
+  Zones zn;
+  std::vector<int> zone_of;  // [wanted]: the zone that holds wanted[k]
+  // The finite range that stands in for infinite zone bounds in the keys (the sample's,
+  // less its two most extreme values at each end).
+  double key_lo = INFINITY, key_hi = -INFINITY;
+  double copy_fraction = 1.0;  // the expected fraction of points inside the zones
+};
+
+// The sample's prediction for `wanted` (ascending, disjoint, at most kMaxZones runs once merged).
+ZonePlan plan_zones(const double* v, int64_t N, const RankRanges& wanted);
+
+// Pass 1's comparisons for the plan's zones; `boundary` is the wanted range that holds
+// the keep boundary (-1: none, every point is kept).
+Pass1 pass1_of(const ZonePlan& plan, int boundary);
+
+// The classes' rank ranges from the counts of all N points.
+ClassRanks class_ranks(const ClassCounts& all, const Zones& zn, int64_t N);
+
+// Whether each wanted range lies inside its own zone.
+bool zones_cover(const ZonePlan& plan, const ClassRanks& class_rank, const RankRanges& wanted);
+
+// Widens the zones: each wanted range takes the value bounds of the classes that hold its
+// ranks (a superset of its ranks by construction).
+void widen_zones(ZonePlan* plan, const ClassRanks& class_rank, const RankRanges& wanted, int64_t N);
 
 }  // namespace condense_detail
 }  // namespace cpu
