@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 
 #include "kcd/ops.h"
+#include "kcd/pages.h"
 #include "kcd/tensor.h"
 
 namespace py = pybind11;
@@ -74,45 +75,6 @@ void blend(py::capsule images, py::capsule dst, py::capsule src, py::capsule eps
   kcd::cpu::blend(im.data<uint8_t>(), N, D, d.data<int64_t>(), s.data<int64_t>(), e.data<double>(), d.size(0));
 }
 
-// A uint8 [nbytes] CPU tensor on huge-page memory (kcd::cpu::alloc_pages), as a DLPack
-// capsule, uninitialised; the memory returns to the pages cache when its consumer frees it.
-struct PagesHolder {
-  DLManagedTensor managed;
-  int64_t shape[1];
-  size_t mapped;
-};
-
-py::capsule empty_bytes(int64_t nbytes) {
-  if (nbytes < 0) throw std::invalid_argument("nbytes must be >= 0, got " + std::to_string(nbytes));
-  auto* h = new PagesHolder{};
-  try {
-    h->managed.dl_tensor.data = kcd::cpu::alloc_pages(static_cast<size_t>(nbytes), &h->mapped);
-  } catch (...) {
-    delete h;
-    throw;
-  }
-  h->shape[0] = nbytes;
-  h->managed.dl_tensor.device = {kDLCPU, 0};
-  h->managed.dl_tensor.ndim = 1;
-  h->managed.dl_tensor.dtype = {kDLUInt, 8, 1};
-  h->managed.dl_tensor.shape = h->shape;
-  h->managed.dl_tensor.strides = nullptr;
-  h->managed.dl_tensor.byte_offset = 0;
-  h->managed.manager_ctx = h;
-  h->managed.deleter = [](DLManagedTensor* self) {
-    auto* holder = static_cast<PagesHolder*>(self->manager_ctx);
-    kcd::cpu::free_pages(self->dl_tensor.data, holder->mapped);
-    delete holder;
-  };
-  return py::capsule(&h->managed, "dltensor", [](PyObject* cap) {
-    // Still named "dltensor": nobody consumed it, so it is ours to free.
-    if (PyCapsule_IsValid(cap, "dltensor")) {
-      auto* m = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(cap, "dltensor"));
-      m->deleter(m);
-    }
-  });
-}
-
 void condense(py::capsule values, int64_t n_keep, int64_t n_prev, int mode, double eps_m, py::capsule random_pos,
               py::capsule keep, py::capsule dropped, py::capsule dst, py::capsule src, py::capsule eps) {
   Tensor v = unwrap(values, "values"), rp = unwrap(random_pos, "random_pos"), k = unwrap(keep, "keep"),
@@ -141,9 +103,11 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("blend", &blend, "images [N, ...] u8, dst [L] i64, src [L] i64, eps [L] f64");
   m.def("condense", &condense, "values [N] f64, n_keep, n_prev, mode, eps_m, random_pos [P], keep [n_keep], "
                                "dropped [L], dst [P], src [P], eps [P]");
-  m.def("empty_bytes", &empty_bytes, py::arg("nbytes"),
-        "uninitialised uint8 [nbytes] CPU memory on huge pages where available (reused from the pages cache "
-        "when a released buffer fits), as a DLPack capsule");
+  m.def(
+      "empty_bytes", [](int64_t nbytes) { return kcd::capsule_of(kcd::cpu::empty_bytes(nbytes)); },
+      py::arg("nbytes"),
+      "uninitialised uint8 [nbytes] CPU memory on huge pages where available (reused from the pages cache "
+      "when a released buffer fits), as a DLPack capsule");
   m.def("cached_pages_bytes", &kcd::cpu::cached_pages_bytes, "bytes of released buffers the pages cache holds");
   m.def("pages_cache_limit", &kcd::cpu::pages_cache_limit, "the pages cache's byte limit");
   m.def(

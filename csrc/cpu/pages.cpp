@@ -6,11 +6,14 @@
 // every huge page up front. A released buffer is kept (up to a byte limit) and handed to
 // the next request it fits, as glibc's malloc does for the heap and torch's caching
 // allocator does on the GPU: in the kernel benchmark that saves ~0.7 ms of a 1.9 ms call.
+// empty_bytes hands such a buffer out as a DLPack tensor (the Python side's result memory).
 #include <algorithm>
 #include <array>
 #include <cstdlib>
 #include <mutex>
 #include <new>
+#include <stdexcept>
+#include <string>
 
 #ifdef __linux__
 #include <pthread.h>
@@ -18,6 +21,7 @@
 #endif
 
 #include "kcd/ops.h"
+#include "kcd/pages.h"
 
 namespace kcd {
 namespace cpu {
@@ -108,6 +112,20 @@ void unmap(const Cached& c) {
 #endif
 }
 
+// The DLPack tensor of empty_bytes and what its deleter needs: one allocation, freed by
+// the deleter.
+struct PagesHolder {
+  DLManagedTensor managed;
+  int64_t shape[1];
+  size_t mapped;
+};
+
+void delete_pages_holder(DLManagedTensor* self) {
+  auto* holder = static_cast<PagesHolder*>(self->manager_ctx);
+  free_pages(self->dl_tensor.data, holder->mapped);
+  delete holder;
+}
+
 }  // namespace
 
 void* alloc_pages(size_t bytes, size_t* mapped) {
@@ -189,6 +207,27 @@ size_t empty_pages_cache() {
   }
   for (size_t i = 0; i < n; ++i) unmap(evicted[i]);
   return released;
+}
+
+DLManagedTensor* empty_bytes(int64_t nbytes) {
+  if (nbytes < 0) throw std::invalid_argument("nbytes must be >= 0, got " + std::to_string(nbytes));
+  auto* h = new PagesHolder{};
+  try {
+    h->managed.dl_tensor.data = alloc_pages(static_cast<size_t>(nbytes), &h->mapped);
+  } catch (...) {
+    delete h;
+    throw;
+  }
+  h->shape[0] = nbytes;
+  h->managed.dl_tensor.device = {kDLCPU, 0};
+  h->managed.dl_tensor.ndim = 1;
+  h->managed.dl_tensor.dtype = {kDLUInt, 8, 1};
+  h->managed.dl_tensor.shape = h->shape;
+  h->managed.dl_tensor.strides = nullptr;
+  h->managed.dl_tensor.byte_offset = 0;
+  h->managed.manager_ctx = h;
+  h->managed.deleter = delete_pages_holder;
+  return &h->managed;
 }
 
 }  // namespace cpu

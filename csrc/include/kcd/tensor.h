@@ -1,5 +1,6 @@
 // Unpacking DLPack capsules in the bindings: the C++ side re-checks what memory safety
 // relies on (dtype, rank, contiguity, device); friendly messages are the Python layer's.
+// And packing: a DLPack tensor made on the C++ side into a capsule.
 #pragma once
 #include <pybind11/pybind11.h>
 
@@ -41,6 +42,18 @@ inline Tensor unwrap(const py::capsule& cap, const char* name) {
   }
   auto* m = static_cast<DLManagedTensor*>(cap.get_pointer());
   return Tensor{&m->dl_tensor, name};
+}
+
+// A "dltensor" capsule that owns m: a consumer (torch.from_dlpack) renames it and takes
+// over m's deleter; a capsule nobody consumed calls the deleter when it is freed.
+inline py::capsule capsule_of(DLManagedTensor* m) {
+  return py::capsule(m, "dltensor", [](PyObject* cap) {
+    // Still named "dltensor": nobody consumed it, so it is ours to free.
+    if (PyCapsule_IsValid(cap, "dltensor")) {
+      auto* owned = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(cap, "dltensor"));
+      owned->deleter(owned);
+    }
+  });
 }
 
 inline std::string dtype_str(const DLDataType& d) {
