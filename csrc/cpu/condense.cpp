@@ -1,4 +1,4 @@
-// CPU condensation (KCD_SPEC section 3-4) in O(N + M): the rank order pi (value
+// CPU condensation (docs/algorithm.md sections 3-4) in O(N + M): the rank order pi (value
 // descending, index ascending) is needed only inside a few rank ranges (the dropped
 // points, the lowest / highest kept ones, the keep boundary), plus the set of the top
 // n_keep points. A sample selection:

@@ -1,4 +1,4 @@
-// Value-adaptive knowledge summary (KCD_SPEC section 4): the VAKS pair weights and the
+// Value-adaptive knowledge summary (docs/algorithm.md section 4): the VAKS pair weights and the
 // uint8 pixel blend, shared by cpu/blend.cpp, cpu/condense.cpp and the CUDA kernels.
 #pragma once
 #include <cmath>

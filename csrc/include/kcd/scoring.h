@@ -1,4 +1,4 @@
-// The value of a knowledge point (KCD_SPEC sections 1): per-row prediction entropy,
+// The value of a knowledge point (docs/algorithm.md section 1): per-row prediction entropy,
 // per-row KL(teacher || student), and the cost-aware value v = (S/n) * (n/T)^alpha.
 // One definition of the math, used by the CPU loops (cpu/scoring.cpp) and the CUDA
 // kernels (cuda/scoring.cu). Both evaluate a row in two passes: the row maximum, then
