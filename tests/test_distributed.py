@@ -42,6 +42,7 @@ SCHED = CondensationSchedule(epochs=6, period=2, rho=0.5)  # condensations befor
 N_PAD = 97  # epoch sizes [97, 77, 61, 61, 49, 49]: all odd, every epoch is padded
 N_EVEN = 60  # epoch sizes [60, 48, 38, 38, 30, 30]: no padding, so any world size observes the same
 STOP = 3  # the interrupted run stops after epoch 2: condensations 1, 2 behind, 4 ahead
+MID = 2  # the mid-epoch run stops after 2 batches of epoch STOP
 SPAWN_TIMEOUT = 150.0  # seconds for the whole two-rank session
 DALI_SPAWN_TIMEOUT = 90.0  # seconds for the two-rank DALI session
 
@@ -141,6 +142,25 @@ def _rank_main(rank: int, world: int, init_file: str, out_dir: str, ckpt_w1: str
             loader = KCDLoader.load(path, ds, SCHED, **loader_kwargs())
             res[name] = outcome(loader, ds, run(loader, ds, model, SCHED.epochs - STOP))
             res[name]["start"] = STOP
+        # 2b. stopped mid-epoch (after MID batches of epoch STOP, observed), state taken on every
+        #     rank, resumed on two ranks from a fresh ORIGINAL dataset: the remaining batches
+        ds = ArrayDataset(*make_data(N_EVEN))
+        loader = KCDLoader(ds, SCHED, **loader_kwargs())
+        run(loader, ds, model, STOP)
+        it = iter(loader)
+        head = []
+        for _ in range(MID):
+            _x, _y, idx = next(it)
+            loader.observe(idx, model(idx, ds.images))
+            head.append(idx)
+        state = loader.state_dict()  # a collective: the global state, position MID
+        del loader, it, ds
+        ds = ArrayDataset(*make_data(N_EVEN))
+        loader = KCDLoader(ds, SCHED, **loader_kwargs())
+        loader.load_state_dict(state)
+        res["mid"] = outcome(loader, ds, run(loader, ds, model, SCHED.epochs - STOP))
+        res["mid"]["head"] = torch.cat(head)
+        res["mid"]["position"] = state["position"]
         # 3. the bank's all-reduce: each observation in the totals exactly once
         bank = ValueBank(10, period=2, local=True)
         idx = torch.tensor([rank, 5, 5, 9 - rank])
@@ -304,7 +324,8 @@ def test_two_ranks_condense_as_one_process_making_the_same_observations(ddp: dic
             if drop_last:
                 shard = shard[: (shard.numel() // BS) * BS]
             ref.observe(shard, model(shard, ds.images))
-        ref.set_epoch(ref.epoch + 1)
+        with pytest.warns(UserWarning, match="ends here"):  # the reference is observed without iterating
+            ref.set_epoch(ref.epoch + 1)
     mine = outcome(ref, ds, epochs)
     got = ddp["ranks"][0][name]
     for e, rec in enumerate(got["epochs"]):
@@ -338,6 +359,23 @@ def test_resume_between_condensations_at_any_world_size(ddp: dict[str, Any]) -> 
     assert_same_run(w2_to_w1, single_run, exact_bank=False)
     for e, rec in enumerate(w2_to_w1["epochs"], start=STOP):
         assert torch.equal(rec["seen"], single_run["epochs"][e]["seen"])
+
+
+@pytest.mark.timeout(180)
+def test_mid_epoch_resume_on_every_rank(ddp: dict[str, Any]) -> None:
+    """Each rank resumes with exactly the remaining batches of its shard; the run ends as the
+    uninterrupted one (bank totals up to float64 rounding: additions grouped differently)."""
+    for r in range(WORLD):
+        full, mid = ddp["ranks"][r]["full"], ddp["ranks"][r]["mid"]
+        assert mid["position"] == MID
+        seen = torch.cat([mid["head"], mid["epochs"][0]["seen"]])
+        assert torch.equal(seen, full["epochs"][STOP]["seen"])  # the same batches, each once
+        assert mid["epochs"][0]["batches"] == full["epochs"][STOP]["batches"] - MID
+        for e, rec in enumerate(mid["epochs"][1:], start=STOP + 1):
+            assert torch.equal(rec["seen"], full["epochs"][e]["seen"]), e
+        assert torch.equal(mid["images"], full["images"])
+        assert_same_bank(mid["state"]["bank"], full["state"]["bank"], exact=False)
+        assert torch.equal(mid["state"]["bank"]["counts"], full["state"]["bank"]["counts"])
 
 
 @pytest.mark.timeout(180)

@@ -427,7 +427,8 @@ def test_set_epoch() -> None:
     loader.set_epoch(0)  # the usual per-epoch call is a no-op when in step
     it = iter(loader)
     next(it)
-    loader.set_epoch(3)  # skips epochs 0-2: the condensations before epochs 1 and 2 happen now
+    with pytest.warns(UserWarning, match="epoch 0 has yielded 1 of its 4 batches.*epochs 1..2 are skipped"):
+        loader.set_epoch(3)  # skips epochs 0-2: the condensations before epochs 1 and 2 happen now
     assert loader.epoch == 3 and [h["epoch"] for h in loader.history] == [1, 2]
     size = SCHED.epoch_sizes(30)[3]
     assert loader.active_indices.numel() == size and len(loader) == -(-size // 8)
@@ -437,7 +438,8 @@ def test_set_epoch() -> None:
         loader.set_epoch(2)
     with pytest.raises(TypeError, match="epoch must be an int"):
         loader.set_epoch(3.0)
-    loader.set_epoch(6)
+    with pytest.warns(UserWarning, match="jumps from epoch 3"):
+        loader.set_epoch(6)
     assert len(loader) == 0
 
 

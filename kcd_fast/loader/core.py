@@ -22,13 +22,21 @@ Typical use (three lines change in a KD loop)::
 
 Documented rules
 ----------------
-Epochs
-    Each full iteration over the loader is one epoch. When its iterator is exhausted the
-    loader moves to the next epoch, and, if a condensation is due before it, condenses
-    right then, so ``len(loader)`` and ``active_indices`` are already those of the next
-    epoch. Breaking out of an epoch early does not advance it (a new ``iter`` restarts the
-    same epoch with the same order); call ``set_epoch(epoch + 1)`` to move on. Iterating
-    once all ``schedule.epochs`` epochs are done raises ``RuntimeError``.
+Epochs (README: "How epochs advance")
+    An epoch is complete once its last planned batch has been yielded; the condensation
+    due before the next epoch then happens at the first of: the iterator's end
+    (``StopIteration``, as in a ``for`` loop), the next ``iter()``, ``len()``,
+    ``set_epoch`` or ``state_dict()``. Not earlier, so that the last batch can still be
+    observed; not later, so that loops pulling exactly ``len(loader)`` batches (Lightning,
+    the HF Trainer) advance too. ``epoch`` and ``active_indices`` name the epoch in
+    progress until then. A new ``iter()`` while the current epoch is incomplete restarts
+    it when none of its batches was observed (a peek such as ``next(iter(loader))``), and
+    otherwise ends it with a ``UserWarning`` (a loop that broke out early: the epoch counts
+    as trained on what was observed) and starts the next. ``set_epoch(e)`` follows
+    ``DistributedSampler.set_epoch``: the current epoch changes nothing; the next one
+    advances; a jump, or an advance over an incomplete epoch, warns and moves there;
+    going back raises. ``loader.sampler.set_epoch`` (what Lightning calls) is the same.
+    Iterating once all ``schedule.epochs`` epochs are done raises ``RuntimeError``.
 Batches and ``drop_last``
     Epoch ``e`` visits ``epoch_order()``: its active points (``schedule.epoch_sizes(N)[e]``
     of them), shuffled with ``numpy.random.default_rng([seed, e])`` when ``shuffle=True``,
@@ -51,11 +59,16 @@ State and resume
     ``(dst, src, eps)`` of every condensation) with a digest of the summarised rows.
     ``load_state_dict`` on a new loader over the ORIGINAL dataset replays the log with
     ``blend_``, checks the digest, and continues bit-exactly: same active sets, images,
-    order, batches. Save between epochs: a state saved mid-epoch resumes at the start of
-    that epoch, and its bank already holds the observations made so far in it. Worker
-    augmentation randomness is keyed to ``(seed, epoch)`` for ``num_workers > 0`` without
-    ``persistent_workers``; with ``num_workers=0`` transforms draw from torch's global
-    RNG, which the loader never touches.
+    order, batches. A state taken while an iterator is live records its ``position`` (the
+    batches yielded, as torchdata's ``StatefulDataLoader`` does): the loader that loads it
+    yields exactly the remaining batches of that epoch, and its bank already holds the
+    observations of the batches before (take the state after observing the last yielded
+    batch). A mid-epoch state resumes at the world size it was taken at. Random numbers of
+    the torch back end are seeded per batch from ``(seed, epoch, rank, batch position)``
+    (torch's, numpy's and Python's global RNGs, restored after each fetch), so augmentations
+    do not depend on ``num_workers``, ``persistent_workers`` or a resume; the DALI back end
+    seeds its pipeline from ``(seed, epoch)`` and replays the batches before a resume
+    point to reach the same random state.
 Distributed (DDP)
     When a ``torch.distributed`` process group is initialised (or ``distributed=True``),
     each rank visits its shard of the epoch's global order by ``DistributedSampler``'s
@@ -88,6 +101,8 @@ import dataclasses
 import hashlib
 import logging
 import os
+import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -258,6 +273,11 @@ class KCDLoader:
         self._summaries: list[S.Summary] = []
         self._digest: str | None = None
         self._generation = 0
+        # the epoch in progress: batches its live iterator yielded, observe calls since it
+        # started, whether an iterator was made for it, where a mid-epoch state resumes
+        self._position = self._observed = self._resume_at = 0
+        self._iterated = False
+        self._sampler_link()
 
     # -- configuration -------------------------------------------------------------------
     batch_size = property(lambda self: self.config.batch_size, doc="Points per batch.")
@@ -272,6 +292,17 @@ class KCDLoader:
     temperature = property(lambda self: self.config.temperature, doc="The KL temperature.")
     progress = property(lambda self: self.config.progress, doc="Whether a tqdm bar shows each epoch.")
 
+    def _sampler_link(self) -> None:
+        """``loader.sampler.set_epoch(e)`` (what Lightning calls) is ``loader.set_epoch(e)``."""
+        ref = weakref.WeakMethod(self.set_epoch)
+
+        def forward(epoch: int) -> None:
+            method = ref()
+            if method is not None:
+                method(epoch)
+
+        self._backend.sampler.on_set_epoch = forward
+
     # -- DataLoader surface ------------------------------------------------------------
     @property
     def backend(self) -> Any:
@@ -280,7 +311,13 @@ class KCDLoader:
 
     @property
     def sampler(self) -> Sampler:
-        """The back end's batch sampler (it yields the core's planned batches)."""
+        """The back end's batch sampler (it yields the core's planned batches); its
+        ``set_epoch`` is the loader's."""
+        return self._backend.sampler
+
+    @property
+    def batch_sampler(self) -> Sampler:
+        """The same batch sampler (``DataLoader`` names it so); its ``set_epoch`` is the loader's."""
         return self._backend.sampler
 
     @property
@@ -289,8 +326,14 @@ class KCDLoader:
         return self._backend.images
 
     def __len__(self) -> int:
-        """Batches of the coming (or current) epoch on this rank; 0 once the schedule is done."""
-        return self._planner.num_batches(self._sizes[self.epoch]) if self.epoch < self.schedule.epochs else 0
+        """Batches of the current epoch on this rank, or of the next one once every batch of
+        the current one was yielded (that epoch is completed first: see "Epochs"); 0 once
+        the schedule is done."""
+        self._settle()
+        return self._batches_in(self.epoch)
+
+    def _batches_in(self, epoch: int) -> int:
+        return self._planner.num_batches(self._sizes[epoch]) if epoch < self.schedule.epochs else 0
 
     def steps_per_epoch(self) -> list[int]:
         """Batches in each epoch of the whole schedule on this rank (``drop_last`` and, under
@@ -342,11 +385,26 @@ class KCDLoader:
 
     # -- iteration -----------------------------------------------------------------------
     def __iter__(self) -> Iterator[tuple[Any, ...]]:
-        if self.epoch >= self.schedule.epochs:
-            raise RuntimeError(
-                f"the schedule's {self.schedule.epochs} epochs are done (epoch = {self.epoch}); "
-                "KCDLoader does not run extra epochs: build a new loader or schedule to train longer"
-            )
+        self._settle()
+        self._check_not_done()
+        start = 0
+        if self._resume_at:  # a state saved mid-epoch: its remaining batches
+            start, self._resume_at = self._resume_at, 0
+        elif self._position:  # an earlier iterator of this epoch stopped before the end
+            if self._observed:
+                n = self._batches_in(self.epoch)
+                warnings.warn(
+                    f"KCDLoader: epoch {self.epoch} was left after {self._position} of its {n} batches and a new "
+                    f"iterator was asked for: epoch {self.epoch} counts as trained on the batches observed so far, "
+                    f"and the loader moves on to epoch {self.epoch + 1} (a loop that breaks early ends its epoch; "
+                    "call set_epoch to say so explicitly)",
+                    stacklevel=2,
+                )
+                self._generation += 1
+                self._advance()
+                self._check_not_done()
+            else:  # a peek (nothing observed): the epoch restarts from its first batch
+                log.debug("KCD epoch %d restarts: its earlier iterator was not observed", self.epoch)
         if self._dist.communicates and not self._ranks_agree:
             D.agree(self._agreement_digest(), self._dist.group, "loader's configuration and state", self.bank.device)
             self._ranks_agree = True
@@ -355,8 +413,29 @@ class KCDLoader:
         order_t = torch.from_numpy(plan.order)
         if self.config.pin_memory and torch.cuda.is_available():
             order_t = order_t.pin_memory()
-        it = self._backend.epoch_batches(plan.batches, plan.worker_seed)
-        return self._epoch(self._generation, self.epoch, order_t, len(plan.batches), it)
+        it = self._backend.epoch_batches(plan.batches, plan.worker_seed, start)
+        self._position, self._observed, self._iterated = start, start, True
+        return self._epoch(self._generation, self.epoch, order_t, len(plan.batches), it, start)
+
+    def _check_not_done(self) -> None:
+        if self.epoch >= self.schedule.epochs:
+            raise RuntimeError(
+                f"the schedule's {self.schedule.epochs} epochs are done (epoch = {self.epoch}); "
+                "KCDLoader does not run extra epochs: build a new loader or schedule to train longer"
+            )
+
+    def _complete(self) -> bool:
+        """Every planned batch of the current epoch was yielded (an epoch of no batches is
+        complete as it is)."""
+        n = self._batches_in(self.epoch)
+        return self.epoch < self.schedule.epochs and self._position == n and (self._iterated or n == 0)
+
+    def _settle(self) -> None:
+        """Completes the current epoch when its last batch was yielded: the condensation due
+        before the next epoch happens now (under DDP a collective, on every rank)."""
+        if self._iterated and self._complete():
+            self._generation += 1
+            self._advance()
 
     def _agreement_digest(self) -> bytes:
         """What every rank must share: the configuration, seed, epoch, active set and history."""
@@ -378,14 +457,14 @@ class KCDLoader:
         return h.digest()
 
     def _epoch(
-        self, generation: int, epoch: int, order: torch.Tensor, n_batches: int, it: Iterator[Any]
+        self, generation: int, epoch: int, order: torch.Tensor, n_batches: int, it: Iterator[Any], start: int
     ) -> Iterator[tuple[Any, ...]]:
         bar = None
         if self.config.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=n_batches, desc=f"KCD epoch {epoch}", leave=False)
-        bs, k = self.config.batch_size, 0
+            bar = tqdm(total=n_batches, initial=start, desc=f"KCD epoch {epoch}", leave=False)
+        bs, k = self.config.batch_size, start
         try:
             for batch in it:
                 if generation != self._generation:
@@ -395,6 +474,7 @@ class KCDLoader:
                     )
                 idx = order[k * bs : (k + 1) * bs]
                 k += 1
+                self._position = k  # yielded: the epoch is complete once k == n_batches
                 yield (*batch, idx) if isinstance(batch, (tuple, list)) else (batch, idx)
                 if bar is not None:
                     bar.update(1)
@@ -410,9 +490,20 @@ class KCDLoader:
         self._advance()
 
     def set_epoch(self, epoch: int) -> None:
-        """Moves to ``epoch`` (>= the current one, <= schedule.epochs). Skipped epochs
-        count as trained without observations: condensations due in between happen now.
-        Going back is refused (a condensation cannot be undone; load a state_dict)."""
+        """Says which epoch comes next, like ``DistributedSampler.set_epoch`` (frameworks call
+        it at every epoch start; Lightning through ``loader.sampler`` / ``batch_sampler``).
+
+        - ``epoch`` is the current one: nothing changes (also when all its batches were
+          yielded: the advance then waits for the next iterator, ``len`` or ``state_dict``);
+        - the next one, after every batch of the current one was yielded: the normal advance
+          (the condensation due before it happens now);
+        - the next one while the current epoch is incomplete, or a jump further ahead: the
+          loader moves there with a ``UserWarning``; the rest of the current epoch and any
+          skipped epoch count as trained without observations, and the condensations due in
+          between happen now;
+        - an earlier epoch, or one past ``schedule.epochs``: ``ValueError`` (a condensation
+          cannot be undone; load a state_dict to go back).
+        """
         epoch = check_int(epoch, "epoch")
         if not self.epoch <= epoch <= self.schedule.epochs:
             raise ValueError(
@@ -421,6 +512,19 @@ class KCDLoader:
             )
         if epoch == self.epoch:
             return
+        notes = []
+        if not self._complete() and self.epoch < self.schedule.epochs:
+            notes.append(
+                f"epoch {self.epoch} has yielded {self._position} of its {self._batches_in(self.epoch)} batches: "
+                f"epoch {self.epoch} ends here, trained on the batches observed so far"
+            )
+        if epoch > self.epoch + 1:
+            notes.append(
+                f"it jumps from epoch {self.epoch}: epochs {self.epoch + 1}..{epoch - 1} are skipped (counted as "
+                "trained without observations; the condensations due before them happen now)"
+            )
+        if notes:
+            warnings.warn(f"KCDLoader.set_epoch({epoch}): " + "; ".join(notes), stacklevel=2)
         self._generation += 1
         while self.epoch < epoch:
             self._advance()
@@ -430,6 +534,8 @@ class KCDLoader:
         if nxt in self._condense_at:
             self._condense(nxt)
         self.epoch = nxt
+        self._position = self._observed = self._resume_at = 0
+        self._iterated = False
 
     def _condense(self, epoch: int) -> None:
         """The condensation before ``epoch``: values -> keep / dropped -> VAKS -> new set."""
@@ -490,6 +596,7 @@ class KCDLoader:
         changes (on CUDA without ``strict``: at the next condensation).
         """
         self.bank.observe(indices, logits, teacher_logits)
+        self._observed += 1
 
     # -- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -498,7 +605,15 @@ class KCDLoader:
         :mod:`kcd_fast.loader.state`). Under DDP a collective (call it on every rank): the
         state is GLOBAL, the same on every rank (the value bank's totals include every
         rank's observations so far), and resumes at any world size; taking it changes
-        nothing. ``save(path)`` writes it atomically."""
+        nothing. ``save(path)`` writes it atomically.
+
+        Taken while an iterator is live, it records the epoch's position: the batches
+        yielded so far (``position``), unless none of them was observed (a peek). A loader
+        that loads it yields exactly the remaining batches of that epoch (see "State and
+        resume"). Taken after the last batch of an epoch was yielded, it first completes
+        that epoch (the condensation due happens now) and resumes at the next one."""
+        self._settle()
+        position = self._position if self._observed and 0 < self._position < self._batches_in(self.epoch) else 0
         return {
             "format": S.STATE_FORMAT,
             "n": self.n,
@@ -506,6 +621,8 @@ class KCDLoader:
             "config": self.config.state(),
             "seed": self.seed,
             "epoch": self.epoch,
+            "position": position,
+            "world_size": self.world_size,
             "active": torch.from_numpy(self._active.copy()),
             "bank": {
                 k: v.clone() if isinstance(v, torch.Tensor) else v  # ValueBank's CPU state aliases
@@ -551,6 +668,7 @@ class KCDLoader:
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"state seed must be an int >= 0, got {seed!r}")
         act = S.check_active(state["active"], self.n, self._sizes[min(epoch, self.schedule.epochs - 1)], epoch)
+        position = S.check_position(state, self._batches_in(epoch), self.world_size)
         bank = state["bank"]
         S.check_bank_state(
             bank,
@@ -571,6 +689,8 @@ class KCDLoader:
         self.seed = seed
         self._planner = dataclasses.replace(self._planner, seed=seed)
         self.epoch = epoch
+        self._position = self._observed = self._resume_at = position
+        self._iterated = False
         self._active = act
         self.history = [dict(r) for r in state["history"]]
         self._ranks_agree = False  # under DDP, the next iteration checks that every rank loaded the same

@@ -7,7 +7,10 @@ A state (``KCDLoader.state_dict()``) is a dict of Python values and CPU tensors:
     schedule   CondensationSchedule.state()
     config     LoaderConfig.state(): value, vaks, eps_m, alpha, temperature
     seed       the run's seed (every RNG stream derives from (seed, epoch))
-    epoch      the next epoch to run
+    epoch      the epoch to run (or to continue)
+    position   batches of that epoch already yielded (and observed) when the state was
+               taken mid-epoch; 0 between epochs (absent in states of kcd_fast 0.1: 0)
+    world_size the ranks the state was taken on (a mid-epoch state resumes only there)
     active     int64 [n_e] ascending: the points of that epoch
     bank       ValueBank.state_dict() (global totals under DDP)
     history    one dict per condensation
@@ -36,6 +39,7 @@ __all__ = [
     "blend_rows",
     "check_active",
     "check_bank_state",
+    "check_position",
     "check_summaries",
     "images_digest",
     "is_prefix",
@@ -127,6 +131,24 @@ def check_summaries(summaries: Any, n: int) -> list[Summary]:
             raise ValueError(f"state summaries[{j}] must hold int64 [P] dst / src in [0, {n}) and float64 [P] eps")
         out.append(copy_summary(s))
     return out
+
+
+def check_position(state: dict[str, Any], n_batches: int, world_size: int) -> int:
+    """The state's mid-epoch position (0 when absent); ``ValueError`` unless it is an int in
+    ``[0, n_batches)`` and, when > 0, the state was taken at this ``world_size``."""
+    position = state.get("position", 0)
+    ok = isinstance(position, (int, np.integer)) and not isinstance(position, bool)
+    if not ok or not 0 <= position < max(1, n_batches):
+        raise ValueError(
+            f"state position must be an int in [0, {max(1, n_batches)}) (batches of the epoch), got {position!r}"
+        )
+    saved_world = state.get("world_size", world_size)
+    if position and saved_world != world_size:
+        raise ValueError(
+            f"the state was taken mid-epoch (after {position} batches) on {saved_world} rank(s) and resumes only at "
+            f"that world size, this loader runs on {world_size}; save between epochs to change the world size"
+        )
+    return int(position)
 
 
 def check_active(active: Any, n: int, want: int, epoch: int) -> np.ndarray:

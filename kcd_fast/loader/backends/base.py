@@ -4,9 +4,10 @@ core refills each epoch, and the images a summary applies to.
 A back end only moves and transforms samples. The core plans each epoch as a list of
 index batches and calls, in this order over a run:
 
-- ``epoch_batches(batches, seed) -> iterator``: one collated batch per entry of
-  ``batches`` (int64 ``[b]`` numpy arrays of dataset indices), in order; ``seed`` keys
-  any randomness the back end owns (worker seeds, DALI's pipeline seed) to the epoch;
+- ``epoch_batches(batches, seed, start) -> iterator``: one collated batch per entry of
+  ``batches[start:]`` (int64 ``[b]`` numpy arrays of dataset indices), in order; ``seed``
+  keys any randomness the back end owns to the epoch, so that batch ``k`` is the same
+  whether the epoch starts at 0 or resumes at ``start <= k`` (a mid-epoch resume);
 - ``apply_summary(summary)``: a condensation summarised pairs ``(dst, src, eps)``;
   the back end's images (:class:`ArrayImages`, or the DALI folder overlay) take it, and
   the next epoch reads the summarised images. The one call that applies a summary;
@@ -27,7 +28,16 @@ from torch.utils.data import Sampler
 
 from ..state import Summary, blend_rows, images_digest, is_prefix, prepare_array_replay, touched_rows
 
-__all__ = ["ArrayImages", "BackendProtocol", "EpochBatchSampler", "NoImages", "Restore", "check_prefix"]
+__all__ = [
+    "ArrayImages",
+    "BackendProtocol",
+    "EpochBatchSampler",
+    "KeyedBatch",
+    "NoImages",
+    "Restore",
+    "batch_seed",
+    "check_prefix",
+]
 
 Restore = Callable[[], None]
 
@@ -39,7 +49,7 @@ class BackendProtocol(Protocol):
     @property
     def images(self) -> torch.Tensor | None: ...
 
-    def epoch_batches(self, batches: list[np.ndarray], seed: int) -> Iterator[Any]: ...
+    def epoch_batches(self, batches: list[np.ndarray], seed: int, start: int = 0) -> Iterator[Any]: ...
 
     def apply_summary(self, summary: Summary) -> None: ...
 
@@ -50,21 +60,43 @@ class BackendProtocol(Protocol):
     def close(self) -> None: ...
 
 
+class KeyedBatch(list):
+    """One batch of dataset indices and ``seed``, the seed of its random numbers (a
+    function of the epoch's seed and the batch's position in the epoch)."""
+
+    seed: int = 0
+
+
+def batch_seed(epoch_seed: int, k: int) -> int:
+    """The seed of batch ``k`` of an epoch whose stream seed is ``epoch_seed``."""
+    return int(np.random.SeedSequence([epoch_seed, k]).generate_state(1, np.uint32)[0])
+
+
 class EpochBatchSampler(Sampler[list[int]]):
-    """Yields the index batches the core planned for the current epoch."""
+    """Yields the index batches the core planned for the current epoch (from ``start``),
+    each a :class:`KeyedBatch`. ``set_epoch`` forwards to the loader that owns it."""
 
     def __init__(self) -> None:
         self._batches: list[np.ndarray] = []
+        self._seed = 0
+        self._start = 0
+        self.on_set_epoch: Callable[[int], None] | None = None
 
-    def set_batches(self, batches: list[np.ndarray]) -> None:
-        self._batches = batches
+    def set_batches(self, batches: list[np.ndarray], seed: int = 0, start: int = 0) -> None:
+        self._batches, self._seed, self._start = batches, seed, start
 
     def __iter__(self) -> Iterator[list[int]]:
-        for b in self._batches:
-            yield b.tolist()
+        for k in range(self._start, len(self._batches)):
+            b = KeyedBatch(self._batches[k].tolist())
+            b.seed = batch_seed(self._seed, k)
+            yield b
 
     def __len__(self) -> int:
-        return len(self._batches)
+        return len(self._batches) - self._start
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.on_set_epoch is not None:
+            self.on_set_epoch(epoch)
 
 
 def check_prefix(applied: list[Summary], summaries: list[Summary]) -> None:

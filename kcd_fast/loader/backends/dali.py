@@ -468,12 +468,17 @@ class DaliBackend:
         pipe.build()
         return pipe
 
-    def epoch_batches(self, batches: list[np.ndarray], seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def epoch_batches(
+        self, batches: list[np.ndarray], seed: int, start: int = 0
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """A fresh pipeline over ``batches`` (int64 ``[b]`` arrays of dataset indices, in
-        order); yields one ``(images, labels)`` per entry. ``seed`` (the core's per-epoch
-        seed) seeds every random operator."""
+        order); yields one ``(images, labels)`` per entry from ``start`` on. ``seed`` (the
+        core's per-epoch seed) seeds every random operator. DALI's random operators keep
+        their state inside the pipeline, so a resume at ``start > 0`` first runs the
+        ``start`` batches before it and drops them (the same random numbers as an epoch
+        run from its start, at the cost of those batches)."""
         self.close()
-        self.sampler.set_batches(batches)
+        self.sampler.set_batches(batches, seed, start)
         overlay: dict[int, np.ndarray] | None = None
         if self.kind == "files":
             self._overlay.sync(self._log)
@@ -486,10 +491,12 @@ class DaliBackend:
         if not batches:
             return iter(())
         pipe = self._build(feed, seed, overlay is not None and self._overlay.directory is None)
-        self._iter = self._run(pipe, feed, overlay or {})
+        self._iter = self._run(pipe, feed, overlay or {}, start)
         return self._iter
 
-    def _run(self, pipe: Any, feed: _Feed, overlay: dict[int, np.ndarray]) -> Iterator[tuple[torch.Tensor, ...]]:
+    def _run(
+        self, pipe: Any, feed: _Feed, overlay: dict[int, np.ndarray], start: int = 0
+    ) -> Iterator[tuple[torch.Tensor, ...]]:
         n = len(feed.batches)
         try:
             for k in range(n):
@@ -500,7 +507,8 @@ class DaliBackend:
                 except RuntimeError as err:
                     self._diagnose(feed, k, overlay, err)
                     raise
-                yield self._to_torch(outs, feed.batches[k].shape[0])
+                if k >= start:  # batches before a mid-epoch resume point only advance the RNGs
+                    yield self._to_torch(outs, feed.batches[k].shape[0])
         finally:
             del pipe  # abandoned or finished: the pipeline (and its threads) go with the generator
 

@@ -1,8 +1,15 @@
 """The torch back end: ``torch.utils.data.DataLoader`` worker processes, per-item
-``dataset[i]`` and ``collate_fn``, exactly what a DataLoader user already runs."""
+``dataset[i]`` and ``collate_fn``, exactly what a DataLoader user already runs.
+
+Random numbers: each batch is fetched with torch's, numpy's and Python's global RNGs
+seeded from ``(seed, epoch, rank, batch position)`` and restored afterwards
+(:class:`BatchSeeded`), so a transform that draws from them augments batch ``k`` the same
+way whatever the number of workers, whether they persist, and whether the epoch started
+at its first batch or resumed at a later one. The caller's RNG states are untouched."""
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,7 +20,49 @@ from torch.utils.data import DataLoader
 from ..state import Summary
 from .base import ArrayImages, EpochBatchSampler, NoImages, Restore
 
-__all__ = ["TorchBackend"]
+__all__ = ["BatchSeeded", "TorchBackend"]
+
+
+class BatchSeeded:
+    """A map-style dataset fetched a batch at a time with its RNGs seeded per batch.
+
+    ``__getitems__(batch)`` (what ``DataLoader`` calls with a batch sampler) fetches the
+    items of a :class:`KeyedBatch` with torch's, numpy's and Python's global RNGs seeded
+    from ``batch.seed`` and restores the three states afterwards. Every other attribute is
+    the wrapped dataset's."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index]
+
+    def __getitems__(self, batch: list[int]) -> list[Any]:
+        seed = getattr(batch, "seed", None)
+        if seed is None:
+            return self._fetch(batch)
+        np_state, py_state = np.random.get_state(), random.getstate()  # noqa: NPY002 (restored below)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            np.random.seed(seed)  # noqa: NPY002
+            random.seed(seed)
+            try:
+                return self._fetch(list(batch))
+            finally:
+                np.random.set_state(np_state)  # noqa: NPY002
+                random.setstate(py_state)
+
+    def _fetch(self, batch: list[int]) -> list[Any]:
+        getitems = getattr(self.dataset, "__getitems__", None)
+        return getitems(batch) if getitems is not None else [self.dataset[i] for i in batch]
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "dataset":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
 
 
 class TorchBackend:
@@ -46,12 +95,12 @@ class TorchBackend:
     def images(self) -> torch.Tensor | None:
         return self._targets.storage
 
-    def epoch_batches(self, batches: list[np.ndarray], seed: int) -> Iterator[Any]:
-        self.sampler.set_batches(batches)
+    def epoch_batches(self, batches: list[np.ndarray], seed: int, start: int = 0) -> Iterator[Any]:
+        self.sampler.set_batches(batches, seed, start)
         self._generator.manual_seed(seed)
         if self._loader is None:
             self._loader = DataLoader(
-                self.dataset, batch_sampler=self.sampler, generator=self._generator, **self._kwargs
+                BatchSeeded(self.dataset), batch_sampler=self.sampler, generator=self._generator, **self._kwargs
             )
         return iter(self._loader)
 
