@@ -23,6 +23,7 @@ __all__ = [
     "check_opt_int",
     "check_path",
     "is_finite_number",
+    "is_int",
 ]
 
 E = TypeVar("E", bound="OptionEnum")
@@ -79,6 +80,11 @@ def check_callable(value: Any, name: str) -> Any:
     if value is not None and not callable(value):
         raise TypeError(f"{name} must be callable or None, got {_describe(value)}")
     return value
+
+
+def is_int(value: Any) -> bool:
+    """A Python or numpy integer, not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def is_finite_number(value: Any) -> bool:

@@ -3,7 +3,7 @@ over the whole run, on a chosen device (docs/algorithm.md section 1)."""
 
 from __future__ import annotations
 
-import math
+import warnings
 from enum import unique
 from typing import Any
 
@@ -12,7 +12,7 @@ import torch
 
 from . import distributed as D
 from . import ops
-from ._checks import OptionEnum
+from ._checks import OptionEnum, is_finite_number, is_int
 
 
 @unique
@@ -72,16 +72,16 @@ class ValueBank:
         seed: int = 0,
         local: bool = False,
     ):
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        if not is_int(n) or n < 1:
             raise ValueError(f"n must be an int >= 1 (the number of points), got {n!r}")
-        if isinstance(period, bool) or not isinstance(period, (int, float)) or not period > 0:
+        if not is_finite_number(period) or not period > 0:
             raise ValueError(f"period must be > 0, got {period!r}")
-        if not (isinstance(alpha, (int, float)) and math.isfinite(alpha)):
+        if not is_finite_number(alpha):
             raise ValueError(f"alpha must be a finite number, got {alpha!r}")
-        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        if not (is_finite_number(temperature) and temperature > 0):
             raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-        self.n = n
-        self.period = period
+        self.n = int(n)
+        self.period = int(period) if is_int(period) else float(period)
         self.alpha = float(alpha)
         self.measure = Measure.parse(measure)
         self.temperature = float(temperature)
@@ -96,6 +96,7 @@ class ValueBank:
         self.local_sums: torch.Tensor | None = None  # [N] float64, local=True only
         self.local_counts: torch.Tensor | None = None  # [N] int32, local=True only
         self._errors: torch.Tensor | None = None
+        self._warned_teacher = False
         self._follow = device is None  # placed on the first observed logits' device
         self._placed = not self._follow
         if device is not None:
@@ -143,6 +144,8 @@ class ValueBank:
                 raise ValueError("measure 'kl' needs teacher_logits, got None")
             lg, te = ops.student_teacher_args(logits, teacher_logits)
         else:
+            if teacher_logits is not None:
+                self._unused_teacher()
             lg, te = ops.logits_arg(logits, "logits"), None
         idx = ops.indices_arg(indices, lg.shape[0], "student_logits" if te is not None else "logits")
         if not self._placed and self.device != lg.device:
@@ -174,6 +177,19 @@ class ValueBank:
             self._errors,
             self.strict,
         )
+
+    def _unused_teacher(self) -> None:
+        """Teacher logits given to a measure that does not read them: an error with
+        ``strict``, else a warning (once per bank)."""
+        msg = (
+            f"teacher_logits were passed to observe, but measure {self.measure.value!r} does not use them (only "
+            "'kl' does); pass value='kl' to score by KL(teacher || student), or drop the argument"
+        )
+        if self.strict:
+            raise ValueError(msg)
+        if not self._warned_teacher:
+            self._warned_teacher = True
+            warnings.warn(msg, stacklevel=3)
 
     def _count_only(self, idx: torch.Tensor, lg: torch.Tensor, counts: torch.Tensor) -> None:
         """``measure="random"``: only counts observations (checked arguments on the bank's

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from enum import unique
 from typing import Any
@@ -12,7 +11,7 @@ import numpy as np
 import torch
 
 from . import _arrays as A
-from ._checks import OptionEnum, check_int
+from ._checks import OptionEnum, check_int, is_finite_number
 from ._ext import _cpu, cuda_module
 
 
@@ -114,7 +113,7 @@ def condense(
     if not 1 <= n_keep <= n_prev:
         raise ValueError(f"n_keep must be in [1, n_prev = {n_prev}], got {n_keep}")
     mode = Vaks.parse(vaks)
-    if not (isinstance(eps_m, (int, float)) and math.isfinite(eps_m) and 0.0 <= eps_m <= 1.0):
+    if not (is_finite_number(eps_m) and 0.0 <= eps_m <= 1.0):
         raise ValueError(f"eps_m must be in [0, 1], got {eps_m!r}")
     seed = check_int(seed, "seed")
     if device.type == "cuda" and n > 2**31 - 1:

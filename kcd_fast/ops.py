@@ -7,11 +7,10 @@ results come back in the caller's library on the caller's device.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import _arrays as A
+from ._checks import is_finite_number
 from ._ext import _cpu, cuda_module
 
 LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -181,7 +180,7 @@ def observe_kl(
 
 
 def check_temperature(temperature: float) -> None:
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+    if not (is_finite_number(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
 
 
@@ -209,7 +208,7 @@ def values(sums, counts, period: float, alpha: float = 0.03):
     ``counts == 0`` (an unobserved point ranks above every observed one).
     """
     for name, v in (("period", period), ("alpha", alpha)):
-        if not (isinstance(v, (int, float)) and math.isfinite(v)):
+        if not is_finite_number(v):
             raise ValueError(f"{name} must be a finite number, got {v!r}")
     if period <= 0:
         raise ValueError(f"period must be > 0, got {period!r}")

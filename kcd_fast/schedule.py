@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ._checks import OptionEnum, check_int
+from ._checks import OptionEnum, check_int, is_finite_number, is_int
 
 
 @unique
@@ -120,7 +120,7 @@ class CondensationSchedule:
         return self.relative_cost(n)
 
     def _check_epoch(self, epoch: int) -> None:
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch < self.epochs:
+        if not is_int(epoch) or not 0 <= epoch < self.epochs:
             raise ValueError(f"epoch must be an int in [0, {self.epochs}), got {epoch!r}")
 
     def state(self) -> dict[str, Any]:
@@ -156,6 +156,6 @@ def unix_computation(n_t: float, n_s1: float, n_s2: float, f_t: float, f_s: floa
     """
     vals = {"n_t": n_t, "n_s1": n_s1, "n_s2": n_s2, "f_t": f_t, "f_s": f_s, "b_s": f_s if b_s is None else b_s}
     for name, v in vals.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        if not is_finite_number(v) or v < 0:
             raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
     return float(n_t * f_t + n_s1 * f_s + n_s2 * vals["b_s"])

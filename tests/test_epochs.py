@@ -236,6 +236,7 @@ def test_augmentations_do_not_depend_on_workers() -> None:
     assert_same_log(logs[0], logs[1])
 
 
+@pytest.mark.filterwarnings("ignore:KCD condensation before epoch")  # this test observes nothing
 def test_mid_epoch_state_checks() -> None:
     loader, student = make_loader(), Student()
     it = iter(loader)

@@ -128,6 +128,7 @@ def test_each_epoch_trains_on_the_scheduled_active_set(workers: int | str, drop_
     assert [h["epoch"] for h in loader.history] == SCHED.condensation_epochs
 
 
+@pytest.mark.filterwarnings("ignore:KCD condensation before epoch")  # this test observes nothing
 def test_drop_last_epoch_smaller_than_a_batch_yields_nothing(caplog: pytest.LogCaptureFixture) -> None:
     sched = CondensationSchedule(epochs=3, period=3, rho=0.5)  # sizes [10, 5, 5]
     loader = KCDLoader(ArrayDataset(*make_arrays(10)), sched, batch_size=8, drop_last=True, shuffle=True, progress=True)
@@ -421,6 +422,7 @@ def test_too_many_epochs_raises_and_changes_nothing() -> None:
     assert_same_state(snapshot(loader), before)
 
 
+@pytest.mark.filterwarnings("ignore:KCD condensation before epoch")  # this test observes nothing
 def test_set_epoch() -> None:
     ds = ArrayDataset(*make_arrays(30))
     loader = KCDLoader(ds, SCHED, batch_size=8, shuffle=True)
@@ -539,6 +541,7 @@ def test_cuda_storage_and_bank_match_cpu() -> None:
     assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1], strict=True))
 
 
+@pytest.mark.filterwarnings("ignore:KCD condensation before epoch")  # this test observes nothing
 def test_reversed_numpy_data_works_with_vaks_off_and_explains_otherwise() -> None:
     class Reversed(torch.utils.data.Dataset):
         def __init__(self) -> None:

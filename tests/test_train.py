@@ -120,6 +120,7 @@ def test_build_model_is_seeded_and_leaves_global_rng_alone():
 
 
 # -- loaders ---------------------------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore:KCD condensation before epoch")  # this test observes nothing
 def test_vanilla_loader_visits_every_point_in_kcd_first_epoch_order(tiny):
     x, y, _, _ = tiny
     plain = make_loader("kd", ArrayDataset(x, y, transform=keep_uint8), epochs=2, batch_size=64, seed=3)

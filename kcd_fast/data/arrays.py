@@ -28,11 +28,26 @@ __all__ = ["ArrayDataset", "image_storage", "require_image_storage"]
 def _to_tensor(x: Any, name: str) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x
-    if isinstance(x, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(x))
     if isinstance(x, (list, tuple)):
-        return torch.as_tensor(np.asarray(x))
+        x = np.asarray(x)
+    if isinstance(x, np.ndarray):
+        if x.dtype.kind not in "biuf":  # strings, objects, dates: no tensor, and not what is meant
+            raise TypeError(
+                f"{name} must be {'integers (class indices)' if name == 'labels' else 'numbers'}, got a numpy array of "
+                f"dtype {x.dtype} (e.g. {x.flat[0]!r})"
+                + (
+                    "; map class names to indices first, e.g. np.unique(labels, return_inverse=True)[1]"
+                    if name == "labels"
+                    else ""
+                )
+            )
+        return torch.from_numpy(np.ascontiguousarray(x))
     raise TypeError(f"{name} must be a torch.Tensor, numpy.ndarray or list, got {type(x).__name__}")
+
+
+def _looks_channels_first(shape: tuple[int, ...]) -> bool:
+    """``[N, C, H, W]`` with C in (1, 3, 4) and a last axis that is no channel count."""
+    return len(shape) == 4 and shape[1] in (1, 3, 4) and shape[3] not in (1, 3, 4) and shape[2] > 4
 
 
 class ArrayDataset(Dataset):
@@ -40,7 +55,8 @@ class ArrayDataset(Dataset):
 
     Args:
         images: uint8 ``[N, H, W, C]`` (or ``[N, H, W]``, one channel), torch tensor or
-            numpy array. The data are **copied** into storage the dataset owns, so the
+            numpy array. Channels-first arrays ``[N, C, H, W]`` are refused (the message
+            shows the transpose). The data are **copied** into storage the dataset owns, so the
             caller's array is never modified by a summary.
         labels: ``[N]`` integer labels (tensor, array or list); stored as int64.
         transform: called as ``transform(image)`` with ``image`` a uint8 ``[C, H, W]``
@@ -75,6 +91,13 @@ class ArrayDataset(Dataset):
             raise TypeError(f"images must be uint8 [N, H, W, C], got dtype {got}")
         if img.dim() not in (3, 4):
             raise ValueError(f"images must be 4-D [N, H, W, C] (or 3-D [N, H, W]), got shape {tuple(img.shape)}")
+        if _looks_channels_first(tuple(img.shape)):
+            n, c, h, w = img.shape
+            raise ValueError(
+                f"images must be channels-last [N, H, W, C], got shape {tuple(img.shape)}, which looks channels-first "
+                f"[N, C={c}, H={h}, W={w}]; pass images.transpose(0, 2, 3, 1) (numpy) or images.permute(0, 2, 3, 1) "
+                "(torch)"
+            )
         if img.shape[0] == 0:
             raise ValueError("images is empty (N = 0): a dataset needs at least one point")
         if lab.dim() != 1 or lab.shape[0] != img.shape[0]:
@@ -82,7 +105,9 @@ class ArrayDataset(Dataset):
                 f"labels must be [N] with N = {img.shape[0]} (the number of images), got shape {tuple(lab.shape)}"
             )
         if lab.dtype.is_floating_point or lab.dtype.is_complex or lab.dtype == torch.bool:
-            raise TypeError(f"labels must be integers, got dtype {str(lab.dtype).replace('torch.', '')}")
+            raise TypeError(
+                f"labels must be integers (class indices), got dtype {str(lab.dtype).replace('torch.', '')}"
+            )
         if transform is not None and not callable(transform):
             raise TypeError(f"transform must be callable or None, got {type(transform).__name__}")
         try:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._checks import is_finite_number
+from .._checks import is_finite_number, is_int
 from ..data.folders import ImageFolder, load_rgb
 
 __all__ = ["digits_arrays", "load_arrays", "split_arrays", "synthetic_arrays"]
@@ -39,11 +39,11 @@ def synthetic_arrays(
     another class's pattern (ambiguous points: the values KCD ranks differ), plus Gaussian
     pixel noise. Returns uint8 ``[n, S, S, 3]`` images and int64 ``[n]`` labels (balanced).
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if not is_int(n) or n < 1:
         raise ValueError(f"n must be an int >= 1, got {n!r}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+    if not is_int(num_classes) or num_classes < 2:
         raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 4:
+    if not is_int(image_size) or image_size < 4:
         raise ValueError(f"image_size must be an int >= 4, got {image_size!r}")
     if not (is_finite_number(mix) and 0.0 <= mix < 0.5):
         raise ValueError(f"mix must be in [0, 0.5) (the true class must dominate), got {mix!r}")

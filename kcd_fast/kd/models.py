@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import is_int
+
 __all__ = [
     "CIFAR_RESNETS",
     "MODELS",
@@ -265,12 +267,13 @@ def build_model(name: str, num_classes: int, input_shape: Sequence[int] = (3, 32
     """
     if not isinstance(name, str):
         raise TypeError(f"name must be a str, got {type(name).__name__}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+    if not is_int(num_classes) or num_classes < 2:
         raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
     if len(input_shape) != 3 or any(int(s) < 1 for s in input_shape):
         raise ValueError(f"input_shape must be (C, H, W) with positive sizes, got {tuple(input_shape)!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if not is_int(seed):
         raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
+    num_classes, seed = int(num_classes), int(seed)
     with torch.random.fork_rng(devices=[]):
         torch.random.default_generator.manual_seed(seed)  # forked state: restored on exit
         model = _construct(name, num_classes, input_shape)

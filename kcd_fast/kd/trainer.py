@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .._checks import is_finite_number
+from .._checks import is_finite_number, is_int
 from ..loader import KCDLoader
 from ..schedule import CondensationSchedule
 
@@ -209,7 +209,7 @@ class BatchPreprocess:
             raise ValueError(f"std must hold finite numbers > 0, got {std!r}")
         if augment not in ("none", "crop", "crop_flip"):
             raise ValueError(f"augment must be one of 'none', 'crop', 'crop_flip', got {augment!r}")
-        if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
+        if not is_int(pad) or pad < 0:
             raise ValueError(f"pad must be an int >= 0, got {pad!r}")
         self.mean, self.std = [float(m) for m in mean], [float(s) for s in std]
         self.augment, self.pad, self.seed = augment, pad, int(seed)
@@ -470,7 +470,7 @@ class KDTrainer:
                 raise TypeError(f"loader must be a KCDLoader (with {attr}), got {type(loader).__name__}")
         if config.beta > 0 and feature_loss is None:
             raise ValueError(f"config.beta = {config.beta} needs a feature_loss, got None")
-        if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 0:
+        if not is_int(eval_every) or eval_every < 0:
             raise ValueError(f"eval_every must be an int >= 0, got {eval_every!r}")
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -482,6 +482,8 @@ class KDTrainer:
         self.total_steps = int(loader.total_steps())
         schedule = getattr(loader, "schedule", None)
         self.scores = schedule is None or bool(schedule.condensation_epochs)  # vanilla KD scores nothing
+        value = getattr(loader, "value", None)  # the teacher's logits go to observe only for value="kl"
+        self.scores_teacher = str(getattr(value, "value", value)) == "kl"
         cuda = self.device.type == "cuda"
         amp = config.amp if config.amp != "auto" else ("bf16" if cuda else "off")
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
@@ -564,7 +566,8 @@ class KDTrainer:
                     loss = loss + cfg.beta * self.feature_loss(feat_s, feat_t)
             if self.scores:
                 t_obs = time.perf_counter()
-                loader.observe(indices, logits_s.detach(), None if logits_t is None else logits_t.detach())
+                teacher = logits_t.detach() if self.scores_teacher and logits_t is not None else None
+                loader.observe(indices, logits_s.detach(), teacher)
                 observe_s += time.perf_counter() - t_obs
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler is not None:

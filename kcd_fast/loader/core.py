@@ -36,7 +36,10 @@ Epochs (README: "How epochs advance")
     ``DistributedSampler.set_epoch``: the current epoch changes nothing; the next one
     advances; a jump, or an advance over an incomplete epoch, warns and moves there;
     going back raises. ``loader.sampler.set_epoch`` (what Lightning calls) is the same.
-    Iterating once all ``schedule.epochs`` epochs are done raises ``RuntimeError``.
+    When the back end fails while producing a batch (an unreadable file, ...), the error
+    propagates and the loader stays usable: the next ``iter()`` continues the epoch at the
+    batch that failed (fix or replace the file first). Iterating once all
+    ``schedule.epochs`` epochs are done raises ``RuntimeError``.
 Batches and ``drop_last``
     Epoch ``e`` visits ``epoch_order()``: its active points (``schedule.epoch_sizes(N)[e]``
     of them), shuffled with ``numpy.random.default_rng([seed, e])`` when ``shuffle=True``,
@@ -111,7 +114,7 @@ import torch
 from torch.utils.data import IterableDataset, Sampler
 
 from .. import distributed as D
-from .._checks import check_int
+from .._checks import check_int, is_int
 from ..bank import Measure, ValueBank
 from ..checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 from ..condense import Vaks, condense
@@ -120,7 +123,7 @@ from . import state as S
 from .backends.base import BackendProtocol
 from .backends.factory import make_backend
 from .config import Backend, LoaderConfig
-from .plan import VAKS_STREAM, Planner, stream_seed
+from .plan import UNOBSERVED_STREAM, VAKS_STREAM, Planner, stream_seed
 
 __all__ = ["Backend", "KCDLoader"]
 
@@ -478,6 +481,10 @@ class KCDLoader:
                 yield (*batch, idx) if isinstance(batch, (tuple, list)) else (batch, idx)
                 if bar is not None:
                     bar.update(1)
+        except Exception:
+            if generation == self._generation:  # the back end failed (an unreadable file, ...):
+                self._resume_at = k  # the next iterator continues this epoch at the batch that failed
+            raise
         finally:
             if bar is not None:
                 bar.close()
@@ -537,13 +544,51 @@ class KCDLoader:
         self._position = self._observed = self._resume_at = 0
         self._iterated = False
 
+    def _rank_unobserved(self, values: torch.Tensor, epoch: int, n_keep: int, n_prev: int) -> torch.Tensor:
+        """Points never observed have value +inf and rank first. Warns when active points
+        were never observed (``strict``: raises, before anything changes). When the
+        unobserved points outnumber the points to keep, they are ranked among themselves
+        in a seeded random order (distinct finite values above every observed one) instead
+        of by index, so that an unobserved, class-sorted dataset is not cut by class."""
+        unobserved = self.bank.counts == 0  # [N] bool, on the bank's device
+        active = torch.from_numpy(self._active).to(unobserved.device)
+        m_active = int(unobserved[active].sum())
+        if m_active == 0:
+            return values
+        # drop_last leaves the last points of each epoch's order (each rank's shard) out: that
+        # many unobserved points are expected, and only logged
+        cut = max(0, n_prev - self.world_size * self._planner.samples(n_prev))
+        msg = (
+            f"KCD condensation before epoch {epoch}: {m_active} of the {n_prev} active points were never observed "
+            "(value +inf: they rank first); call loader.observe(indices, logits) for every batch"
+        )
+        if m_active <= cut:
+            log.info("%s (drop_last leaves up to %d points of an epoch out)", msg, cut)
+        elif self.config.strict:
+            raise ValueError(msg + " (strict=True refuses to condense on them)")
+        else:
+            warnings.warn(msg, stacklevel=4)
+            log.warning(msg)
+        idx = unobserved.nonzero().flatten()
+        if idx.numel() <= n_keep:
+            return values
+        rank = np.random.default_rng([self.seed, epoch, UNOBSERVED_STREAM]).permutation(idx.numel())
+        # the largest finite float64s, one ulp apart: above any observed value, in the drawn order
+        top = np.int64(0x7FEFFFFFFFFFFFFF) - rank.astype(np.int64)
+        values = values.clone()
+        values[idx] = torch.from_numpy(top.view(np.float64)).to(values.device)
+        return values
+
     def _condense(self, epoch: int) -> None:
         """The condensation before ``epoch``: values -> keep / dropped -> VAKS -> new set."""
         n_keep, n_prev = self._sizes[epoch], int(self._active.shape[0])
         if self._dist.communicates:  # the only per-stage communication: N * 12 bytes
             self.bank.all_reduce_(self._dist.group)
+        values = self.bank.values(draw=epoch)
+        if self.config.value is not Measure.RANDOM:
+            values = self._rank_unobserved(values, epoch, n_keep, n_prev)
         cond = condense(
-            self.bank.values(draw=epoch),
+            values,
             n_keep,
             n_prev,
             self.config.vaks,
@@ -662,10 +707,10 @@ class KCDLoader:
             )
         self.config.check_state(state["config"])
         epoch = state["epoch"]
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch <= self.schedule.epochs:
+        if not is_int(epoch) or not 0 <= epoch <= self.schedule.epochs:
             raise ValueError(f"state epoch must be an int in [0, {self.schedule.epochs}], got {epoch!r}")
         seed = state["seed"]
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        if not is_int(seed) or seed < 0:
             raise ValueError(f"state seed must be an int >= 0, got {seed!r}")
         act = S.check_active(state["active"], self.n, self._sizes[min(epoch, self.schedule.epochs - 1)], epoch)
         position = S.check_position(state, self._batches_in(epoch), self.world_size)

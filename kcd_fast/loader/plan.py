@@ -20,11 +20,12 @@ import numpy as np
 
 from .. import distributed as D
 
-__all__ = ["VAKS_STREAM", "WORKER_STREAM", "EpochPlan", "Planner", "stream_seed"]
+__all__ = ["UNOBSERVED_STREAM", "VAKS_STREAM", "WORKER_STREAM", "EpochPlan", "Planner", "stream_seed"]
 
 # RNG streams, all derived from (seed, epoch): the epoch order uses default_rng([seed, epoch]).
 WORKER_STREAM = 1
 VAKS_STREAM = 2
+UNOBSERVED_STREAM = 3  # the order among never-observed points, when they outnumber the points kept
 
 
 def stream_seed(seed: int, epoch: int, stream: int, rank: int = 0) -> int:

@@ -71,8 +71,10 @@ GPU
     the CPU (``device_id=None``). On a GPU, files are decoded with ``device="mixed"``
     (nvJPEG; PNM/PNG overlay images fall back to DALI's CPU decoder inside the op), the
     recipes run on the GPU, and the images come out as torch CUDA tensors through DLPack
-    without a copy (DALI's dynamic executor gives every output its own buffer, kept alive
-    by the tensor; the DLPack exchange orders DALI's stream before torch's current one).
+    (the exchange orders DALI's stream before torch's current one), copied into memory
+    torch owns: DALI frees its output buffers when its pipeline stops (the epoch's end, an
+    error, ``close()``), while a batch must stay valid for as long as the caller holds it.
+    CPU outputs are copied too (into pinned memory with ``pin_memory``).
     Labels stay on the CPU (a GPU store's stay on its GPU, like ``ArrayDataset``'s).
 
 Errors
@@ -408,7 +410,7 @@ class DaliBackend:
             device_id=self.device_id,
             seed=_dali_seed(seed),
             prefetch_queue_depth=self.prefetch_queue_depth,
-            enable_conditionals=with_overlay,
+            enable_conditionals=self.kind == "files",
         )
         def graph() -> Any:  # the DALI graph of one epoch
             if self.kind == "arrays":
@@ -449,6 +451,15 @@ class DaliBackend:
                     dtype=[types.UINT8, types.INT64],
                 )
                 encoded = fn.io.file.read(paths)
+            # DALI's decoder can crash the process on bytes of no known format (seen with DALI
+            # 2.4 on the CPU): such samples are decoded from a 1-pixel stand-in and flagged, and
+            # the batch raises UnreadableImageError naming the file before it is yielded.
+            known = _known_format(encoded)
+            if known:
+                data = encoded
+            else:
+                data = types.Constant(_STAND_IN, device="cpu")
+            encoded = data
             decoder = "mixed" if gpu else "cpu"
             if recipe is Augment.IMAGENET:  # decode only a random crop, then resize (DALI's RN50 recipe)
                 images = fn.decoders.image_random_crop(
@@ -460,9 +471,9 @@ class DaliBackend:
                     num_attempts=10,
                 )
                 images = fn.resize(images, resize_x=224, resize_y=224)
-                return _normalize(images, IMAGENET_MEAN, IMAGENET_STD, mirror=True), labels
+                return _normalize(images, IMAGENET_MEAN, IMAGENET_STD, mirror=True), labels, known
             images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
-            return _augment_decoded(images, recipe, dev, self._hw), labels
+            return _augment_decoded(images, recipe, dev, self._hw), labels, known
 
         pipe = graph()
         pipe.build()
@@ -507,10 +518,26 @@ class DaliBackend:
                 except RuntimeError as err:
                     self._diagnose(feed, k, overlay, err)
                     raise
+                if self.kind == "files":
+                    self._check_formats(outs[2], feed, k, overlay)
+                    outs = outs[:2]
                 if k >= start:  # batches before a mid-epoch resume point only advance the RNGs
                     yield self._to_torch(outs, feed.batches[k].shape[0])
         finally:
             del pipe  # abandoned or finished: the pipeline (and its threads) go with the generator
+
+    def _check_formats(self, known: Any, feed: _Feed, k: int, overlay: dict[int, np.ndarray]) -> None:
+        """Raises UnreadableImageError for the first sample of batch ``k`` whose bytes match
+        no image format (decoded from the stand-in instead)."""
+        flags = known.as_cpu() if hasattr(known, "as_cpu") else known
+        for j in range(len(flags)):
+            if not bool(np.asarray(flags[j])):
+                i = int(feed.batches[k][j])
+                what = "its overlay image" if i in overlay else f"image file {self._paths[i]!r}"
+                raise UnreadableImageError(
+                    f"{what} cannot be decoded: its bytes are of no known image format (JPEG, PNG, BMP, PNM, "
+                    f"TIFF, WebP) (dataset index {i}, epoch batch {k}, backend='dali')"
+                )
 
     def _diagnose(self, feed: _Feed, k: int, overlay: dict[int, np.ndarray], err: Exception) -> None:
         """After a pipeline error at batch ``k``: find the file among the batches DALI held
@@ -542,13 +569,16 @@ class DaliBackend:
                     "of a batch must share one size; pick an augment recipe that crops or resizes to a fixed size"
                 )
             t = out.as_tensor()
+            # A copy the caller owns: DALI frees its output buffers when the pipeline stops
+            # (at the end of the epoch, on an error, on close), while the caller may still hold
+            # and compute on earlier batches (a zero-copy view then reads freed memory).
             if self.device_id is not None and type(t).__name__ == "TensorGPU":
                 with torch.cuda.device(self.device_id):
-                    x = torch.from_dlpack(t)
+                    x = torch.from_dlpack(t).clone()
+            elif self.pin_memory and j == 0 and torch.cuda.is_available():
+                x = torch.from_dlpack(t).pin_memory()  # a copy into pinned memory
             else:
-                x = torch.from_dlpack(t)
-                if self.pin_memory and j == 0 and torch.cuda.is_available():
-                    x = x.pin_memory()
+                x = torch.from_dlpack(t).clone()
             if x.shape[0] != b:
                 raise RuntimeError(f"the DALI pipeline returned {x.shape[0]} samples for a batch of {b}")
             res.append(x)
@@ -618,6 +648,29 @@ class DaliBackend:
             if close is not None:
                 close()
             self._iter = None
+
+
+# A 1 x 1 black PPM: decoded in place of bytes of no known format (then the batch raises).
+_STAND_IN = np.frombuffer(b"P6\n1 1\n255\n\x00\x00\x00", np.uint8)
+
+
+def _known_format(encoded: Any) -> Any:
+    """Per sample, a DALI bool: the first two bytes of ``encoded`` (1-D uint8) start a JPEG,
+    PNG, BMP, PNM (P1-P6), TIFF (II / MM) or WebP (RIFF) file."""
+    from nvidia.dali import fn, types
+
+    head = fn.pad(encoded, shape=[2], fill_value=0)  # files shorter than 2 bytes fail the check
+    b0 = fn.cast(head[0], dtype=types.INT32)
+    b1 = fn.cast(head[1], dtype=types.INT32)
+    return (
+        ((b0 == 0xFF) & (b1 == 0xD8))  # JPEG
+        | ((b0 == 0x89) & (b1 == 0x50))  # PNG
+        | ((b0 == 0x42) & (b1 == 0x4D))  # BMP
+        | ((b0 == 0x50) & (b1 >= 0x31) & (b1 <= 0x36))  # PNM
+        | ((b0 == 0x49) & (b1 == 0x49))  # TIFF, little endian
+        | ((b0 == 0x4D) & (b1 == 0x4D))  # TIFF, big endian
+        | ((b0 == 0x52) & (b1 == 0x49))  # RIFF (WebP)
+    )
 
 
 def _normalize(
