@@ -50,10 +50,10 @@ FUZZ = textwrap.dedent(
         open(path, "wb").write(bad)
         loader = KCDLoader(ds, CondensationSchedule(2, 1), batch_size=bs, shuffle=True, seed=pos, backend="dali",
                            num_workers=threads, augment="cifar", dali_device=None, vaks="off")
-        held, got = [], None
+        held, copies, got = [], [], None
         try:
             for x, _y, _idx in loader:
-                held = (held + [x])[-2:]
+                held, copies = (held + [x])[-2:], (copies + [x.numpy().copy()])[-2:]
                 float(sum(h.sum() for h in held))  # the loop keeps computing on earlier batches
         except UnreadableImageError as err:
             got = str(err)
@@ -61,6 +61,7 @@ FUZZ = textwrap.dedent(
         for _ in range(5):  # the batches held stay valid after the error and after close()
             float(sum((h * 2).sum() for h in held))
             [torch.randn(bs, 3, 32, 32) for _ in range(3)]
+        print("INTACT", all(np.array_equal(h.numpy(), c) for h, c in zip(held, copies)), flush=True)
         open(path, "wb").write(good)
         rest = sum(1 for _ in loader)  # usable again: the epoch continues at the batch that failed
         print("RESULT", repr(got), rest, flush=True)
@@ -86,11 +87,12 @@ def test_corrupt_files_under_dali_raise_the_named_error_and_never_crash(tmp_path
         capture_output=True,
         text=True,
         timeout=170,
-        env={**os.environ, "PYTHONFAULTHANDLER": "1"},
+        env={**os.environ, "PYTHONFAULTHANDLER": "1", "MALLOC_PERTURB_": "165"},  # freed memory poisoned
     )
     lines = proc.stdout.splitlines()
     last = next((ln for ln in reversed(lines) if ln.startswith("CASE")), "before the first case")
     assert proc.returncode == 0, f"the process died ({proc.returncode}) in {last}:\n{proc.stderr[-3000:]}"
+    assert [ln for ln in lines if ln.startswith("INTACT")] == ["INTACT True"] * len(CASES[group])
     results = [ln for ln in lines if ln.startswith("RESULT")]
     assert len(results) == len(CASES[group])
     for case, res in zip(CASES[group], results, strict=True):

@@ -71,10 +71,10 @@ GPU
     the CPU (``device_id=None``). On a GPU, files are decoded with ``device="mixed"``
     (nvJPEG; PNM/PNG overlay images fall back to DALI's CPU decoder inside the op), the
     recipes run on the GPU, and the images come out as torch CUDA tensors through DLPack
-    (the exchange orders DALI's stream before torch's current one), copied into memory
-    torch owns: DALI frees its output buffers when its pipeline stops (the epoch's end, an
-    error, ``close()``), while a batch must stay valid for as long as the caller holds it.
-    CPU outputs are copied too (into pinned memory with ``pin_memory``).
+    without a copy (the exchange orders DALI's stream before torch's current one). The
+    DLPack capsule holds a reference to DALI's buffer, so a batch stays valid for as long
+    as the caller holds it, after the epoch's end, an error or ``close()`` too (tested
+    with freed memory poisoned).
     Labels stay on the CPU (a GPU store's stay on its GPU, like ``ArrayDataset``'s).
 
 Errors
@@ -569,16 +569,16 @@ class DaliBackend:
                     "of a batch must share one size; pick an augment recipe that crops or resizes to a fixed size"
                 )
             t = out.as_tensor()
-            # A copy the caller owns: DALI frees its output buffers when the pipeline stops
-            # (at the end of the epoch, on an error, on close), while the caller may still hold
-            # and compute on earlier batches (a zero-copy view then reads freed memory).
+            # Zero-copy: the DLPack capsule owns a reference to DALI's buffer, which outlives
+            # the pipeline (its end, an error, close()); tests/test_bad_data.py checks that held
+            # batches stay intact after an error and close() with freed memory poisoned.
             if self.device_id is not None and type(t).__name__ == "TensorGPU":
                 with torch.cuda.device(self.device_id):
-                    x = torch.from_dlpack(t).clone()
-            elif self.pin_memory and j == 0 and torch.cuda.is_available():
-                x = torch.from_dlpack(t).pin_memory()  # a copy into pinned memory
+                    x = torch.from_dlpack(t)
             else:
-                x = torch.from_dlpack(t).clone()
+                x = torch.from_dlpack(t)
+                if self.pin_memory and j == 0 and torch.cuda.is_available():
+                    x = x.pin_memory()
             if x.shape[0] != b:
                 raise RuntimeError(f"the DALI pipeline returned {x.shape[0]} samples for a batch of {b}")
             res.append(x)
