@@ -626,3 +626,40 @@ def test_rgb_recipes_refuse_grayscale_at_construction() -> None:
     ds = ArrayDataset(np.zeros((6, 8, 8), np.uint8), np.zeros(6, np.int64))
     with pytest.raises(ValueError, match="normalises 3 channels, but the images are single-channel"):
         KCDLoader(ds, SCHED, batch_size=2, backend="dali", augment="cifar", dali_device=None)
+
+
+def _collect_garbage(_worker_id: int) -> None:
+    import gc
+
+    gc.collect()  # a forked child destroying what it inherited
+
+
+@needs_dali
+@pytest.mark.timeout(120)
+def test_a_dali_loader_left_behind_does_not_hang_forked_workers() -> None:
+    """A DALI loader dropped mid-epoch and not yet collected (its pipeline held in a reference
+    cycle) is inherited by a forked DataLoader worker; collecting it there must not wait for
+    the pipeline's threads, which the child does not have."""
+    import gc
+
+    ds = ArrayDataset(*make_arrays(40))
+    loader = KCDLoader(ds, SCHED, batch_size=8, backend="dali", dali_device=None)
+    it = iter(loader)
+    next(it)
+    gc.disable()
+    try:
+        holder: dict[str, Any] = {"it": it, "loader": loader}
+        holder["self"] = holder  # a cycle: only the garbage collector frees it
+        del loader, it, holder
+        torch_loader = torch.utils.data.DataLoader(
+            ds,
+            batch_size=8,
+            num_workers=2,
+            worker_init_fn=_collect_garbage,
+            timeout=30,
+            multiprocessing_context="fork",
+        )
+        assert sum(1 for _ in torch_loader) == 5
+    finally:
+        gc.enable()
+        gc.collect()

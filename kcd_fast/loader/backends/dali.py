@@ -90,6 +90,7 @@ from __future__ import annotations
 
 import os
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from enum import Enum, unique
 from typing import Any
@@ -112,6 +113,19 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _EMPTY = np.zeros(0, dtype=np.uint8)
+
+# Pipelines alive in this process. A forked child (a DataLoader worker, multiprocessing's
+# "fork") inherits them without their threads, and destroying one there waits forever for
+# those threads; the child keeps them referenced instead, so that it never destroys them.
+_LIVE_PIPELINES: weakref.WeakSet[Any] = weakref.WeakSet()
+_KEPT_IN_CHILD: list[Any] = []
+
+
+def _keep_inherited_pipelines() -> None:
+    _KEPT_IN_CHILD.extend(_LIVE_PIPELINES)
+
+
+os.register_at_fork(after_in_child=_keep_inherited_pipelines)
 
 
 def require_dali() -> None:
@@ -477,6 +491,7 @@ class DaliBackend:
 
         pipe = graph()
         pipe.build()
+        _LIVE_PIPELINES.add(pipe)
         return pipe
 
     def epoch_batches(
