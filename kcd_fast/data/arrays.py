@@ -133,6 +133,12 @@ class ArrayDataset(Dataset):
     def device(self) -> torch.device:
         return self.images.device
 
+    @property
+    def random_transform(self) -> bool:
+        """Whether fetching may draw random numbers: False without a transform or with one
+        marked ``deterministic = True`` (the loader then skips seeding RNGs per batch)."""
+        return self.transform is not None and not getattr(self.transform, "deterministic", False)
+
     def __len__(self) -> int:
         return int(self.images.shape[0])
 

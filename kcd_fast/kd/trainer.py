@@ -185,6 +185,9 @@ def keep_uint8(image: torch.Tensor) -> torch.Tensor:
     return image
 
 
+keep_uint8.deterministic = True  # draws no random numbers: the loader need not seed RNGs for it
+
+
 class BatchPreprocess:
     """Turns a collated batch into the network's input on the training device:
     uint8 ``[B, C, H, W]`` (or float in ``[0, 1]``) -> float32 ``(x / 255 - mean) / std``, with

@@ -67,9 +67,17 @@ class KeyedBatch(list):
     seed: int = 0
 
 
+_M64 = (1 << 64) - 1
+
+
 def batch_seed(epoch_seed: int, k: int) -> int:
-    """The seed of batch ``k`` of an epoch whose stream seed is ``epoch_seed``."""
-    return int(np.random.SeedSequence([epoch_seed, k]).generate_state(1, np.uint32)[0])
+    """The seed of batch ``k`` of an epoch whose stream seed is ``epoch_seed``: a 32-bit
+    splitmix64 hash of the pair (what ``np.random.seed`` takes; ~1 us, where a
+    ``SeedSequence`` costs 20 us per batch)."""
+    z = (epoch_seed + (k + 1) * 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return (z ^ (z >> 31)) >> 32
 
 
 class EpochBatchSampler(Sampler[list[int]]):

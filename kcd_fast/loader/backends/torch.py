@@ -47,6 +47,9 @@ class BatchSeeded:
 
     def __init__(self, dataset: Any):
         self.dataset = dataset
+        # a dataset that says it draws no random numbers (ArrayDataset without a random
+        # transform) is fetched without touching any RNG
+        self.seeded = bool(getattr(dataset, "random_transform", True))
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -56,8 +59,8 @@ class BatchSeeded:
 
     def __getitems__(self, batch: list[int]) -> list[Any]:
         seed = getattr(batch, "seed", None)
-        if seed is None:
-            return self._fetch(batch)
+        if seed is None or not self.seeded:
+            return self._fetch(list(batch))
         if torch.utils.data.get_worker_info() is not None:
             # a worker process: its global RNGs belong to the loader (DataLoader seeds them
             # itself at the worker's start), so they are seeded per batch and not restored
