@@ -13,11 +13,13 @@ from enum import Enum
 from typing import Any, TypeVar
 
 import numpy as np
+import torch
 
 __all__ = [
     "OptionEnum",
     "check_bool",
     "check_callable",
+    "check_device",
     "check_int",
     "check_number",
     "check_opt_int",
@@ -103,6 +105,21 @@ def check_number(value: Any, name: str, lo: float = -math.inf, hi: float = math.
         interval = f"{'(' if lo_open else '['}{lo}, {hi}]"
         raise ValueError(f"{name} must be a finite number in {interval}, got {value!r}")
     return float(value)
+
+
+def check_device(value: Any, name: str = "device", optional: bool = False) -> torch.device | None:
+    """A cpu or cuda ``torch.device`` from anything ``torch.device`` takes (None too with
+    ``optional``)."""
+    if value is None and optional:
+        return None
+    kinds = ("None, " if optional else "") + "'cpu' or 'cuda[:k]'"
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"{name} must be {kinds}, got {value!r}") from err
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name} must be {kinds}, got {value!r}")
+    return dev
 
 
 def check_path(value: Any, name: str, optional: bool = False) -> str | None:

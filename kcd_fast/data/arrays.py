@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .._checks import check_device
+
 __all__ = ["ArrayDataset", "image_storage", "require_image_storage"]
 
 
@@ -110,12 +112,7 @@ class ArrayDataset(Dataset):
             )
         if transform is not None and not callable(transform):
             raise TypeError(f"transform must be callable or None, got {type(transform).__name__}")
-        try:
-            dev = torch.device(device)
-        except (RuntimeError, TypeError) as err:
-            raise ValueError(f"device must be 'cpu' or 'cuda[:k]', got {device!r}") from err
-        if dev.type not in ("cpu", "cuda"):
-            raise ValueError(f"device must be 'cpu' or 'cuda[:k]', got {device!r}")
+        dev = check_device(device)
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={device!r} but torch sees no CUDA device")
 

@@ -40,7 +40,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from enum import Enum, unique
+from enum import unique
 from typing import Any
 
 import numpy as np
@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .._checks import is_finite_number, is_int
+from .._checks import OptionEnum, is_finite_number, is_int
 from ..loader import KCDLoader
 from ..schedule import CondensationSchedule
 
@@ -72,7 +72,7 @@ __all__ = [
 
 # -- configuration ------------------------------------------------------------------------
 @unique
-class LRSchedule(str, Enum):
+class LRSchedule(OptionEnum):
     """How the LR moves over ``total_steps`` (after ``warmup_steps`` of linear warm-up)."""
 
     COSINE = "cosine"  # 0.5 * (1 + cos(pi * progress))
@@ -80,12 +80,8 @@ class LRSchedule(str, Enum):
     CONSTANT = "constant"
 
     @classmethod
-    def parse(cls, value: Any) -> LRSchedule:
-        try:
-            return cls(value.value if isinstance(value, LRSchedule) else value)
-        except ValueError:
-            choices = ", ".join(repr(v.value) for v in cls)
-            raise ValueError(f"lr_schedule must be one of {choices}, got {value!r}") from None
+    def option_name(cls) -> str:
+        return "lr_schedule"
 
 
 @dataclass

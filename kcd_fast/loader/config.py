@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .._checks import OptionEnum, check_bool, check_callable, check_int, check_number
+from .._checks import OptionEnum, check_bool, check_callable, check_device, check_int, check_number
 from ..bank import Measure
 from ..condense import Vaks
 
@@ -31,18 +31,6 @@ class Backend(OptionEnum):
 
     TORCH = "torch"  # torch.utils.data.DataLoader worker processes
     DALI = "dali"  # NVIDIA DALI pipelines (kcd_fast.loader.backends.dali)
-
-
-def _check_device(device: Any) -> torch.device | None:
-    if device is None:
-        return None
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"device must be None, 'cpu' or 'cuda[:k]', got {device!r}") from err
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be None, 'cpu' or 'cuda[:k]', got {device!r}")
-    return dev
 
 
 @dataclass(frozen=True)
@@ -117,7 +105,7 @@ class LoaderConfig:
             alpha=check_number(c["alpha"], "alpha"),
             eps_m=check_number(c["eps_m"], "eps_m", 0.0, 1.0),
             temperature=check_number(c["temperature"], "temperature", 0.0, math.inf, lo_open=True),
-            device=_check_device(c["device"]),
+            device=check_device(c["device"], optional=True),
             strict=check_bool(c["strict"], "strict"),
             progress=check_bool(c["progress"], "progress"),
             num_workers=num_workers,
