@@ -97,6 +97,7 @@ class ValueBank:
         self.local_counts: torch.Tensor | None = None  # [N] int32, local=True only
         self._errors: torch.Tensor | None = None
         self._warned_teacher = False
+        self.last_rows = 0
         self._follow = device is None  # placed on the first observed logits' device
         self._placed = not self._follow
         if device is not None:
@@ -163,6 +164,7 @@ class ValueBank:
         if idx.device != self.device:
             idx = idx.to(self.device, non_blocking=True)
         sums, counts = (self.local_sums, self.local_counts) if self.local else (self.sums, self.counts)
+        self.last_rows = int(lg.shape[0])  # rows of the last accepted batch (KCDLoader counts them)
         if self.measure is Measure.RANDOM:
             self._count_only(idx, lg, counts)
             return

@@ -135,8 +135,10 @@ def test_strict_refuses_to_condense_on_unobserved_points_and_changes_nothing() -
             loader.observe(idx, torch.randn(idx.shape[0], 3))
         else:
             missed.append(idx)  # two batches never observed
+    with pytest.raises(StopIteration):  # the loop observes, but not the last batches yet: the advance waits
+        next(it)
     with pytest.raises(ValueError, match=r"100 of the 300 active points were never observed.*strict=True"):
-        next(it)  # the epoch's end: the condensation is due
+        len(loader)  # the condensation is due
     assert loader.epoch == 0 and loader.history == [] and loader.active_indices.numel() == 300
     for idx in missed:  # still usable: observe what was missed, and the epoch completes
         loader.observe(idx, torch.randn(idx.shape[0], 3))
@@ -233,3 +235,33 @@ def test_bad_observations_change_nothing_and_the_loader_goes_on() -> None:
     for _x, _y, idx in it:
         loader.observe(idx, torch.randn(idx.shape[0], 3))
     assert loader.epoch == 1 and loader.active_indices.numel() == 15
+
+
+def test_points_dropped_before_any_observation_are_reported_when_they_come_back() -> None:
+    loader = KCDLoader(class_sorted(20), CondensationSchedule(6, 2, rho=0.5), batch_size=10, shuffle=True, seed=1)
+    with pytest.warns(UserWarning, match="60 of the 60 active points were never observed"):
+        list(loader)  # epoch 0 unobserved: the condensation before epoch 1 drops some of them
+    with pytest.warns(UserWarning, match=r"0 of the 48 active points .* and 12 points dropped earlier were never"):
+        for _x, _y, idx in loader:  # epoch 1 observed; the condensation before epoch 2 at its end
+            loader.observe(idx, torch.randn(idx.shape[0], 3))
+
+
+class NumpyJitter:
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        return img.float() + float(np.random.randn())  # noqa: NPY002
+
+
+def test_the_callers_numpy_rng_is_untouched_with_num_workers_0() -> None:
+    loader = KCDLoader(
+        ArrayDataset(np.zeros((8, 4, 4, 3), np.uint8), np.arange(8), transform=NumpyJitter()),
+        CondensationSchedule(1, 1),
+        batch_size=4,
+        vaks="off",
+    )
+    np.random.seed(123)  # noqa: NPY002
+    np.random.randn()  # noqa: NPY002 (caches the second Gaussian of the pair)
+    want = np.random.randn()  # noqa: NPY002
+    np.random.seed(123)  # noqa: NPY002
+    np.random.randn()  # noqa: NPY002
+    next(iter(loader))
+    assert np.random.randn() == want  # noqa: NPY002

@@ -5,6 +5,7 @@ values); alpha = 1.0 so that an observation counted twice would change the ranki
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Any
 
@@ -264,3 +265,112 @@ def test_mid_epoch_resume_with_dali_augmentations() -> None:
     log, resumed = interrupted_run(make, Student(), 2, 2)
     assert_same_log(log, ref_log)
     assert_same_state(final_state(resumed), final_state(ref))
+
+
+# -- review cases -------------------------------------------------------------------------------
+def test_a_stale_iterator_never_takes_a_batch_of_the_new_one() -> None:
+    """With persistent workers the back end's iterator is shared: the stale generator must
+    raise before pulling, and the new one's images stay those of its indices."""
+    ds = ArrayDataset(*make_arrays(N))
+    ds.labels.copy_(torch.arange(N))
+    loader = KCDLoader(ds, SCHED, batch_size=BS, shuffle=True, seed=1, num_workers=1, persistent_workers=True)
+    it1 = iter(loader)
+    next(it1)
+    it2 = iter(loader)
+    with pytest.raises(RuntimeError, match="made for epoch 0"):
+        next(it1)
+    for _x, y, idx in it2:
+        assert torch.equal(y, idx)
+        loader.observe(idx, torch.randn(idx.shape[0], 3))
+
+
+def one_ahead(loader: KCDLoader) -> Any:
+    """A fetcher that reads one batch ahead, as Lightning's and accelerate's do."""
+    it = iter(loader)
+    nxt = next(it, None)
+    while nxt is not None:
+        cur, nxt = nxt, next(it, None)
+        yield cur
+
+
+def test_a_fetcher_reading_ahead_observes_the_last_batch_before_the_condensation(
+    reference: tuple[list[Any], dict[str, Any]],
+) -> None:
+    loader, student, log = make_loader(), Student(), []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "never observed" warning: the last batch is in
+        for e in range(SCHED.epochs):
+            loader.set_epoch(e)
+            for batch in one_ahead(loader):
+                train_batch(loader, batch, student, log)
+    assert_same_log(log, reference[0])
+    assert_same_state(final_state(loader), reference[1])
+
+
+def test_a_peek_after_a_resume_restarts_at_the_resume_point() -> None:
+    first, student = make_loader(), Student()
+    it = iter(first)
+    for _ in range(2):
+        train_batch(first, next(it), student, [])
+    state = first.state_dict()
+    second = make_loader()
+    second.load_state_dict(state)
+    peek = next(iter(second))  # not observed
+    assert second.state_dict()["position"] == 2  # a peek is not progress
+    rest = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for batch in second:
+            train_batch(second, batch, student, [])
+            rest.append(batch[2])
+    assert len(rest) == 5 and torch.equal(rest[0], peek[2]) and second.epoch == 1
+
+
+def test_a_peek_at_a_one_batch_epoch_does_not_complete_it() -> None:
+    loader = make_loader(batch_size=128)  # every epoch is one batch
+    next(iter(loader))
+    assert len(loader) == 1 and loader.epoch == 0 and loader.history == []
+    for batch in loader:
+        train_batch(loader, batch, Student(), [])
+    assert loader.epoch == 1 and len(loader.history) == 1
+
+
+class Crashing(torch.utils.data.Dataset):
+    """Point 17 kills its worker process while ``flag`` exists."""
+
+    def __init__(self, flag: str):
+        self.flag, self.inner = flag, ArrayDataset(*make_arrays(N))
+
+    def __len__(self) -> int:
+        return N
+
+    def __getitem__(self, i: int) -> Any:
+        if i == 17 and os.path.exists(self.flag):
+            os._exit(3)
+        return self.inner[i]
+
+
+@pytest.mark.timeout(120)
+def test_a_crashed_persistent_worker_is_replaced_on_the_next_iterator(tmp_path: Any) -> None:
+    flag = tmp_path / "crash"
+    flag.touch()
+    loader = KCDLoader(
+        Crashing(str(flag)),
+        SCHED,
+        batch_size=BS,
+        shuffle=True,
+        seed=1,
+        num_workers=1,
+        persistent_workers=True,
+        vaks="off",
+    )
+    seen = []
+    with pytest.raises(RuntimeError, match="exited unexpectedly"):
+        for _x, _y, idx in loader:
+            loader.observe(idx, torch.randn(idx.shape[0], 3))
+            seen.append(idx)
+    flag.unlink()  # "fixed"
+    for _x, _y, idx in loader:  # the epoch continues at the batch that failed, with fresh workers
+        loader.observe(idx, torch.randn(idx.shape[0], 3))
+        seen.append(idx)
+    assert loader.epoch == 1 and torch.equal(torch.sort(torch.cat(seen)).values, torch.arange(N))

@@ -25,12 +25,14 @@ Documented rules
 Epochs (README: "How epochs advance")
     An epoch is complete once its last planned batch has been yielded; the condensation
     due before the next epoch then happens at the first of: the iterator's end
-    (``StopIteration``, as in a ``for`` loop), the next ``iter()``, ``len()``,
-    ``set_epoch`` or ``state_dict()``. Not earlier, so that the last batch can still be
+    (``StopIteration``, as in a ``for`` loop; unless the loop has observed some but not
+    all of the rows yielded, as a fetcher that reads one batch ahead does), the next
+    ``iter()``, ``len()``, ``set_epoch`` or ``state_dict()``. Not earlier, so that the last batch can still be
     observed; not later, so that loops pulling exactly ``len(loader)`` batches (Lightning,
     the HF Trainer) advance too. ``epoch`` and ``active_indices`` name the epoch in
     progress until then. A new ``iter()`` while the current epoch is incomplete restarts
-    it when none of its batches was observed (a peek such as ``next(iter(loader))``), and
+    it where it started when none of its batches was observed (a peek such as
+    ``next(iter(loader))``; a peek at an epoch of one batch does not complete it), and
     otherwise ends it with a ``UserWarning`` (a loop that broke out early: the epoch counts
     as trained on what was observed) and starts the next. ``set_epoch(e)`` follows
     ``DistributedSampler.set_epoch``: the current epoch changes nothing; the next one
@@ -38,7 +40,8 @@ Epochs (README: "How epochs advance")
     going back raises. ``loader.sampler.set_epoch`` (what Lightning calls) is the same.
     When the back end fails while producing a batch (an unreadable file, ...), the error
     propagates and the loader stays usable: the next ``iter()`` continues the epoch at the
-    batch that failed (fix or replace the file first). Iterating once all
+    batch that failed, with fresh workers (fix or replace the file first; under DDP the other
+    ranks do not wait for such a retry: restart the job from a checkpoint instead). Iterating once all
     ``schedule.epochs`` epochs are done raises ``RuntimeError``.
 Batches and ``drop_last``
     Epoch ``e`` visits ``epoch_order()``: its active points (``schedule.epoch_sizes(N)[e]``
@@ -276,9 +279,11 @@ class KCDLoader:
         self._summaries: list[S.Summary] = []
         self._digest: str | None = None
         self._generation = 0
-        # the epoch in progress: batches its live iterator yielded, observe calls since it
-        # started, whether an iterator was made for it, where a mid-epoch state resumes
-        self._position = self._observed = self._resume_at = 0
+        # the epoch in progress: batches yielded (its position), where the current iterator
+        # started, rows it yielded and rows observed since, whether an iterator was made for
+        # it, and where the next iterator resumes (a mid-epoch state, a failed batch)
+        self._position = self._resume_at = self._iter_start = 0
+        self._rows_yielded = self._rows_observed = 0
         self._iterated = False
         self._sampler_link()
 
@@ -390,24 +395,23 @@ class KCDLoader:
     def __iter__(self) -> Iterator[tuple[Any, ...]]:
         self._settle()
         self._check_not_done()
-        start = 0
-        if self._resume_at:  # a state saved mid-epoch: its remaining batches
+        if self._resume_at:  # a state saved mid-epoch, or a batch that failed: the rest of the epoch
             start, self._resume_at = self._resume_at, 0
-        elif self._position:  # an earlier iterator of this epoch stopped before the end
-            if self._observed:
-                n = self._batches_in(self.epoch)
-                warnings.warn(
-                    f"KCDLoader: epoch {self.epoch} was left after {self._position} of its {n} batches and a new "
-                    f"iterator was asked for: epoch {self.epoch} counts as trained on the batches observed so far, "
-                    f"and the loader moves on to epoch {self.epoch + 1} (a loop that breaks early ends its epoch; "
-                    "call set_epoch to say so explicitly)",
-                    stacklevel=2,
-                )
-                self._generation += 1
-                self._advance()
-                self._check_not_done()
-            else:  # a peek (nothing observed): the epoch restarts from its first batch
-                log.debug("KCD epoch %d restarts: its earlier iterator was not observed", self.epoch)
+        elif self._position > self._iter_start and self._rows_observed:  # a loop left the epoch early
+            n = self._batches_in(self.epoch)
+            warnings.warn(
+                f"KCDLoader: epoch {self.epoch} was left after {self._position} of its {n} batches and a new "
+                f"iterator was asked for: epoch {self.epoch} counts as trained on the batches observed so far, "
+                f"and the loader moves on to epoch {self.epoch + 1} (a loop that breaks early ends its epoch; "
+                "call set_epoch to say so explicitly)",
+                stacklevel=2,
+            )
+            self._generation += 1
+            self._advance()
+            self._check_not_done()
+            start = 0
+        else:  # fresh, or a peek (nothing observed): from where the last iterator started
+            start = self._iter_start
         if self._dist.communicates and not self._ranks_agree:
             D.agree(self._agreement_digest(), self._dist.group, "loader's configuration and state", self.bank.device)
             self._ranks_agree = True
@@ -417,7 +421,9 @@ class KCDLoader:
         if self.config.pin_memory and torch.cuda.is_available():
             order_t = order_t.pin_memory()
         it = self._backend.epoch_batches(plan.batches, plan.worker_seed, start)
-        self._position, self._observed, self._iterated = start, start, True
+        self._iter_start = self._position = start
+        self._rows_yielded = self._rows_observed = 0
+        self._iterated = True
         return self._epoch(self._generation, self.epoch, order_t, len(plan.batches), it, start)
 
     def _check_not_done(self) -> None:
@@ -433,10 +439,16 @@ class KCDLoader:
         n = self._batches_in(self.epoch)
         return self.epoch < self.schedule.epochs and self._position == n and (self._iterated or n == 0)
 
+    def _peeked(self) -> bool:
+        """The current iterator yielded a single batch and none of it was observed (such as
+        ``next(iter(loader))`` on an epoch of one batch): it does not complete the epoch."""
+        return self._position - self._iter_start == 1 and self._rows_observed == 0
+
     def _settle(self) -> None:
         """Completes the current epoch when its last batch was yielded: the condensation due
         before the next epoch happens now (under DDP a collective, on every rank)."""
-        if self._iterated and self._complete():
+        yielded = self._position > self._iter_start  # the current iterator yielded its last batch
+        if self._iterated and yielded and self._complete() and not self._peeked():
             self._generation += 1
             self._advance()
 
@@ -469,21 +481,27 @@ class KCDLoader:
             bar = tqdm(total=n_batches, initial=start, desc=f"KCD epoch {epoch}", leave=False)
         bs, k = self.config.batch_size, start
         try:
-            for batch in it:
-                if generation != self._generation:
-                    raise RuntimeError(
+            while True:
+                if generation != self._generation:  # checked before pulling: with persistent workers
+                    raise RuntimeError(  # a newer iterator shares the back end's iterator
                         f"this iterator was made for epoch {epoch}, but the loader has since moved "
                         "(set_epoch, load_state_dict, close or a newer iter()); iterate the loader again"
                     )
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    break
                 idx = order[k * bs : (k + 1) * bs]
                 k += 1
                 self._position = k  # yielded: the epoch is complete once k == n_batches
+                self._rows_yielded += int(idx.shape[0])
                 yield (*batch, idx) if isinstance(batch, (tuple, list)) else (batch, idx)
                 if bar is not None:
                     bar.update(1)
         except Exception:
             if generation == self._generation:  # the back end failed (an unreadable file, ...):
                 self._resume_at = k  # the next iterator continues this epoch at the batch that failed
+                self._backend.close()  # with fresh workers
             raise
         finally:
             if bar is not None:
@@ -494,6 +512,11 @@ class KCDLoader:
             raise RuntimeError(
                 f"the {self._backend.name} back end yielded {k} batches in epoch {epoch}, expected {n_batches}"
             )
+        if 0 < self._rows_observed < self._rows_yielded:
+            # the loop observes, but not yet the last batch(es): a fetcher that reads one batch
+            # ahead (Lightning's, accelerate's) ends the iterator before the last training step.
+            # The epoch is complete; it advances at the next iter(), len(), set_epoch or state_dict().
+            return
         self._advance()
 
     def set_epoch(self, epoch: int) -> None:
@@ -541,7 +564,8 @@ class KCDLoader:
         if nxt in self._condense_at:
             self._condense(nxt)
         self.epoch = nxt
-        self._position = self._observed = self._resume_at = 0
+        self._position = self._resume_at = self._iter_start = 0
+        self._rows_yielded = self._rows_observed = 0
         self._iterated = False
 
     def _rank_unobserved(self, values: torch.Tensor, epoch: int, n_keep: int, n_prev: int) -> torch.Tensor:
@@ -551,18 +575,21 @@ class KCDLoader:
         in a seeded random order (distinct finite values above every observed one) instead
         of by index, so that an unobserved, class-sorted dataset is not cut by class."""
         unobserved = self.bank.counts == 0  # [N] bool, on the bank's device
-        active = torch.from_numpy(self._active).to(unobserved.device)
-        m_active = int(unobserved[active].sum())
-        if m_active == 0:
+        in_set = torch.zeros_like(unobserved)
+        in_set[torch.from_numpy(self._active).to(unobserved.device)] = True
+        m_active = int((unobserved & in_set).sum())
+        m_back = int((unobserved & ~in_set).sum())  # dropped earlier without an observation: +inf too
+        if m_active == 0 and m_back == 0:
             return values
         # drop_last leaves the last points of each epoch's order (each rank's shard) out: that
         # many unobserved points are expected, and only logged
         cut = max(0, n_prev - self.world_size * self._planner.samples(n_prev))
         msg = (
-            f"KCD condensation before epoch {epoch}: {m_active} of the {n_prev} active points were never observed "
-            "(value +inf: they rank first); call loader.observe(indices, logits) for every batch"
+            f"KCD condensation before epoch {epoch}: {m_active} of the {n_prev} active points were never observed"
+            + (f", and {m_back} points dropped earlier were never observed either" if m_back else "")
+            + " (value +inf: they rank first); call loader.observe(indices, logits) for every batch"
         )
-        if m_active <= cut:
+        if m_active <= cut and not m_back:
             log.info("%s (drop_last leaves up to %d points of an epoch out)", msg, cut)
         elif self.config.strict:
             raise ValueError(msg + " (strict=True refuses to condense on them)")
@@ -641,7 +668,7 @@ class KCDLoader:
         changes (on CUDA without ``strict``: at the next condensation).
         """
         self.bank.observe(indices, logits, teacher_logits)
-        self._observed += 1
+        self._rows_observed += int(self.bank.last_rows)
 
     # -- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -658,7 +685,9 @@ class KCDLoader:
         resume"). Taken after the last batch of an epoch was yielded, it first completes
         that epoch (the condensation due happens now) and resumes at the next one."""
         self._settle()
-        position = self._position if self._observed and 0 < self._position < self._batches_in(self.epoch) else 0
+        position = self._position if self._rows_observed else self._iter_start  # a peek is not progress
+        if not 0 < position < self._batches_in(self.epoch):
+            position = 0
         return {
             "format": S.STATE_FORMAT,
             "n": self.n,
@@ -734,7 +763,8 @@ class KCDLoader:
         self.seed = seed
         self._planner = dataclasses.replace(self._planner, seed=seed)
         self.epoch = epoch
-        self._position = self._observed = self._resume_at = position
+        self._position = self._resume_at = self._iter_start = position
+        self._rows_yielded = self._rows_observed = 0
         self._iterated = False
         self._active = act
         self.history = [dict(r) for r in state["history"]]

@@ -551,7 +551,7 @@ class DaliBackend:
                 what = "its overlay image" if i in overlay else f"image file {self._paths[i]!r}"
                 raise UnreadableImageError(
                     f"{what} cannot be decoded: its bytes are of no known image format (JPEG, PNG, BMP, PNM, "
-                    f"TIFF, WebP) (dataset index {i}, epoch batch {k}, backend='dali')"
+                    f"TIFF, WebP, JPEG 2000) (dataset index {i}, epoch batch {k}, backend='dali')"
                 )
 
     def _diagnose(self, feed: _Feed, k: int, overlay: dict[int, np.ndarray], err: Exception) -> None:
@@ -670,21 +670,31 @@ _STAND_IN = np.frombuffer(b"P6\n1 1\n255\n\x00\x00\x00", np.uint8)
 
 
 def _known_format(encoded: Any) -> Any:
-    """Per sample, a DALI bool: the first two bytes of ``encoded`` (1-D uint8) start a JPEG,
-    PNG, BMP, PNM (P1-P6), TIFF (II / MM) or WebP (RIFF) file."""
+    """Per sample, a DALI bool: ``encoded`` (1-D uint8) starts with the signature of a JPEG
+    (FF D8 FF), PNG (89 'PNG'), BMP ('BM'), PNM ('P1'-'P6' and white space), TIFF ('II*\\0',
+    'MM\\0*'), WebP ('RIFF' .... 'WEBP') or JPEG 2000 (a jP box or an FF 4F FF 51 codestream)."""
     from nvidia.dali import fn, types
 
-    head = fn.pad(encoded, shape=[2], fill_value=0)  # files shorter than 2 bytes fail the check
-    b0 = fn.cast(head[0], dtype=types.INT32)
-    b1 = fn.cast(head[1], dtype=types.INT32)
+    head = fn.pad(encoded, shape=[12], fill_value=0)  # shorter files are padded with zeros
+    b = [fn.cast(head[i], dtype=types.INT32) for i in range(12)]
+
+    def starts(*sig: int, at: int = 0) -> Any:
+        out = b[at] == sig[0]
+        for j, v in enumerate(sig[1:], start=at + 1):
+            out = out & (b[j] == v)
+        return out
+
+    space = (b[2] == 0x20) | (b[2] == 0x09) | (b[2] == 0x0A) | (b[2] == 0x0D)
     return (
-        ((b0 == 0xFF) & (b1 == 0xD8))  # JPEG
-        | ((b0 == 0x89) & (b1 == 0x50))  # PNG
-        | ((b0 == 0x42) & (b1 == 0x4D))  # BMP
-        | ((b0 == 0x50) & (b1 >= 0x31) & (b1 <= 0x36))  # PNM
-        | ((b0 == 0x49) & (b1 == 0x49))  # TIFF, little endian
-        | ((b0 == 0x4D) & (b1 == 0x4D))  # TIFF, big endian
-        | ((b0 == 0x52) & (b1 == 0x49))  # RIFF (WebP)
+        starts(0xFF, 0xD8, 0xFF)  # JPEG
+        | starts(0x89, 0x50, 0x4E, 0x47)  # PNG
+        | starts(0x42, 0x4D)  # BMP
+        | ((b[0] == 0x50) & (b[1] >= 0x31) & (b[1] <= 0x36) & space)  # PNM
+        | starts(0x49, 0x49, 0x2A, 0x00)  # TIFF, little endian
+        | starts(0x4D, 0x4D, 0x00, 0x2A)  # TIFF, big endian
+        | (starts(0x52, 0x49, 0x46, 0x46) & starts(0x57, 0x45, 0x42, 0x50, at=8))  # WebP
+        | starts(0x00, 0x00, 0x00, 0x0C, 0x6A, 0x50)  # JPEG 2000, JP2 box
+        | starts(0xFF, 0x4F, 0xFF, 0x51)  # JPEG 2000 codestream
     )
 
 

@@ -25,11 +25,6 @@ from .base import ArrayImages, EpochBatchSampler, NoImages, Restore
 __all__ = ["BatchSeeded", "TorchBackend"]
 
 
-# the legacy global numpy RNG's bit generator: its state reads and writes in ~35 us, half the
-# cost of np.random.get_state / set_state
-_NP_BITS = np.random.mtrand._rand._bit_generator
-
-
 def _seed_globals(seed: int) -> None:
     """Seeds torch's CPU generator, numpy's legacy global RNG and Python's ``random``."""
     torch.default_generator.manual_seed(seed)
@@ -67,13 +62,14 @@ class BatchSeeded:
             _seed_globals(seed)
             return self._fetch(list(batch))
         # the caller's process (num_workers=0): seeded for the fetch, restored afterwards
-        torch_state, np_state, py_state = torch.default_generator.get_state(), _NP_BITS.state, random.getstate()
+        # (numpy's whole legacy state: its cached Gaussian lives outside the bit generator)
+        torch_state, np_state, py_state = torch.default_generator.get_state(), np.random.get_state(), random.getstate()  # noqa: NPY002
         try:
             _seed_globals(seed)
             return self._fetch(list(batch))
         finally:
             torch.default_generator.set_state(torch_state)
-            _NP_BITS.state = np_state
+            np.random.set_state(np_state)  # noqa: NPY002
             random.setstate(py_state)
 
     def _fetch(self, batch: list[int]) -> list[Any]:
