@@ -117,7 +117,7 @@ import torch
 from torch.utils.data import IterableDataset, Sampler
 
 from .. import distributed as D
-from .._checks import check_int, is_int
+from .._checks import check_int, check_path, is_int
 from ..bank import Measure, ValueBank
 from ..checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 from ..condense import Vaks, condense
@@ -787,8 +787,7 @@ class KCDLoader:
         place; a failed write raises on rank 0 (its error) and ``RuntimeError`` on the
         others, instead of leaving them waiting. Save between epochs (see "State and
         resume"); resume with :meth:`load` or :meth:`restore`, at any world size."""
-        if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__} {path!r}")
+        check_path(path, "path")
         payload = {"format": CHECKPOINT_FORMAT, "world_size": self.world_size, "loader": self.state_dict()}
         error: Exception | None = None
         if self._dist.rank == 0:
@@ -809,8 +808,7 @@ class KCDLoader:
         sees). Raises ``ValueError`` naming the path when the file is truncated, corrupt,
         not a KCDLoader checkpoint, or made for another dataset, schedule or configuration;
         nothing changes then."""
-        if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__} {path!r}")
+        check_path(path, "path")
         payload = load_checkpoint(path)
         if not (isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT and "loader" in payload):
             got = payload.get("format") if isinstance(payload, dict) else type(payload).__name__

@@ -545,14 +545,15 @@ class DaliBackend:
         """Raises UnreadableImageError for the first sample of batch ``k`` whose bytes match
         no image format (decoded from the stand-in instead)."""
         flags = known.as_cpu() if hasattr(known, "as_cpu") else known
-        for j in range(len(flags)):
-            if not bool(np.asarray(flags[j])):
-                i = int(feed.batches[k][j])
-                what = "its overlay image" if i in overlay else f"image file {self._paths[i]!r}"
-                raise UnreadableImageError(
-                    f"{what} cannot be decoded: its bytes are of no known image format (JPEG, PNG, BMP, PNM, "
-                    f"TIFF, WebP, JPEG 2000) (dataset index {i}, epoch batch {k}, backend='dali')"
-                )
+        ok = np.asarray(flags.as_tensor()).reshape(-1)  # [b] bool, one conversion per batch
+        if ok.all():
+            return
+        i = int(feed.batches[k][int(np.flatnonzero(~ok)[0])])
+        what = "its overlay image" if i in overlay else f"image file {self._paths[i]!r}"
+        raise UnreadableImageError(
+            f"{what} cannot be decoded: its bytes are of no known image format (JPEG, PNG, BMP, PNM, "
+            f"TIFF, WebP, JPEG 2000) (dataset index {i}, epoch batch {k}, backend='dali')"
+        )
 
     def _diagnose(self, feed: _Feed, k: int, overlay: dict[int, np.ndarray], err: Exception) -> None:
         """After a pipeline error at batch ``k``: find the file among the batches DALI held
