@@ -51,6 +51,35 @@ void observe_kl(py::capsule student, py::capsule teacher, py::capsule indices, p
                        temperature);
 }
 
+// logits [B, L, V] (token rows contiguous, the [B, L] dims collapsible), mask [B, L] u8.
+void observe_entropy_seq(py::capsule logits, py::capsule mask, py::capsule indices, py::capsule sums,
+                         py::capsule counts) {
+  Tensor lg = unwrap(logits, "logits"), mk = unwrap(mask, "mask"), ix = unwrap(indices, "indices"),
+         s = unwrap(sums, "sums"), c = unwrap(counts, "counts");
+  const kcd::FloatKind kind = kcd::float_kind(lg);
+  require(lg, lg.t->dtype.code, kind == kcd::FloatKind::kF32 ? 32 : 16, 3);
+  require(mk, kDLUInt, 8, 2);
+  check_bank(ix, s, c);
+  const int64_t B = lg.size(0), L = lg.size(1), V = lg.size(2);
+  if (ix.size(0) != B || mk.size(0) != B || mk.size(1) != L) {
+    throw std::invalid_argument("logits [B, L, V], mask [B, L] and indices [B] differ in shape");
+  }
+  py::gil_scoped_release nogil;
+  kcd::cpu::observe_entropy_seq(lg.data<void>(), kind, B, L, V, V, mk.data<uint8_t>(), ix.data<int64_t>(), s.size(0),
+                                s.data<double>(), c.data<int32_t>());
+}
+
+void observe_scores(py::capsule scores, py::capsule indices, py::capsule sums, py::capsule counts) {
+  Tensor sc = unwrap(scores, "scores"), ix = unwrap(indices, "indices"), s = unwrap(sums, "sums"),
+         c = unwrap(counts, "counts");
+  require(sc, kDLFloat, 64, 1);
+  check_bank(ix, s, c);
+  if (ix.size(0) != sc.size(0)) throw std::invalid_argument("indices and scores differ in length");
+  py::gil_scoped_release nogil;
+  kcd::cpu::observe_scores(sc.data<double>(), ix.data<int64_t>(), sc.size(0), s.size(0), s.data<double>(),
+                           c.data<int32_t>());
+}
+
 void values(py::capsule sums, py::capsule counts, py::capsule out, double period, double alpha) {
   Tensor s = unwrap(sums, "sums"), c = unwrap(counts, "counts"), o = unwrap(out, "out");
   require(s, kDLFloat, 64, 1);
@@ -99,6 +128,9 @@ PYBIND11_MODULE(_cpu, m) {
   m.doc() = "kcd_fast CPU kernels (DLPack in, results written in place)";
   m.def("observe_entropy", &observe_entropy, "logits [B, C], indices [B] i64, sums [N] f64, counts [N] i32");
   m.def("observe_kl", &observe_kl, "student, teacher [B, C], indices [B], sums [N], counts [N], temperature");
+  m.def("observe_entropy_seq", &observe_entropy_seq,
+        "logits [B, L, V] contiguous, mask [B, L] u8 in {0, 1}, indices [B] i64, sums [N] f64, counts [N] i32");
+  m.def("observe_scores", &observe_scores, "scores [B] f64, indices [B] i64, sums [N] f64, counts [N] i32");
   m.def("values", &values, "sums [N] f64, counts [N] i32, out [N] f64, period, alpha");
   m.def("blend", &blend, "images [N, ...] u8, dst [L] i64, src [L] i64, eps [L] f64");
   m.def("condense", &condense, "values [N] f64, n_keep, n_prev, mode, eps_m, random_pos [P], keep [n_keep], "

@@ -64,6 +64,37 @@ void observe_kl(py::capsule student, py::capsule teacher, py::capsule indices, p
                         temperature, er.data<int64_t>(), as_stream(stream));
 }
 
+// logits [B, L, V] contiguous, mask [B, L] u8, indices [B], sums [N], counts [N], errors [2].
+void observe_entropy_seq(py::capsule logits, py::capsule mask, py::capsule indices, py::capsule sums,
+                         py::capsule counts, py::capsule errors, uintptr_t stream) {
+  Tensor lg = unwrap(logits, "logits"), mk = unwrap(mask, "mask"), ix = unwrap(indices, "indices"),
+         s = unwrap(sums, "sums"), c = unwrap(counts, "counts"), er = unwrap(errors, "errors");
+  const kcd::FloatKind kind = kcd::float_kind(lg);
+  require(lg, lg.t->dtype.code, kind == kcd::FloatKind::kF32 ? 32 : 16, 3);
+  require(mk, kDLUInt, 8, 2);
+  check_bank(ix, s, c, er);
+  const int64_t B = lg.size(0), L = lg.size(1), V = lg.size(2);
+  if (ix.size(0) != B || mk.size(0) != B || mk.size(1) != L) {
+    throw std::invalid_argument("logits [B, L, V], mask [B, L] and indices [B] differ in shape");
+  }
+  on_device({&lg, &mk, &ix, &s, &c, &er});
+  kcd::cuda::observe_entropy_seq(lg.data<void>(), kind, B, L, V, V, mk.data<uint8_t>(), ix.data<int64_t>(),
+                                 s.size(0), s.data<double>(), c.data<int32_t>(), er.data<int64_t>(),
+                                 as_stream(stream));
+}
+
+void observe_scores(py::capsule scores, py::capsule indices, py::capsule sums, py::capsule counts,
+                    py::capsule errors, uintptr_t stream) {
+  Tensor sc = unwrap(scores, "scores"), ix = unwrap(indices, "indices"), s = unwrap(sums, "sums"),
+         c = unwrap(counts, "counts"), er = unwrap(errors, "errors");
+  require(sc, kDLFloat, 64, 1);
+  check_bank(ix, s, c, er);
+  if (ix.size(0) != sc.size(0)) throw std::invalid_argument("indices and scores differ in length");
+  on_device({&sc, &ix, &s, &c, &er});
+  kcd::cuda::observe_scores(sc.data<double>(), ix.data<int64_t>(), sc.size(0), s.size(0), s.data<double>(),
+                            c.data<int32_t>(), er.data<int64_t>(), as_stream(stream));
+}
+
 void values(py::capsule sums, py::capsule counts, py::capsule out, double period, double alpha, uintptr_t stream) {
   Tensor s = unwrap(sums, "sums"), c = unwrap(counts, "counts"), o = unwrap(out, "out");
   require(s, kDLFloat, 64, 1);
@@ -117,6 +148,8 @@ PYBIND11_MODULE(_cuda, m) {
   m.doc() = "kcd_fast CUDA kernels (DLPack device tensors, enqueued on the given stream)";
   m.def("observe_entropy", &observe_entropy);
   m.def("observe_kl", &observe_kl);
+  m.def("observe_entropy_seq", &observe_entropy_seq);
+  m.def("observe_scores", &observe_scores);
   m.def("values", &values);
   m.def("blend", &blend);
   m.def("condense", &condense);

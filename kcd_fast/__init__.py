@@ -9,7 +9,9 @@ Core API (see README.md; the algorithm is docs/algorithm.md, the layout docs/arc
     kcd_fast.checkpoint, kcd_fast.distributed                      atomic checkpoints, DDP collectives
 Data and loading:
     kcd_fast.ArrayDataset, kcd_fast.ImageFolder                    kcd_fast.data
-    kcd_fast.KCDLoader                                             kcd_fast.loader
+    kcd_fast.KCDLoader, kcd_fast.KCDBatchSampler                   kcd_fast.loader
+    kcd_fast.WithIndices                                           samples that carry their index
+Integrations: kcd_fast.integrations.lightning.KCDCallback, kcd_fast.integrations.hf.KCDTrainer.
 KD trainer and models: kcd_fast.kd (``python -m kcd_fast.kd``; ``kcd_fast.train`` is an alias).
 """
 
@@ -18,8 +20,8 @@ from ._ext import build_info, has_cuda
 from ._version import __version__
 from .bank import Measure, ValueBank
 from .condense import Condensation, Vaks, condense
-from .data import ArrayDataset, ImageFolder
-from .loader import KCDLoader
+from .data import ArrayDataset, ImageFolder, WithIndices
+from .loader import KCDBatchSampler, KCDLoader
 from .schedule import CondensationSchedule, Decay, unix_computation
 
 __all__ = [
@@ -28,10 +30,12 @@ __all__ = [
     "CondensationSchedule",
     "Decay",
     "ImageFolder",
+    "KCDBatchSampler",
     "KCDLoader",
     "Measure",
     "Vaks",
     "ValueBank",
+    "WithIndices",
     "__version__",
     "build_info",
     "checkpoint",

@@ -27,6 +27,17 @@ def kl(student: np.ndarray, teacher: np.ndarray, temperature: float) -> np.ndarr
     return np.maximum((np.exp(la) * (la - lb)).sum(axis=1), 0.0)
 
 
+def sequence_entropy(logits: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """[B, L, V] token logits, [B, L] 0/1 mask -> [B]: each sequence's mean entropy over
+    its unmasked tokens, one token at a time."""
+    z = np.asarray(logits, dtype=np.float64)
+    out = np.zeros(z.shape[0])
+    for b in range(z.shape[0]):
+        hs = [entropy(z[b, t][None, :])[0] for t in range(z.shape[1]) if mask[b, t]]
+        out[b] = sum(hs) / len(hs)
+    return out
+
+
 def observe(sums: np.ndarray, counts: np.ndarray, indices: np.ndarray, scores: np.ndarray) -> None:
     """Accumulates scores [B] of points indices [B] into sums / counts in place."""
     for i, h in zip(indices.tolist(), scores.tolist(), strict=True):

@@ -133,13 +133,21 @@ class ValueBank:
                 new.copy_(t)
         return self
 
-    def observe(self, indices, logits, teacher_logits=None) -> None:
+    def observe(self, indices, logits, teacher_logits=None, *, mask=None) -> None:
         """Scores one training batch: ``indices`` ``[B]`` int64 (any device; moved to the
         bank's), ``logits`` ``[B, C]`` student logits on the bank's device,
         ``teacher_logits`` ``[B, C]`` (needed for ``measure="kl"``). A bank made with
         ``device=None`` moves to the first observed logits' device (again after
         ``load_state_dict``). The arguments are converted and checked once here, then the
-        kernel runs on the bank's own accumulators."""
+        kernel runs on the bank's own accumulators.
+
+        Sequences: with ``mask`` ``[B, L]`` (bool or 0/1, an HF ``attention_mask``),
+        ``logits`` are ``[B, L, V]`` token logits and a sequence's score is the mean entropy
+        of its unmasked tokens, counted once per sequence (``measure="entropy"``; the
+        ``"random"`` measure counts the sequences)."""
+        if mask is not None:
+            self._observe_sequences(indices, logits, teacher_logits, mask)
+            return
         if self.measure is Measure.KL:
             if teacher_logits is None:
                 raise ValueError("measure 'kl' needs teacher_logits, got None")
@@ -149,21 +157,13 @@ class ValueBank:
                 self._unused_teacher()
             lg, te = ops.logits_arg(logits, "logits"), None
         idx = ops.indices_arg(indices, lg.shape[0], "student_logits" if te is not None else "logits")
-        if not self._placed and self.device != lg.device:
-            self.to(lg.device)
-        self._placed = True
-        if lg.device != self.device:
-            raise ValueError(
-                f"logits are on {lg.device} but the value bank is on {self.device}; "
-                "create the bank with device=None to follow the logits"
-            )
+        self._place(lg.device)
         if te is not None and te.device != lg.device:
             raise ValueError(
                 f"teacher_logits is on {te.device} but student_logits is on {lg.device}; pass them on one device"
             )
-        if idx.device != self.device:
-            idx = idx.to(self.device, non_blocking=True)
-        sums, counts = (self.local_sums, self.local_counts) if self.local else (self.sums, self.counts)
+        idx = self._on_device(idx)
+        sums, counts = self._targets()
         self.last_rows = int(lg.shape[0])  # rows of the last accepted batch (KCDLoader counts them)
         if self.measure is Measure.RANDOM:
             self._count_only(idx, lg, counts)
@@ -179,6 +179,63 @@ class ValueBank:
             self._errors,
             self.strict,
         )
+
+    def _observe_sequences(self, indices, logits, teacher_logits, mask) -> None:
+        if self.measure is Measure.KL:
+            raise ValueError(
+                "measure 'kl' scores [B, C] rows and takes no mask; for sequences use measure 'entropy' (the mean "
+                "token entropy under the mask), or compute a per-sequence score and call observe_scores"
+            )
+        if teacher_logits is not None:
+            self._unused_teacher()
+        lg = ops.sequence_logits_arg(logits)
+        idx = ops.indices_arg(indices, lg.shape[0], "logits")
+        self._place(lg.device)
+        idx = self._on_device(idx)
+        sums, counts = self._targets()
+        if self.measure is Measure.RANDOM:  # counts the sequences; the mask is checked all the same
+            ops.mask_arg(mask, idx, lg.shape[0], lg.shape[1], lg.device, True)
+            self._count_only(idx, lg.detach().flatten(1), counts)
+        else:
+            ops.launch_observe_seq(self.device, lg.detach(), mask, idx, sums, counts, self._errors, self.strict)
+        self.last_rows = int(lg.shape[0])
+
+    def observe_scores(self, indices, scores) -> None:
+        """Records a score per sample that the caller computed (a detection loss, any
+        measure; higher = more valuable): ``S_i += score``, ``n_i += 1``. ``indices`` ``[B]``
+        int64, ``scores`` ``[B]`` real numbers (converted to float64) on the bank's device
+        (a bank made with ``device=None`` follows them). Non-finite scores and bad indices
+        raise before anything changes (on CUDA without ``strict``: at the next ``check``).
+        Do not mix with ``observe`` in one run: the values would mix two scales."""
+        sc = ops.scores_arg(scores)
+        idx = ops.indices_arg(indices, sc.shape[0], "scores")
+        self._place(sc.device)
+        idx = self._on_device(idx)
+        sums, counts = self._targets()
+        if self.measure is Measure.RANDOM:
+            self._count_only(idx, sc[:, None], counts)
+        else:
+            ops.launch_observe_scores(self.device, sc, idx, sums, counts, self._errors, self.strict)
+        self.last_rows = int(sc.shape[0])
+
+    def _place(self, device: torch.device) -> None:
+        """Moves a ``device=None`` bank to the first observed data's device; ``ValueError``
+        when the data are elsewhere than the bank."""
+        if not self._placed and self.device != device:
+            self.to(device)
+        self._placed = True
+        if device != self.device:
+            raise ValueError(
+                f"logits are on {device} but the value bank is on {self.device}; "
+                "create the bank with device=None to follow the logits"
+            )
+
+    def _on_device(self, idx: torch.Tensor) -> torch.Tensor:
+        return idx if idx.device == self.device else idx.to(self.device, non_blocking=True)
+
+    def _targets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The accumulators observations go to: this rank's local ones under DDP."""
+        return (self.local_sums, self.local_counts) if self.local else (self.sums, self.counts)
 
     def _unused_teacher(self) -> None:
         """Teacher logits given to a measure that does not read them: an error with

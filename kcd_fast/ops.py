@@ -179,6 +179,166 @@ def observe_kl(
     launch_observe(device, st, te, idx, s, c, float(temperature), _errors_arg(errors, device), strict)
 
 
+def sequence_logits_arg(x, name: str = "logits") -> torch.Tensor:
+    """``x`` as a contiguous torch ``[B, L, V]`` tensor of token logits (V >= 1 when B, L > 0)."""
+    t, _ = A.as_torch(x, name)
+    A.check_dtype(t, name, LOGIT_DTYPES)
+    A.check_ndim(t, name, 3, "[B, L, V] (sequences, tokens, vocabulary) when a mask is given")
+    if t.shape[0] * t.shape[1] > 0 and t.shape[2] == 0:
+        raise ValueError(f"{name} has V = 0 classes, shape {tuple(t.shape)}")
+    return t.contiguous()
+
+
+def mask_arg(mask, indices: torch.Tensor, b: int, length: int, device: torch.device, strict: bool) -> torch.Tensor:
+    """``mask`` as a contiguous uint8 ``[B, L]`` tensor of 0 / 1 on ``device``.
+
+    bool, integer and floating masks are accepted (an HF ``attention_mask`` is int64). Values
+    other than 0 and 1, and sequences without a 1, raise ``ValueError`` on the CPU and with
+    ``strict`` (a host sync on CUDA); otherwise on CUDA they are marked for the kernel,
+    which skips and counts those sequences (raised by ``ValueBank.check``)."""
+    m, _ = A.as_torch(mask, "mask")
+    if m.is_complex():
+        raise TypeError(f"mask must be bool, integer or floating 0/1 values, got {A.dtype_name(m)}")
+    if m.dim() != 2 or tuple(m.shape) != (b, length):
+        raise ValueError(f"mask must be [B, L] = [{b}, {length}] (one entry per token of logits), got {tuple(m.shape)}")
+    if m.device != device:
+        raise ValueError(f"mask is on {m.device} but logits are on {device}; pass them on one device")
+    if m.dtype == torch.bool:
+        return m.contiguous().view(torch.uint8)
+    binary = (m == 0) | (m == 1)
+    if device.type == "cpu" or strict:
+        if not bool(binary.all()):
+            i, j = (int(v) for v in (~binary).nonzero()[0])
+            raise ValueError(f"mask must hold only 0 and 1 (or be bool), got mask[{i}, {j}] = {m[i, j].item()!r}")
+        out = m.to(torch.uint8).contiguous()
+        empty = out.sum(dim=1) == 0
+        if b and bool(empty.any()):
+            r = int(empty.nonzero()[0, 0])
+            raise ValueError(
+                f"mask row {r} (point {int(indices[r])}) has no unmasked token: a sequence is scored by the "
+                "mean entropy of its unmasked tokens and needs at least one"
+            )
+        return out
+    return torch.where(binary, m, 2).to(torch.uint8).contiguous()
+
+
+def scores_arg(scores, rows: int | None = None) -> torch.Tensor:
+    """``scores`` as a contiguous float64 ``[B]`` torch tensor (real dtypes, converted)."""
+    t, _ = A.as_torch(scores, "scores")
+    if t.dtype == torch.bool or t.is_complex():
+        raise TypeError(f"scores must be real numbers (a float or integer dtype), got {A.dtype_name(t)}")
+    A.check_ndim(t, "scores", 1, "[B] (one score per sample)")
+    if rows is not None and t.shape[0] != rows:
+        raise ValueError(f"scores has {t.shape[0]} entries but indices has {rows}")
+    return t.detach().to(torch.float64).contiguous()
+
+
+def observe_entropy_seq(logits, mask, indices, sums, counts, *, errors=None, strict: bool | None = None) -> None:
+    """Accumulate each sequence's mean token entropy into ``sums`` / ``counts`` in place.
+
+    Args:
+        logits: ``[B, L, V]`` float32, float16 or bfloat16 token logits (made contiguous).
+        mask: ``[B, L]`` bool or 0/1 numbers: 1 for a token that counts (an HF
+            ``attention_mask``); masked tokens are never read.
+        indices: ``[B]`` int64 point index of each sequence. sums ``[N]`` float64 and
+            counts ``[N]`` int32 are updated in place; errors and strict as for
+            :func:`observe_entropy`.
+
+    A sequence's score is ``mean_{t: mask[b, t] = 1} H(softmax(logits[b, t]))``, counted once
+    (``counts += 1``) per sequence. A mask value other than 0/1 or a sequence with no
+    unmasked token raises before anything changes (on CUDA without ``strict`` and with
+    ``errors``: skipped and counted as a non-finite row).
+    """
+    lg = sequence_logits_arg(logits)
+    idx, s, c = _bank_args(indices, sums, counts, lg.shape[0], "logits")
+    device = A.check_same_device([("logits", lg), ("indices", idx), ("sums", s), ("counts", c)])
+    errs = _errors_arg(errors, device)
+    launch_observe_seq(device, lg, mask, idx, s, c, errs, strict)
+
+
+def launch_observe_seq(
+    device: torch.device,
+    lg: torch.Tensor,
+    mask,
+    idx: torch.Tensor,
+    sums: torch.Tensor,
+    counts: torch.Tensor,
+    errors: torch.Tensor | None,
+    strict: bool | None,
+) -> None:
+    """The masked sequence kernel on checked arguments (``lg`` ``[B, L, V]`` contiguous,
+    ``idx`` ``[B]``, the bank's ``sums`` / ``counts``); ``mask`` is checked here."""
+    b, length = lg.shape[0], lg.shape[1]
+    check = device.type == "cpu" or bool(strict) or (strict is None and errors is None)
+    m = mask_arg(mask, idx, b, length, device, check)
+    if b == 0:
+        return
+    if device.type == "cpu":
+        _cpu.observe_entropy_seq(A.capsule(lg), A.capsule(m), A.capsule(idx), A.capsule(sums), A.capsule(counts))
+        return
+    if check:
+        strict_check(idx, sums.shape[0], [])
+        bad = m.reshape(-1).bool() & ~torch.isfinite(lg.reshape(b * length, -1)).all(dim=1)  # unmasked rows only
+        if bool(bad.any()):
+            t = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"logits row {t // length} (point {int(idx[t // length])}) holds a non-finite value (inf or nan) "
+                f"at unmasked token {t % length}"
+            )
+    if errors is None:
+        errors = torch.zeros(2, dtype=torch.int64, device=device)
+    cuda_module().observe_entropy_seq(
+        A.capsule(lg),
+        A.capsule(m),
+        A.capsule(idx),
+        A.capsule(sums),
+        A.capsule(counts),
+        A.capsule(errors),
+        A.stream_of(lg),
+    )
+
+
+def observe_scores(scores, indices, sums, counts, *, errors=None, strict: bool | None = None) -> None:
+    """Accumulate caller-computed per-sample scores: ``sums[indices[r]] += scores[r]``,
+    ``counts[indices[r]] += 1`` (higher = more valuable, as for entropy).
+
+    Args:
+        scores: ``[B]`` real numbers (a detection loss, any measure), converted to float64.
+        indices: ``[B]`` int64. sums ``[N]`` float64, counts ``[N]`` int32 (in place);
+            errors and strict as for :func:`observe_entropy`.
+
+    Non-finite scores and indices outside ``[0, N)`` raise before anything changes.
+    """
+    sc = scores_arg(scores)
+    idx, s, c = _bank_args(indices, sums, counts, sc.shape[0], "scores")
+    device = A.check_same_device([("scores", sc), ("indices", idx), ("sums", s), ("counts", c)])
+    launch_observe_scores(device, sc, idx, s, c, _errors_arg(errors, device), strict)
+
+
+def launch_observe_scores(
+    device: torch.device,
+    sc: torch.Tensor,
+    idx: torch.Tensor,
+    sums: torch.Tensor,
+    counts: torch.Tensor,
+    errors: torch.Tensor | None,
+    strict: bool | None,
+) -> None:
+    """The scores kernel on checked arguments (``sc`` ``[B]`` float64 contiguous)."""
+    if sc.shape[0] == 0:
+        return
+    if device.type == "cpu":
+        _cpu.observe_scores(A.capsule(sc), A.capsule(idx), A.capsule(sums), A.capsule(counts))
+        return
+    if strict or (strict is None and errors is None):
+        strict_check(idx, sums.shape[0], [("scores", sc[:, None])])
+    if errors is None:
+        errors = torch.zeros(2, dtype=torch.int64, device=device)
+    cuda_module().observe_scores(
+        A.capsule(sc), A.capsule(idx), A.capsule(sums), A.capsule(counts), A.capsule(errors), A.stream_of(sc)
+    )
+
+
 def check_temperature(temperature: float) -> None:
     if not (is_finite_number(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")

@@ -270,9 +270,10 @@ def test_torchvision_style_dataset_blends_into_data() -> None:
     assert ds.targets == labels.tolist()
 
 
-def test_generic_dataset_needs_vaks_off() -> None:
+def test_generic_dataset_turns_vaks_off_by_default_and_refuses_an_explicit_mode() -> None:
     with pytest.raises(ValueError, match=r"Generic is not an ArrayDataset.*To enable VAKS, wrap the images"):
-        KCDLoader(Generic(20), SCHED, batch_size=4)
+        KCDLoader(Generic(20), SCHED, batch_size=4, vaks="low")
+    assert KCDLoader(Generic(20), SCHED, batch_size=4).vaks.value == "off"  # "auto": nothing to blend
     loader = KCDLoader(Generic(20), SCHED, batch_size=4, vaks="off", shuffle=True)
     assert loader.images is None
     for _ in range(SCHED.epochs):
@@ -461,7 +462,7 @@ def test_set_epoch() -> None:
         ({"eps_m": 1.5}, ValueError, r"eps_m must be a finite number in \[0.0, 1.0\], got 1.5"),
         ({"alpha": float("nan")}, ValueError, "alpha must be a finite number"),
         ({"device": "tpu"}, ValueError, "device must be None, 'cpu' or 'cuda"),
-        ({"backend": "jax"}, ValueError, "backend must be one of 'torch', 'dali', got 'jax'"),
+        ({"backend": "jax"}, ValueError, "backend must be one of 'torch', 'dali', 'indices', got 'jax'"),
     ],
 )
 def test_constructor_checks(kwargs: dict[str, Any], exc: type[Exception], match: str) -> None:

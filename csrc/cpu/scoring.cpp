@@ -140,6 +140,57 @@ void observe_kl(const void* student, const void* teacher, FloatKind kind, int64_
   accumulate(h, indices, sums, counts, "student_logits/teacher_logits");
 }
 
+void observe_entropy_seq(const void* logits, FloatKind kind, int64_t B, int64_t L, int64_t V, int64_t ld,
+                         const uint8_t* mask, const int64_t* indices, int64_t N, double* sums, int32_t* counts) {
+  if (B == 0) return;
+  check_indices(indices, B, N);
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t tokens = 0;
+    for (int64_t t = 0; t < L; ++t) {
+      const uint8_t m = mask[b * L + t];
+      if (!mask_valid(m)) {
+        throw std::invalid_argument("mask[" + std::to_string(b) + ", " + std::to_string(t) + "] = " +
+                                    std::to_string(m) + " is not 0 or 1");
+      }
+      tokens += m;
+    }
+    if (tokens == 0) {
+      throw std::invalid_argument("mask row " + std::to_string(b) + " (point " + std::to_string(indices[b]) +
+                                  ") has no unmasked token");
+    }
+  }
+  // token entropies of the unmasked rows, then each sequence's mean in token order
+  std::vector<double> h(static_cast<size_t>(B * L), 0.0);
+#pragma omp parallel num_threads(openmp_threads()) if (B * L * V >= kParallelElems)
+  {
+    std::vector<float> buf;
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < B * L; ++r) {
+      if (mask[r]) h[r] = entropy_row(row_as_f32(logits, kind, r, V, ld, buf), V);
+    }
+  }
+  std::vector<double> seq(static_cast<size_t>(B));
+  for (int64_t b = 0; b < B; ++b) {
+    double sum = 0.0;
+    int64_t tokens = 0;
+    for (int64_t t = 0; t < L; ++t) {
+      if (mask[b * L + t]) {
+        sum += h[b * L + t];
+        ++tokens;
+      }
+    }
+    seq[b] = sequence_value(sum, tokens);
+  }
+  accumulate(seq, indices, sums, counts, "logits");
+}
+
+void observe_scores(const double* scores, const int64_t* indices, int64_t B, int64_t N, double* sums,
+                    int32_t* counts) {
+  if (B == 0) return;
+  check_indices(indices, B, N);
+  accumulate(std::vector<double>(scores, scores + B), indices, sums, counts, "scores");
+}
+
 void values(const double* sums, const int32_t* counts, int64_t N, double period, double alpha,
             double* out) {
 #pragma omp parallel for num_threads(openmp_threads()) schedule(static) if (N >= kParallelElems)

@@ -66,21 +66,17 @@ __device__ __forceinline__ void push_chunk(RowStats& st, float& chk, const float
   }
 }
 
-// One warp per row, one pass over the logits: each lane streams 16-byte vectors (when
-// the rows are 16-byte aligned) into running RowStats, merged across the warp. kBatch
-// vectors are loaded before any is used (more bytes in flight per lane); a lane visits
-// its vectors in the same order for every kBatch, so results are identical.
+// The RowStats of one row, merged across the warp (every lane holds the result), in one
+// pass over the logits: each lane streams 16-byte vectors (when the rows are 16-byte
+// aligned) into running RowStats. kBatch vectors are loaded before any is used (more
+// bytes in flight per lane); a lane visits its vectors in the same order for every
+// kBatch, so results are identical. chk becomes NaN iff the row holds a non-finite value.
 template <FloatKind K, int kBatch>
-__global__ void entropy_kernel(const void* __restrict__ logits, int64_t B, int64_t C, int64_t ld, bool vec,
-                               const int64_t* __restrict__ indices, int64_t N, double* __restrict__ sums,
-                               int32_t* __restrict__ counts, int64_t* __restrict__ errors) {
+__device__ __forceinline__ RowStats warp_row_stats(const void* __restrict__ logits, int64_t base, int64_t C,
+                                                   bool vec, int lane, float& chk) {
   using V = Vec<K>;
-  const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
-  const int lane = threadIdx.x % kWarp;
-  if (row >= B) return;
-  const int64_t base = row * ld;
   RowStats st;
-  float chk = 0.0f;
+  chk = 0.0f;
   int64_t tail = 0;
   if (vec) {
     const int64_t nvec = C / V::kWidth;
@@ -109,11 +105,96 @@ __global__ void entropy_kernel(const void* __restrict__ logits, int64_t B, int64
     st = merge(st, other);
     chk += __shfl_xor_sync(0xffffffffu, chk, o);
   }
+  return st;
+}
+
+// One warp per row of logits.
+template <FloatKind K, int kBatch>
+__global__ void entropy_kernel(const void* __restrict__ logits, int64_t B, int64_t C, int64_t ld, bool vec,
+                               const int64_t* __restrict__ indices, int64_t N, double* __restrict__ sums,
+                               int32_t* __restrict__ counts, int64_t* __restrict__ errors) {
+  const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (row >= B) return;
+  float chk;
+  const RowStats st = warp_row_stats<K, kBatch>(logits, row * ld, C, vec, lane, chk);
   const int64_t point = indices[row];
   if (!row_ok(chk, st.m, point, N, lane, errors)) return;
   if (lane == 0) {
     atomicAdd(sums + point, finish_entropy(st.z, st.w));
     atomicAdd(counts + point, 1);
+  }
+}
+
+// One block per sequence: warp w takes its unmasked tokens w, w + kWarps, ...; the block
+// then adds the warps' sums in warp order (deterministic) and thread 0 records the
+// sequence's mean token entropy. A bad mask value, no unmasked token or a non-finite
+// unmasked token skips the sequence (counted in errors[1]).
+template <FloatKind K>
+__global__ void entropy_seq_kernel(const void* __restrict__ logits, int64_t L, int64_t V, int64_t ld, bool vec,
+                                   const uint8_t* __restrict__ mask, const int64_t* __restrict__ indices, int64_t N,
+                                   double* __restrict__ sums, int32_t* __restrict__ counts,
+                                   int64_t* __restrict__ errors) {
+  constexpr int kWarps = kThreads / kWarp;
+  __shared__ double warp_sum_h[kWarps];
+  __shared__ int64_t warp_tokens[kWarps];
+  __shared__ int warp_bad[kWarps];
+  const int64_t b = blockIdx.x;
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  double sum_h = 0.0;
+  int64_t tokens = 0;
+  int bad = 0;
+  for (int64_t t = warp; t < L; t += kWarps) {
+    const uint8_t m = mask[b * L + t];
+    if (!mask_valid(m)) bad = 1;
+    if (m != 1) continue;
+    float chk;
+    const RowStats st = warp_row_stats<K, 1>(logits, (b * L + t) * ld, V, vec, lane, chk);
+    if (!(isfinite(chk) && isfinite(st.m))) bad = 1;
+    sum_h += finish_entropy(st.z, st.w);
+    ++tokens;
+  }
+  if (lane == 0) {
+    warp_sum_h[warp] = sum_h;
+    warp_tokens[warp] = tokens;
+    warp_bad[warp] = bad;
+  }
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  double total = 0.0;
+  int64_t n_tokens = 0;
+  for (int w = 0; w < kWarps; ++w) {
+    total += warp_sum_h[w];
+    n_tokens += warp_tokens[w];
+    bad |= warp_bad[w];
+  }
+  const int64_t point = indices[b];
+  if (point < 0 || point >= N) {
+    atomicAdd(reinterpret_cast<unsigned long long*>(errors), 1ull);
+  } else if (bad || n_tokens == 0) {
+    atomicAdd(reinterpret_cast<unsigned long long*>(errors + 1), 1ull);
+  } else {
+    atomicAdd(sums + point, sequence_value(total, n_tokens));
+    atomicAdd(counts + point, 1);
+  }
+}
+
+// One thread per row of caller-computed scores.
+__global__ void scores_kernel(const double* __restrict__ scores, const int64_t* __restrict__ indices, int64_t B,
+                              int64_t N, double* __restrict__ sums, int32_t* __restrict__ counts,
+                              int64_t* __restrict__ errors) {
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; r < B;
+       r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t point = indices[r];
+    const double v = scores[r];
+    if (point < 0 || point >= N) {
+      atomicAdd(reinterpret_cast<unsigned long long*>(errors), 1ull);
+    } else if (!isfinite(v)) {
+      atomicAdd(reinterpret_cast<unsigned long long*>(errors + 1), 1ull);
+    } else {
+      atomicAdd(sums + point, v);
+      atomicAdd(counts + point, 1);
+    }
   }
 }
 
@@ -214,6 +295,36 @@ void observe_kl(const void* student, const void* teacher, FloatKind kind, int64_
       kl_kernel<FloatKind::kBF16><<<row_grid(B), kThreads, 0, s>>>(student, teacher, B, C, ld_s, ld_t, indices, N, sums, counts, inv, errors);
       break;
   }
+  KCD_CUDA_CHECK(cudaGetLastError());
+}
+
+void observe_entropy_seq(const void* logits, FloatKind kind, int64_t B, int64_t L, int64_t V, int64_t ld,
+                         const uint8_t* mask, const int64_t* indices, int64_t N, double* sums, int32_t* counts,
+                         int64_t* errors, void* stream) {
+  if (B == 0) return;
+  auto s = static_cast<cudaStream_t>(stream);
+  const int64_t esize = kind == FloatKind::kF32 ? 4 : 2;
+  const bool vec = reinterpret_cast<uintptr_t>(logits) % 16 == 0 && (ld * esize) % 16 == 0;
+  const auto grid = static_cast<unsigned int>(B);
+  switch (kind) {
+    case FloatKind::kF32:
+      entropy_seq_kernel<FloatKind::kF32><<<grid, kThreads, 0, s>>>(logits, L, V, ld, vec, mask, indices, N, sums, counts, errors);
+      break;
+    case FloatKind::kF16:
+      entropy_seq_kernel<FloatKind::kF16><<<grid, kThreads, 0, s>>>(logits, L, V, ld, vec, mask, indices, N, sums, counts, errors);
+      break;
+    case FloatKind::kBF16:
+      entropy_seq_kernel<FloatKind::kBF16><<<grid, kThreads, 0, s>>>(logits, L, V, ld, vec, mask, indices, N, sums, counts, errors);
+      break;
+  }
+  KCD_CUDA_CHECK(cudaGetLastError());
+}
+
+void observe_scores(const double* scores, const int64_t* indices, int64_t B, int64_t N, double* sums,
+                    int32_t* counts, int64_t* errors, void* stream) {
+  if (B == 0) return;
+  scores_kernel<<<grid_for(B), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(scores, indices, B, N, sums, counts,
+                                                                                 errors);
   KCD_CUDA_CHECK(cudaGetLastError());
 }
 

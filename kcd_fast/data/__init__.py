@@ -6,16 +6,19 @@
   torchvision's sample order) and :func:`load_rgb`, the one image decoder on the host.
 """
 
-from .arrays import ArrayDataset, image_storage, require_image_storage
+from .arrays import ArrayDataset, has_images, image_storage, require_image_storage
 from .folders import IMAGE_EXTENSIONS, ImageFolder, UnreadableImageError, is_image_folder, load_rgb
+from .indexed import WithIndices
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "ArrayDataset",
     "ImageFolder",
     "UnreadableImageError",
+    "has_images",
     "image_storage",
     "is_image_folder",
     "load_rgb",
     "require_image_storage",
+    "WithIndices",
 ]

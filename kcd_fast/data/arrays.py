@@ -23,8 +23,9 @@ import torch
 from torch.utils.data import Dataset
 
 from .._checks import check_device
+from .folders import is_image_folder
 
-__all__ = ["ArrayDataset", "image_storage", "require_image_storage"]
+__all__ = ["ArrayDataset", "has_images", "image_storage", "require_image_storage"]
 
 
 def _to_tensor(x: Any, name: str) -> torch.Tensor:
@@ -184,6 +185,9 @@ def _storage_or_reason(dataset: Any) -> tuple[torch.Tensor | None, str]:
         return None, f"{name}.data is a {type(data).__name__}, not a numpy array or torch tensor"
     if t.dim() < 2 or t.shape[0] != n:
         return None, f"{name}.data has shape {tuple(t.shape)}, not [N = {n}, ...] with one row per point"
+    if not _image_shaped(tuple(t.shape)):
+        # token ids, audio, tabular bytes: blending them as pixels would corrupt them
+        return None, f"{name}.data has shape {tuple(t.shape)}, not images [N, H, W] or [N, H, W, C] with C in (1, 3, 4)"
     if t.device.type not in ("cpu", "cuda"):
         return None, f"{name}.data is on {t.device}; kcd_fast blends on cpu and cuda"
     return t, ""
@@ -195,6 +199,23 @@ def image_storage(dataset: Any) -> torch.Tensor | None:
     for a generic dataset. The view may be non-contiguous (torchvision's CIFAR ``.data``
     is a transposed array); the loader blends such views row by row."""
     return _storage_or_reason(dataset)[0]
+
+
+def _image_shaped(shape: tuple[int, ...]) -> bool:
+    return len(shape) == 3 or (len(shape) == 4 and shape[3] in (1, 3, 4))
+
+
+def has_images(dataset: Any) -> bool:
+    """Whether ``dataset`` holds images for VAKS: an :class:`ArrayDataset`, an image
+    folder, or a uint8 image-shaped ``.data`` (``[N, H, W]`` / ``[N, H, W, C]``, C in
+    1, 3, 4) with ``.targets``, blendable or not (:func:`require_image_storage` says why
+    not). Token ids, tabular bytes and generic datasets hold none."""
+    if isinstance(dataset, ArrayDataset) or is_image_folder(dataset):
+        return True
+    data = getattr(dataset, "data", None)
+    if not hasattr(dataset, "targets") or not isinstance(data, (np.ndarray, torch.Tensor)):
+        return False
+    return data.dtype in (np.uint8, torch.uint8) and _image_shaped(tuple(data.shape))
 
 
 def require_image_storage(dataset: Any, vaks: str) -> torch.Tensor | None:

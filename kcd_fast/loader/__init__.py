@@ -5,10 +5,12 @@
 - :mod:`.config`: :class:`LoaderConfig`, the configuration, validated once;
 - :mod:`.plan`: epoch order, DDP shards, batches and the seeds of each epoch's streams;
 - :mod:`.state`: the saved state's schema, the summary log, image digests, replay;
-- :mod:`.backends`: the torch and DALI back ends that move and transform samples.
+- :mod:`.batch_sampler`: :class:`KCDBatchSampler`, the same core for a DataLoader you build;
+- :mod:`.backends`: the torch, DALI and indices back ends that move and transform samples.
 """
 
+from .batch_sampler import KCDBatchSampler
 from .config import Backend, LoaderConfig
 from .core import KCDLoader
 
-__all__ = ["Backend", "KCDLoader", "LoaderConfig"]
+__all__ = ["Backend", "KCDBatchSampler", "KCDLoader", "LoaderConfig"]

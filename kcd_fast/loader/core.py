@@ -124,7 +124,7 @@ from ..condense import Vaks, condense
 from ..schedule import CondensationSchedule
 from . import state as S
 from .backends.base import BackendProtocol
-from .backends.factory import make_backend
+from .backends.factory import auto_vaks, make_backend
 from .config import Backend, LoaderConfig
 from .plan import UNOBSERVED_STREAM, VAKS_STREAM, Planner, stream_seed
 
@@ -161,7 +161,9 @@ class KCDLoader:
             in memory) or a directory for them as files (ImageNet-scale runs).
         value: how points are scored: "entropy" (default), "kl" (needs teacher logits
             in ``observe``) or "random".
-        vaks: "low" (default), "high", "random" or "off" (docs/algorithm.md section 4).
+        vaks: "auto" (default: "low" when the back end can blend the dataset's images, "off"
+            for datasets without images such as token ids), "low", "high", "random" or
+            "off" (docs/algorithm.md section 4).
         alpha: the cost-aware weighting exponent (0.03). eps_m: the smallest weight a
             kept image keeps (0.7). temperature: the KL temperature for ``value="kl"``.
         device: where the value bank lives; None (default): the device of the first
@@ -200,7 +202,7 @@ class KCDLoader:
         seed: int = 0,
         backend: str | Backend = "torch",
         value: str | Measure = "entropy",
-        vaks: str | Vaks = "low",
+        vaks: str | Vaks = "auto",
         alpha: float = 0.03,
         eps_m: float = 0.7,
         temperature: float = 4.0,
@@ -214,6 +216,8 @@ class KCDLoader:
         **backend_options: Any,
     ):
         # -- arguments (all checked before any state is built) --------------------------
+        if isinstance(vaks, str) and vaks == "auto":
+            vaks = auto_vaks(dataset, Backend.parse(backend))
         config = LoaderConfig.create(
             batch_size=batch_size,
             shuffle=shuffle,
@@ -285,6 +289,9 @@ class KCDLoader:
         self._position = self._resume_at = self._iter_start = 0
         self._rows_yielded = self._rows_observed = 0
         self._iterated = False
+        # set by KCDBatchSampler: a DataLoader reads the batches ahead of training, so an
+        # unobserved batch is never a peek and an epoch ends once its batches are observed
+        self._reads_ahead = False
         self._sampler_link()
 
     # -- configuration -------------------------------------------------------------------
@@ -339,6 +346,12 @@ class KCDLoader:
         the schedule is done."""
         self._settle()
         return self._batches_in(self.epoch)
+
+    @property
+    def resume_position(self) -> int:
+        """Batches of the current epoch that the next iterator skips because they were
+        trained before a resume (a mid-epoch state) or before a failed batch; 0 otherwise."""
+        return self._resume_at
 
     def _batches_in(self, epoch: int) -> int:
         return self._planner.num_batches(self._sizes[epoch]) if epoch < self.schedule.epochs else 0
@@ -439,10 +452,15 @@ class KCDLoader:
         n = self._batches_in(self.epoch)
         return self.epoch < self.schedule.epochs and self._position == n and (self._iterated or n == 0)
 
+    def _lagging(self) -> bool:
+        """Fewer rows were observed than yielded: a fetcher read ahead of the training step
+        (once the loop has observed anything; from the start when the loader reads ahead)."""
+        return self._rows_observed < self._rows_yielded and (self._rows_observed > 0 or self._reads_ahead)
+
     def _peeked(self) -> bool:
         """The current iterator yielded a single batch and none of it was observed (such as
         ``next(iter(loader))`` on an epoch of one batch): it does not complete the epoch."""
-        return self._position - self._iter_start == 1 and self._rows_observed == 0
+        return self._position - self._iter_start == 1 and self._rows_observed == 0 and not self._reads_ahead
 
     def _settle(self) -> None:
         """Completes the current epoch when its last batch was yielded: the condensation due
@@ -483,6 +501,8 @@ class KCDLoader:
         try:
             while True:
                 if generation != self._generation:  # checked before pulling: with persistent workers
+                    if k == n_batches:  # nothing was left to yield (completed by observing its last batch)
+                        return
                     raise RuntimeError(  # a newer iterator shares the back end's iterator
                         f"this iterator was made for epoch {epoch}, but the loader has since moved "
                         "(set_epoch, load_state_dict, close or a newer iter()); iterate the loader again"
@@ -512,7 +532,7 @@ class KCDLoader:
             raise RuntimeError(
                 f"the {self._backend.name} back end yielded {k} batches in epoch {epoch}, expected {n_batches}"
             )
-        if 0 < self._rows_observed < self._rows_yielded:
+        if self._lagging():
             # the loop observes, but not yet the last batch(es): a fetcher that reads one batch
             # ahead (Lightning's, accelerate's) ends the iterator before the last training step.
             # The epoch is complete; it advances at the next iter(), len(), set_epoch or state_dict().
@@ -656,18 +676,28 @@ class KCDLoader:
         )
 
     # -- scoring -------------------------------------------------------------------------
-    def observe(self, indices: Any, logits: Any, teacher_logits: Any = None) -> None:
+    def observe(self, indices: Any, logits: Any, teacher_logits: Any = None, *, mask: Any = None) -> None:
         """Scores one training batch (``ValueBank.observe``; no host sync on CUDA).
 
         Args:
             indices: ``[B]`` int64, the ``indices`` the loader yielded (any device).
-            logits: ``[B, C]`` student logits (float32/float16/bfloat16), any grad state.
+            logits: ``[B, C]`` student logits (float32/float16/bfloat16), any grad state;
+                ``[B, L, V]`` token logits when ``mask`` is given.
             teacher_logits: ``[B, C]`` teacher logits, needed for ``value="kl"``.
+            mask: ``[B, L]`` bool or 0/1 (an HF ``attention_mask``): a sequence's score is
+                the mean entropy of its unmasked tokens, counted once per sequence.
 
         Every row counts (see the module docstring); bad input raises before anything
         changes (on CUDA without ``strict``: at the next condensation).
         """
-        self.bank.observe(indices, logits, teacher_logits)
+        self.bank.observe(indices, logits, teacher_logits, mask=mask)
+        self._rows_observed += int(self.bank.last_rows)
+
+    def observe_scores(self, indices: Any, scores: Any) -> None:
+        """Records a score per sample that you computed (``ValueBank.observe_scores``):
+        ``indices`` ``[B]`` as yielded, ``scores`` ``[B]`` real numbers, higher = more
+        valuable (a per-image detection loss, any measure). Same rules as :meth:`observe`."""
+        self.bank.observe_scores(indices, scores)
         self._rows_observed += int(self.bank.last_rows)
 
     # -- state ---------------------------------------------------------------------------
@@ -680,12 +710,27 @@ class KCDLoader:
         nothing. ``save(path)`` writes it atomically.
 
         Taken while an iterator is live, it records the epoch's position: the batches
-        yielded so far (``position``), unless none of them was observed (a peek). A loader
-        that loads it yields exactly the remaining batches of that epoch (see "State and
-        resume"). Taken after the last batch of an epoch was yielded, it first completes
-        that epoch (the condensation due happens now) and resumes at the next one."""
-        self._settle()
-        position = self._position if self._rows_observed else self._iter_start  # a peek is not progress
+        yielded so far (``position``), unless none of them was observed (a peek); when fewer
+        rows were observed than yielded (a fetcher that reads ahead: Lightning's, DataLoader
+        workers behind a ``KCDBatchSampler``), the batches observed. A loader that loads it
+        yields exactly the remaining batches of that epoch (see "State and resume"). Taken
+        after the last batch of an epoch was yielded and observed, it first completes that
+        epoch (the condensation due happens now) and resumes at the next one."""
+        lagging = self._lagging()  # a fetcher read ahead of the training step
+        if not lagging:
+            self._settle()
+        if not self._rows_observed:  # a peek is not progress
+            position = self._iter_start
+        elif lagging:  # the batches trained: those observed (a fetcher's read-ahead is yielded again)
+            position = self._iter_start + self._rows_observed // self.config.batch_size
+        else:
+            position = self._position
+        return self.state_at(position)
+
+    def state_at(self, position: int) -> dict[str, Any]:
+        """The state as of ``position`` batches into the current epoch (0: its start), as
+        it is now otherwise; ``state_dict`` with the position chosen by the caller
+        (``KCDBatchSampler`` records the batches observed, not those fetched ahead)."""
         if not 0 < position < self._batches_in(self.epoch):
             position = 0
         return {
@@ -787,8 +832,12 @@ class KCDLoader:
         place; a failed write raises on rank 0 (its error) and ``RuntimeError`` on the
         others, instead of leaving them waiting. Save between epochs (see "State and
         resume"); resume with :meth:`load` or :meth:`restore`, at any world size."""
+        self.write_checkpoint(path, self.state_dict)
+
+    def write_checkpoint(self, path: str | os.PathLike[str], state: Callable[[], dict[str, Any]]) -> None:
+        """:meth:`save` with the state taken by ``state()`` (every rank; rank 0 writes)."""
         check_path(path, "path")
-        payload = {"format": CHECKPOINT_FORMAT, "world_size": self.world_size, "loader": self.state_dict()}
+        payload = {"format": CHECKPOINT_FORMAT, "world_size": self.world_size, "loader": state()}
         error: Exception | None = None
         if self._dist.rank == 0:
             try:

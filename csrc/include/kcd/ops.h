@@ -33,6 +33,17 @@ void observe_entropy(const void* logits, FloatKind kind, int64_t B, int64_t C, i
 void observe_kl(const void* student, const void* teacher, FloatKind kind, int64_t B, int64_t C,
                 int64_t ld_s, int64_t ld_t, const int64_t* indices, int64_t N, double* sums,
                 int32_t* counts, float temperature);
+// Sequences: logits [B * L, V] token rows (row stride ld; sequence b holds rows
+// b*L .. b*L+L-1), mask [B * L] u8 in {0, 1}: sums[indices[b]] += the mean entropy of the
+// sequence's unmasked tokens, counts[indices[b]] += 1. Throws before any accumulator
+// changes on a bad index, a mask value > 1, a sequence with no unmasked token or a
+// non-finite unmasked token row (masked rows are never read).
+void observe_entropy_seq(const void* logits, FloatKind kind, int64_t B, int64_t L, int64_t V, int64_t ld,
+                         const uint8_t* mask, const int64_t* indices, int64_t N, double* sums, int32_t* counts);
+// A score per row computed by the caller: sums[indices[r]] += scores[r], counts += 1.
+// Throws before any change on a bad index or a non-finite score.
+void observe_scores(const double* scores, const int64_t* indices, int64_t B, int64_t N, double* sums,
+                    int32_t* counts);
 // out [N] = point_value(sums, counts).
 void values(const double* sums, const int32_t* counts, int64_t N, double period, double alpha,
             double* out);
@@ -87,6 +98,13 @@ void observe_entropy(const void* logits, FloatKind kind, int64_t B, int64_t C, i
 void observe_kl(const void* student, const void* teacher, FloatKind kind, int64_t B, int64_t C,
                 int64_t ld_s, int64_t ld_t, const int64_t* indices, int64_t N, double* sums,
                 int32_t* counts, float temperature, int64_t* errors, void* stream);
+// Bad sequences (index, mask value > 1, no unmasked token, non-finite token) are skipped
+// and counted in errors[1] (errors[0] for a bad index).
+void observe_entropy_seq(const void* logits, FloatKind kind, int64_t B, int64_t L, int64_t V, int64_t ld,
+                         const uint8_t* mask, const int64_t* indices, int64_t N, double* sums, int32_t* counts,
+                         int64_t* errors, void* stream);
+void observe_scores(const double* scores, const int64_t* indices, int64_t B, int64_t N, double* sums,
+                    int32_t* counts, int64_t* errors, void* stream);
 void values(const double* sums, const int32_t* counts, int64_t N, double period, double alpha,
             double* out, void* stream);
 // No validation on the device: callers pass the output of condense (or check first).

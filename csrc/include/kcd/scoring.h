@@ -98,6 +98,16 @@ KCD_HD double point_value(double sum, int32_t count, double period, double alpha
   return (sum / n) * pow(n / period, alpha);
 }
 
+// A sequence's value (masked scoring, docs/algorithm.md section 1): the mean entropy of
+// its unmasked tokens, summed in token order; NaN for a sequence with no unmasked token
+// (the callers refuse it: on the CPU before anything changes, on CUDA counted as a bad row).
+KCD_HD double sequence_value(double token_entropy_sum, int64_t tokens) {
+  return tokens > 0 ? token_entropy_sum / static_cast<double>(tokens) : NAN;
+}
+
+// A mask entry: 0 (padding, not read) or 1 (a token that counts); anything else is a bad row.
+KCD_HD bool mask_valid(uint8_t m) { return m <= 1; }
+
 // Bits of the per-row status word written by the scoring kernels.
 constexpr int32_t kRowOk = 0;
 constexpr int32_t kRowBadIndex = 1;

@@ -5,6 +5,7 @@ to every back end; options that only one back end understands are passed through
 ``KCDLoader(..., **backend_options)`` and checked here, before anything is built:
 
 - torch: none (the dataset's ``transform`` augments);
+- indices: none (it yields only each batch's indices: ``KCDBatchSampler``);
 - dali: ``augment`` ("auto", None, a recipe name or a callable), ``dali_device``
   ("auto", None or a CUDA index) and ``dali_overlay_dir`` (image folders: a directory for
   the overlay files). The DataLoader-only arguments ``collate_fn``, ``worker_init_fn``,
@@ -16,13 +17,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...data.arrays import require_image_storage
+from ...data.arrays import has_images, require_image_storage
 from ...data.folders import is_image_folder
 from ..config import Backend, LoaderConfig
 from .base import BackendProtocol
+from .indices import IndexBackend
 from .torch import TorchBackend
 
-__all__ = ["DALI_OPTIONS", "check_options", "make_backend"]
+__all__ = ["DALI_OPTIONS", "auto_vaks", "check_options", "make_backend"]
 
 DALI_OPTIONS = {"augment": "auto", "dali_device": "auto", "dali_overlay_dir": None}
 
@@ -53,6 +55,16 @@ def check_options(config: LoaderConfig, options: dict[str, Any]) -> dict[str, An
     return {}
 
 
+def auto_vaks(dataset: Any, backend: Backend) -> str:
+    """``vaks="auto"``: "low" (the paper's summary) for a dataset that holds images
+    (``has_images``; image storage that cannot be blended then raises, saying why), "off"
+    for token ids, tabular data and generic datasets, and for image folders on the torch
+    back end (only the DALI back end summarises files)."""
+    if is_image_folder(dataset):
+        return "low" if backend is Backend.DALI else "off"
+    return "low" if has_images(dataset) else "off"
+
+
 def make_backend(dataset: Any, config: LoaderConfig, options: dict[str, Any]) -> BackendProtocol:
     """The back end over ``dataset``; every argument is checked before it is built."""
     options = check_options(config, options)
@@ -68,6 +80,8 @@ def make_backend(dataset: Any, config: LoaderConfig, options: dict[str, Any]) ->
             f"the dataset's images live on {storage.device}; worker processes cannot index them: "
             f"use num_workers=0, got num_workers={config.num_workers}"
         )
+    if config.backend is Backend.INDICES:
+        return IndexBackend(storage=storage)
     if config.backend is Backend.DALI:
         from .dali import DaliBackend
 

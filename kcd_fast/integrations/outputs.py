@@ -1,0 +1,37 @@
+"""Observing a training step's output, shared by the integrations: the student's logits
+(``[B, C]``, or ``[B, L, V]`` with a ``[B, L]`` mask), optional teacher logits, or
+per-sample scores, under the keys a ``training_step`` returns them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+__all__ = ["observe_step"]
+
+KEYS = ("logits", "teacher_logits", "mask", "scores")
+
+
+def observe_step(loader: Any, indices: torch.Tensor, output: Mapping[str, Any], where: str) -> None:
+    """``loader.observe(indices, output["logits"], output.get("teacher_logits"),
+    mask=output.get("mask"))``, or ``loader.observe_scores(indices, output["scores"])``.
+    ``where`` names the output in the error when neither key is there."""
+    if not isinstance(output, Mapping):
+        raise TypeError(
+            f"{where} must be a dict with 'loss' and 'logits' (the student's logits for the batch) or 'scores', "
+            f"got {type(output).__name__}"
+        )
+    if "scores" in output and output["scores"] is not None:
+        if output.get("logits") is not None:
+            raise ValueError(f"{where} holds both 'logits' and 'scores'; return one of them (what KCD scores)")
+        loader.observe_scores(indices, output["scores"])
+        return
+    logits = output.get("logits")
+    if logits is None:
+        raise KeyError(
+            f"{where} has no 'logits' (the student's logits for the batch, [B, C] or [B, L, V] with 'mask') or "
+            f"'scores' ([B] per-sample values); it has keys {sorted(output)}"
+        )
+    loader.observe(indices, logits, output.get("teacher_logits"), mask=output.get("mask"))

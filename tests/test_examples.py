@@ -1,0 +1,70 @@
+"""Every script in examples/ runs end to end in its --tiny mode (as a user would start it)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kcd_fast import CondensationSchedule
+
+ROOT = Path(__file__).parents[1]
+EXAMPLES = ROOT / "examples"
+TINY = CondensationSchedule(epochs=4, period=2, rho=0.7)  # what every --tiny run uses
+
+
+def _run(args: list[str], timeout: int = 600) -> str:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    assert out.returncode == 0, f"{' '.join(args)} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
+    return out.stdout
+
+
+def _condensations(stdout: str, n: int) -> None:
+    expected = [(e, TINY.epoch_sizes(n)[e]) for e in TINY.condensation_epochs]
+    assert f"condensations: {expected}" in stdout, stdout[-1500:]
+
+
+@pytest.mark.parametrize("script", ["cifar_kd.py", "custom_loader.py"])
+def test_image_loop_examples(script: str) -> None:
+    out = _run([sys.executable, str(EXAMPLES / script), "--tiny"])
+    _condensations(out, 400)
+    points = [int(m) for m in re.findall(r"epoch \d+: (?:trained on )?(\d+)", out)]
+    assert points == TINY.epoch_sizes(400)
+
+
+def test_lightning_example() -> None:
+    pytest.importorskip("lightning")
+    out = _run([sys.executable, str(EXAMPLES / "lightning_kd.py"), "--tiny"])
+    _condensations(out, 400)
+    steps, total = re.search(r"steps (\d+) \(loader.total_steps\(\) = (\d+)\)", out).groups()
+    assert steps == total
+
+
+def test_hf_example() -> None:
+    pytest.importorskip("transformers")
+    out = _run([sys.executable, str(EXAMPLES / "hf_text_kd.py"), "--tiny"])
+    _condensations(out, 200)
+
+
+@pytest.mark.slow
+def test_ddp_torchrun_example() -> None:
+    out = _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            str(EXAMPLES / "ddp_torchrun.py"),
+            "--tiny",
+        ]
+    )
+    _condensations(out, 400)
+    # every rank trains its shard: ceil(n_e / 2) per rank, padded points counted twice
+    points = [int(m) for m in re.findall(r"epoch \d+: (\d+) points over 2 ranks", out)]
+    assert points == [2 * -(-n // 2) for n in TINY.epoch_sizes(400)]
