@@ -31,7 +31,17 @@ is what is measured. Where torch sees a GPU, the DALI back end runs there (``"mi
 decoding, CUDA outputs) and the DataLoader's batches are copied to the GPU (pinned) in its
 timed loop; ``CUDA_VISIBLE_DEVICES=`` forces the CPU comparison.
 
-Usage: python benchmarks/loader.py [--workload arrays|jpeg] [--quick] [--json PATH] [--n N]
+``--workload tensor``: the tensor back end (issue 14's goals, ratios measured side by side):
+5. ``KCDLoader(backend="tensor", augment="cifar")`` (one fused gather-crop-flip-normalize
+   kernel per batch, no workers) against torch's DataLoader over the same ArrayDataset with
+   the per-item torchvision v2 CIFAR recipe and 2 persistent workers: samples/s, epochs
+   interleaved (alternating which runs first), medians. Goal >= 10x.
+6. ``loader.observe(indices, logits)`` per call at B = 256, C = 10 on the CPU (median of
+   thousands of calls). Goal <= 15 us.
+7. ``kcd_fast.condense`` at N = 1,281,167 (keep 70%, VAKS low): 21 calls idle, then 21 with
+   a process spinning on one core; the worst busy call against the idle median. Goal <= 3x.
+
+Usage: python benchmarks/loader.py [--workload arrays|jpeg|tensor] [--quick] [--json PATH] [--n N]
        [--workers 0 2 ...]
 """
 
@@ -444,6 +454,163 @@ def main_jpeg(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _spin(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    x = 0
+    while time.perf_counter() < end:
+        x += 1
+
+
+def bench_tensor(n: int, batch_size: int, repeats: int, seed: int) -> dict[str, Any]:
+    """Sections 5-7 of the module docstring."""
+    import multiprocessing as mp
+
+    import kcd_fast
+    from kcd_fast import ops
+
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, CLASSES, n)
+    full = CondensationSchedule(epochs=1000, period=1000, rho=1.0)
+    per_item = ArrayDataset(images, labels, transform=cifar_transform())
+    dataloader = torch.utils.data.DataLoader(
+        per_item, batch_size=batch_size, shuffle=True, num_workers=2, persistent_workers=True
+    )
+    tensor = KCDLoader(
+        ArrayDataset(images, labels),
+        full,
+        batch_size=batch_size,
+        shuffle=True,
+        seed=seed,
+        backend="tensor",
+        augment="cifar",
+    )
+    time_epoch(dataloader, None)  # workers started, caches warm
+    time_epoch(tensor, None)
+    dl_s, te_s = [], []
+    for r in range(repeats):
+        order = [(dataloader, dl_s), (tensor, te_s)] if r % 2 == 0 else [(tensor, te_s), (dataloader, dl_s)]
+        for loader, out in order:
+            sec, seen = time_epoch(loader, None)
+            out.append(seen / sec)
+    dl_med, te_med = statistics.median(dl_s), statistics.median(te_s)
+    feed = {
+        "dataloader_samples_per_s": dl_med,
+        "tensor_samples_per_s": te_med,
+        "ratio": te_med / dl_med,
+        "per_pair_ratio_median": statistics.median(t / d for t, d in zip(te_s, dl_s, strict=True)),
+        "dataloader_runs": dl_s,
+        "tensor_runs": te_s,
+    }
+    del dataloader
+
+    bank = kcd_fast.ValueBank(n, period=40)
+    logits = torch.randn(256, 10)
+    idx = torch.from_numpy(rng.integers(0, n, 256))
+    for _ in range(200):
+        bank.observe(idx, logits)
+    calls = []
+    for _ in range(5000):
+        t0 = time.perf_counter_ns()
+        bank.observe(idx, logits)
+        calls.append(time.perf_counter_ns() - t0)
+    kernel = []
+    s, c = bank.sums, bank.counts
+    for _ in range(5000):
+        t0 = time.perf_counter_ns()
+        ops.observe_entropy(logits, idx, s, c)
+        kernel.append(time.perf_counter_ns() - t0)
+    observe = {
+        "us_per_call_median": statistics.median(calls) / 1e3,
+        "p90_us": float(np.percentile(calls, 90)) / 1e3,
+        "ops_observe_entropy_us_median": statistics.median(kernel) / 1e3,
+        "batch": 256,
+        "classes": 10,
+    }
+
+    big = 1_281_167
+    values = torch.from_numpy(np.random.default_rng(seed + 1).random(big))
+    keep = int(0.7 * big)
+
+    def condense_times() -> list[float]:
+        out = []
+        for _ in range(21):
+            t0 = time.perf_counter()
+            kcd_fast.condense(values, keep, vaks="low")
+            out.append((time.perf_counter() - t0) * 1e3)
+        return out
+
+    kcd_fast.condense(values, keep, vaks="low")
+    idle = condense_times()
+    spinner = mp.get_context("spawn").Process(target=_spin, args=(120.0,), daemon=True)
+    spinner.start()
+    time.sleep(0.5)
+    try:
+        busy = condense_times()
+    finally:
+        spinner.terminate()
+        spinner.join()
+    cond = {
+        "n": big,
+        "keep": keep,
+        "idle_ms": idle,
+        "busy_ms": busy,
+        "idle_median_ms": statistics.median(idle),
+        "busy_median_ms": statistics.median(busy),
+        "busy_worst_ms": max(busy),
+        "busy_worst_over_idle_median": max(busy) / statistics.median(idle),
+        "openmp_threads": kcd_fast.build_info()["openmp_threads"],
+    }
+    return {"feed": feed, "observe": observe, "condense_busy_core": cond}
+
+
+def main_tensor(args: argparse.Namespace) -> dict[str, Any]:
+    n = args.n or (8192 if args.quick else 50000)
+    repeats = args.repeats or (5 if args.quick else 9)
+    batch = args.batch_size if args.batch_size != 128 else 256
+    torch.set_num_threads(1)
+    info = machine_info()
+    info["load_average_before"] = list(os.getloadavg())
+    import torchvision
+
+    info["torchvision"] = torchvision.__version__
+    r = bench_tensor(n, batch, repeats, args.seed)
+    info["load_average_after"] = list(os.getloadavg())
+    result = {
+        "benchmark": "loader_tensor",
+        "machine": info,
+        "config": {
+            "n": n,
+            "image": [32, 32, 3],
+            "batch_size": batch,
+            "repeats": repeats,
+            "quick": args.quick,
+            "dataloader": "ArrayDataset + torchvision v2 CIFAR recipe per item, 2 persistent workers",
+            "tensor": "KCDLoader(backend='tensor', augment='cifar'), rho = 1",
+        },
+        **r,
+    }
+    f, o, c = r["feed"], r["observe"], r["condense_busy_core"]
+    print(
+        f"feed: DataLoader (2 workers, v2 per item) {f['dataloader_samples_per_s']:9.0f} samples/s   "
+        f"tensor back end {f['tensor_samples_per_s']:9.0f} samples/s   ratio {f['ratio']:.1f}x (goal >= 10x)"
+    )
+    print(
+        f"observe: {o['us_per_call_median']:.1f} us per call (B=256, C=10; goal <= 15 us), "
+        f"ops.observe_entropy alone {o['ops_observe_entropy_us_median']:.1f} us"
+    )
+    print(
+        f"condense N={c['n']}: idle median {c['idle_median_ms']:.2f} ms, one core busy: median "
+        f"{c['busy_median_ms']:.2f} ms, worst {c['busy_worst_ms']:.2f} ms = {c['busy_worst_over_idle_median']:.1f}x "
+        "the idle median (goal <= 3x)"
+    )
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes, under a minute on 2 cores")
@@ -455,12 +622,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--workload",
-        choices=["arrays", "jpeg"],
+        choices=["arrays", "jpeg", "tensor"],
         default="arrays",
         help="arrays: KCDLoader (torch) vs DataLoader on CIFAR-like arrays; jpeg: the DALI back end "
-        "vs DataLoader + PIL on a generated JPEG folder (defaults: n 1000 quick / 4000, workers 2)",
+        "vs DataLoader + PIL on a generated JPEG folder (defaults: n 1000 quick / 4000, workers 2); tensor: "
+        "the tensor back end vs DataLoader + v2 transforms, observe's cost, condense with a busy core",
     )
     args = p.parse_args(argv)
+    if args.workload == "tensor":
+        return main_tensor(args)
     if args.workload == "jpeg":
         torch.set_num_threads(1)
         return main_jpeg(args)

@@ -123,3 +123,20 @@ def epoch_sizes(epochs: int, period: int, rho: float, n: int, decay: str = "exp"
             tau = 1 - (1 - rho) * (s - 1) / S
         sizes.append(max(1, int(np.floor(tau * n + 0.5))))
     return sizes
+
+
+def augment(images: np.ndarray, indices, params, out_size, pad, scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """The tensor back end's augmentation, pixel by pixel: [B, C, oh, ow] float32. Sample b
+    reads images[indices[b]] zero-padded by `pad`, output (y, x) <- padded
+    (y0 + y, x0 + (ow - 1 - x if flip else x)), channel c <- v * scale[c] + shift[c] (float32)."""
+    oh, ow = out_size
+    _, h, w, c = images.shape
+    out = np.zeros((len(indices), c, oh, ow), dtype=np.float32)
+    for b, (i, (y0, x0, flip)) in enumerate(zip(indices, params, strict=True)):
+        for y in range(oh):
+            for x in range(ow):
+                sy, sx = y0 + y - pad, x0 + (ow - 1 - x if flip else x) - pad
+                for ch in range(c):
+                    v = images[i, sy, sx, ch] if 0 <= sy < h and 0 <= sx < w else 0
+                    out[b, ch, y, x] = np.float32(np.float32(v) * scale[ch]) + shift[ch]
+    return out

@@ -155,6 +155,11 @@ class ValueBank:
         else:
             if teacher_logits is not None:
                 self._unused_teacher()
+            if getattr(logits, "ndim", 2) == 3:
+                raise ValueError(
+                    f"logits have shape {tuple(logits.shape)}: [B, L, V] token logits need mask=[B, L] (1 for each "
+                    "token that counts, e.g. the attention mask; all ones if every token does)"
+                )
             lg, te = ops.logits_arg(logits, "logits"), None
         idx = ops.indices_arg(indices, lg.shape[0], "student_logits" if te is not None else "logits")
         self._place(lg.device)

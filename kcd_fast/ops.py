@@ -390,6 +390,133 @@ def values(sums, counts, period: float, alpha: float = 0.03):
     return A.to_lib(out, lib, sums)
 
 
+def normalization(mean, std, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 ``[C]`` ``scale = 1 / (255 std)`` and ``shift = -mean / std`` (computed in
+    float64, rounded once): what :func:`augment` applies to each uint8 value."""
+    m = torch.as_tensor(mean, dtype=torch.float64).flatten()
+    s = torch.as_tensor(std, dtype=torch.float64).flatten()
+    if m.numel() == 1:
+        m = m.expand(channels)
+    if s.numel() == 1:
+        s = s.expand(channels)
+    if m.numel() != channels or s.numel() != channels:
+        raise ValueError(f"mean and std need 1 or C = {channels} values, got {m.numel()} and {s.numel()}")
+    if not (torch.isfinite(m).all() and torch.isfinite(s).all() and (s > 0).all()):
+        raise ValueError(f"mean must be finite and std finite and > 0, got mean {m.tolist()}, std {s.tolist()}")
+    return (1.0 / (255.0 * s)).float(), (-m / s).float()
+
+
+def augment(
+    images,
+    indices,
+    params,
+    *,
+    out_size: tuple[int, int],
+    pad: int = 0,
+    mean=(0.0,),
+    std=(1.0,),
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = False,
+    check: bool | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Gathers, pads, crops, flips and normalizes a batch in one pass (the tensor back end).
+
+    Args:
+        images: ``[N, H, W, C]`` uint8 storage, contiguous (CPU or CUDA).
+        indices: ``[B]`` int64 images to take.
+        params: ``[B, 3]`` int32 per sample: crop origin ``y0`` in ``[0, H + 2 pad - oh]``,
+            ``x0`` in ``[0, W + 2 pad - ow]`` (padded coordinates), ``flip`` 0 or 1.
+        out_size: ``(oh, ow)``. pad: zero pixels added on every side before cropping.
+        mean, std: per channel (or one value), on the ``[0, 1]`` scale: channel c becomes
+            ``(v / 255 - mean[c]) / std[c]``.
+        dtype: float32 or bfloat16 output. channels_last: output memory in NHWC order.
+        check: validate indices and params first (always on CPU; on CUDA default True, a
+            host sync; the back end passes False for params it drew in range).
+        out: an output tensor to write into (shape ``[B, C, oh, ow]``, the dtype and memory
+            format asked for), or None to allocate one.
+
+    Returns ``[B, C, oh, ow]`` on the images' device.
+    """
+    im, _ = A.as_torch(images, "images")
+    idx, _ = A.as_torch(indices, "indices")
+    pa, _ = A.as_torch(params, "params")
+    A.check_dtype(im, "images", (torch.uint8,))
+    A.check_ndim(im, "images", 4, "[N, H, W, C]")
+    if not im.is_contiguous():
+        raise ValueError(f"images must be contiguous [N, H, W, C], got strides {im.stride()}")
+    A.check_dtype(idx, "indices", (torch.int64,))
+    A.check_ndim(idx, "indices", 1, "[B]")
+    A.check_dtype(pa, "params", (torch.int32,))
+    if pa.dim() != 2 or pa.shape != (idx.shape[0], 3):
+        raise ValueError(f"params must be [B, 3] = [{idx.shape[0]}, 3] (y0, x0, flip), got {tuple(pa.shape)}")
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+    oh, ow = (int(v) for v in out_size)
+    n, h, w, c = im.shape
+    if not (0 <= pad and 1 <= oh <= h + 2 * pad and 1 <= ow <= w + 2 * pad):
+        raise ValueError(f"out_size {(oh, ow)} with pad {pad} does not fit images of {h}x{w} (crop <= size + 2 pad)")
+    device = A.check_same_device([("images", im), ("indices", idx), ("params", pa)])
+    scale, shift = (t.to(device) for t in normalization(mean, std, c))
+    b = idx.shape[0]
+    if out is None:
+        out = torch.empty((b, oh, ow, c) if channels_last else (b, c, oh, ow), dtype=dtype, device=device)
+        out = out.permute(0, 3, 1, 2) if channels_last else out
+    elif out.shape != (b, c, oh, ow) or out.dtype != dtype or out.device != device:
+        raise ValueError(f"out must be [{b}, {c}, {oh}, {ow}] {dtype} on {device}, got {tuple(out.shape)} {out.dtype}")
+    raw = out.permute(0, 2, 3, 1) if channels_last else out  # the memory order the kernel writes
+    if not raw.is_contiguous():
+        raise ValueError("out must be contiguous in the memory format asked for (channels_last or not)")
+    if b == 0:
+        return out
+    idx, pa = idx.contiguous(), pa.contiguous()
+    if device.type == "cpu":
+        _cpu.augment(
+            A.capsule(im),
+            A.capsule(idx),
+            A.capsule(pa),
+            A.capsule(scale),
+            A.capsule(shift),
+            A.capsule(raw),
+            int(pad),
+            bool(channels_last),
+        )
+        return out
+    if check is None or check:
+        _check_augment_torch(n, idx, pa, h + 2 * pad - oh, w + 2 * pad - ow)
+    cuda_module().augment(
+        A.capsule(im),
+        A.capsule(idx),
+        A.capsule(pa),
+        A.capsule(scale),
+        A.capsule(shift),
+        A.capsule(raw),
+        int(pad),
+        bool(channels_last),
+        A.stream_of(im),
+    )
+    return out
+
+
+def _check_augment_torch(n: int, idx: torch.Tensor, pa: torch.Tensor, max_y: int, max_x: int) -> None:
+    bad = (idx < 0) | (idx >= n)
+    if bool(bad.any()):
+        j = int(bad.nonzero()[0, 0])
+        raise IndexError(f"indices[{j}] = {int(idx[j])} is outside [0, {n})")
+    ok = (
+        (pa[:, 0] >= 0)
+        & (pa[:, 0] <= max_y)
+        & (pa[:, 1] >= 0)
+        & (pa[:, 1] <= max_x)
+        & ((pa[:, 2] == 0) | (pa[:, 2] == 1))
+    )
+    if not bool(ok.all()):
+        j = int((~ok).nonzero()[0, 0])
+        raise ValueError(
+            f"params[{j}] = {pa[j].tolist()} is not a crop origin in [0, {max_y}] x [0, {max_x}] with flip 0 or 1"
+        )
+
+
 def blend_(images, dst, src, eps, *, check: bool | None = None):
     """In-place VAKS summary: ``images[dst[j]] = round(eps[j] * images[dst[j]] +
     (1 - eps[j]) * images[src[j]])`` for every pair j, all pairs reading the images as

@@ -203,6 +203,19 @@ def _dali_rank_main(rank: int, world: int, init_file: str, out_dir: str) -> None
         dist.destroy_process_group()
 
 
+def _tensor_rank_main(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """The padded configuration (N_PAD points) with the tensor back end."""
+    _init_group(rank, world, init_file)
+    try:
+        ds = ArrayDataset(*make_data(N_PAD))
+        loader = KCDLoader(ds, SCHED, backend="tensor", **loader_kwargs())
+        res = outcome(loader, ds, run(loader, ds, Model(N_PAD), SCHED.epochs))
+        res["dist"] = (loader.distributed, loader.rank, loader.world_size, loader.backend.name)
+        torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
 def spawn_ranks(
     world: int, out_dir: Path, *args: Any, main: Any = _rank_main, timeout: float = SPAWN_TIMEOUT
 ) -> list[dict[str, Any]]:
@@ -446,6 +459,19 @@ def test_dali_ranks_match_torch_ranks(ddp: dict[str, Any], ddp_dali: dict[str, A
     run visits, and both runs condense and summarise identically."""
     for r in range(WORLD):
         got, want = ddp_dali["ranks"][r], ddp["ranks"][r]["pad"]
+        for e, (a, b) in enumerate(zip(got["epochs"], want["epochs"], strict=True)):
+            assert torch.equal(a["active"], b["active"]) and torch.equal(a["seen"], b["seen"]), (r, e)
+        assert_same_run(got, want, exact_bank=True)
+
+
+@pytest.mark.timeout(180)
+def test_tensor_ranks_match_torch_ranks(ddp: dict[str, Any], tmp_path: Path) -> None:
+    """backend="tensor" under DDP: rank r visits what rank r of the torch run visits, and both
+    runs condense and summarise identically."""
+    ranks = spawn_ranks(WORLD, tmp_path, main=_tensor_rank_main, timeout=DALI_SPAWN_TIMEOUT)
+    for r in range(WORLD):
+        got, want = ranks[r], ddp["ranks"][r]["pad"]
+        assert got["dist"] == (True, r, WORLD, "tensor")
         for e, (a, b) in enumerate(zip(got["epochs"], want["epochs"], strict=True)):
             assert torch.equal(a["active"], b["active"]) and torch.equal(a["seen"], b["seen"]), (r, e)
         assert_same_run(got, want, exact_bank=True)

@@ -192,6 +192,8 @@ def test_sequence_logits_are_scored_under_the_attention_mask(tmp_path) -> None:
 def test_bad_arguments_are_refused(uninterrupted, tmp_path) -> None:
     with pytest.raises(ValueError, match=r"leave max_steps unset \(got 5\)"):
         _trainer(tmp_path, max_steps=5).train()
+    with pytest.raises(ValueError, match=r"num_train_epochs = 2.5: KCDTrainer runs whole KCD epochs"):
+        _trainer(tmp_path, num_train_epochs=2.5).train()
     with pytest.raises(ValueError, match="num_train_epochs = 7 must be between 1 and the KCD schedule's 6 epochs"):
         _trainer(tmp_path, num_train_epochs=7).train()
     with pytest.raises(ValueError, match=r"kcd_options \['batch_size'\] come from TrainingArguments"):

@@ -155,6 +155,8 @@ def test_bank_and_loader_take_masks_and_scores() -> None:
     ref_s, ref_c = np.zeros(n), np.zeros(n, np.int32)
     R.observe(ref_s, ref_c, idx.numpy(), R.sequence_entropy(logits.numpy(), mask.numpy()))
     np.testing.assert_allclose(bank.sums.numpy(), ref_s, rtol=2e-6, atol=1e-5)
+    with pytest.raises(ValueError, match=r"\[B, L, V\] token logits need mask=\[B, L\]"):
+        bank.observe(idx, logits)
     with pytest.raises(ValueError, match="measure 'kl' scores \\[B, C\\] rows and takes no mask"):
         ValueBank(n, period=2, measure="kl").observe(idx, logits, logits, mask=mask)
     rnd = ValueBank(n, period=2, measure="random")

@@ -215,6 +215,10 @@ class KCDTrainer(Trainer):
     # -- the run's length: the schedule's epochs -------------------------------------------
     def _epochs(self) -> int:
         epochs = math.ceil(self.args.num_train_epochs)
+        if epochs != self.args.num_train_epochs:
+            raise ValueError(
+                f"num_train_epochs = {self.args.num_train_epochs}: KCDTrainer runs whole KCD epochs; pass an int"
+            )
         if self.args.max_steps > 0:
             raise ValueError(
                 f"KCDTrainer sizes the run from the KCD schedule; leave max_steps unset (got {self.args.max_steps}) "

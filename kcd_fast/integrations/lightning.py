@@ -91,8 +91,8 @@ class KCDCallback(Callback):
         epochs = loader.schedule.epochs
         if trainer.max_epochs is None or trainer.max_epochs < 0 or trainer.max_epochs > epochs:
             raise ValueError(
-                f"Trainer(max_epochs={trainer.max_epochs}) runs past the KCD schedule's {epochs} epochs; "
-                f"pass Trainer(max_epochs={epochs}) (the schedule's epochs), or fewer"
+                f"Trainer(max_epochs={trainer.max_epochs}) runs past the KCD schedule's {epochs} epochs (Lightning "
+                f"uses 1000 when max_epochs is not given); pass Trainer(max_epochs={epochs}), or fewer"
             )
         self.loader = loader
 
@@ -100,10 +100,13 @@ class KCDCallback(Callback):
         loader = self.loader if self.loader is not None else self._find_loader(trainer)
         if loader.epoch != trainer.current_epoch:
             raise RuntimeError(
-                f"the KCDLoader is at epoch {loader.epoch} but the trainer at epoch {trainer.current_epoch}; "
-                "the loader must be the trainer's own train dataloader (resume both from one checkpoint)"
+                f"the KCDLoader is at epoch {loader.epoch} but the trainer at epoch {trainer.current_epoch}: build "
+                "the KCDLoader once (in __init__ or setup) and return that one from train_dataloader(), without "
+                "reload_dataloaders_every_n_epochs (a new loader starts at epoch 0); resume both from one checkpoint"
             )
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if outputs is None:  # training_step skipped the batch: nothing to score (the loader reports such points)
+            return
         loader = self.loader if self.loader is not None else self._find_loader(trainer)
         observe_step(loader, batch_indices(batch), outputs, "training_step's output")

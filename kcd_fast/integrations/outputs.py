@@ -30,8 +30,9 @@ def observe_step(loader: Any, indices: torch.Tensor, output: Mapping[str, Any], 
         return
     logits = output.get("logits")
     if logits is None:
-        raise KeyError(
-            f"{where} has no 'logits' (the student's logits for the batch, [B, C] or [B, L, V] with 'mask') or "
-            f"'scores' ([B] per-sample values); it has keys {sorted(output)}"
+        raise ValueError(
+            f"{where} has no 'logits' (the student's logits for the batch, [B, C] or [B, L, V] with 'mask') and no "
+            f"'scores' ([B] per-sample values); it has keys {sorted(output)}: return e.g. "
+            '{"loss": loss, "logits": logits} so that KCD can score the batch'
         )
     loader.observe(indices, logits, output.get("teacher_logits"), mask=output.get("mask"))

@@ -32,6 +32,7 @@ class Backend(OptionEnum):
     TORCH = "torch"  # torch.utils.data.DataLoader worker processes
     DALI = "dali"  # NVIDIA DALI pipelines (kcd_fast.loader.backends.dali)
     INDICES = "indices"  # no samples, only each batch's indices (KCDBatchSampler)
+    TENSOR = "tensor"  # whole batches from ArrayDataset storage, one fused kernel (backends/tensor.py)
 
 
 @dataclass(frozen=True)

@@ -102,15 +102,12 @@ from ...data.folders import UnreadableImageError, is_image_folder, load_rgb
 from ..state import Summary
 from .base import ArrayImages, EpochBatchSampler, Restore, check_prefix
 from .dali_overlay import FolderOverlay, OverlayFormat
+from .recipes import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["DALI_PACKAGE", "Augment", "DaliBackend", "OverlayFormat", "check_loader_args", "require_dali"]
+__all__ = ["DALI_PACKAGE", "Augment", "DaliBackend", "OverlayFormat", "require_dali"]
 
 DALI_PACKAGE = "nvidia-dali-cuda130"
 
-CIFAR_MEAN = (0.507, 0.487, 0.441)
-CIFAR_STD = (0.267, 0.256, 0.276)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _EMPTY = np.zeros(0, dtype=np.uint8)
 
@@ -134,23 +131,6 @@ def require_dali() -> None:
         import nvidia.dali  # noqa: F401
     except ImportError:
         raise ImportError(f"backend='dali' needs NVIDIA DALI: pip install {DALI_PACKAGE}") from None
-
-
-def check_loader_args(*, collate_fn: Any, worker_init_fn: Any, multiprocessing_context: Any, timeout: Any) -> None:
-    """Refuses the DataLoader arguments that have no meaning for DALI (it collates on its
-    own threads and runs no worker processes)."""
-    for name, value in (
-        ("collate_fn", collate_fn),
-        ("worker_init_fn", worker_init_fn),
-        ("multiprocessing_context", multiprocessing_context),
-    ):
-        if value is not None:
-            raise ValueError(
-                f"backend='dali' runs no worker processes and collates in its pipeline; "
-                f"{name} must be None, got {value!r}"
-            )
-    if timeout not in (0, 0.0):
-        raise ValueError(f"backend='dali' has no worker timeout; timeout must be 0, got {timeout!r}")
 
 
 @unique

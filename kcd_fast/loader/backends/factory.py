@@ -6,6 +6,8 @@ to every back end; options that only one back end understands are passed through
 
 - torch: none (the dataset's ``transform`` augments);
 - indices: none (it yields only each batch's indices: ``KCDBatchSampler``);
+- tensor: ``augment`` (None, "cifar", "cifar_eval", a ``Recipe`` or a callable),
+  ``tensor_device`` ("auto" or "cuda" for CPU storage), ``channels_last``, ``dtype``;
 - dali: ``augment`` ("auto", None, a recipe name or a callable), ``dali_device``
   ("auto", None or a CUDA index) and ``dali_overlay_dir`` (image folders: a directory for
   the overlay files). The DataLoader-only arguments ``collate_fn``, ``worker_init_fn``,
@@ -24,35 +26,69 @@ from .base import BackendProtocol
 from .indices import IndexBackend
 from .torch import TorchBackend
 
-__all__ = ["DALI_OPTIONS", "auto_vaks", "check_options", "make_backend"]
+__all__ = [
+    "DALI_OPTIONS",
+    "OPTIONS",
+    "TENSOR_OPTIONS",
+    "auto_vaks",
+    "check_loader_args",
+    "check_options",
+    "make_backend",
+]
 
 DALI_OPTIONS = {"augment": "auto", "dali_device": "auto", "dali_overlay_dir": None}
+TENSOR_OPTIONS = {"augment": None, "tensor_device": "auto", "channels_last": False, "dtype": "float32"}
+OPTIONS = {Backend.DALI: DALI_OPTIONS, Backend.TENSOR: TENSOR_OPTIONS}
 
 
 def check_options(config: LoaderConfig, options: dict[str, Any]) -> dict[str, Any]:
     """The back end's options with their defaults filled in; ``TypeError`` for a name no
-    back end knows, ``ValueError`` for a DALI option given to the torch back end."""
-    unknown = sorted(set(options) - set(DALI_OPTIONS))
+    back end knows, ``ValueError`` for an option of another back end."""
+    known = set().union(*(set(o) for o in OPTIONS.values()))
+    unknown = sorted(set(options) - known)
     if unknown:
         raise TypeError(f"KCDLoader got unexpected keyword argument(s) {unknown}")
+    mine = OPTIONS.get(config.backend, {})
+    foreign = {k: v for k, v in options.items() if k not in mine}
+    if foreign:
+        got = ", ".join(f"{k}={v!r}" for k, v in foreign.items())
+        owners = sorted({b.value for b, o in OPTIONS.items() for k in foreign if k in o})
+        raise ValueError(
+            f"{got} apply to backend={' or '.join(repr(o) for o in owners)}, not backend={config.backend.value!r}"
+            + ("; with the torch back end use the dataset's transform" if config.backend is Backend.TORCH else "")
+        )
     if config.backend is Backend.DALI:
-        from .dali import check_loader_args, require_dali
+        from .dali import require_dali
 
         require_dali()  # an ImportError naming the package; the torch path never imports DALI
+    if config.backend in (Backend.DALI, Backend.TENSOR):
         check_loader_args(
+            config.backend.value,
             collate_fn=config.collate_fn,
             worker_init_fn=config.worker_init_fn,
             multiprocessing_context=config.multiprocessing_context,
             timeout=config.timeout,
         )
-        return {**DALI_OPTIONS, **options}
-    if options:
-        got = ", ".join(f"{k}={v!r}" for k, v in options.items())
-        raise ValueError(
-            f"augment, dali_device and dali_overlay_dir apply to backend='dali' (got {got}); with the torch back "
-            "end use the dataset's transform"
-        )
-    return {}
+    return {**mine, **options}
+
+
+def check_loader_args(
+    backend: str, *, collate_fn: Any, worker_init_fn: Any, multiprocessing_context: Any, timeout: Any
+) -> None:
+    """Refuses the DataLoader arguments that mean nothing to a back end without worker
+    processes that collates batches itself (DALI, tensor)."""
+    for name, value in (
+        ("collate_fn", collate_fn),
+        ("worker_init_fn", worker_init_fn),
+        ("multiprocessing_context", multiprocessing_context),
+    ):
+        if value is not None:
+            raise ValueError(
+                f"backend={backend!r} runs no worker processes and collates whole batches itself; "
+                f"{name} must be None, got {value!r}"
+            )
+    if timeout not in (0, 0.0):
+        raise ValueError(f"backend={backend!r} has no worker timeout; timeout must be 0, got {timeout!r}")
 
 
 def auto_vaks(dataset: Any, backend: Backend) -> str:
@@ -82,6 +118,10 @@ def make_backend(dataset: Any, config: LoaderConfig, options: dict[str, Any]) ->
         )
     if config.backend is Backend.INDICES:
         return IndexBackend(storage=storage)
+    if config.backend is Backend.TENSOR:
+        from .tensor import tensor_backend
+
+        return tensor_backend(dataset, storage, config, options)
     if config.backend is Backend.DALI:
         from .dali import DaliBackend
 
