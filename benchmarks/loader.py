@@ -101,7 +101,7 @@ def time_epoch(loader: Any, logits: torch.Tensor | None) -> tuple[float, int]:
             x, _y, idx = batch
             loader.observe(idx, logits[: idx.shape[0]])
         else:
-            x, _y = batch
+            x = batch[0]
         seen += x.shape[0]
     return time.perf_counter() - t0, seen
 

@@ -57,6 +57,7 @@ from kcd_fast.kd import (  # noqa: E402
     make_eval_loader,
     make_loader,
     synthetic_arrays,
+    train_data,
 )
 from kcd_fast.ops import blend_  # noqa: E402
 
@@ -126,7 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run the sklearn-digits accuracy benchmark (benchmarks/digits_accuracy.py) instead",
     )
-    p.add_argument("--backend", default="torch", choices=("torch", "dali"), help="KCDLoader back end")
+    p.add_argument(
+        "--backend",
+        default="torch",
+        choices=("torch", "dali", "tensor"),
+        help="KCDLoader back end (tensor: whole batches cropped and flipped by one fused kernel, no workers)",
+    )
     p.add_argument(
         "--data",
         default=None,
@@ -325,9 +331,11 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 
     # -- the two runs: identical but for the loader -------------------------------------------------
     # (built before the teacher, so that a bad --backend fails at once)
+    augment = "crop_flip" if min(shape[1:]) >= 16 else "none"
     loaders = {}
     for kind in ("kd", "kcd"):
-        train_set = ArrayDataset(x, y, transform=keep_uint8)  # its own copy: KCD summarises its images
+        # its own copy: KCD summarises its images
+        train_set, backend_options, pre_augment = train_data(x, y, args.backend, augment)
         try:
             loader = make_loader(
                 kind,
@@ -344,6 +352,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                 backend=args.backend,
                 value=args.value,
                 vaks=args.vaks,
+                **backend_options,
             )
         except (ImportError, NotImplementedError) as err:
             raise SystemExit(f"--backend {args.backend}: {err}") from err
@@ -351,7 +360,6 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 
     # -- teacher --------------------------------------------------------------------------------
     pre_args = ([0.5] * shape[0], [0.25] * shape[0])
-    augment = "crop_flip" if min(shape[1:]) >= 16 else "none"
     test_set = ArrayDataset(xt, yt, transform=keep_uint8)
     teacher_cfg = KDConfig(lr=cfg["lr"], gamma=1.0, alpha_kd=0.0)
     teacher, tinfo = cached_teacher(
@@ -380,7 +388,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             teacher,
             loader,
             kd_cfg,
-            preprocess=BatchPreprocess(*pre_args, augment=augment, seed=args.seed),
+            preprocess=BatchPreprocess(*pre_args, augment=pre_augment, seed=args.seed),
             device=device,
             test_loader=make_eval_loader(test_set),
             progress=progress,

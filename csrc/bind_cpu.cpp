@@ -191,6 +191,8 @@ PYBIND11_MODULE(_cpu, m) {
         return d;
       },
       "what this thread's last CPU condense did: members sorted, passes over the values, recopied");
+  m.def("free_cores_team", &kcd::cpu::free_cores_team, py::arg("want"),
+        "a team of at most `want` threads sized by the cores free now (what each CPU op uses)");
   m.def("openmp_enabled", &kcd::cpu::openmp_enabled);
   m.def("openmp_threads", &kcd::cpu::openmp_threads);
   m.attr("__version__") = KCD_VERSION;

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -156,3 +160,16 @@ def test_kernels_run_in_a_forked_child(fresh_cache) -> None:
     assert got[0] == int(ref["keep"][:1000].sum()) and got[1] > 0
     assert got[2] == pytest.approx(np.log(1000.0))  # entropy of uniform logits
     assert got[3] == 150.0
+
+
+# -- team sizes on busy cores (csrc/cpu/threads.cpp) ---------------------------------------------
+def test_team_is_sized_by_free_cores_within_bounds() -> None:
+    for want in (1, 2, 3, 8):
+        assert 1 <= _cpu.free_cores_team(want) <= want
+    assert _cpu.free_cores_team(1) == 1
+    # switched off: the full team whatever the load
+    code = "from kcd_fast._ext import _cpu; print(_cpu.free_cores_team(7))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, "KCD_FAST_LOAD_AWARE": "0"}, capture_output=True, text=True
+    )
+    assert out.stdout.strip() == "7", out.stderr

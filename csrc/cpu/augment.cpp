@@ -28,7 +28,8 @@ template <typename T, bool kNHWC>
 void run(const uint8_t* images, const AugmentGeometry& g, const int64_t* indices, const int32_t* params, int64_t B,
          const float* lut, T* out) {
   const int64_t C = g.C, oh = g.out_h, ow = g.out_w, per = oh * ow * C;
-#pragma omp parallel for num_threads(openmp_threads()) schedule(static) if (B * per >= (int64_t(1) << 18))
+  const TeamScope team(B * per, int64_t(1) << 18);
+#pragma omp parallel for num_threads(openmp_threads()) schedule(static) if (team.team() > 1)
   for (int64_t b = 0; b < B; ++b) {
     const uint8_t* img = images + indices[b] * g.H * g.W * C;
     const int64_t y0 = params[3 * b], x0 = params[3 * b + 1];

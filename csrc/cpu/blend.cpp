@@ -43,7 +43,8 @@ void blend(uint8_t* images, int64_t N, int64_t D, const int64_t* dst, const int6
   if (L == 0) return;
   check_pairs(N, dst, src, eps, L);
   if (D == 0) return;
-#pragma omp parallel for num_threads(openmp_threads()) schedule(static) if (L * D >= (int64_t(1) << 16))
+  const TeamScope team(L * D, int64_t(1) << 16);
+#pragma omp parallel for num_threads(openmp_threads()) schedule(static) if (team.team() > 1)
   for (int64_t j = 0; j < L; ++j) {
     uint8_t* out = images + dst[j] * D;
     const uint8_t* in = images + src[j] * D;

@@ -306,6 +306,7 @@ void condense(const double* values, int64_t N, int64_t n_keep, int64_t n_prev, V
   using condense_detail::Range;
   const int64_t P = vaks_pairs(n_keep, n_prev, mode);
   condense_detail::check_condense_args(N, n_keep, n_prev, mode, P, random_pos);
+  const TeamScope team(N, int64_t(1) << 16);  // every region below: at most the cores free now
 
   std::vector<Range> ranges{{n_keep, n_prev, dropped}};
   if (mode == VaksMode::kLow) ranges.push_back({n_keep - P, n_keep, dst});  // the P lowest kept

@@ -42,6 +42,43 @@ KCD_CLONES double entropy_row(const float* x, int64_t C) {
   return finish_entropy(z, w);
 }
 
+// Rows [0, R) of a float32 [B, C] tensor with few classes (R <= kRowBlock), vectorised
+// across rows: the classes in the outer loop, one SIMD lane per row (strided loads). The
+// statistics m, z, w and the finite check are entropy_row's, summed in class order;
+// finish_entropy (a double log) then runs per row.
+constexpr int64_t kRowBlock = 64;
+constexpr int64_t kFewClasses = 32;  // below this, rows are vectorised across rows
+
+KCD_CLONES void entropy_rows_few(const float* x, int64_t R, int64_t C, int64_t ld, double* out) {
+  float m[kRowBlock], chk[kRowBlock], z[kRowBlock], w[kRowBlock];
+  for (int64_t r = 0; r < R; ++r) {
+    m[r] = -INFINITY;
+    chk[r] = 0.0f;
+    z[r] = 0.0f;
+    w[r] = 0.0f;
+  }
+  for (int64_t j = 0; j < C; ++j) {
+#pragma omp simd
+    for (int64_t r = 0; r < R; ++r) {
+      const float v = x[r * ld + j];
+      m[r] = v > m[r] ? v : m[r];
+      chk[r] += v * 0.0f;
+    }
+  }
+  for (int64_t j = 0; j < C; ++j) {
+#pragma omp simd
+    for (int64_t r = 0; r < R; ++r) {
+      const float d = x[r * ld + j] - m[r];
+      const float e = exp_nonpos(d);
+      z[r] += e;
+      w[r] += e * d;
+    }
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    out[r] = std::isfinite(chk[r]) && std::isfinite(m[r]) ? finish_entropy(z[r], w[r]) : NAN;
+  }
+}
+
 // KL(softmax(t / T) || softmax(s / T)) of one float32 row pair; NaN when non-finite.
 KCD_CLONES double kl_row(const float* s, const float* t, int64_t C, float inv_temp) {
   float ma = -INFINITY, mb = -INFINITY, chk = 0.0f;
@@ -112,11 +149,20 @@ void observe_entropy(const void* logits, FloatKind kind, int64_t B, int64_t C, i
   if (B == 0) return;
   check_indices(indices, B, N);
   std::vector<double> h(static_cast<size_t>(B));
-#pragma omp parallel num_threads(openmp_threads()) if (B * C >= kParallelElems)
-  {
-    std::vector<float> buf;
+  const TeamScope team(B * C, kParallelElems);
+  if (kind == FloatKind::kF32 && C < kFewClasses && team.team() == 1) {
+    // few classes (CIFAR-10's C = 10 ...): per-row loops are all overhead; one SIMD lane per row
+    const float* x = static_cast<const float*>(logits);
+    for (int64_t r0 = 0; r0 < B; r0 += kRowBlock) {
+      entropy_rows_few(x + r0 * ld, B - r0 < kRowBlock ? B - r0 : kRowBlock, C, ld, h.data() + r0);
+    }
+  } else {
+#pragma omp parallel num_threads(openmp_threads()) if (team.team() > 1)
+    {
+      std::vector<float> buf;
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < B; ++r) h[r] = entropy_row(row_as_f32(logits, kind, r, C, ld, buf), C);
+      for (int64_t r = 0; r < B; ++r) h[r] = entropy_row(row_as_f32(logits, kind, r, C, ld, buf), C);
+    }
   }
   accumulate(h, indices, sums, counts, "logits");
 }
@@ -128,7 +174,8 @@ void observe_kl(const void* student, const void* teacher, FloatKind kind, int64_
   check_indices(indices, B, N);
   std::vector<double> h(static_cast<size_t>(B));
   const float inv_temp = 1.0f / temperature;
-#pragma omp parallel num_threads(openmp_threads()) if (B * C >= kParallelElems)
+  const TeamScope team(B * C, kParallelElems);
+#pragma omp parallel num_threads(openmp_threads()) if (team.team() > 1)
   {
     std::vector<float> bs, bt;
 #pragma omp for schedule(static)
@@ -161,7 +208,8 @@ void observe_entropy_seq(const void* logits, FloatKind kind, int64_t B, int64_t 
   }
   // token entropies of the unmasked rows, then each sequence's mean in token order
   std::vector<double> h(static_cast<size_t>(B * L), 0.0);
-#pragma omp parallel num_threads(openmp_threads()) if (B * L * V >= kParallelElems)
+  const TeamScope team(B * L * V, kParallelElems);
+#pragma omp parallel num_threads(openmp_threads()) if (team.team() > 1)
   {
     std::vector<float> buf;
 #pragma omp for schedule(static)
@@ -193,7 +241,8 @@ void observe_scores(const double* scores, const int64_t* indices, int64_t B, int
 
 void values(const double* sums, const int32_t* counts, int64_t N, double period, double alpha,
             double* out) {
-#pragma omp parallel for num_threads(openmp_threads()) schedule(static) if (N >= kParallelElems)
+  const TeamScope team(N, kParallelElems);
+#pragma omp parallel for num_threads(openmp_threads()) schedule(static) if (team.team() > 1)
   for (int64_t i = 0; i < N; ++i) out[i] = point_value(sums[i], counts[i], period, alpha);
 }
 

@@ -25,6 +25,7 @@ from .trainer import (
     lr_factor,
     make_eval_loader,
     make_loader,
+    train_data,
 )
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "lr_factor",
     "make_eval_loader",
     "make_loader",
+    "train_data",
     "split_arrays",
     "synthetic_arrays",
 ]

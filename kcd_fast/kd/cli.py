@@ -19,7 +19,16 @@ from ..data.arrays import ArrayDataset
 from .data import digits_arrays, load_arrays, split_arrays, synthetic_arrays
 from .models import build_model
 from .teacher import cached_teacher
-from .trainer import BatchPreprocess, KDConfig, KDTrainer, LRSchedule, keep_uint8, make_eval_loader, make_loader
+from .trainer import (
+    BatchPreprocess,
+    KDConfig,
+    KDTrainer,
+    LRSchedule,
+    keep_uint8,
+    make_eval_loader,
+    make_loader,
+    train_data,
+)
 
 __all__ = ["build_parser", "main", "prepare_data"]
 
@@ -61,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--backend", default="torch", choices=("torch", "dali"))
+    p.add_argument("--backend", default="torch", choices=("torch", "dali", "tensor"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default="benchmarks/cache", help="teacher checkpoints ('' to disable)")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
@@ -130,7 +139,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
     modes = ("kd", "kcd") if args.mode == "both" else (args.mode,)
     for mode in modes:
-        train_set = ArrayDataset(x, y, transform=keep_uint8)  # a fresh copy: KCD summarises its images
+        # a fresh copy: KCD summarises its images
+        train_set, backend_options, pre_augment = train_data(x, y, args.backend, augment)
         loader = make_loader(
             mode,
             train_set,
@@ -145,6 +155,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             backend=args.backend,
             value=args.value,
             vaks=args.vaks,
+            **backend_options,
         )
         student = build_model(student_name, num_classes, input_shape, seed=args.seed)
         trainer = KDTrainer(
@@ -152,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             teacher,
             loader,
             cfg,
-            preprocess=BatchPreprocess(pre.mean, pre.std, augment=augment, seed=args.seed),
+            preprocess=BatchPreprocess(pre.mean, pre.std, augment=pre_augment, seed=args.seed),
             device=args.device,
             test_loader=make_eval_loader(test_set),
             progress=not args.no_progress,

@@ -50,6 +50,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .._checks import OptionEnum, is_finite_number, is_int
+from ..data.arrays import ArrayDataset
 from ..loader import KCDLoader
 from ..schedule import CondensationSchedule
 
@@ -66,6 +67,7 @@ __all__ = [
     "keep_uint8",
     "lr_factor",
     "make_eval_loader",
+    "train_data",
     "make_loader",
 ]
 
@@ -294,6 +296,7 @@ def make_loader(
     vaks: str = "low",
     device: Any = None,
     drop_last: bool = False,
+    **backend_options: Any,
 ) -> KCDLoader:
     """The loader of one run: a :class:`kcd_fast.KCDLoader` either way, so that vanilla KD
     and KCD load through the same code and differ only in what KCD does differently.
@@ -324,7 +327,24 @@ def make_loader(
         vaks=vaks,
         device=device,
         persistent_workers=num_workers > 0,
+        **backend_options,
     )
+
+
+def train_data(images: Any, labels: Any, backend: str, augment: str) -> tuple[ArrayDataset, dict[str, Any], str]:
+    """The training set of a KD run for ``backend``, the loader's back-end options and the
+    augmentation left to :class:`BatchPreprocess` (``augment``: "none", "crop" or "crop_flip").
+
+    torch / dali: uint8 batches (:func:`keep_uint8`), cropped, flipped and normalised batched on
+    the training device by ``BatchPreprocess``. tensor: the loader's fused kernel pads by 4 (zero
+    pixels), crops, flips and scales to ``[0, 1]`` (a ``Recipe`` with mean 0, std 1); the
+    trainer's ``BatchPreprocess`` then only normalises, as it does for evaluation."""
+    if backend == "tensor":
+        from ..loader.backends.recipes import Recipe
+
+        recipe = Recipe(pad=4 if augment != "none" else 0, random_crop=augment != "none", flip=augment == "crop_flip")
+        return ArrayDataset(images, labels), {"augment": recipe}, "none"
+    return ArrayDataset(images, labels, transform=keep_uint8), {}, augment
 
 
 def full_schedule(epochs: int) -> CondensationSchedule:

@@ -90,8 +90,25 @@ size_t set_pages_cache_limit(size_t limit);  // returns the previous limit; evic
 size_t empty_pages_cache();                  // returns the bytes released
 bool openmp_enabled();
 // The team size the kernels use: omp_get_max_threads(), or 1 in a forked child (libgomp's
-// pool does not survive fork()).
+// pool does not survive fork()), capped by the current op's TeamScope.
 int openmp_threads();
+// A team of at most `want` sized by the cores free now (threads.cpp: busy cores).
+int free_cores_team(int want);
+// Sizes the team of one CPU op (RAII, one per op): `work` below `threshold` runs on one
+// thread; above it, on the cores free when the op starts. Every region inside the op uses
+// openmp_threads(), which the scope caps.
+class TeamScope {
+ public:
+  TeamScope(int64_t work, int64_t threshold);
+  ~TeamScope();
+  TeamScope(const TeamScope&) = delete;
+  TeamScope& operator=(const TeamScope&) = delete;
+  int team() const { return team_; }
+
+ private:
+  int previous_;
+  int team_;
+};
 
 }  // namespace cpu
 
