@@ -28,7 +28,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import time
@@ -51,7 +50,6 @@ from kcd_fast.kd import (  # noqa: E402
     build_model,
     cached_teacher,
     count_parameters,
-    kd_loss,
     keep_uint8,
     load_arrays,
     make_eval_loader,
@@ -75,8 +73,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "batch_size": 64,
         "num_workers": 0,
         "lr": 0.05,
+        "repeats": 3,
     },
-    # --quick: about 2 minutes on 2 cores (less when the teacher is cached)
+    # --quick: about 2 minutes on 2 cores (3 with a teacher to train first)
     "quick": {
         "n_train": 2500,
         "n_test": 500,
@@ -88,6 +87,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "batch_size": 64,
         "num_workers": 0,
         "lr": 0.05,
+        "repeats": 1,
     },
     # on a GPU: the KD literature's CIFAR pair on a CIFAR-sized embedded set
     "cuda": {
@@ -101,6 +101,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "batch_size": 128,
         "num_workers": 6,
         "lr": 0.1,
+        "repeats": 3,
     },
     "cuda_quick": {
         "n_train": 20000,
@@ -113,6 +114,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "batch_size": 128,
         "num_workers": 6,
         "lr": 0.1,
+        "repeats": 1,
     },
 }
 
@@ -121,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--quick", action="store_true", help="a smaller run (under 5 minutes on 2 CPU cores)")
+    p.add_argument(
+        "--quick", action="store_true", help="a smaller run: about 2 minutes on 2 CPU cores (3 with a teacher to train)"
+    )
     p.add_argument(
         "--digits",
         action="store_true",
@@ -156,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="interleaved pairs of runs (default 3; 1 with --quick); the ratio reported is their median",
+    )
+    p.add_argument(
         "--order",
         default="interleaved",
         choices=("interleaved", "sequential"),
@@ -163,9 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default=str(HERE / "cache"), help="teacher checkpoints ('' disables)")
-    p.add_argument("--json", default=None, help="write results to this JSON file")
-    p.add_argument("--plot", default=None, help="write a PNG plot to this path")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    p.add_argument(
+        "--out",
+        default=str(HERE / "out"),
+        help="folder for the results: a run writes <out>/throughput-<time>.json and .png (default benchmarks/out)",
+    )
+    p.add_argument("--json", default=None, help="write the JSON here instead")
+    p.add_argument("--plot", default=None, help="write the PNG plot here instead")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars (none either when stderr is no terminal)")
     return p
 
 
@@ -181,7 +196,7 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
         v = getattr(args, key, None)
         if v is not None:
             cfg[key] = v
-    for key in ("n_train", "n_test", "epochs", "period", "teacher_epochs", "batch_size"):
+    for key in ("n_train", "n_test", "epochs", "period", "teacher_epochs", "batch_size", "repeats"):
         if not isinstance(cfg[key], int) or cfg[key] < 1:
             raise SystemExit(f"--{key.replace('_', '-')} must be an int >= 1, got {cfg[key]!r}")
     if cfg["num_workers"] < 0:
@@ -193,45 +208,6 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
 
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def _warm_up(
-    teacher: torch.nn.Module,
-    name: str,
-    num_classes: int,
-    shape: tuple[int, int, int],
-    x: np.ndarray,
-    pre: BatchPreprocess,
-    batch_size: int,
-    device: str,
-    cfg: KDConfig,
-) -> None:
-    """A few untimed KD steps on a throw-away student: allocator, kernel and library caches
-    warm up before either timed run starts, so neither pays for it."""
-    student = build_model(name, num_classes, shape, seed=12345).to(device)
-    trainer_pre = BatchPreprocess(pre.mean, pre.std, augment=pre.augment, seed=1)
-    trainer_pre.channels_last = pre.channels_last
-    if pre.channels_last:
-        student = student.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(student.parameters(), lr=1e-3)
-    xb = torch.from_numpy(x[:batch_size]).permute(0, 3, 1, 2).to(device)
-    y = torch.zeros(xb.shape[0], dtype=torch.int64, device=device)
-    for _ in range(3):
-        inp = trainer_pre(xb, train=True)
-        amp = (
-            torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-            if device.startswith("cuda")
-            else contextlib.nullcontext()
-        )
-        with amp:
-            with torch.no_grad():
-                lt = teacher(inp)
-            loss, _, _ = kd_loss(student(inp), lt, y, temperature=cfg.temperature)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def robust_seconds(result: Any) -> float:
@@ -270,11 +246,19 @@ def retime_condensations(loader: Any, images: torch.Tensor) -> dict[str, float]:
 
 
 def feed_seconds(
-    x: np.ndarray, y: np.ndarray, batch_size: int, num_workers: int, seed: int, repeats: int = 5
+    x: np.ndarray,
+    y: np.ndarray,
+    batch_size: int,
+    num_workers: int,
+    seed: int,
+    backend: str = "torch",
+    augment: str = "crop_flip",
+    repeats: int = 5,
 ) -> dict[str, float]:
     """Seconds of one epoch of data alone (no model): torch's own ``DataLoader`` (shuffled,
-    seeded generator) and the vanilla KD loader (a KCDLoader on ``full_schedule``), over the
-    same ArrayDataset, passes interleaved in alternating order; medians of ``repeats``."""
+    seeded generator, the per-item uint8 dataset the torch back end reads) and the vanilla KD
+    loader on ``backend`` (a KCDLoader on ``full_schedule``; the tensor back end also crops and
+    flips), passes interleaved in alternating order; medians of ``repeats``."""
     ds = ArrayDataset(x, y, transform=keep_uint8)
     torch_dl = torch.utils.data.DataLoader(
         ds,
@@ -284,7 +268,17 @@ def feed_seconds(
         generator=torch.Generator().manual_seed(seed),
         persistent_workers=num_workers > 0,
     )
-    kcd_dl = make_loader("kd", ds, epochs=repeats + 1, batch_size=batch_size, num_workers=num_workers, seed=seed)
+    kcd_ds, options, _ = train_data(x, y, backend, augment)
+    kcd_dl = make_loader(
+        "kd",
+        kcd_ds,
+        epochs=repeats + 1,
+        batch_size=batch_size,
+        num_workers=0 if backend == "tensor" else num_workers,
+        seed=seed,
+        backend=backend,
+        **options,
+    )
     times: dict[str, list[float]] = {"dataloader": [], "kcdloader": []}
     runs = {"dataloader": lambda: sum(1 for _ in torch_dl), "kcdloader": lambda: sum(1 for _ in kcd_dl)}
     for name in runs:  # warm-up: worker start, first touch
@@ -296,6 +290,7 @@ def feed_seconds(
             times[name].append(time.perf_counter() - t0)
     med = {k: float(np.median(v)) for k, v in times.items()}
     return {
+        "backend": backend,
         "dataloader_s": med["dataloader"],
         "kcdloader_s": med["kcdloader"],
         "kcdloader_over_dataloader": med["kcdloader"] / med["dataloader"],
@@ -313,7 +308,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         return digits_accuracy.run(extra + (["--quick"] if args.quick else []))
     cfg = _resolve(args)
     device = cfg["device"]
-    progress = not args.no_progress
+    progress = not args.no_progress and sys.stderr.isatty()  # plain lines into logs
     t_all = time.perf_counter()
 
     # -- data ---------------------------------------------------------------------------------
@@ -330,36 +325,41 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     _say(f"data: {data_name}: {n} x {tuple(x.shape[1:])}, {num_classes} classes; device {device}; schedule {schedule}")
 
     # -- the two runs: identical but for the loader -------------------------------------------------
-    # (built before the teacher, so that a bad --backend fails at once)
     augment = "crop_flip" if min(shape[1:]) >= 16 else "none"
-    loaders = {}
-    for kind in ("kd", "kcd"):
-        # its own copy: KCD summarises its images
-        train_set, backend_options, pre_augment = train_data(x, y, args.backend, augment)
-        try:
-            loader = make_loader(
-                kind,
-                train_set,
-                epochs=cfg["epochs"],
-                period=cfg["period"],
-                rho=args.rho,
-                decay=args.decay,
-                warmup=args.warmup,
-                batch_size=cfg["batch_size"],
-                num_workers=cfg["num_workers"],
-                pin_memory=device.startswith("cuda"),
-                seed=args.seed,
-                backend=args.backend,
-                value=args.value,
-                vaks=args.vaks,
-                **backend_options,
-            )
-        except (ImportError, NotImplementedError) as err:
-            raise SystemExit(f"--backend {args.backend}: {err}") from err
-        loaders[kind] = loader
+    pre_args = ([0.5] * shape[0], [0.25] * shape[0])
+    kd_cfg = KDConfig(lr=cfg["lr"])
+
+    def build_loaders() -> dict[str, Any]:
+        loaders = {}
+        for kind in ("kd", "kcd"):
+            # its own copy of the images: KCD summarises its images
+            train_set, backend_options, _ = train_data(x, y, args.backend, augment)
+            try:
+                loaders[kind] = make_loader(
+                    kind,
+                    train_set,
+                    epochs=cfg["epochs"],
+                    period=cfg["period"],
+                    rho=args.rho,
+                    decay=args.decay,
+                    warmup=args.warmup,
+                    batch_size=cfg["batch_size"],
+                    num_workers=cfg["num_workers"],
+                    pin_memory=device.startswith("cuda"),
+                    seed=args.seed,
+                    backend=args.backend,
+                    value=args.value,
+                    vaks=args.vaks,
+                    **backend_options,
+                )
+            except (ImportError, NotImplementedError) as err:
+                raise SystemExit(f"--backend {args.backend}: {err}") from err
+        return loaders
+
+    first_loaders = build_loaders()  # built before the teacher, so that a bad --backend fails at once
+    pre_augment = train_data(x[:1], y[:1], args.backend, augment)[2]
 
     # -- teacher --------------------------------------------------------------------------------
-    pre_args = ([0.5] * shape[0], [0.25] * shape[0])
     test_set = ArrayDataset(xt, yt, transform=keep_uint8)
     teacher_cfg = KDConfig(lr=cfg["lr"], gamma=1.0, alpha_kd=0.0)
     teacher, tinfo = cached_teacher(
@@ -379,55 +379,52 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         log=_say,
     )
 
-    kd_cfg = KDConfig(lr=cfg["lr"])
-    trainers = {}
-    for kind, loader in loaders.items():
-        student = build_model(cfg["student"], num_classes, shape, seed=args.seed)
-        trainers[kind] = KDTrainer(
-            student,
-            teacher,
-            loader,
-            kd_cfg,
-            preprocess=BatchPreprocess(*pre_args, augment=pre_augment, seed=args.seed),
-            device=device,
-            test_loader=make_eval_loader(test_set),
-            progress=progress,
-            name="vanilla" if kind == "kd" else "KCD",
-        )
-    _warm_up(
-        teacher,
-        cfg["student"],
-        num_classes,
-        shape,
-        x,
-        trainers["kd"].preprocess,
-        cfg["batch_size"],
-        device,
-        kd_cfg,
-    )
-    epochs = cfg["epochs"]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    def build_pair(loaders: dict[str, Any]) -> dict[str, KDTrainer]:
+        trainers = {}
+        for kind, loader in loaders.items():
+            student = build_model(cfg["student"], num_classes, shape, seed=args.seed)
+            trainers[kind] = KDTrainer(
+                student,
+                teacher,
+                loader,
+                kd_cfg,
+                preprocess=BatchPreprocess(*pre_args, augment=pre_augment, seed=args.seed),
+                device=device,
+                test_loader=make_eval_loader(test_set),
+                progress=progress,
+                name="vanilla" if kind == "kd" else "KCD",
+            )
+        return trainers
 
-        bar = tqdm(total=2 * epochs, desc="epochs (vanilla + KCD)", dynamic_ncols=True)
-    order = ("kd", "kcd")
-    if args.order == "sequential":
-        for kind in order:
-            for _ in range(epochs):
-                trainers[kind].train_epoch()
-                if bar is not None:
-                    bar.update(1)
-    else:
-        for e in range(epochs):
-            for kind in order if e % 2 == 0 else order[::-1]:
-                trainers[kind].train_epoch()
-                if bar is not None:
-                    bar.update(1)
-    if bar is not None:
-        bar.close()
-    results = {kind: trainers[kind].result() for kind in order}
-    feed = feed_seconds(x, y, cfg["batch_size"], cfg["num_workers"], args.seed) if args.backend == "torch" else {}
+    # warm-up: one untimed epoch of a throw-away vanilla run (allocator, kernel and library caches,
+    # first-touch of shapes), so that neither timed run pays for it in its first epoch
+    warm = build_pair(build_loaders())["kd"]
+    warm.train_epoch()
+    del warm
+    epochs, repeats = cfg["epochs"], cfg["repeats"]
+    runs = []
+    for r in range(repeats):
+        trainers = build_pair(first_loaders if r == 0 else build_loaders())
+        order = ("kd", "kcd") if r % 2 == 0 else ("kcd", "kd")  # who goes first in epoch 0 alternates too
+        if args.order == "sequential":
+            plan = [(kind, e) for kind in order for e in range(epochs)]
+        else:
+            plan = [(kind, e) for e in range(epochs) for kind in (order if e % 2 == 0 else order[::-1])]
+        for kind, e in plan:
+            rec = trainers[kind].train_epoch()
+            _say(
+                f"run {r + 1}/{repeats} epoch {e + 1}/{epochs} {'vanilla' if kind == 'kd' else 'KCD':>7}: "
+                f"{rec.samples} samples, {rec.seconds:.2f} s, loss {rec.loss:.4f}, lr {rec.lr_start:.4g}"
+            )
+        runs.append(({kind: trainers[kind].result() for kind in ("kd", "kcd")}, trainers))
+    ratios = [res["kcd"].seconds / res["kd"].seconds for res, _ in runs]
+    median_run = sorted(range(repeats), key=lambda i: ratios[i])[(repeats - 1) // 2]
+    results, trainers = runs[median_run]
+    feed = (
+        feed_seconds(x, y, cfg["batch_size"], cfg["num_workers"], args.seed, args.backend, augment)
+        if args.backend in ("torch", "tensor")
+        else {}
+    )
     kcd_loader = trainers["kcd"].loader
     retimed = retime_condensations(kcd_loader, kcd_loader.images) if kcd_loader.images is not None else {}
 
@@ -435,7 +432,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     van, kcd = results["kd"], results["kcd"]
     expected = schedule.epoch_sizes(n)
     theo, paper = schedule.relative_cost(n), schedule.paper_cost
-    measured = kcd.seconds / van.seconds
+    measured = float(np.median(ratios))
     cpu_ratio = kcd.cpu_s / van.cpu_s if van.cpu_s > 0 else float("nan")
     robust = {k: robust_seconds(res) for k, res in results.items()}
     overhead_s = kcd.observe_s + kcd.epoch_end_s
@@ -443,6 +440,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         "theoretical_C": theo,
         "paper_C": paper,
         "measured_ratio": measured,
+        "measured_ratio_runs": ratios,
+        "measured_ratio_spread": [min(ratios), max(ratios)],
+        "repeats": repeats,
+        "reported_run": median_run,
         "measured_ratio_cpu_time": cpu_ratio,
         "measured_ratio_robust": robust["kcd"] / robust["kd"],
         "samples_ratio": kcd.samples / van.samples,
@@ -458,7 +459,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         "config": {
             **cfg,
             "kd": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(kd_cfg).items()},
-            "order": args.order,
+            "order": args.order + " (who goes first alternates every epoch and, in epoch 0, every run)",
+            "warm_up": "one untimed epoch of a throw-away vanilla run",
             "backend": args.backend,
             "value": args.value,
             "vaks": args.vaks,
@@ -467,6 +469,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "vanilla": van.to_dict(),
         "kcd": {**kcd.to_dict(), "epoch_samples_expected": expected},
+        "runs": [
+            {"measured_ratio": ratios[i], "vanilla": res["kd"].to_dict(), "kcd": res["kcd"].to_dict()}
+            for i, (res, _) in enumerate(runs)
+        ],
         "overhead": {
             "scoring_s": kcd.observe_s,
             "epoch_end_s": kcd.epoch_end_s,
@@ -482,13 +488,17 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         "wall_seconds_total": time.perf_counter() - t_all,
     }
     print_report(out)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2, default=str) + "\n")
-        _say(f"wrote {args.json}")
-    if args.plot:
-        plot(out, args.plot)
-        _say(f"wrote {args.plot}")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    json_path = Path(args.json) if args.json else Path(args.out) / f"throughput-{stamp}.json"
+    plot_path = Path(args.plot) if args.plot else Path(args.out) / f"throughput-{stamp}.png"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(out, indent=2, default=str) + "\n")
+    _say(f"wrote {json_path}")
+    try:
+        plot(out, str(plot_path))
+        _say(f"wrote {plot_path}")
+    except ImportError as err:  # matplotlib is the bench extra
+        _say(f"no plot ({err}); pip install matplotlib")
     return out
 
 
@@ -526,8 +536,10 @@ def print_report(r: dict[str, Any]) -> None:
         f"{kcd['seconds'] / van['seconds']:>7.3f} |"
     )
     o = r["overhead"]
+    runs = ", ".join(f"{v:.4f}" for v in r["measured_ratio_runs"])
     print(
-        f"\nmeasured ratio KCD / vanilla (wall clock): {r['measured_ratio']:.4f}   "
+        f"\nmeasured ratio KCD / vanilla (wall clock): {r['measured_ratio']:.4f}, median of {r['repeats']} "
+        f"interleaved pair(s) [{runs}]; the table shows run {r['reported_run'] + 1}   "
         f"(CPU time of this process: {r['measured_ratio_cpu_time']:.4f}; "
         f"median-step estimate: {r['measured_ratio_robust']:.4f})"
     )
@@ -562,7 +574,8 @@ def print_report(r: dict[str, Any]) -> None:
     if f:
         print(
             f"feed (one epoch of data, no model, median of {f['repeats']}): torch DataLoader "
-            f"{f['dataloader_s']:.3f} s, KCDLoader (vanilla schedule) {f['kcdloader_s']:.3f} s "
+            f"{f['dataloader_s']:.3f} s, KCDLoader (vanilla schedule, {f.get('backend', 'torch')} back end) "
+            f"{f['kcdloader_s']:.3f} s "
             f"= {f['kcdloader_over_dataloader']:.3f}x"
         )
 

@@ -22,6 +22,7 @@ from kcd_fast.kd import (
     cached_teacher,
     count_parameters,
     digits_arrays,
+    epoch_lr_factor,
     full_schedule,
     kd_loss,
     keep_uint8,
@@ -77,6 +78,21 @@ def test_lr_factor_schedules():
     assert [lr_factor(s, 100, ms) for s in (49, 50, 80)] == pytest.approx([1.0, 0.1, 0.01])
     warm = KDConfig(warmup_steps=10)
     assert lr_factor(4, 100, warm) == pytest.approx(0.5)
+
+
+def test_epoch_indexed_lr_is_the_papers_multistep_and_the_same_for_kd_and_kcd():
+    # the paper's schedule: x0.1 at epochs 150, 180, 210 of 240, whatever the epoch's length
+    ms = KDConfig(lr_schedule="multistep")
+    for steps_in_epoch in (391, 250, 17):
+        f = [epoch_lr_factor(e, 0, steps_in_epoch, 240, 10_000, ms) for e in (149, 150, 179, 180, 210, 239)]
+        assert f == pytest.approx([1.0, 0.1, 0.1, 0.01, 0.001, 0.001])
+        last = epoch_lr_factor(149, steps_in_epoch - 1, steps_in_epoch, 240, 10_000, ms)
+        assert last == 1.0  # still epoch 149
+    cos = KDConfig()
+    assert cos.lr_index == "epoch"
+    assert epoch_lr_factor(3, 5, 10, 6, 100, cos) == pytest.approx(0.5 * (1 + math.cos(math.pi * 3.5 / 6)))
+    with pytest.raises(ValueError, match="lr_index must be one of 'epoch', 'step', got 'batch'"):
+        KDConfig(lr_index="batch")
 
 
 def test_preprocess_normalises_and_augments_with_own_generator():
@@ -194,9 +210,7 @@ def test_vanilla_and_kcd_share_one_loop(tiny, tmp_path):
         loader = make_loader(
             kind, ArrayDataset(x, y, transform=keep_uint8), epochs=6, period=2, rho=0.5, batch_size=32, seed=0
         )
-        # a constant LR: with a cosine one the runs differ from step 1 on (each is sized by
-        # its own loader.total_steps(), shorter for KCD)
-        cfg = KDConfig(lr=0.05, lr_schedule="constant")
+        cfg = KDConfig(lr=0.05)  # cosine over epoch progress: the same LR in every epoch of both runs
         trainer = KDTrainer(
             build_model("convnet_s", 10, (3, 16, 16), seed=0),
             teacher,
@@ -215,8 +229,10 @@ def test_vanilla_and_kcd_share_one_loop(tiny, tmp_path):
     assert [e.samples for e in kcd.epochs] == sizes
     assert len(kcd.history) == len(CondensationSchedule(6, 2, rho=0.5).condensation_epochs)
     assert kd.history == []
-    # identical until the first condensation: same init, batches, order and augmentation
+    # identical until the first condensation: same init, batches, order, augmentation and LR
     assert kd.epochs[0].loss == kcd.epochs[0].loss
+    assert kd.to_dict()["epoch_lr"] == kcd.to_dict()["epoch_lr"]
+    assert kd.epochs[0].lr_start == 0.05 and kd.epochs[-1].lr_start < 0.05
     for r in (kd, kcd):
         assert r.epochs[-1].loss < r.epochs[0].loss  # the loss falls
         assert r.accuracy is not None and 0.0 <= r.accuracy <= 100.0
@@ -348,6 +364,8 @@ def test_throughput_benchmark_writes_json_and_plot(tmp_path):
             "--cache-dir",
             str(tmp_path),
             "--no-progress",
+            "--repeats",
+            "2",
             "--json",
             str(out_json),
             "--plot",
@@ -365,8 +383,26 @@ def test_throughput_benchmark_writes_json_and_plot(tmp_path):
     assert data["theoretical_C"] == pytest.approx(sched.relative_cost(200))
     assert data["paper_C"] == pytest.approx(sched.paper_cost)
     assert data["machine"]["cpu_count"] >= 1 and "torch" in data["machine"]
-    assert r["measured_ratio"] == pytest.approx(data["kcd"]["seconds"] / data["vanilla"]["seconds"])
+    runs = data["measured_ratio_runs"]
+    assert len(runs) == 2 == len(data["runs"]) and data["repeats"] == 2
+    assert r["measured_ratio"] == pytest.approx(sum(runs) / 2)  # the median of two
+    for i, run in enumerate(data["runs"]):
+        assert run["measured_ratio"] == pytest.approx(run["kcd"]["seconds"] / run["vanilla"]["seconds"]) == runs[i]
+        assert run["vanilla"]["epoch_lr"] == run["kcd"]["epoch_lr"]  # epoch-indexed: the same LR every epoch
+    assert data["measured_ratio_spread"] == [min(runs), max(runs)]
     assert out_png.stat().st_size > 1000
+
+
+def test_throughput_writes_into_its_output_folder_by_default_with_the_tensor_back_end(tmp_path, capsys):
+    bench = _bench_module("throughput")
+    args = ["--device", "cpu", "--n-train", "120", "--n-test", "60", "--image-size", "16", "--epochs", "2"]
+    args += ["--period", "1", "--teacher", "convnet_s", "--student", "convnet_s", "--teacher-epochs", "1"]
+    args += ["--batch-size", "40", "--cache-dir", str(tmp_path), "--backend", "tensor", "--out", str(tmp_path / "o")]
+    r = bench.run(args)
+    written = sorted(p.suffix for p in (tmp_path / "o").iterdir())
+    assert written == [".json", ".png"]
+    assert r["config"]["backend"] == "tensor" and r["feed"]["backend"] == "tensor"
+    assert "\x1b[" not in capsys.readouterr().err  # no progress bars when stderr is no terminal
 
 
 def test_digits_benchmark_and_train_cli(tmp_path):

@@ -23,6 +23,7 @@ from .trainer import (
     BatchPreprocess,
     KDConfig,
     KDTrainer,
+    LRIndex,
     LRSchedule,
     keep_uint8,
     make_eval_loader,
@@ -67,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha-kd", type=float, default=0.9, help="KL weight")
     p.add_argument("--temperature", type=float, default=4.0)
     p.add_argument("--lr-schedule", default="cosine", choices=[s.value for s in LRSchedule])
+    p.add_argument(
+        "--lr-index",
+        default="epoch",
+        choices=[s.value for s in LRIndex],
+        help="what the LR schedule's progress counts: epoch (the same LR for KD and KCD in every epoch) or step",
+    )
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--num-workers", type=int, default=0)
@@ -112,6 +119,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         gamma=args.gamma,
         alpha_kd=args.alpha_kd,
         lr_schedule=args.lr_schedule,
+        lr_index=args.lr_index,
         amp=args.amp,
     )
     test_set = ArrayDataset(xt, yt, transform=keep_uint8)

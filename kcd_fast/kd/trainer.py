@@ -65,6 +65,8 @@ __all__ = [
     "full_schedule",
     "kd_loss",
     "keep_uint8",
+    "LRIndex",
+    "epoch_lr_factor",
     "lr_factor",
     "make_eval_loader",
     "train_data",
@@ -75,7 +77,8 @@ __all__ = [
 # -- configuration ------------------------------------------------------------------------
 @unique
 class LRSchedule(OptionEnum):
-    """How the LR moves over ``total_steps`` (after ``warmup_steps`` of linear warm-up)."""
+    """How the LR moves over the run (after ``warmup_steps`` of linear warm-up); the run's
+    progress is counted in epochs or in steps (``KDConfig.lr_index``)."""
 
     COSINE = "cosine"  # 0.5 * (1 + cos(pi * progress))
     MULTISTEP = "multistep"  # times lr_decay at each fraction in milestones (CRD: 150/180/210 of 240)
@@ -86,12 +89,29 @@ class LRSchedule(OptionEnum):
         return "lr_schedule"
 
 
+@unique
+class LRIndex(OptionEnum):
+    """What the LR schedule's progress counts."""
+
+    EPOCH = "epoch"  # (epoch + step_in_epoch / steps_in_epoch) / epochs: the same LR for KD and KCD each epoch
+    STEP = "step"  # optimizer steps / total_steps: KCD's shorter epochs then decay the LR sooner
+
+    @classmethod
+    def option_name(cls) -> str:
+        return "lr_index"
+
+
 @dataclass
 class KDConfig:
     """Optimisation and loss settings of one KD run (both runs of a comparison share one).
 
     Defaults follow CRD/KCD's CIFAR recipe (SGD 0.05, momentum 0.9, wd 5e-4, T = 4,
-    gamma 0.1 and alpha 0.9 for KD) with a cosine LR over the run's total steps.
+    gamma 0.1 and alpha 0.9 for KD) with a cosine LR indexed by epoch progress
+    (``lr_index="epoch"``: epoch e, step k of n is at ``(e + k / n) / epochs``), so vanilla KD
+    and KCD train at the same LR in every epoch, as the authors' code does; the paper's
+    multistep is ``lr_schedule="multistep"`` with milestones (0.625, 0.75, 0.875) = epochs
+    150, 180, 210 of 240. ``lr_index="step"`` counts optimizer steps over the run's
+    ``total_steps()`` instead (each run on its own length).
     """
 
     lr: float = 0.05
@@ -103,7 +123,8 @@ class KDConfig:
     alpha_kd: float = 0.9  # KL weight
     beta: float = 0.0  # feature-loss weight (needs a feature_loss in KDTrainer)
     lr_schedule: str = "cosine"
-    milestones: tuple[float, ...] = (0.625, 0.75, 0.875)  # fractions of total_steps (multistep)
+    lr_index: str = "epoch"  # what the schedule's progress counts: "epoch" or "step"
+    milestones: tuple[float, ...] = (0.625, 0.75, 0.875)  # fractions of the run (multistep)
     lr_decay: float = 0.1
     warmup_steps: int = 0
     amp: str = "auto"  # "auto" (bf16 on CUDA, off on CPU), "bf16", "fp16", "off"
@@ -120,6 +141,7 @@ class KDConfig:
             if not is_finite_number(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
         LRSchedule.parse(self.lr_schedule)
+        LRIndex.parse(self.lr_index)
         self.milestones = tuple(float(m) for m in self.milestones)
         if any(not 0.0 < m < 1.0 for m in self.milestones):
             raise ValueError(f"milestones must be fractions of the run in (0, 1), got {self.milestones!r}")
@@ -132,10 +154,25 @@ class KDConfig:
 
 
 def lr_factor(step: int, total_steps: int, config: KDConfig) -> float:
-    """The LR multiplier at optimizer step ``step`` (0-based) of ``total_steps``."""
+    """The LR multiplier at optimizer step ``step`` (0-based) of ``total_steps``
+    (``lr_index="step"``)."""
     if config.warmup_steps and step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
     progress = min(1.0, (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps))
+    return schedule_factor(progress, config)
+
+
+def epoch_lr_factor(epoch: int, k: int, steps_in_epoch: int, epochs: int, step: int, config: KDConfig) -> float:
+    """The LR multiplier at step ``k`` of ``steps_in_epoch`` in epoch ``epoch`` of ``epochs``
+    (``lr_index="epoch"``; ``step``, the optimizer step, for the warm-up)."""
+    if config.warmup_steps and step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = min(1.0, (epoch + k / max(1, steps_in_epoch)) / epochs)
+    return schedule_factor(progress, config)
+
+
+def schedule_factor(progress: float, config: KDConfig) -> float:
+    """The schedule's multiplier at ``progress`` in [0, 1] of the run."""
     kind = LRSchedule.parse(config.lr_schedule)
     if kind is LRSchedule.COSINE:
         return 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -383,6 +420,7 @@ class EpochRecord:
     epoch_end_s: float
     cpu_s: float = 0.0
     step_median_s: float = 0.0
+    lr_start: float = 0.0  # the LR of the epoch's first step
     condensations: list[dict[str, Any]] = field(default_factory=list)
     accuracy: float | None = None
 
@@ -432,6 +470,7 @@ class TrainResult:
             "cpu_seconds": self.cpu_s,
             "epoch_steps": [e.steps for e in self.epochs],
             "epoch_loss": [e.loss for e in self.epochs],
+            "epoch_lr": [e.lr_start for e in self.epochs],
             "epoch_observe_s": [e.observe_s for e in self.epochs],
             "epoch_end_s": [e.epoch_end_s for e in self.epochs],
             "observe_s": self.observe_s,
@@ -525,8 +564,7 @@ class KDTrainer:
             weight_decay=config.weight_decay,
             nesterov=config.nesterov,
         )
-        total = self.total_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, total, config))
+        self.lr_index = LRIndex.parse(config.lr_index)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype is torch.float16 and cuda else None
         self.step = 0
         self.records: list[EpochRecord] = []
@@ -553,6 +591,7 @@ class KDTrainer:
         observe_s = 0.0
         step_times: list[float] = []
         n_batches = len(loader)
+        lr_start = self._set_lr(epoch, 0, n_batches)
         _sync(dev)
         t_start, c_start = time.perf_counter(), time.process_time()
         it = iter(loader)
@@ -563,6 +602,7 @@ class KDTrainer:
             except StopIteration:
                 epoch_end_s = time.perf_counter() - t_next
                 break
+            self._set_lr(epoch, steps, n_batches)
             x = self.preprocess(inputs.to(dev, non_blocking=True), train=True)
             y = targets.to(dev, non_blocking=True)
             with self._autocast():
@@ -601,7 +641,6 @@ class KDTrainer:
                 if cfg.grad_clip is not None:
                     nn.utils.clip_grad_norm_(self.student.parameters(), cfg.grad_clip)
                 self.optimizer.step()
-            self.scheduler.step()
             self.step += 1
             loss_sum += loss.detach().float() * y.shape[0]
             samples += int(y.shape[0])
@@ -625,6 +664,7 @@ class KDTrainer:
             seconds=seconds,
             loss=float(loss_sum.item()) / max(1, samples),
             lr=self.optimizer.param_groups[0]["lr"],
+            lr_start=lr_start,
             observe_s=observe_s,
             epoch_end_s=epoch_end_s,
             cpu_s=cpu_s,
@@ -635,6 +675,18 @@ class KDTrainer:
             rec.accuracy = self.evaluate()
         self.records.append(rec)
         return rec
+
+    def _set_lr(self, epoch: int, k: int, steps_in_epoch: int) -> float:
+        """Sets the LR of step ``k`` of epoch ``epoch`` (the next optimizer step) and returns it."""
+        cfg = self.config
+        if self.lr_index is LRIndex.EPOCH:
+            factor = epoch_lr_factor(epoch, k, steps_in_epoch, self.epochs, self.step, cfg)
+        else:
+            factor = lr_factor(self.step, self.total_steps, cfg)
+        lr = cfg.lr * factor
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
 
     def evaluate(self, loader: Any = None) -> float:
         """Top-1 accuracy (percent) of the student on ``loader`` (default: test_loader)."""
