@@ -7,6 +7,10 @@ trained once (cached under benchmarks/cache/); then for each seed a small MLP st
 loader (same init, same first-epoch order, same hyper-parameters). Reports per seed and the
 mean and sample standard deviation of both accuracies and of the paired difference.
 
+``--ablation`` adds, per seed, KCD variants in the spirit of the paper's Table 7: the value
+measure (entropy vs random) and VAKS (low, high, random, off), each against the same seed's
+vanilla run (paired differences).
+
 Usage:
     python benchmarks/digits_accuracy.py [--seeds 10] [--epochs 60 --period 10 --rho 0.7]
         [--quick] [--json PATH] [--plot PATH]
@@ -61,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--cache-dir", default=str(HERE / "cache"), help="teacher checkpoints ('' disables)")
+    p.add_argument(
+        "--ablation",
+        action="store_true",
+        help="also KCD with value=random and with vaks=high/random/off (paired against vanilla per seed)",
+    )
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None)
     return p
@@ -108,20 +117,24 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         f"teacher accuracy {tinfo['accuracy']:.2f}%",
         flush=True,
     )
+    variants = {"kd": ("kd", args.value, args.vaks), "kcd": ("kcd", args.value, args.vaks)}
+    if args.ablation:
+        for value, vaks in (("random", "low"), ("entropy", "high"), ("entropy", "random"), ("entropy", "off")):
+            variants[f"kcd_value={value}_vaks={vaks}"] = ("kcd", value, vaks)
     print(f"{'seed':>4} | {'vanilla KD':>10} | {'KCD':>7} | {'delta':>6} | {'vanilla s':>9} | {'KCD s':>6}")
     for seed in range(seeds):
         row: dict[str, Any] = {"seed": seed}
-        for kind in ("kd", "kcd"):
+        for kind, (mode, value, vaks) in variants.items():
             loader = make_loader(
-                kind,
+                mode,
                 ArrayDataset(xtr, ytr, transform=keep_uint8),
                 epochs=epochs,
                 period=period,
                 rho=args.rho,
                 batch_size=args.batch_size,
                 seed=seed,
-                value=args.value,
-                vaks=args.vaks,
+                value=value,
+                vaks=vaks,
             )
             trainer = KDTrainer(
                 build_model(args.student, 10, shape, seed=seed),
@@ -146,6 +159,15 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     kcd_m, kcd_s = _mean_std([r["kcd"] for r in rows])
     d_m, d_s = _mean_std([r["kcd"] - r["kd"] for r in rows])
     t_kd, t_kcd = sum(r["kd_seconds"] for r in rows), sum(r["kcd_seconds"] for r in rows)
+    ablation = {}
+    for name, (_, value, vaks) in variants.items():
+        if name == "kd":
+            continue
+        m, sd = _mean_std([r[name] for r in rows])
+        dm, dsd = _mean_std([r[name] - r["kd"] for r in rows])
+        ablation[name] = {"value": value, "vaks": vaks, "mean": m, "std": sd, "paired_delta": {"mean": dm, "std": dsd}}
+        if args.ablation:
+            print(f"  {name:<32} {m:6.2f} +- {sd:.2f}   paired delta vs vanilla {dm:+.2f} +- {dsd:.2f}")
     print(
         f"mean +- std over {seeds} seeds: vanilla KD {kd_m:.2f} +- {kd_s:.2f}   "
         f"KCD {kcd_m:.2f} +- {kcd_s:.2f}   "
@@ -171,11 +193,13 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             "value": args.value,
             "vaks": args.vaks,
             "seeds": seeds,
+            "lr_schedule": f"{cfg.lr_schedule}, indexed by {cfg.lr_index}",
         },
         "per_seed": rows,
         "vanilla": {"mean": kd_m, "std": kd_s, "accuracy": [r["kd"] for r in rows], "seconds": t_kd},
         "kcd": {"mean": kcd_m, "std": kcd_s, "accuracy": [r["kcd"] for r in rows], "seconds": t_kcd},
         "paired_delta": {"mean": d_m, "std": d_s},
+        "ablation": ablation,
         "goal_delta_at_least_-0.5": d_m >= -0.5,
         "machine": machine_info("cpu"),
         "torch_threads": torch.get_num_threads(),

@@ -125,10 +125,14 @@ def epoch_sizes(epochs: int, period: int, rho: float, n: int, decay: str = "exp"
     return sizes
 
 
-def augment(images: np.ndarray, indices, params, out_size, pad, scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
+def augment(
+    images: np.ndarray, indices, params, out_size, pad, scale: np.ndarray, shift: np.ndarray, fill=None
+) -> np.ndarray:
     """The tensor back end's augmentation, pixel by pixel: [B, C, oh, ow] float32. Sample b
-    reads images[indices[b]] zero-padded by `pad`, output (y, x) <- padded
-    (y0 + y, x0 + (ow - 1 - x if flip else x)), channel c <- v * scale[c] + shift[c] (float32)."""
+    reads images[indices[b]] padded by `pad`, output (y, x) <- padded
+    (y0 + y, x0 + (ow - 1 - x if flip else x)), channel c <- v * scale[c] + shift[c] (float32)
+    for a stored pixel, fill[c] for the padding (default: shift[c], the value of pixel 0)."""
+    fill = shift if fill is None else fill
     oh, ow = out_size
     _, h, w, c = images.shape
     out = np.zeros((len(indices), c, oh, ow), dtype=np.float32)
@@ -137,6 +141,8 @@ def augment(images: np.ndarray, indices, params, out_size, pad, scale: np.ndarra
             for x in range(ow):
                 sy, sx = y0 + y - pad, x0 + (ow - 1 - x if flip else x) - pad
                 for ch in range(c):
-                    v = images[i, sy, sx, ch] if 0 <= sy < h and 0 <= sx < w else 0
-                    out[b, ch, y, x] = np.float32(np.float32(v) * scale[ch]) + shift[ch]
+                    if 0 <= sy < h and 0 <= sx < w:
+                        out[b, ch, y, x] = np.float32(np.float32(images[i, sy, sx, ch]) * scale[ch]) + shift[ch]
+                    else:
+                        out[b, ch, y, x] = fill[ch]
     return out

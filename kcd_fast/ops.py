@@ -406,6 +406,17 @@ def normalization(mean, std, channels: int) -> tuple[torch.Tensor, torch.Tensor]
     return (1.0 / (255.0 * s)).float(), (-m / s).float()
 
 
+def fill_values(fill, mean, std, channels: int) -> torch.Tensor:
+    """float32 ``[C]`` padding outputs ``(fill - mean) / std`` (in float64, rounded once)."""
+    f = torch.as_tensor(fill, dtype=torch.float64).flatten()
+    f = f.expand(channels) if f.numel() == 1 else f
+    if f.numel() != channels or not bool(torch.isfinite(f).all()):
+        raise ValueError(f"fill needs 1 or C = {channels} finite values, got {f.tolist()}")
+    m = torch.as_tensor(mean, dtype=torch.float64).flatten().expand(channels)
+    s = torch.as_tensor(std, dtype=torch.float64).flatten().expand(channels)
+    return ((f - m) / s).float()
+
+
 def augment(
     images,
     indices,
@@ -415,6 +426,7 @@ def augment(
     pad: int = 0,
     mean=(0.0,),
     std=(1.0,),
+    fill=None,
     dtype: torch.dtype = torch.float32,
     channels_last: bool = False,
     check: bool | None = None,
@@ -430,6 +442,8 @@ def augment(
         out_size: ``(oh, ow)``. pad: zero pixels added on every side before cropping.
         mean, std: per channel (or one value), on the ``[0, 1]`` scale: channel c becomes
             ``(v / 255 - mean[c]) / std[c]``.
+        fill: the padding's colour per channel (or one value) on the ``[0, 1]`` scale,
+            normalised like the pixels; None: black (pixel 0, torchvision's padding).
         dtype: float32 or bfloat16 output. channels_last: output memory in NHWC order.
         check: validate indices and params first (always on CPU; on CUDA default True, a
             host sync; the back end passes False for params it drew in range).
@@ -457,7 +471,9 @@ def augment(
     if not (0 <= pad and 1 <= oh <= h + 2 * pad and 1 <= ow <= w + 2 * pad):
         raise ValueError(f"out_size {(oh, ow)} with pad {pad} does not fit images of {h}x{w} (crop <= size + 2 pad)")
     device = A.check_same_device([("images", im), ("indices", idx), ("params", pa)])
-    scale, shift = (t.to(device) for t in normalization(mean, std, c))
+    scale, shift = normalization(mean, std, c)
+    pad_values = shift.clone() if fill is None else fill_values(fill, mean, std, c)
+    scale, shift, pad_values = (t.to(device) for t in (scale, shift, pad_values))
     b = idx.shape[0]
     if out is None:
         out = torch.empty((b, oh, ow, c) if channels_last else (b, c, oh, ow), dtype=dtype, device=device)
@@ -477,6 +493,7 @@ def augment(
             A.capsule(pa),
             A.capsule(scale),
             A.capsule(shift),
+            A.capsule(pad_values),
             A.capsule(raw),
             int(pad),
             bool(channels_last),
@@ -490,6 +507,7 @@ def augment(
         A.capsule(pa),
         A.capsule(scale),
         A.capsule(shift),
+        A.capsule(pad_values),
         A.capsule(raw),
         int(pad),
         bool(channels_last),

@@ -1,12 +1,20 @@
-"""The benchmarks' timing helper: contenders interleaved in a random order, setups untimed."""
+"""The benchmarks' helpers: contenders interleaved in a random order with setups untimed, and
+the numpy baseline the condense benchmark times against."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from _common import interleaved_median_ms  # noqa: E402
+from kernels import numpy_select  # noqa: E402
+
+import kcd_fast  # noqa: E402
 
 
 def test_no_contender_always_follows_the_same_one_and_setups_run_right_before() -> None:
@@ -33,3 +41,19 @@ def test_order_is_reproducible_from_the_seed() -> None:
         return calls
 
     assert order(1) == order(1) and order(1) != order(2)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("n", [1, 7, 100, 1000])
+def test_numpy_select_baseline_is_condense(seed: int, n: int) -> None:
+    """The numpy baseline of benchmarks/kernels.py returns condense's keep / dropped / dst
+    (ties included), so its timing is a like-for-like comparison."""
+    rng = np.random.default_rng(seed)
+    values = rng.integers(0, 5, n).astype(np.float64)  # many ties
+    values[rng.random(n) < 0.1] = np.inf
+    for n_prev in sorted({n, max(1, n - n // 3)}):
+        for n_keep in sorted({1, n_prev // 2 or 1, n_prev}):
+            got = numpy_select(values, n_keep, n_prev)
+            want = kcd_fast.condense(torch.from_numpy(values), n_keep, n_prev)
+            for name in ("keep", "dropped", "dst"):
+                assert np.array_equal(got[name], getattr(want, name).numpy()), (name, n_keep, n_prev)

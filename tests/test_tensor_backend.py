@@ -55,6 +55,26 @@ def test_augment_matches_reference(seed: int, channels_last: bool, dtype: torch.
     assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_augment_fill_colours_the_padding(seed: int) -> None:
+    images, idx, params, size, pad, mean, std = _case(np.random.default_rng(100 + seed))
+    fill = np.random.default_rng(seed).random(images.shape[3])
+    out = ops.augment(
+        torch.from_numpy(images),
+        torch.from_numpy(idx),
+        torch.from_numpy(params),
+        out_size=size,
+        pad=pad,
+        mean=mean,
+        std=std,
+        fill=fill,
+    )
+    scale, shift = ops.normalization(mean, std, images.shape[3])
+    pad_out = ops.fill_values(fill, mean, std, images.shape[3])
+    ref = R.augment(images, idx, params, size, pad, scale.numpy(), shift.numpy(), pad_out.numpy())
+    assert torch.equal(out, torch.from_numpy(ref))
+
+
 def test_augment_bad_params_and_indices_write_nothing() -> None:
     images = torch.zeros(3, 4, 4, 3, dtype=torch.uint8)
     out = torch.full((2, 3, 4, 4), 7.0)

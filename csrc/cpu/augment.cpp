@@ -26,7 +26,7 @@ inline uint16_t store<uint16_t>(float f) {
 // between read stored pixels (source_col, branch-free).
 template <typename T, bool kNHWC>
 void run(const uint8_t* images, const AugmentGeometry& g, const int64_t* indices, const int32_t* params, int64_t B,
-         const float* lut, T* out) {
+         const float* lut, const float* fill, T* out) {
   const int64_t C = g.C, oh = g.out_h, ow = g.out_w, per = oh * ow * C;
   const TeamScope team(B * per, int64_t(1) << 18);
 #pragma omp parallel for num_threads(openmp_threads()) schedule(static) if (team.team() > 1)
@@ -46,14 +46,14 @@ void run(const uint8_t* images, const AugmentGeometry& g, const int64_t* indices
       const uint8_t* row = img + (row_in ? sy : 0) * g.W * C;
       for (int64_t c = 0; c < C; ++c) {
         const float* t = lut + c * 256;
-        const T fill = store<T>(t[0]);
+        const T pad_value = store<T>(fill[c]);
         T* orow = kNHWC ? o + y * ow * C + c : o + (c * oh + y) * ow;
         const int64_t step = kNHWC ? C : 1;
         if (!row_in) {
-          for (int64_t x = 0; x < ow; ++x) orow[x * step] = fill;
+          for (int64_t x = 0; x < ow; ++x) orow[x * step] = pad_value;
           continue;
         }
-        for (int64_t x = 0; x < xa; ++x) orow[x * step] = fill;
+        for (int64_t x = 0; x < xa; ++x) orow[x * step] = pad_value;
         if (flip) {
           const uint8_t* src = row + (x0 - g.pad + ow - 1) * C + c;
           for (int64_t x = xa; x < xb; ++x) orow[x * step] = store<T>(t[src[-x * C]]);
@@ -61,7 +61,7 @@ void run(const uint8_t* images, const AugmentGeometry& g, const int64_t* indices
           const uint8_t* src = row + (x0 - g.pad) * C + c;
           for (int64_t x = xa; x < xb; ++x) orow[x * step] = store<T>(t[src[x * C]]);
         }
-        for (int64_t x = xb; x < ow; ++x) orow[x * step] = fill;
+        for (int64_t x = xb; x < ow; ++x) orow[x * step] = pad_value;
       }
     }
   }
@@ -70,8 +70,8 @@ void run(const uint8_t* images, const AugmentGeometry& g, const int64_t* indices
 }  // namespace
 
 void augment(const uint8_t* images, int64_t N, const AugmentGeometry& g, const int64_t* indices,
-             const int32_t* params, int64_t B, const float* scale, const float* shift, void* out, bool out_bf16,
-             bool nhwc_out) {
+             const int32_t* params, int64_t B, const float* scale, const float* shift, const float* fill, void* out,
+             bool out_bf16, bool nhwc_out) {
   for (int64_t b = 0; b < B; ++b) {
     if (indices[b] < 0 || indices[b] >= N) {
       throw std::out_of_range("indices[" + std::to_string(b) + "] = " + std::to_string(indices[b]) +
@@ -85,18 +85,18 @@ void augment(const uint8_t* images, int64_t N, const AugmentGeometry& g, const i
                                   std::to_string(max_origin_x(g)) + "] with flip 0 or 1");
     }
   }
-  // every output value is normalize_px(v, scale[c], shift[c]) of a uint8 v: a table per channel
-  // (bit-identical to computing it; the padding reads v = 0)
+  // every output value of a stored pixel is normalize_px(v, scale[c], shift[c]) of a uint8 v: a
+  // table per channel (bit-identical to computing it); the padding writes fill[c]
   std::vector<float> lut(static_cast<size_t>(256 * g.C));
   for (int64_t c = 0; c < g.C; ++c) {
     for (int v = 0; v < 256; ++v) lut[c * 256 + v] = normalize_px(static_cast<uint8_t>(v), scale[c], shift[c]);
   }
   if (out_bf16) {
-    if (nhwc_out) run<uint16_t, true>(images, g, indices, params, B, lut.data(), static_cast<uint16_t*>(out));
-    else run<uint16_t, false>(images, g, indices, params, B, lut.data(), static_cast<uint16_t*>(out));
+    if (nhwc_out) run<uint16_t, true>(images, g, indices, params, B, lut.data(), fill, static_cast<uint16_t*>(out));
+    else run<uint16_t, false>(images, g, indices, params, B, lut.data(), fill, static_cast<uint16_t*>(out));
   } else {
-    if (nhwc_out) run<float, true>(images, g, indices, params, B, lut.data(), static_cast<float*>(out));
-    else run<float, false>(images, g, indices, params, B, lut.data(), static_cast<float*>(out));
+    if (nhwc_out) run<float, true>(images, g, indices, params, B, lut.data(), fill, static_cast<float*>(out));
+    else run<float, false>(images, g, indices, params, B, lut.data(), fill, static_cast<float*>(out));
   }
 }
 

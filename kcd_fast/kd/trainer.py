@@ -373,13 +373,19 @@ def train_data(images: Any, labels: Any, backend: str, augment: str) -> tuple[Ar
     augmentation left to :class:`BatchPreprocess` (``augment``: "none", "crop" or "crop_flip").
 
     torch / dali: uint8 batches (:func:`keep_uint8`), cropped, flipped and normalised batched on
-    the training device by ``BatchPreprocess``. tensor: the loader's fused kernel pads by 4 (zero
-    pixels), crops, flips and scales to ``[0, 1]`` (a ``Recipe`` with mean 0, std 1); the
+    the training device by ``BatchPreprocess``. tensor: the loader's fused kernel pads by 4 with
+    the normalisation's mean colour (as ``BatchPreprocess`` pads, so the teacher sees the same
+    inputs), crops, flips and scales to ``[0, 1]`` (a ``Recipe`` with mean 0, std 1); the
     trainer's ``BatchPreprocess`` then only normalises, as it does for evaluation."""
     if backend == "tensor":
         from ..loader.backends.recipes import Recipe
 
-        recipe = Recipe(pad=4 if augment != "none" else 0, random_crop=augment != "none", flip=augment == "crop_flip")
+        recipe = Recipe(
+            pad=4 if augment != "none" else 0,
+            random_crop=augment != "none",
+            flip=augment == "crop_flip",
+            fill=(0.5,),  # BatchPreprocess's mean: its padding is 0 after normalisation
+        )
         return ArrayDataset(images, labels), {"augment": recipe}, "none"
     return ArrayDataset(images, labels, transform=keep_uint8), {}, augment
 

@@ -5,7 +5,8 @@
 //
 // Sample b reads image indices[b] and its params p = (y0, x0, flip): output pixel (y, x)
 // takes padded-image pixel (y0 + y, x0 + (flip ? out_w - 1 - x : x)), where the padded image
-// is the stored one with `pad` zero pixels on every side; output channel c is
+// is the stored one with `pad` pixels on every side that read fill[c] (an output value:
+// shift[c] for black, torchvision's padding); output channel c of a stored pixel v is
 // v * scale[c] + shift[c] (scale = 1 / (255 std), shift = -mean / std). Products and sums
 // are rounded separately (no FMA) so CPU, CUDA and numpy agree bit for bit.
 #pragma once

@@ -49,12 +49,12 @@ void observe_scores(const double* scores, const int64_t* indices, int64_t B, int
 void values(const double* sums, const int32_t* counts, int64_t N, double period, double alpha,
             double* out);
 // The tensor back end's fused augmentation (kcd/augment.h): images [N, H, W, C] u8,
-// indices [B] i64, params [B, 3] i32 (y0, x0, flip), scale / shift [C] f32, out [B, C, oh, ow]
+// indices [B] i64, params [B, 3] i32 (y0, x0, flip), scale / shift / fill [C] f32, out [B, C, oh, ow]
 // (or [B, oh, ow, C] when nhwc_out) float32 or bfloat16. Throws before writing on a bad index
 // or params out of range.
 void augment(const uint8_t* images, int64_t N, const AugmentGeometry& g, const int64_t* indices,
-             const int32_t* params, int64_t B, const float* scale, const float* shift, void* out, bool out_bf16,
-             bool nhwc_out);
+             const int32_t* params, int64_t B, const float* scale, const float* shift, const float* fill, void* out,
+             bool out_bf16, bool nhwc_out);
 // images [N, D] u8, dst/src [L] i64, eps [L] f64. Checks ranges, unique dst and
 // dst disjoint from src before writing.
 void blend(uint8_t* images, int64_t N, int64_t D, const int64_t* dst, const int64_t* src,
@@ -134,8 +134,8 @@ void values(const double* sums, const int32_t* counts, int64_t N, double period,
             double* out, void* stream);
 // No validation on the device: the caller draws params in range.
 void augment(const uint8_t* images, const AugmentGeometry& g, const int64_t* indices, const int32_t* params,
-             int64_t B, const float* scale, const float* shift, void* out, bool out_bf16, bool nhwc_out,
-             void* stream);
+             int64_t B, const float* scale, const float* shift, const float* fill, void* out, bool out_bf16,
+             bool nhwc_out, void* stream);
 // No validation on the device: callers pass the output of condense (or check first).
 void blend(uint8_t* images, int64_t N, int64_t D, const int64_t* dst, const int64_t* src,
            const double* eps, int64_t L, void* stream);

@@ -17,7 +17,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class Recipe:
-    """One pass of ``ops.augment``: zero-pad by ``pad``, crop ``out_size`` (None: the stored
+    """One pass of ``ops.augment``: pad by ``pad`` (with ``fill`` on the ``[0, 1]`` scale per
+    channel; None: black pixels, torchvision's padding), crop ``out_size`` (None: the stored
     size) at a random origin (``random_crop``) or the center, flip horizontally with
     probability 1/2 (``flip``), normalize ``(v / 255 - mean) / std``."""
 
@@ -27,6 +28,7 @@ class Recipe:
     flip: bool = False
     mean: tuple[float, ...] = (0.0,)
     std: tuple[float, ...] = (1.0,)
+    fill: tuple[float, ...] | None = None
 
     @classmethod
     def center(cls, size: int | tuple[int, int], mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Recipe:

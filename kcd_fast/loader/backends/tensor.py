@@ -118,6 +118,7 @@ class TensorBackend:
             pad=pad,
             mean=self.recipe.mean,
             std=self.recipe.std,
+            fill=self.recipe.fill,
             dtype=self.dtype,
             channels_last=self.channels_last,
             check=False,  # indices from the planner, params drawn in range
