@@ -2,7 +2,7 @@
 
 Environment:
   KCD_FAST_NO_CUDA=1      build the CPU module only
-  KCD_FAST_CUDA_ARCHS     CMake CUDA architectures (default "80-real;90-real;90-virtual")
+  KCD_FAST_CUDA_ARCHS     CMake CUDA architectures (default "75-real;80-real;90-real;90-virtual")
   CMAKE_BUILD_PARALLEL_LEVEL  compile jobs (default: all cores)
 """
 

@@ -16,12 +16,30 @@ namespace {
 
 void* as_stream(uintptr_t s) { return reinterpret_cast<void*>(s); }
 
-// All tensors on one CUDA device; makes it current.
-void on_device(std::initializer_list<const Tensor*> ts) {
-  const Tensor* first = *ts.begin();
-  for (const Tensor* t : ts) kcd::require_device(*t, kDLCUDA, first->device_id());
-  kcd::cuda::set_device(first->device_id());
-}
+// All tensors on one CUDA device, made current for the op and the caller's current device
+// restored afterwards (torch and the caller read the same runtime state).
+class OnDevice {
+ public:
+  explicit OnDevice(std::initializer_list<const Tensor*> ts) {
+    const Tensor* first = *ts.begin();
+    for (const Tensor* t : ts) kcd::require_device(*t, kDLCUDA, first->device_id());
+    previous_ = kcd::cuda::get_device();
+    if (previous_ != first->device_id()) kcd::cuda::set_device(first->device_id());
+  }
+  ~OnDevice() {
+    if (previous_ >= 0) {
+      try {
+        kcd::cuda::set_device(previous_);
+      } catch (...) {  // nothing sensible to do in a destructor
+      }
+    }
+  }
+  OnDevice(const OnDevice&) = delete;
+  OnDevice& operator=(const OnDevice&) = delete;
+
+ private:
+  int previous_ = -1;
+};
 
 void check_bank(const Tensor& ix, const Tensor& sums, const Tensor& counts, const Tensor& errors) {
   require(ix, kDLInt, 64, 1);
@@ -39,7 +57,7 @@ void observe_entropy(py::capsule logits, py::capsule indices, py::capsule sums, 
   require(lg, lg.t->dtype.code, kind == kcd::FloatKind::kF32 ? 32 : 16, 2, true);
   check_bank(ix, s, c, er);
   if (ix.size(0) != lg.size(0)) throw std::invalid_argument("indices and logits differ in rows");
-  on_device({&lg, &ix, &s, &c, &er});
+  const OnDevice guard({&lg, &ix, &s, &c, &er});
   kcd::cuda::observe_entropy(lg.data<void>(), kind, lg.size(0), lg.size(1), lg.row_stride(), ix.data<int64_t>(),
                              s.size(0), s.data<double>(), c.data<int32_t>(), er.data<int64_t>(), as_stream(stream));
 }
@@ -58,7 +76,7 @@ void observe_kl(py::capsule student, py::capsule teacher, py::capsule indices, p
   if (ix.size(0) != st.size(0) || te.size(0) != st.size(0) || te.size(1) != st.size(1)) {
     throw std::invalid_argument("student_logits, teacher_logits and indices differ in shape");
   }
-  on_device({&st, &te, &ix, &s, &c, &er});
+  const OnDevice guard({&st, &te, &ix, &s, &c, &er});
   kcd::cuda::observe_kl(st.data<void>(), te.data<void>(), kind, st.size(0), st.size(1), st.row_stride(),
                         te.row_stride(), ix.data<int64_t>(), s.size(0), s.data<double>(), c.data<int32_t>(),
                         temperature, er.data<int64_t>(), as_stream(stream));
@@ -77,7 +95,7 @@ void observe_entropy_seq(py::capsule logits, py::capsule mask, py::capsule indic
   if (ix.size(0) != B || mk.size(0) != B || mk.size(1) != L) {
     throw std::invalid_argument("logits [B, L, V], mask [B, L] and indices [B] differ in shape");
   }
-  on_device({&lg, &mk, &ix, &s, &c, &er});
+  const OnDevice guard({&lg, &mk, &ix, &s, &c, &er});
   kcd::cuda::observe_entropy_seq(lg.data<void>(), kind, B, L, V, V, mk.data<uint8_t>(), ix.data<int64_t>(),
                                  s.size(0), s.data<double>(), c.data<int32_t>(), er.data<int64_t>(),
                                  as_stream(stream));
@@ -90,7 +108,7 @@ void observe_scores(py::capsule scores, py::capsule indices, py::capsule sums, p
   require(sc, kDLFloat, 64, 1);
   check_bank(ix, s, c, er);
   if (ix.size(0) != sc.size(0)) throw std::invalid_argument("indices and scores differ in length");
-  on_device({&sc, &ix, &s, &c, &er});
+  const OnDevice guard({&sc, &ix, &s, &c, &er});
   kcd::cuda::observe_scores(sc.data<double>(), ix.data<int64_t>(), sc.size(0), s.size(0), s.data<double>(),
                             c.data<int32_t>(), er.data<int64_t>(), as_stream(stream));
 }
@@ -101,7 +119,7 @@ void values(py::capsule sums, py::capsule counts, py::capsule out, double period
   require(c, kDLInt, 32, 1);
   require(o, kDLFloat, 64, 1);
   if (c.size(0) != s.size(0) || o.size(0) != s.size(0)) throw std::invalid_argument("sums, counts, out differ in length");
-  on_device({&s, &c, &o});
+  const OnDevice guard({&s, &c, &o});
   kcd::cuda::values(s.data<double>(), c.data<int32_t>(), s.size(0), period, alpha, o.data<double>(), as_stream(stream));
 }
 
@@ -124,24 +142,28 @@ void augment(py::capsule images, py::capsule indices, py::capsule params, py::ca
       sc.size(0) != g.C || sh.size(0) != g.C || fi.size(0) != g.C || pad < 0 || kcd::max_origin_y(g) < 0 || kcd::max_origin_x(g) < 0) {
     throw std::invalid_argument("augment: images, indices, params, scale, shift and out differ in shape");
   }
-  on_device({&im, &ix, &pa, &sc, &sh, &fi, &o});
+  const OnDevice guard({&im, &ix, &pa, &sc, &sh, &fi, &o});
   kcd::cuda::augment(im.data<uint8_t>(), g, ix.data<int64_t>(), pa.data<int32_t>(), B, sc.data<float>(),
                      sh.data<float>(), fi.data<float>(), o.data<void>(), bf16, nhwc_out, as_stream(stream));
 }
 
-void blend(py::capsule images, py::capsule dst, py::capsule src, py::capsule eps, uintptr_t stream) {
-  Tensor im = unwrap(images, "images"), d = unwrap(dst, "dst"), s = unwrap(src, "src"), e = unwrap(eps, "eps");
+void blend(py::capsule images, py::capsule dst, py::capsule src, py::capsule eps, py::capsule errors,
+           uintptr_t stream) {
+  Tensor im = unwrap(images, "images"), d = unwrap(dst, "dst"), s = unwrap(src, "src"), e = unwrap(eps, "eps"),
+         er = unwrap(errors, "errors");
+  require(er, kDLInt, 64, 1);
+  if (er.size(0) != 1) throw std::invalid_argument("errors must be [1]");
   require(im, kDLUInt, 8, -1);
   require(d, kDLInt, 64, 1);
   require(s, kDLInt, 64, 1);
   require(e, kDLFloat, 64, 1);
   if (im.t->ndim < 1) throw std::invalid_argument("images must have a leading point dimension");
   if (s.size(0) != d.size(0) || e.size(0) != d.size(0)) throw std::invalid_argument("dst, src, eps differ in length");
-  on_device({&im, &d, &s, &e});
+  const OnDevice guard({&im, &d, &s, &e, &er});
   const int64_t N = im.size(0);
   const int64_t D = N == 0 ? 0 : im.numel() / N;
   kcd::cuda::blend(im.data<uint8_t>(), N, D, d.data<int64_t>(), s.data<int64_t>(), e.data<double>(), d.size(0),
-                   as_stream(stream));
+                   er.data<int64_t>(), as_stream(stream));
 }
 
 void condense(py::capsule values, int64_t n_keep, int64_t n_prev, int mode, double eps_m, py::capsule random_pos,
@@ -160,7 +182,7 @@ void condense(py::capsule values, int64_t n_keep, int64_t n_prev, int mode, doub
       (m == kcd::VaksMode::kRandom && rp.size(0) != P)) {
     throw std::invalid_argument("condense outputs have the wrong lengths");
   }
-  on_device({&v, &rp, &ws, &k, &dr, &d, &s, &e});
+  const OnDevice guard({&v, &rp, &ws, &k, &dr, &d, &s, &e});
   kcd::cuda::condense(v.data<double>(), v.size(0), n_keep, n_prev, m, eps_m, rp.data<int64_t>(), ws.data<void>(),
                       static_cast<size_t>(ws.size(0)), k.data<int64_t>(), dr.data<int64_t>(), d.data<int64_t>(),
                       s.data<int64_t>(), e.data<double>(), as_stream(stream));

@@ -17,12 +17,19 @@ NUMPY = "numpy"
 DLPACK = "dlpack"
 
 
-def as_torch(x: ArrayLike, name: str) -> tuple[torch.Tensor, str]:
-    """A torch view of ``x`` (no copy) and the name of the library it came from."""
+def as_torch(x: ArrayLike, name: str, writable: bool = False) -> tuple[torch.Tensor, str]:
+    """A torch view of ``x`` (no copy) and the name of the library it came from. A read-only
+    numpy input is copied when it is only read, and refused when the op writes into it
+    (``writable``): writing into a hidden copy would lose the result."""
     if isinstance(x, torch.Tensor):
         return x, TORCH
     if isinstance(x, np.ndarray):
         if not x.flags.writeable:
+            if writable:
+                raise ValueError(
+                    f"{name} is a read-only numpy array, but the op updates it in place; pass a writeable array "
+                    f"(e.g. {name}.copy(), or np.array({name}))"
+                )
             x = x.copy()
         return torch.from_numpy(x), NUMPY
     if hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__"):

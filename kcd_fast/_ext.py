@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from types import ModuleType
 from typing import Any
 
@@ -23,12 +24,21 @@ def _apply_cuda_variants(spec: str) -> None:
         return
     for item in spec.split(","):
         name, sep, value = item.partition("=")
-        if not sep or not value.strip().isdigit():
-            raise ValueError(f"KCD_FAST_CUDA_VARIANTS items are name=value, got {item!r}")
-        _cuda.set_variant(name.strip(), int(value))
+        try:
+            if not sep or not value.strip().isdigit():
+                raise ValueError(f"items are name=value, got {item!r}")
+            _cuda.set_variant(name.strip(), int(value))
+        except ValueError as err:  # a typo must not break `import kcd_fast`: the defaults stay
+            warnings.warn(f"KCD_FAST_CUDA_VARIANTS={spec!r} ignored ({err}); the default kernels run", stacklevel=2)
+            for default in ("entropy_batch", "blend_per_thread"):
+                _cuda.set_variant(default, 1)
+            return
 
 
 _apply_cuda_variants(os.environ.get("KCD_FAST_CUDA_VARIANTS", ""))
+
+
+_RUNS_ON: dict[int, bool] = {}  # device index -> the module has code it runs (checked once per device)
 
 
 def cuda_module() -> ModuleType:
@@ -37,15 +47,54 @@ def cuda_module() -> ModuleType:
             "kcd_fast was built without CUDA kernels; rebuild where nvcc is on PATH "
             "(and KCD_FAST_NO_CUDA is unset) to use CUDA tensors"
         )
+    import torch
+
+    if torch.cuda.is_available():
+        device = torch.cuda.current_device()
+        ok = _RUNS_ON.get(device)
+        if ok is None:
+            ok = _RUNS_ON[device] = runs_on(torch.cuda.get_device_capability(device))
+        if not ok:
+            cap = torch.cuda.get_device_capability(device)
+            raise RuntimeError(
+                f"kcd_fast's CUDA kernels were built for {_cuda.cuda_archs}, which a device of compute capability "
+                f"{cap[0]}.{cap[1]} cannot run; rebuild with KCD_FAST_CUDA_ARCHS including {cap[0]}{cap[1]}-real"
+            )
     return _cuda
 
 
+def _archs() -> tuple[set[int], set[int]]:
+    """Compute capabilities the CUDA module holds machine code for, and PTX for (e.g.
+    "80-real" -> 80 native, "90-virtual" -> 90 PTX)."""
+    native, ptx = set(), set()
+    for a in _cuda.cuda_archs.split(",") if _cuda is not None else []:
+        num, _, kind = a.strip().partition("-")
+        if num.isdigit():
+            (ptx if kind == "virtual" else native).add(int(num))
+            if kind == "":  # "80" alone: both
+                ptx.add(int(num))
+    return native, ptx
+
+
+def runs_on(capability: tuple[int, int]) -> bool:
+    """Whether the CUDA module has code a device of ``capability`` (major, minor) runs:
+    machine code for the same major and a minor not above the device's, or PTX of a
+    capability not above it (compiled by the driver)."""
+    native, ptx = _archs()
+    cc = 10 * capability[0] + capability[1]
+    return any(a // 10 == capability[0] and a <= cc for a in native) or any(p <= cc for p in ptx)
+
+
 def build_info() -> dict[str, Any]:
-    """What the installed extension was built with."""
+    """What the installed extension was built with: ``cuda_archs`` as CMake named them,
+    ``cuda_native_archs`` (machine code) and ``cuda_ptx_archs`` (JIT-compiled by the driver)."""
+    native, ptx = _archs()
     return {
         "version": __version__,
         "cuda_compiled": _cuda is not None,
         "cuda_archs": _cuda.cuda_archs.split(",") if _cuda is not None else [],
+        "cuda_native_archs": sorted(native),
+        "cuda_ptx_archs": sorted(ptx),
         "openmp": bool(_cpu.openmp_enabled()),
         "openmp_threads": int(_cpu.openmp_threads()),
         "cpu_condense_isa": str(_cpu.condense_isa()),
@@ -54,5 +103,12 @@ def build_info() -> dict[str, Any]:
 
 
 def has_cuda() -> bool:
-    """True when the CUDA kernels were compiled and a CUDA device is present."""
-    return _cuda is not None and _cuda.device_count() > 0
+    """True when the CUDA kernels were compiled, a CUDA device is present and the module has
+    code the current device runs (a T4 with a build for sm_80+ only: False)."""
+    if _cuda is None or _cuda.device_count() == 0:
+        return False
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    return runs_on(torch.cuda.get_device_capability())

@@ -7,13 +7,16 @@ import numpy as np
 
 
 def entropy(logits: np.ndarray) -> np.ndarray:
-    """[B, C] -> [B]: logsumexp(z) - sum softmax(z) * z, in float64."""
+    """[B, C] -> [B]: logsumexp(z) - sum softmax(z) * z, in float64, written relative to the
+    row maximum m (log(sum e) - sum e (z - m) / sum e with e = exp(z - m)) so that huge
+    logits do not cancel: [3.4e38, 3.4e38] has entropy log 2."""
     z = np.asarray(logits, dtype=np.float64)
     m = z.max(axis=1, keepdims=True)
-    e = np.exp(z - m)
+    d = z - m
+    e = np.exp(d)
     zsum = e.sum(axis=1)
-    lse = np.log(zsum) + m[:, 0]
-    return np.maximum(lse - (e * z).sum(axis=1) / zsum, 0.0)
+    w = np.where(e > 0, e * d, 0.0).sum(axis=1)  # e = 0 where d = -inf: no 0 * inf
+    return np.maximum(np.log(zsum) - w / zsum, 0.0)
 
 
 def kl(student: np.ndarray, teacher: np.ndarray, temperature: float) -> np.ndarray:

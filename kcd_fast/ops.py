@@ -18,8 +18,8 @@ LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def _bank_args(indices, sums, counts, rows: int, row_name: str):
     idx = indices_arg(indices, rows, row_name)
-    s, _ = A.as_torch(sums, "sums")
-    c, _ = A.as_torch(counts, "counts")
+    s, _ = A.as_torch(sums, "sums", writable=True)
+    c, _ = A.as_torch(counts, "counts", writable=True)
     A.check_dtype(s, "sums", (torch.float64,))
     A.check_ndim(s, "sums", 1, "[N]")
     A.check_dtype(c, "counts", (torch.int32,))
@@ -51,10 +51,16 @@ def indices_arg(indices, rows: int, row_name: str) -> torch.Tensor:
     return idx.contiguous()
 
 
-def _errors_arg(errors, device: torch.device) -> torch.Tensor | None:
+def _errors_arg(errors, device: torch.device, strict: bool | None = None) -> torch.Tensor | None:
     if errors is None:
+        if strict is False and device.type == "cuda":
+            raise ValueError(
+                "strict=False skips bad rows on the device without a host sync, but no errors buffer was given "
+                "to count them: pass errors=torch.zeros(2, dtype=torch.int64, device=...) and check it, or "
+                "strict=None / True to validate first"
+            )
         return None
-    e, _ = A.as_torch(errors, "errors")
+    e, _ = A.as_torch(errors, "errors", writable=True)
     if e.dtype != torch.int64 or e.shape != (2,) or e.device != device:
         raise ValueError(
             f"errors must be an int64 [2] tensor on {device}, got {e.dtype} {tuple(e.shape)} on {e.device}"
@@ -99,7 +105,7 @@ def observe_entropy(logits, indices, sums, counts, *, errors=None, strict: bool 
     lg = logits_arg(logits, "logits")
     idx, s, c = _bank_args(indices, sums, counts, lg.shape[0], "logits")
     device = A.check_same_device([("logits", lg), ("indices", idx), ("sums", s), ("counts", c)])
-    launch_observe(device, lg, None, idx, s, c, 0.0, _errors_arg(errors, device), strict)
+    launch_observe(device, lg, None, idx, s, c, 0.0, _errors_arg(errors, device, strict), strict)
 
 
 def launch_observe(
@@ -176,7 +182,7 @@ def observe_kl(
     device = A.check_same_device(
         [("student_logits", st), ("teacher_logits", te), ("indices", idx), ("sums", s), ("counts", c)]
     )
-    launch_observe(device, st, te, idx, s, c, float(temperature), _errors_arg(errors, device), strict)
+    launch_observe(device, st, te, idx, s, c, float(temperature), _errors_arg(errors, device, strict), strict)
 
 
 def sequence_logits_arg(x, name: str = "logits") -> torch.Tensor:
@@ -252,7 +258,7 @@ def observe_entropy_seq(logits, mask, indices, sums, counts, *, errors=None, str
     lg = sequence_logits_arg(logits)
     idx, s, c = _bank_args(indices, sums, counts, lg.shape[0], "logits")
     device = A.check_same_device([("logits", lg), ("indices", idx), ("sums", s), ("counts", c)])
-    errs = _errors_arg(errors, device)
+    errs = _errors_arg(errors, device, strict)
     launch_observe_seq(device, lg, mask, idx, s, c, errs, strict)
 
 
@@ -312,7 +318,7 @@ def observe_scores(scores, indices, sums, counts, *, errors=None, strict: bool |
     sc = scores_arg(scores)
     idx, s, c = _bank_args(indices, sums, counts, sc.shape[0], "scores")
     device = A.check_same_device([("scores", sc), ("indices", idx), ("sums", s), ("counts", c)])
-    launch_observe_scores(device, sc, idx, s, c, _errors_arg(errors, device), strict)
+    launch_observe_scores(device, sc, idx, s, c, _errors_arg(errors, device, strict), strict)
 
 
 def launch_observe_scores(
@@ -546,11 +552,13 @@ def blend_(images, dst, src, eps, *, check: bool | None = None):
         src: ``[L]`` int64 points to read.
         eps: ``[L]`` float weights in [0, 1] (cast to float64).
         check: validate ranges, uniqueness and disjointness first (always on CPU;
-            on CUDA default True, a host sync; pass False for ``condense`` output).
+            on CUDA default True, a host sync; pass False for ``condense`` output: the
+            kernel then skips pairs out of bounds, counts them and this raises
+            ``IndexError`` after it, without writing anything out of bounds).
 
     Returns ``images``.
     """
-    im, _ = A.as_torch(images, "images")
+    im, _ = A.as_torch(images, "images", writable=True)
     d, _ = A.as_torch(dst, "dst")
     s, _ = A.as_torch(src, "src")
     e, _ = A.as_torch(eps, "eps")
@@ -576,7 +584,15 @@ def blend_(images, dst, src, eps, *, check: bool | None = None):
         return images
     if check is None or check:
         _check_pairs_torch(im.shape[0], d, s, e)
-    cuda_module().blend(A.capsule(im), A.capsule(d), A.capsule(s), A.capsule(e), A.stream_of(im))
+    errors = torch.zeros(1, dtype=torch.int64, device=device)
+    cuda_module().blend(A.capsule(im), A.capsule(d), A.capsule(s), A.capsule(e), A.capsule(errors), A.stream_of(im))
+    if check is False:  # the kernel's bounds guard skipped and counted bad pairs: report them (one sync)
+        bad = int(errors.item())
+        if bad:
+            raise IndexError(
+                f"{bad} summary pair(s) had a point outside [0, {im.shape[0]}) or a weight outside [0, 1]; "
+                "they were skipped (the other pairs were blended)"
+            )
     return images
 
 

@@ -207,3 +207,61 @@ def test_kernel_variants_match_the_defaults(variant) -> None:
             assert torch.equal(results[0][0], results[1][0])  # the same order of operations
             assert torch.equal(results[0][1], results[1][1])
             assert torch.equal(results[1][2], expected) and torch.equal(results[0][2], expected)
+
+
+# -- correctness at the edges (the GPU side of tests/test_correctness.py) ---------------------------
+def test_ops_leave_the_callers_current_device_alone() -> None:
+    last = torch.cuda.device_count() - 1
+    x = torch.randn(8, 10, device=f"cuda:{last}")
+    sums = torch.zeros(20, dtype=torch.float64, device=x.device)
+    counts = torch.zeros(20, dtype=torch.int32, device=x.device)
+    images = torch.zeros(20, 12, dtype=torch.uint8, device=x.device)
+    torch.cuda.set_device(0)
+    ops.observe_entropy(x, torch.arange(8, device=x.device), sums, counts)
+    ops.values(sums, counts, 2.0)
+    kcd_fast.condense(ops.values(sums, counts, 2.0), 10)
+    ops.blend_(
+        images,
+        torch.tensor([1], device=x.device),
+        torch.tensor([2], device=x.device),
+        torch.tensor([0.5], device=x.device, dtype=torch.float64),
+    )
+    assert torch.cuda.current_device() == 0
+
+
+@pytest.mark.parametrize("row", [[3e38, -3e38], [1e37, -1e37], [3.4e38, 3.4e38], [1e30, 0.0, -1e30, 5.0]])
+def test_extreme_logits_agree_with_the_cpu(row) -> None:
+    logits = torch.tensor([row], dtype=torch.float32)
+    cpu = (torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.int32))
+    ops.observe_entropy(logits, torch.tensor([0]), *cpu)
+    gpu = (torch.zeros(1, dtype=torch.float64, device=DEV), torch.zeros(1, dtype=torch.int32, device=DEV))
+    errors = torch.zeros(2, dtype=torch.int64, device=DEV)
+    ops.observe_entropy(logits.to(DEV), torch.tensor([0], device=DEV), *gpu, errors=errors)
+    assert errors.tolist() == [0, 0] and gpu[1].item() == 1
+    assert gpu[0].item() == pytest.approx(cpu[0].item(), abs=1e-6)
+
+
+def test_strict_false_without_an_errors_buffer_is_refused() -> None:
+    logits = torch.randn(4, 5, device=DEV)
+    sums = torch.zeros(8, dtype=torch.float64, device=DEV)
+    counts = torch.zeros(8, dtype=torch.int32, device=DEV)
+    with pytest.raises(ValueError, match="no errors buffer was given"):
+        ops.observe_entropy(logits, torch.arange(4, device=DEV), sums, counts, strict=False)
+
+
+def test_blend_bounds_guard_skips_counts_and_raises() -> None:
+    images = torch.zeros(10, 32, dtype=torch.uint8, device=DEV)
+    images[3] = 200
+    dst = torch.tensor([1, 12], device=DEV)  # 12 is out of bounds
+    src = torch.tensor([3, 4], device=DEV)
+    eps = torch.tensor([0.5, 0.5], dtype=torch.float64, device=DEV)
+    with pytest.raises(IndexError, match="1 summary pair"):
+        ops.blend_(images, dst, src, eps, check=False)
+    assert int(images[1, 0]) == 100  # the good pair was blended; nothing written out of bounds
+
+
+def test_a_device_without_code_is_reported() -> None:
+    from kcd_fast._ext import runs_on
+
+    cap = torch.cuda.get_device_capability()
+    assert kcd_fast.has_cuda() == runs_on(cap)

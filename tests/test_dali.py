@@ -614,7 +614,7 @@ def test_gpu_pipeline_yields_cuda_tensors_equal_to_cpu(tmp_path: Path) -> None:
 @needs_dali
 def test_loader_passes_augment_to_dali_and_refuses_it_for_torch() -> None:
     ds = ArrayDataset(*make_arrays(12))
-    with pytest.raises(ValueError, match="augment, dali_device and dali_overlay_dir apply to backend='dali'"):
+    with pytest.raises(ValueError, match="augment='cifar': an option of backend='dali' or 'tensor', not of"):
         KCDLoader(ds, SCHED, augment="cifar")
     loader = KCDLoader(ds, SCHED, batch_size=5, backend="dali", augment="cifar_eval", dali_device=None, seed=1)
     images, _, idx = next(iter(loader))

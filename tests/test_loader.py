@@ -462,7 +462,7 @@ def test_set_epoch() -> None:
         ({"eps_m": 1.5}, ValueError, r"eps_m must be a finite number in \[0.0, 1.0\], got 1.5"),
         ({"alpha": float("nan")}, ValueError, "alpha must be a finite number"),
         ({"device": "tpu"}, ValueError, "device must be None, 'cpu' or 'cuda"),
-        ({"backend": "jax"}, ValueError, "backend must be one of 'torch', 'dali', 'indices', got 'jax'"),
+        ({"backend": "jax"}, ValueError, "backend must be one of 'torch', 'dali', 'indices', 'tensor', got 'jax'"),
     ],
 )
 def test_constructor_checks(kwargs: dict[str, Any], exc: type[Exception], match: str) -> None:

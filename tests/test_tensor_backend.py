@@ -223,9 +223,9 @@ def test_tensor_back_end_argument_checks() -> None:
         KCDLoader(ArrayDataset(images, labels, transform=lambda im: im), SCHED, backend="tensor")
     with pytest.raises(ValueError, match="num_workers must be 0, got 2"):
         KCDLoader(ds, SCHED, backend="tensor", num_workers=2)
-    with pytest.raises(ValueError, match=r"dali_device=None apply to backend='dali', not backend='tensor'"):
+    with pytest.raises(ValueError, match=r"dali_device=None: an option of backend='dali', not of backend='tensor'"):
         KCDLoader(ds, SCHED, backend="tensor", dali_device=None)
-    with pytest.raises(ValueError, match=r"channels_last=True apply to backend='tensor', not backend='torch'"):
+    with pytest.raises(ValueError, match=r"channels_last=True: an option of backend='tensor', not of backend='torch'"):
         KCDLoader(ds, SCHED, channels_last=True)
     with pytest.raises(ValueError, match="augment must be None, 'cifar', 'cifar_eval'"):
         KCDLoader(ds, SCHED, backend="tensor", augment="imagenet")

@@ -37,7 +37,7 @@ KCD_CLONES double entropy_row(const float* x, int64_t C) {
     const float d = x[j] - m;
     const float e = exp_nonpos(d);
     z += e;
-    w += e * d;
+    w += weighted(e, d);
   }
   return finish_entropy(z, w);
 }
@@ -71,7 +71,7 @@ KCD_CLONES void entropy_rows_few(const float* x, int64_t R, int64_t C, int64_t l
       const float d = x[r * ld + j] - m[r];
       const float e = exp_nonpos(d);
       z[r] += e;
-      w[r] += e * d;
+      w[r] += weighted(e, d);
     }
   }
   for (int64_t r = 0; r < R; ++r) {
@@ -96,7 +96,7 @@ KCD_CLONES double kl_row(const float* s, const float* t, int64_t C, float inv_te
     const float a = t[j] * inv_temp, b = s[j] * inv_temp;
     const float ea = exp_nonpos(a - ma);
     za += ea;
-    wa += ea * (a - b);
+    wa += weighted(ea, a - b);
     zb += exp_nonpos(b - mb);
   }
   return finish_kl(ma, za, wa, mb, zb);

@@ -20,9 +20,19 @@ __device__ __forceinline__ uint32_t blend4(uint32_t d, uint32_t s, double e, dou
   return out;
 }
 
-__global__ void blend_vec16(uint8_t* __restrict__ images, int64_t D, const int64_t* __restrict__ dst,
-                            const int64_t* __restrict__ src, const double* __restrict__ eps, int64_t L) {
+// A pair whose points lie outside [0, N) or whose weight is outside [0, 1] is skipped and
+// counted (every thread of the block reads the same pair, so all skip it together).
+__device__ __forceinline__ bool pair_ok(int64_t d, int64_t s, double e, int64_t N, unsigned long long* errors) {
+  const bool ok = d >= 0 && d < N && s >= 0 && s < N && e >= 0.0 && e <= 1.0;
+  if (!ok && threadIdx.x == 0) atomicAdd(errors, 1ull);
+  return ok;
+}
+
+__global__ void blend_vec16(uint8_t* __restrict__ images, int64_t N, int64_t D, const int64_t* __restrict__ dst,
+                            const int64_t* __restrict__ src, const double* __restrict__ eps, int64_t L,
+                            unsigned long long* __restrict__ errors) {
   for (int64_t j = blockIdx.x; j < L; j += gridDim.x) {
+    if (!pair_ok(dst[j], src[j], eps[j], N, errors)) continue;
     uint4* out = reinterpret_cast<uint4*>(images + dst[j] * D);
     const uint4* in = reinterpret_cast<const uint4*>(images + src[j] * D);
     const double e = eps[j], f = 1.0 - eps[j];
@@ -36,10 +46,12 @@ __global__ void blend_vec16(uint8_t* __restrict__ images, int64_t D, const int64
 // The same with kPer 16-byte chunks per thread per round, all loaded before any is
 // blended (more bytes in flight); launched with small blocks so more pairs are resident.
 template <int kPer>
-__global__ void blend_vec16_ilp(uint8_t* __restrict__ images, int64_t D, const int64_t* __restrict__ dst,
-                                const int64_t* __restrict__ src, const double* __restrict__ eps, int64_t L) {
+__global__ void blend_vec16_ilp(uint8_t* __restrict__ images, int64_t N, int64_t D, const int64_t* __restrict__ dst,
+                                const int64_t* __restrict__ src, const double* __restrict__ eps, int64_t L,
+                                unsigned long long* __restrict__ errors) {
   const int64_t n16 = D / 16;
   for (int64_t j = blockIdx.x; j < L; j += gridDim.x) {
+    if (!pair_ok(dst[j], src[j], eps[j], N, errors)) continue;
     uint4* out = reinterpret_cast<uint4*>(images + dst[j] * D);
     const uint4* in = reinterpret_cast<const uint4*>(images + src[j] * D);
     const double e = eps[j], f = 1.0 - eps[j];
@@ -65,9 +77,11 @@ __global__ void blend_vec16_ilp(uint8_t* __restrict__ images, int64_t D, const i
   }
 }
 
-__global__ void blend_bytes(uint8_t* __restrict__ images, int64_t D, const int64_t* __restrict__ dst,
-                            const int64_t* __restrict__ src, const double* __restrict__ eps, int64_t L) {
+__global__ void blend_bytes(uint8_t* __restrict__ images, int64_t N, int64_t D, const int64_t* __restrict__ dst,
+                            const int64_t* __restrict__ src, const double* __restrict__ eps, int64_t L,
+                            unsigned long long* __restrict__ errors) {
   for (int64_t j = blockIdx.x; j < L; j += gridDim.x) {
+    if (!pair_ok(dst[j], src[j], eps[j], N, errors)) continue;
     uint8_t* out = images + dst[j] * D;
     const uint8_t* in = images + src[j] * D;
     const double e = eps[j], f = 1.0 - eps[j];
@@ -78,19 +92,19 @@ __global__ void blend_bytes(uint8_t* __restrict__ images, int64_t D, const int64
 }  // namespace
 
 void blend(uint8_t* images, int64_t N, int64_t D, const int64_t* dst, const int64_t* src,
-           const double* eps, int64_t L, void* stream) {
-  (void)N;
+           const double* eps, int64_t L, int64_t* errors, void* stream) {
   if (L == 0 || D == 0) return;
+  auto* err = reinterpret_cast<unsigned long long*>(errors);
   auto s = static_cast<cudaStream_t>(stream);
   const unsigned int grid = static_cast<unsigned int>(L < 65535 * 8 ? L : 65535 * 8);
   if (D % 16 == 0 && reinterpret_cast<uintptr_t>(images) % 16 == 0) {
     if (variant("blend_per_thread") == 4) {
-      blend_vec16_ilp<4><<<grid, kThreads / 4, 0, s>>>(images, D, dst, src, eps, L);
+      blend_vec16_ilp<4><<<grid, kThreads / 4, 0, s>>>(images, N, D, dst, src, eps, L, err);
     } else {
-      blend_vec16<<<grid, kThreads, 0, s>>>(images, D, dst, src, eps, L);
+      blend_vec16<<<grid, kThreads, 0, s>>>(images, N, D, dst, src, eps, L, err);
     }
   } else {
-    blend_bytes<<<grid, kThreads, 0, s>>>(images, D, dst, src, eps, L);
+    blend_bytes<<<grid, kThreads, 0, s>>>(images, N, D, dst, src, eps, L, err);
   }
   KCD_CUDA_CHECK(cudaGetLastError());
 }

@@ -226,7 +226,7 @@ __global__ void kl_kernel(const void* __restrict__ student, const void* __restri
     const float b = load_logit<K>(student, bs + j) * inv_temp;
     const float ea = exp_nonpos(a - ma);
     za += ea;
-    wa += ea * (a - b);
+    wa += weighted(ea, a - b);
     zb += exp_nonpos(b - mb);
   }
   za = warp_sum(za);
@@ -345,6 +345,12 @@ int device_count() {
 }
 
 void set_device(int device) { KCD_CUDA_CHECK(cudaSetDevice(device)); }
+
+int get_device() {
+  int device = 0;
+  KCD_CUDA_CHECK(cudaGetDevice(&device));
+  return device;
+}
 
 }  // namespace cuda
 }  // namespace kcd

@@ -136,15 +136,18 @@ void values(const double* sums, const int32_t* counts, int64_t N, double period,
 void augment(const uint8_t* images, const AugmentGeometry& g, const int64_t* indices, const int32_t* params,
              int64_t B, const float* scale, const float* shift, const float* fill, void* out, bool out_bf16,
              bool nhwc_out, void* stream);
-// No validation on the device: callers pass the output of condense (or check first).
+// A bounds guard on the device: pairs outside [0, N) or with eps outside [0, 1] are skipped
+// and counted in errors [1] (no other validation: dst unique and disjoint from src is the
+// caller's, as condense's output is).
 void blend(uint8_t* images, int64_t N, int64_t D, const int64_t* dst, const int64_t* src,
-           const double* eps, int64_t L, void* stream);
+           const double* eps, int64_t L, int64_t* errors, void* stream);
 // Scratch bytes condense needs for N points.
 size_t condense_workspace_bytes(int64_t N);
 void condense(const double* values, int64_t N, int64_t n_keep, int64_t n_prev, VaksMode mode,
               double eps_m, const int64_t* random_pos, void* workspace, size_t workspace_bytes,
               int64_t* keep, int64_t* dropped, int64_t* dst, int64_t* src, double* eps, void* stream);
 int device_count();
+int get_device();
 void set_device(int device);
 // Opt-in kernel variants, for measuring them against the defaults on a GPU:
 // "entropy_batch" 1 (default) or 4 vectors loaded per lane before use; "blend_per_thread"

@@ -12,29 +12,37 @@
 namespace kcd {
 
 // exp(x) for x <= 0, branch-free so that the CPU loops vectorise (Cephes expf
-// polynomial, ~2 ulp). Inputs below -87 return ~1e-38 instead of denormals/0, which
-// cannot change a sum that already holds exp(0) = 1. CUDA uses expf directly.
+// polynomial, ~2 ulp). Inputs below -87 (where expf leaves the normal range) give 0, also
+// for x = -inf (x - m overflowed for extreme but finite logits), so that an extreme row's
+// negligible terms contribute nothing (see weighted). CUDA uses expf directly (denormals
+// below -87: the same to float32 precision of any sum that holds exp(0) = 1).
 KCD_HD float exp_nonpos(float x) {
 #if defined(__CUDA_ARCH__)
   return expf(x);
 #else
-  x = x < -87.0f ? -87.0f : x;
+  const float xc = x < -87.0f ? -87.0f : x;
   // round(x / ln 2) by the 1.5 * 2^23 trick: vectorises everywhere (floorf does not
   // without SSE4.1); |x - fx ln 2| <= ln 2 / 2 either way.
-  const float fx = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  x = x - fx * 0.693359375f;
-  x = x - fx * -2.12194440e-4f;
+  const float fx = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = xc - fx * 0.693359375f;
+  r = r - fx * -2.12194440e-4f;
   float y = 1.9875691500e-4f;
-  y = y * x + 1.3981999507e-3f;
-  y = y * x + 8.3334519073e-3f;
-  y = y * x + 4.1665795894e-2f;
-  y = y * x + 1.6666665459e-1f;
-  y = y * x + 5.0000001201e-1f;
-  y = y * x * x + x + 1.0f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
   const int32_t n = static_cast<int32_t>(fx);
-  return y * bits_to_float(static_cast<uint32_t>(n + 127) << 23);
+  const float e = y * bits_to_float(static_cast<uint32_t>(n + 127) << 23);
+  return x < -87.0f ? 0.0f : e;
 #endif
 }
+
+// e * d for a term e = exp_nonpos(d): 0 when e is 0, whatever d (d = -inf when x - m
+// overflowed: 0 * -inf would be NaN). Extreme but finite rows such as [3e38, -3e38] then
+// score their true entropy (0) on the CPU and on CUDA alike.
+KCD_HD float weighted(float e, float d) { return e > 0.0f ? e * d : 0.0f; }
 
 // Entropy from the row max m, z = sum exp(x - m) and w = sum exp(x - m) * (x - m):
 // h = logsumexp(x) - sum softmax(x) * x = log(z) - w / z. Never NaN for finite rows
@@ -63,12 +71,13 @@ struct RowStats {
   float w = 0.0f;
 };
 
-// Moves stats to a new max m2 >= s.m: z' = z e^(m - m2), w' = e^(m - m2) (w + (m - m2) z).
+// Moves stats to a new max m2 >= s.m: z' = z e^(m - m2), w' = e^(m - m2) (w + (m - m2) z)
+// (0 when the old terms vanish against the new max, d = -inf included).
 KCD_HD void rescale(RowStats& s, float m2) {
   if (s.z > 0.0f) {
     const float d = s.m - m2;
     const float f = exp_nonpos(d);
-    s.w = f * (s.w + d * s.z);
+    s.w = f > 0.0f ? f * (s.w + d * s.z) : 0.0f;
     s.z = f * s.z;
   }
   s.m = m2;
@@ -79,7 +88,7 @@ KCD_HD void accumulate(RowStats& s, float x) {
   const float d = x - s.m;
   const float e = exp_nonpos(d);
   s.z += e;
-  s.w += e * d;
+  s.w += weighted(e, d);
 }
 
 KCD_HD RowStats merge(RowStats a, RowStats b) {

@@ -54,7 +54,8 @@ def check_options(config: LoaderConfig, options: dict[str, Any]) -> dict[str, An
         got = ", ".join(f"{k}={v!r}" for k, v in foreign.items())
         owners = sorted({b.value for b, o in OPTIONS.items() for k in foreign if k in o})
         raise ValueError(
-            f"{got} apply to backend={' or '.join(repr(o) for o in owners)}, not backend={config.backend.value!r}"
+            f"{got}: {'an option' if len(foreign) == 1 else 'options'} of backend="
+            f"{' or '.join(repr(o) for o in owners)}, not of backend={config.backend.value!r}"
             + ("; with the torch back end use the dataset's transform" if config.backend is Backend.TORCH else "")
         )
     if config.backend is Backend.DALI:
