@@ -63,9 +63,30 @@ class CMakeBuild(build_ext):
         ]
         if shutil.which("ninja") or _has_ninja_module():
             args.append("-GNinja")
+        _drop_stale_cache(build_temp, args)
         jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 1))
         subprocess.run(["cmake", str(ROOT), *args], cwd=build_temp, check=True)
         subprocess.run(["cmake", "--build", ".", "--parallel", jobs], cwd=build_temp, check=True)
+
+
+def _drop_stale_cache(build_temp: Path, args: list[str]) -> None:
+    """Removes a CMake cache that this build cannot reuse: made with other arguments (another
+    Python, pybind11 or generator), or naming tools that no longer exist (pip builds in a
+    temporary environment: a second ``pip install .`` or ``pip wheel .`` found the first one's
+    deleted ``ninja`` in ``build/`` and failed). CMake then configures afresh."""
+    cache, stamp = build_temp / "CMakeCache.txt", build_temp / "kcd_configure_args.txt"
+    if not cache.exists():
+        return
+    want = "\n".join(args)
+    stale = not stamp.exists() or stamp.read_text() != want
+    for line in cache.read_text(errors="replace").splitlines():
+        key, _, value = line.partition("=")
+        if key.split(":")[0] in ("CMAKE_MAKE_PROGRAM", "CMAKE_COMMAND", "CMAKE_CXX_COMPILER") and value:
+            stale |= not Path(value).exists()
+    if stale:
+        cache.unlink()
+        shutil.rmtree(build_temp / "CMakeFiles", ignore_errors=True)
+    stamp.write_text(want)
 
 
 def _has_ninja_module() -> bool:
