@@ -4,6 +4,7 @@
 
 #include <cstdint>
 
+#include "kcd/augment_args.h"
 #include "kcd/ops.h"
 #include "kcd/tensor.h"
 
@@ -125,26 +126,11 @@ void values(py::capsule sums, py::capsule counts, py::capsule out, double period
 
 void augment(py::capsule images, py::capsule indices, py::capsule params, py::capsule scale, py::capsule shift,
              py::capsule fill, py::capsule out, int64_t pad, bool nhwc_out, uintptr_t stream) {
-  Tensor im = unwrap(images, "images"), ix = unwrap(indices, "indices"), pa = unwrap(params, "params"),
-         sc = unwrap(scale, "scale"), sh = unwrap(shift, "shift"), fi = unwrap(fill, "fill"), o = unwrap(out, "out");
-  require(im, kDLUInt, 8, 4);
-  require(ix, kDLInt, 64, 1);
-  require(pa, kDLInt, 32, 2);
-  require(sc, kDLFloat, 32, 1);
-  require(sh, kDLFloat, 32, 1);
-  require(fi, kDLFloat, 32, 1);
-  const bool bf16 = o.t->dtype.code == kDLBfloat;
-  require(o, bf16 ? kDLBfloat : kDLFloat, bf16 ? 16 : 32, 4);
-  const kcd::AugmentGeometry g{im.size(1), im.size(2), im.size(3), nhwc_out ? o.size(1) : o.size(2),
-                               nhwc_out ? o.size(2) : o.size(3), pad};
-  const int64_t B = ix.size(0);
-  if (pa.size(0) != B || pa.size(1) != 3 || o.size(0) != B || (nhwc_out ? o.size(3) : o.size(1)) != g.C ||
-      sc.size(0) != g.C || sh.size(0) != g.C || fi.size(0) != g.C || pad < 0 || kcd::max_origin_y(g) < 0 || kcd::max_origin_x(g) < 0) {
-    throw std::invalid_argument("augment: images, indices, params, scale, shift and out differ in shape");
-  }
-  const OnDevice guard({&im, &ix, &pa, &sc, &sh, &fi, &o});
-  kcd::cuda::augment(im.data<uint8_t>(), g, ix.data<int64_t>(), pa.data<int32_t>(), B, sc.data<float>(),
-                     sh.data<float>(), fi.data<float>(), o.data<void>(), bf16, nhwc_out, as_stream(stream));
+  const kcd::AugmentArgs a(images, indices, params, scale, shift, fill, out, pad, nhwc_out);
+  const OnDevice guard({&a.images, &a.indices, &a.params, &a.scale, &a.shift, &a.fill, &a.out});
+  kcd::cuda::augment(a.images.data<uint8_t>(), a.geometry, a.indices.data<int64_t>(), a.params.data<int32_t>(),
+                     a.batch, a.scale.data<float>(), a.shift.data<float>(), a.fill.data<float>(), a.out.data<void>(),
+                     a.bf16, nhwc_out, as_stream(stream));
 }
 
 void blend(py::capsule images, py::capsule dst, py::capsule src, py::capsule eps, py::capsule errors,

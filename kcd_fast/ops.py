@@ -492,33 +492,13 @@ def augment(
     if b == 0:
         return out
     idx, pa = idx.contiguous(), pa.contiguous()
-    if device.type == "cpu":
-        _cpu.augment(
-            A.capsule(im),
-            A.capsule(idx),
-            A.capsule(pa),
-            A.capsule(scale),
-            A.capsule(shift),
-            A.capsule(pad_values),
-            A.capsule(raw),
-            int(pad),
-            bool(channels_last),
-        )
-        return out
-    if check is None or check:
+    if device.type == "cuda" and (check is None or check):
         _check_augment_torch(n, idx, pa, h + 2 * pad - oh, w + 2 * pad - ow)
-    cuda_module().augment(
-        A.capsule(im),
-        A.capsule(idx),
-        A.capsule(pa),
-        A.capsule(scale),
-        A.capsule(shift),
-        A.capsule(pad_values),
-        A.capsule(raw),
-        int(pad),
-        bool(channels_last),
-        A.stream_of(im),
-    )
+    args = [A.capsule(t) for t in (im, idx, pa, scale, shift, pad_values, raw)] + [int(pad), bool(channels_last)]
+    if device.type == "cpu":
+        _cpu.augment(*args)  # checks indices and params itself, before writing
+    else:
+        cuda_module().augment(*args, A.stream_of(im))
     return out
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "KeyedBatch",
     "NoImages",
     "Restore",
+    "StorageSummaries",
     "batch_seed",
     "check_prefix",
 ]
@@ -135,6 +136,31 @@ class ArrayImages:
             return None
         rows = touched_rows(summaries)
         return images_digest(rows, self.storage[rows.to(self.storage.device)])
+
+
+class StorageSummaries:
+    """What a back end that reads its images straight from their storage does with summaries
+    (indices, tensor): they blend into the storage (``self._targets``: :class:`ArrayImages`
+    or :class:`NoImages`), with no workers to restart."""
+
+    _targets: ArrayImages | NoImages
+
+    @property
+    def images(self) -> torch.Tensor | None:
+        return self._targets.storage
+
+    def apply_summary(self, summary: Summary) -> None:
+        self._targets.apply(summary)
+
+    def prepare_restore(self, applied: list[Summary], summaries: list[Summary], digest: Any) -> Restore:
+        commit_rows = self._targets.prepare_restore(applied, summaries, digest)
+        return lambda: None if commit_rows() else None
+
+    def images_digest(self, summaries: list[Summary]) -> str | None:
+        return self._targets.digest(summaries)
+
+    def close(self) -> None:
+        pass
 
 
 class NoImages:

@@ -11,13 +11,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..state import Summary
-from .base import ArrayImages, EpochBatchSampler, NoImages, Restore
+from .base import ArrayImages, EpochBatchSampler, NoImages, StorageSummaries
 
 __all__ = ["IndexBackend"]
 
 
-class IndexBackend:
+class IndexBackend(StorageSummaries):
     """Yields an empty tuple per planned batch (the core appends the batch's indices).
 
     Args:
@@ -30,23 +29,6 @@ class IndexBackend:
         self.sampler = EpochBatchSampler()
         self._targets = ArrayImages(storage) if storage is not None else NoImages()
 
-    @property
-    def images(self) -> torch.Tensor | None:
-        return self._targets.storage
-
     def epoch_batches(self, batches: list[np.ndarray], seed: int, start: int = 0) -> Iterator[Any]:
         self.sampler.set_batches(batches, seed, start)
         return (() for _ in range(start, len(batches)))
-
-    def apply_summary(self, summary: Summary) -> None:
-        self._targets.apply(summary)
-
-    def prepare_restore(self, applied: list[Summary], summaries: list[Summary], digest: Any) -> Restore:
-        commit_rows = self._targets.prepare_restore(applied, summaries, digest)
-        return lambda: None if commit_rows() else None
-
-    def images_digest(self, summaries: list[Summary]) -> str | None:
-        return self._targets.digest(summaries)
-
-    def close(self) -> None:
-        pass

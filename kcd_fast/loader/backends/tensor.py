@@ -21,14 +21,13 @@ import numpy as np
 import torch
 
 from ... import ops
-from ..state import Summary
-from .base import ArrayImages, EpochBatchSampler, NoImages, Restore, batch_seed
+from .base import ArrayImages, EpochBatchSampler, NoImages, StorageSummaries, batch_seed
 from .recipes import Recipe, parse_recipe
 
 __all__ = ["Recipe", "TensorBackend", "tensor_backend"]
 
 
-class TensorBackend:
+class TensorBackend(StorageSummaries):
     """Batches from uint8 ``[N, H, W, C]`` storage (an :class:`kcd_fast.ArrayDataset`).
 
     Args:
@@ -74,10 +73,6 @@ class TensorBackend:
         self.dtype = dtype
         self.pin = pin_memory or (images.device.type == "cpu" and device.type == "cuda")
         self._scale_shift = ops.normalization(self.recipe.mean, self.recipe.std, c)
-
-    @property
-    def images(self) -> torch.Tensor | None:
-        return self._targets.storage
 
     # -- batches ---------------------------------------------------------------------------
     def params(self, n: int, seed: int) -> np.ndarray:
@@ -137,20 +132,6 @@ class TensorBackend:
         if self.storage.device.type == "cpu" and self.device.type == "cuda":
             return _prefetch_to(gen, self.device)
         return gen
-
-    # -- summaries and state -----------------------------------------------------------------
-    def apply_summary(self, summary: Summary) -> None:
-        self._targets.apply(summary)
-
-    def prepare_restore(self, applied: list[Summary], summaries: list[Summary], digest: Any) -> Restore:
-        commit_rows = self._targets.prepare_restore(applied, summaries, digest)
-        return lambda: None if commit_rows() else None
-
-    def images_digest(self, summaries: list[Summary]) -> str | None:
-        return self._targets.digest(summaries)
-
-    def close(self) -> None:
-        pass
 
 
 def _prefetch_to(
