@@ -148,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     modes = ("kd", "kcd") if args.mode == "both" else (args.mode,)
     for mode in modes:
         # a fresh copy: KCD summarises its images
-        train_set, backend_options, pre_augment = train_data(x, y, args.backend, augment)
+        train_set, backend_options, pre_augment = train_data(x, y, args.backend, augment, args.device)
         loader = make_loader(
             mode,
             train_set,

@@ -368,7 +368,9 @@ def make_loader(
     )
 
 
-def train_data(images: Any, labels: Any, backend: str, augment: str) -> tuple[ArrayDataset, dict[str, Any], str]:
+def train_data(
+    images: Any, labels: Any, backend: str, augment: str, device: str = "cpu"
+) -> tuple[ArrayDataset, dict[str, Any], str]:
     """The training set of a KD run for ``backend``, the loader's back-end options and the
     augmentation left to :class:`BatchPreprocess` (``augment``: "none", "crop" or "crop_flip").
 
@@ -376,7 +378,9 @@ def train_data(images: Any, labels: Any, backend: str, augment: str) -> tuple[Ar
     the training device by ``BatchPreprocess``. tensor: the loader's fused kernel pads by 4 with
     the normalisation's mean colour (as ``BatchPreprocess`` pads, so the teacher sees the same
     inputs), crops, flips and scales to ``[0, 1]`` (a ``Recipe`` with mean 0, std 1); the
-    trainer's ``BatchPreprocess`` then only normalises, as it does for evaluation."""
+    trainer's ``BatchPreprocess`` then only normalises, as it does for evaluation. With a CUDA
+    ``device`` the batches are made on the CPU into pinned memory and copied on a side stream
+    one batch ahead (``tensor_device``)."""
     if backend == "tensor":
         from ..loader.backends.recipes import Recipe
 
@@ -386,7 +390,10 @@ def train_data(images: Any, labels: Any, backend: str, augment: str) -> tuple[Ar
             flip=augment == "crop_flip",
             fill=(0.5,),  # BatchPreprocess's mean: its padding is 0 after normalisation
         )
-        return ArrayDataset(images, labels), {"augment": recipe}, "none"
+        options: dict[str, Any] = {"augment": recipe}
+        if str(device).startswith("cuda"):
+            options["tensor_device"] = str(device)
+        return ArrayDataset(images, labels), options, "none"
     return ArrayDataset(images, labels, transform=keep_uint8), {}, augment
 
 
