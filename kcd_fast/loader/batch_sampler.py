@@ -143,8 +143,8 @@ class KCDBatchSampler(Sampler[list[int]]):
         return self.loader.steps_per_epoch()
 
     def save(self, path: Any) -> None:
-        """``KCDLoader.save`` of this sampler's :meth:`state_dict`."""
-        self.loader.write_checkpoint(path, self.state_dict)
+        """``KCDLoader.save``: this sampler's state, atomically (every rank; rank 0 writes)."""
+        self.loader.save(path)
 
     def restore(self, path: Any) -> None:
         self.loader.restore(path)

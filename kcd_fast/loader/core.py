@@ -725,12 +725,10 @@ class KCDLoader:
             position = self._iter_start + self._rows_observed // self.config.batch_size
         else:
             position = self._position
-        return self.state_at(position)
+        return self._state_at(position)
 
-    def state_at(self, position: int) -> dict[str, Any]:
-        """The state as of ``position`` batches into the current epoch (0: its start), as
-        it is now otherwise; ``state_dict`` with the position chosen by the caller
-        (``KCDBatchSampler`` records the batches observed, not those fetched ahead)."""
+    def _state_at(self, position: int) -> dict[str, Any]:
+        """The state as of ``position`` batches into the current epoch (0: its start)."""
         if not 0 < position < self._batches_in(self.epoch):
             position = 0
         return {
@@ -832,12 +830,8 @@ class KCDLoader:
         place; a failed write raises on rank 0 (its error) and ``RuntimeError`` on the
         others, instead of leaving them waiting. Save between epochs (see "State and
         resume"); resume with :meth:`load` or :meth:`restore`, at any world size."""
-        self.write_checkpoint(path, self.state_dict)
-
-    def write_checkpoint(self, path: str | os.PathLike[str], state: Callable[[], dict[str, Any]]) -> None:
-        """:meth:`save` with the state taken by ``state()`` (every rank; rank 0 writes)."""
         check_path(path, "path")
-        payload = {"format": CHECKPOINT_FORMAT, "world_size": self.world_size, "loader": state()}
+        payload = {"format": CHECKPOINT_FORMAT, "world_size": self.world_size, "loader": self.state_dict()}
         error: Exception | None = None
         if self._dist.rank == 0:
             try:
