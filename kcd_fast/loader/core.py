@@ -5,10 +5,12 @@ Layout: :class:`KCDLoader` is the backend-agnostic core (schedule, value bank,
 condensation, VAKS, active set, per-epoch order, state). Its configuration is one
 :class:`kcd_fast.loader.config.LoaderConfig`; it plans each epoch with
 :class:`kcd_fast.loader.plan.Planner` and hands the index batches to a back end
-(:mod:`kcd_fast.loader.backends`: torch or DALI, built by ``factory.make_backend``), which
-only fetches, transforms and collates samples, and takes each condensation's summary
-through one call, ``apply_summary``. Options only one back end understands (DALI's
-``augment``, ``dali_device``, ``dali_overlay_dir``) pass through ``**backend_options``.
+(:mod:`kcd_fast.loader.backends`: torch, DALI, tensor or indices, built by
+``factory.make_backend``), which only fetches, transforms and collates samples, and takes
+each condensation's summary through one call, ``apply_summary``. Options only one back end
+understands (DALI's ``augment``, ``dali_device``, ``dali_overlay_dir``; the tensor back
+end's ``augment``, ``tensor_device``, ``channels_last``, ``dtype``) pass through
+``**backend_options``.
 
 Typical use (three lines change in a KD loop)::
 
@@ -147,9 +149,13 @@ class KCDLoader:
         multiprocessing_context: as for ``torch.utils.data.DataLoader``.
         seed: int >= 0; keys the epoch order (``default_rng([seed, epoch])``), worker
             seeds and ``vaks="random"`` draws. No global RNG is read or changed.
-        backend: "torch" (default) or "dali"
+        backend: "torch" (default: DataLoader workers, per-item ``dataset[i]``), "dali"
             (:class:`kcd_fast.loader.backends.dali.DaliBackend`: ArrayDataset or image
-            folders; ``num_workers`` = DALI CPU threads).
+            folders; ``num_workers`` = DALI CPU threads), "tensor"
+            (:class:`kcd_fast.loader.backends.tensor.TensorBackend`: whole batches from an
+            ArrayDataset's storage by one fused kernel; options ``augment`` (None, "cifar",
+            "cifar_eval", a ``Recipe`` or a callable), ``tensor_device``, ``channels_last``,
+            ``dtype``) or "indices" (only each batch's indices: ``KCDBatchSampler``).
         **backend_options: options of one back end, checked by
             :func:`kcd_fast.loader.backends.factory.check_options`; for "dali":
         augment: DALI back end only: "auto" (none for arrays, "imagenet" for folders),
