@@ -6,8 +6,12 @@ under the attention mask."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -209,3 +213,20 @@ def test_bad_arguments_are_refused(uninterrupted, tmp_path) -> None:
     (foreign / CHECKPOINT_FILE).unlink()
     with pytest.raises(FileNotFoundError, match=f"has no {CHECKPOINT_FILE}: it was not saved by a KCDTrainer"):
         _trainer(tmp_path).train(resume_from_checkpoint=str(foreign))
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_shard_the_epochs(tmp_path) -> None:
+    script = Path(__file__).parent / "scripts" / "hf_ddp.py"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    run = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(tmp_path)]
+    out = subprocess.run(run, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    sizes = CondensationSchedule(epochs=4, period=2, rho=0.7).epoch_sizes(48)
+    assert all(r["dist"] and r["world"] == 2 for r in ranks)
+    for e, size in enumerate(sizes):
+        shards = [sum((i for ep, i in r["seen"] if ep == e), []) for r in ranks]
+        assert len(shards[0]) == len(shards[1]) == -(-size // 2)
+        assert len(set(shards[0]) | set(shards[1])) == size
+    assert ranks[0]["history"] == ranks[1]["history"] and ranks[0]["steps"] == ranks[1]["steps"]
