@@ -204,10 +204,13 @@ class DaliBackend:
         augment: ``"auto"``, ``None``, a recipe name (:class:`Augment`) or a callable
             ``augment(images, device) -> DataNode``.
         prefetch_queue_depth: batches DALI prepares ahead (>= 1).
-        overlay_format: ``"pnm"`` or ``"png"`` (:class:`OverlayFormat`).
+        overlay_format: ``"pnm"`` (default), ``"png"`` or ``"jpeg"`` (:class:`OverlayFormat`;
+            ``KCDLoader``'s ``dali_overlay_format`` defaults to ``"jpeg"``).
         pin_memory: pin CPU image batches (when torch sees CUDA).
         overlay_dir: None (default: the folder overlay in memory) or a directory (made if
             missing) in which the back end makes a private directory for the overlay files.
+        overlay_budget: bytes the in-memory overlay may hold (default 1 GiB); past it, summarised
+            images go to files in a private temporary directory the overlay owns.
 
     ``epoch_batches(batches, seed)`` yields ``(images, labels)`` per planned batch:
     images float32 ``[b, C, h, w]`` (CPU, or CUDA on a GPU), labels int64 ``[b]``.
@@ -228,6 +231,7 @@ class DaliBackend:
         overlay_format: str | OverlayFormat = "pnm",
         pin_memory: bool = False,
         overlay_dir: str | os.PathLike | None = None,
+        overlay_budget: int = 1 << 30,
     ):
         require_dali()
         for name, value in (
@@ -251,7 +255,7 @@ class DaliBackend:
         try:
             OverlayFormat(overlay_format.value if isinstance(overlay_format, OverlayFormat) else overlay_format)
         except ValueError:
-            raise ValueError(f"overlay_format must be 'pnm' or 'png', got {overlay_format!r}") from None
+            raise ValueError(f"overlay_format must be 'pnm', 'png' or 'jpeg', got {overlay_format!r}") from None
         if overlay_dir is not None and not isinstance(overlay_dir, (str, os.PathLike)):
             raise TypeError(f"overlay_dir must be a directory path or None, got {type(overlay_dir).__name__}")
         if overlay_dir is not None and storage is not None:
@@ -299,7 +303,11 @@ class DaliBackend:
             None
             if self.kind == "arrays"
             else FolderOverlay(
-                self._paths, overlay_format=overlay_format, num_threads=self.num_threads, overlay_dir=overlay_dir
+                self._paths,
+                overlay_format=overlay_format,
+                num_threads=self.num_threads,
+                overlay_dir=overlay_dir,
+                budget=overlay_budget,
             )
         )
         self._log: list[Summary] = []

@@ -6,14 +6,18 @@ summarised images are materialised once: for every pair, decode the current imag
 otherwise; PIL, EXIF orientation applied, RGB), resize the ``src`` image to ``dst``'s
 size (PIL bilinear, fixed-point, deterministic), blend with ``kcd_fast.ops.blend_`` (the
 kernel the array path uses: round half up, all pairs of one condensation reading the
-images from before it) and store the result at ``dst``'s own size, losslessly encoded
-(``"pnm"``: binary PPM, raw pixels behind a short header, the default; ``"png"``:
-smaller, slower to decode), in memory or, with ``overlay_dir``, as files in a private
-directory made inside it (removed with the overlay).
+images from before it) and store the result at ``dst``'s own size, encoded as
+``"jpeg"`` (quality 95, no chroma subsampling: about the size of the photo it replaces; lossy,
+each pixel within a few levels of the blend, deterministic, so a replay gives the same bytes),
+``"pnm"`` (binary PPM, raw pixels behind a short header: lossless, ~7x a photo's JPEG) or
+``"png"`` (lossless, smaller than PPM, slower), in memory or, with ``overlay_dir``, as files in
+a private directory made inside it (removed with the overlay). In memory the overlay holds at
+most ``budget`` bytes: past it, further summarised images go to files in a private temporary
+directory that the overlay owns and removes.
 
 The overlay is a pure function of the ORIGINAL files and the summary log, so a resumed
 loader rebuilds it bit-exactly from its log (:meth:`FolderOverlay.sync`). Its memory is
-about ``H * W * 3`` bytes per summarised point with ``"pnm"``.
+about ``H * W * 3`` bytes per summarised point with ``"pnm"``, about a JPEG's with ``"jpeg"``.
 """
 
 from __future__ import annotations
@@ -41,10 +45,11 @@ _OVERLAY_CHUNK = 256  # pairs decoded at a time while materialising a summary (b
 
 @unique
 class OverlayFormat(str, Enum):
-    """How summarised folder images are kept in memory (both lossless)."""
+    """How summarised folder images are encoded (pnm, png lossless; jpeg lossy)."""
 
     PNM = "pnm"  # binary PPM: raw RGB behind a short header; decoding is a copy
     PNG = "png"  # deflate-compressed, level 1
+    JPEG = "jpeg"  # quality 95, 4:4:4: lossy, about the size of the photo it replaces
 
 
 def _encode(img: np.ndarray, fmt: OverlayFormat) -> np.ndarray:
@@ -55,7 +60,10 @@ def _encode(img: np.ndarray, fmt: OverlayFormat) -> np.ndarray:
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(img, "RGB").save(buf, format="PNG", compress_level=1)
+    if fmt is OverlayFormat.JPEG:
+        Image.fromarray(img, "RGB").save(buf, format="JPEG", quality=95, subsampling=0)
+    else:
+        Image.fromarray(img, "RGB").save(buf, format="PNG", compress_level=1)
     return np.frombuffer(buf.getvalue(), np.uint8)
 
 
@@ -96,10 +104,12 @@ class FolderOverlay:
 
     Args:
         paths: ``[N]`` the ORIGINAL image files, in dataset order.
-        overlay_format: ``"pnm"`` or ``"png"`` (:class:`OverlayFormat`).
+        overlay_format: ``"pnm"``, ``"png"`` or ``"jpeg"`` (:class:`OverlayFormat`).
         num_threads: threads that decode, blend and encode the pairs of a summary.
         overlay_dir: None (in memory) or a directory (made if missing) in which the
             overlay makes its private directory of overlay files.
+        budget: bytes the overlay may hold in memory (``overlay_dir`` None); past it, new
+            entries are written to files in a private temporary directory the overlay owns.
     """
 
     def __init__(
@@ -109,11 +119,14 @@ class FolderOverlay:
         overlay_format: str | OverlayFormat = "pnm",
         num_threads: int = 1,
         overlay_dir: str | os.PathLike | None = None,
+        budget: int = 1 << 30,
     ):
         try:
             fmt = OverlayFormat(overlay_format.value if isinstance(overlay_format, OverlayFormat) else overlay_format)
         except ValueError:
-            raise ValueError(f"overlay_format must be 'pnm' or 'png', got {overlay_format!r}") from None
+            raise ValueError(f"overlay_format must be 'pnm', 'png' or 'jpeg', got {overlay_format!r}") from None
+        if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 0:
+            raise ValueError(f"budget must be an int >= 0 (bytes), got {budget!r}")
         if overlay_dir is not None and not isinstance(overlay_dir, (str, os.PathLike)):
             raise TypeError(f"overlay_dir must be a directory path or None, got {type(overlay_dir).__name__}")
         self._paths = paths
@@ -125,10 +138,15 @@ class FolderOverlay:
         self._applied: list[dict[str, Any]] = []
         self._dir: str | None = None
         self._files_made = 0  # names overlay files uniquely
+        self.budget = int(budget)
+        self._spilled = False  # past the memory budget: new entries go to files
         if overlay_dir is not None:
-            os.makedirs(overlay_dir, exist_ok=True)
-            self._dir = tempfile.mkdtemp(prefix="kcd-overlay-", dir=os.fspath(overlay_dir))
-            weakref.finalize(self, shutil.rmtree, self._dir, ignore_errors=True)
+            self._make_dir(os.fspath(overlay_dir))
+
+    def _make_dir(self, parent: str) -> None:
+        os.makedirs(parent, exist_ok=True)
+        self._dir = tempfile.mkdtemp(prefix="kcd-overlay-", dir=parent)
+        weakref.finalize(self, shutil.rmtree, self._dir, ignore_errors=True)
 
     @property
     def entries(self) -> dict[int, np.ndarray | str]:
@@ -205,11 +223,18 @@ class FolderOverlay:
             blend_(pair, np.array([0]), np.array([1]), np.array([e_l[j]]))
             return _encode(pair[0], self.format)
 
+        in_memory = sum(int(v.nbytes) for v in overlay.values() if not isinstance(v, str))
+
         def store(i: int, data: np.ndarray) -> np.ndarray | str:
-            if self._dir is None:
+            nonlocal in_memory
+            if self._dir is None and in_memory + data.nbytes <= self.budget:
+                in_memory += data.nbytes
                 return data
+            if self._dir is None:  # past the budget: this and later entries go to files
+                self._make_dir(tempfile.gettempdir())
+                self._spilled = True
             self._files_made += 1
-            ext = "ppm" if self.format is OverlayFormat.PNM else "png"
+            ext = {OverlayFormat.PNM: "ppm", OverlayFormat.PNG: "png", OverlayFormat.JPEG: "jpg"}[self.format]
             path = os.path.join(self._dir, f"{i}-{self._files_made}.{ext}")
             created.append(path)
             with open(path, "wb") as f:
@@ -244,5 +269,12 @@ class FolderOverlay:
 
     @property
     def directory(self) -> str | None:
-        """The private directory of the overlay files (``overlay_dir`` given), else None."""
+        """The private directory of the overlay files (``overlay_dir`` given, or made when the
+        memory budget ran out), else None."""
         return self._dir
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes of encoded images held in memory (at most ``budget`` plus nothing: entries
+        that would pass it go to files)."""
+        return sum(int(v.nbytes) for v in self._overlay.values() if not isinstance(v, str))

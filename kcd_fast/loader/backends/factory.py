@@ -9,10 +9,12 @@ to every back end; options that only one back end understands are passed through
 - tensor: ``augment`` (None, "cifar", "cifar_eval", a ``Recipe`` or a callable),
   ``tensor_device`` ("auto" or "cuda" for CPU storage), ``channels_last``, ``dtype``;
 - dali: ``augment`` ("auto", None, a recipe name or a callable), ``dali_device``
-  ("auto", None or a CUDA index) and ``dali_overlay_dir`` (image folders: a directory for
-  the overlay files). The DataLoader-only arguments ``collate_fn``, ``worker_init_fn``,
-  ``multiprocessing_context`` and ``timeout`` are refused; ``num_workers`` sets DALI's
-  CPU threads and ``prefetch_factor`` its prefetch depth.
+  ("auto", None or a CUDA index), and for image folders ``dali_overlay_dir`` (a directory for
+  the overlay files), ``dali_overlay_format`` ("jpeg" default, "pnm", "png") and
+  ``dali_overlay_budget`` (bytes held in memory before summarised images go to files). The
+  DataLoader-only arguments ``collate_fn``, ``worker_init_fn``, ``multiprocessing_context``
+  and ``timeout`` are refused; ``num_workers`` sets DALI's CPU threads and
+  ``prefetch_factor`` its prefetch depth.
 """
 
 from __future__ import annotations
@@ -36,7 +38,13 @@ __all__ = [
     "make_backend",
 ]
 
-DALI_OPTIONS = {"augment": "auto", "dali_device": "auto", "dali_overlay_dir": None}
+DALI_OPTIONS = {
+    "augment": "auto",
+    "dali_device": "auto",
+    "dali_overlay_dir": None,
+    "dali_overlay_format": "jpeg",
+    "dali_overlay_budget": 1 << 30,
+}
 TENSOR_OPTIONS = {"augment": None, "tensor_device": "auto", "channels_last": False, "dtype": "float32"}
 OPTIONS = {Backend.DALI: DALI_OPTIONS, Backend.TENSOR: TENSOR_OPTIONS}
 
@@ -136,5 +144,7 @@ def make_backend(dataset: Any, config: LoaderConfig, options: dict[str, Any]) ->
             augment=options["augment"],
             device_id=options["dali_device"],
             overlay_dir=options["dali_overlay_dir"],
+            overlay_format=options["dali_overlay_format"],
+            overlay_budget=options["dali_overlay_budget"],
         )
     return TorchBackend(dataset, storage=storage, **config.dataloader_kwargs())

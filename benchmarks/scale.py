@@ -1,0 +1,169 @@
+"""Scale benchmark for image-folder summaries (issue: ImageNet scale): what VAKS costs on a
+folder of photo-like JPEGs when the summarised images are materialised by the overlay
+(kcd_fast/loader/backends/dali_overlay.py; the same code the DALI back end runs, no DALI
+needed here).
+
+A folder of K generated photo-like JPEGs (smooth colour fields with fine texture, about
+400 x 350, sizes varied, quality 90; cached under benchmarks/cache/) goes through the first
+three condensations of ImageNet's schedule shape (T = 15, rho = 0.7, 90 epochs) with random
+values; for each overlay format (jpeg, the default; pnm, lossless) it reports the overlay
+bytes per summarised point against the source JPEG bytes of those points, the pairs
+summarised per second (and per core: the overlay's thread pool has every core), the
+process's resident memory, and the extrapolation to ImageNet-1k (N = 1,281,167, mean JPEG
+~110 KB) written out.
+
+Usage: python benchmarks/scale.py [--quick] [--k K] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(1, str(HERE.parent))
+from _common import machine_info  # noqa: E402
+
+import kcd_fast  # noqa: E402
+from kcd_fast.loader.backends.dali_overlay import FolderOverlay  # noqa: E402
+
+IMAGENET_N, IMAGENET_JPEG_BYTES = 1_281_167, 110_000
+
+
+def make_photos(k: int, seed: int = 0) -> list[str]:
+    from PIL import Image
+
+    root = HERE / "cache" / f"scale_photos_{k}_{seed}"
+    paths = [str(root / f"{i}.jpg") for i in range(k)]
+    if all(os.path.exists(p) for p in paths):
+        return paths
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i, p in enumerate(paths):
+        h, w = int(rng.integers(300, 400)), int(rng.integers(350, 450))
+        base = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((w, h), Image.Resampling.BICUBIC)
+        noise = rng.normal(0, 6, (h, w, 3))
+        img = np.clip(np.asarray(base, dtype=np.float64) + noise, 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(p, quality=90)
+        if i % 200 == 199:
+            print(f"  generated {i + 1}/{k} photos", file=sys.stderr)
+    return paths
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def condensation_log(k: int, seed: int, stages: int = 3) -> list[dict]:
+    """The first ``stages`` condensations of ImageNet's schedule shape on k points, random values."""
+    sched = kcd_fast.CondensationSchedule(epochs=90, period=15, rho=0.7)
+    keep = sched.keep_counts(k)
+    rng = np.random.default_rng(seed)
+    active = np.arange(k)
+    log = []
+    for s in range(1, stages + 1):
+        values = np.full(k, -np.inf)
+        values[active] = rng.random(active.size)
+        c = kcd_fast.condense(torch.from_numpy(values), keep[s], active.size)
+        log.append({"epoch": 15 * s, "dst": c.dst, "src": c.src, "eps": c.eps})
+        active = c.keep.numpy()
+    return log
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="300 photos")
+    p.add_argument("--k", type=int, default=None, help="photos (default 1500; quick 300)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None)
+    a = p.parse_args(argv)
+    k = a.k or (300 if a.quick else 1500)
+    cores = os.cpu_count() or 1
+    paths = make_photos(k, a.seed)
+    src_bytes = np.array([os.path.getsize(q) for q in paths], dtype=np.float64)
+    log = condensation_log(k, a.seed)
+    pairs = [int(s["dst"].numel()) for s in log]
+    res: dict = {
+        "benchmark": "scale",
+        "machine": machine_info(),
+        "k": k,
+        "mean_source_jpeg_bytes": float(src_bytes.mean()),
+        "pairs_per_condensation": pairs,
+        "threads": cores,
+        "formats": {},
+    }
+    for fmt in ("jpeg", "pnm"):
+        rss0 = rss_mb()
+        ov = FolderOverlay(paths, overlay_format=fmt, num_threads=cores)
+        seconds = []
+        for i in range(len(log)):
+            t0 = time.perf_counter()
+            ov.sync(log[: i + 1])
+            seconds.append(time.perf_counter() - t0)
+        pts = ov.points
+        per_point = ov.nbytes / len(pts)
+        rate = sum(pairs) / sum(seconds)
+        res["formats"][fmt] = {
+            "summarised_points": len(pts),
+            "overlay_bytes": ov.nbytes,
+            "bytes_per_point": per_point,
+            "bytes_per_point_over_source_jpeg": per_point / float(src_bytes[pts].mean()),
+            "seconds_per_condensation": seconds,
+            "pairs_per_s": rate,
+            "pairs_per_s_per_core": rate / cores,
+            "rss_mb_growth": rss_mb() - rss0,
+        }
+        del ov
+    # ImageNet-1k, the same schedule shape: pairs per condensation P_s = min(n_{s-1} - n_s, n_s)
+    sched = kcd_fast.CondensationSchedule(epochs=90, period=15, rho=0.7)
+    kc = sched.keep_counts(IMAGENET_N)
+    inet_pairs = [min(kc[s - 1] - kc[s], kc[s]) for s in range(1, len(kc))]
+    j = res["formats"]["jpeg"]
+    res["imagenet_extrapolation"] = {
+        "formula": "overlay bytes <= sum_s P_s * (bytes per point / source jpeg bytes) * 110 KB; "
+        "seconds per condensation = P_s / (pairs per second per core * cores)",
+        "pairs_per_condensation": inet_pairs,
+        "summarised_points_at_most": int(sum(inet_pairs)),
+        "overlay_gb_at_most_jpeg": sum(inet_pairs) * j["bytes_per_point_over_source_jpeg"] * IMAGENET_JPEG_BYTES / 1e9,
+        "overlay_gb_at_most_pnm": sum(inet_pairs)
+        * res["formats"]["pnm"]["bytes_per_point_over_source_jpeg"]
+        * IMAGENET_JPEG_BYTES
+        / 1e9,
+        "first_condensation_minutes_on_8_cores_jpeg": inet_pairs[0] / (j["pairs_per_s_per_core"] * 8) / 60,
+    }
+    for fmt, f in res["formats"].items():
+        print(
+            f"{fmt}: {f['summarised_points']} summarised points, {f['bytes_per_point'] / 1e3:.1f} KB each = "
+            f"{f['bytes_per_point_over_source_jpeg']:.2f}x the source JPEG (goal <= 1.5x); "
+            f"{f['pairs_per_s']:.0f} pairs/s on {cores} threads = {f['pairs_per_s_per_core']:.0f} per core "
+            f"(goal >= 200); RSS +{f['rss_mb_growth']:.0f} MB"
+        )
+    e = res["imagenet_extrapolation"]
+    print(
+        f"ImageNet-1k (T=15, rho=0.7, 90 epochs): pairs per condensation {e['pairs_per_condensation']}; at most "
+        f"{e['summarised_points_at_most']} summarised points -> at most {e['overlay_gb_at_most_jpeg']:.1f} GB (jpeg) "
+        f"/ {e['overlay_gb_at_most_pnm']:.1f} GB (pnm); first condensation "
+        f"{e['first_condensation_minutes_on_8_cores_jpeg']:.1f} min on 8 cores (jpeg)"
+    )
+    res["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(res, indent=2) + "\n")
+    return res
+
+
+if __name__ == "__main__":
+    main()
