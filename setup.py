@@ -17,6 +17,7 @@ from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).parent.resolve()
 
@@ -89,6 +90,16 @@ def _drop_stale_cache(build_temp: Path, args: list[str]) -> None:
     stamp.write_text(want)
 
 
+class BuildPy(build_py):
+    """Ships the kernel headers (csrc/include) as package data ``kcd_fast/include``: the
+    run-time compiled CUDA fallback (kcd_fast/_rtc.py) compiles them with NVRTC where no nvcc
+    built the CUDA module. One copy in the repository; the wheel carries a copy made here."""
+
+    def run(self) -> None:
+        super().run()
+        shutil.copytree(ROOT / "csrc" / "include", Path(self.build_lib) / "kcd_fast" / "include", dirs_exist_ok=True)
+
+
 def _has_ninja_module() -> bool:
     try:
         import ninja  # noqa: F401
@@ -100,5 +111,5 @@ def _has_ninja_module() -> bool:
 setup(
     version=_version(),
     ext_modules=[CMakeExtension("kcd_fast._cpu")] + ([CMakeExtension("kcd_fast._cuda")] if _cuda_wanted() else []),
-    cmdclass={"build_ext": CMakeBuild},
+    cmdclass={"build_ext": CMakeBuild, "build_py": BuildPy},
 )

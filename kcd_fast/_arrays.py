@@ -51,6 +51,27 @@ def to_lib(t: torch.Tensor, lib: str, like: ArrayLike | None = None) -> ArrayLik
     return t
 
 
+def order_back(*written: tuple[torch.Tensor, ArrayLike]) -> None:
+    """After an in-place kernel on torch's current stream, for each ``(view, original)``
+    whose original is a non-torch CUDA array: its own stream must not read before the kernel
+    ends (DLPack ordered the producer's stream before ours on the way in; this is the way
+    back). cupy: its current stream waits for an event recorded on ours (no host sync);
+    another producer, whose stream is unknown: our stream is synchronised."""
+    for t, original in written:
+        if not t.is_cuda or isinstance(original, torch.Tensor):
+            continue
+        ours = torch.cuda.current_stream(t.device)
+        if type(original).__module__.split(".")[0] == "cupy":
+            import cupy
+
+            with cupy.cuda.Device(t.device.index):
+                done = cupy.cuda.Event(disable_timing=True)
+                done.record(cupy.cuda.ExternalStream(ours.cuda_stream, t.device.index))
+                cupy.cuda.get_current_stream().wait_event(done)
+        else:
+            ours.synchronize()
+
+
 def capsule(t: torch.Tensor) -> Any:
     """A DLPack capsule of ``t`` without stream synchronisation (kernels run on the
     current stream, passed explicitly)."""

@@ -41,12 +41,14 @@ _apply_cuda_variants(os.environ.get("KCD_FAST_CUDA_VARIANTS", ""))
 _RUNS_ON: dict[int, bool] = {}  # device index -> the module has code it runs (checked once per device)
 
 
-def cuda_module() -> ModuleType:
+def cuda_module() -> Any:
+    """The compiled ``_cuda`` module, or where the build had no nvcc, the run-time compiled
+    fallback (:mod:`kcd_fast._rtc`: the same kernel headers through cupy's NVRTC; raises
+    naming both ways out when cupy is missing)."""
     if _cuda is None:
-        raise RuntimeError(
-            "kcd_fast was built without CUDA kernels; rebuild where nvcc is on PATH "
-            "(and KCD_FAST_NO_CUDA is unset) to use CUDA tensors"
-        )
+        from . import _rtc
+
+        return _rtc.module()
     import torch
 
     if torch.cuda.is_available():
@@ -89,9 +91,18 @@ def build_info() -> dict[str, Any]:
     """What the installed extension was built with: ``cuda_archs`` as CMake named them,
     ``cuda_native_archs`` (machine code) and ``cuda_ptx_archs`` (JIT-compiled by the driver)."""
     native, ptx = _archs()
+    if _cuda is not None:
+        path = "compiled"
+    else:
+        from . import _rtc
+
+        path = "rtc" if not _rtc.disabled() and _rtc.available() else None
     return {
         "version": __version__,
         "cuda_compiled": _cuda is not None,
+        # which CUDA kernels CUDA tensors get: "compiled" (nvcc), "rtc" (NVRTC at first use,
+        # kcd_fast._rtc) or None (none: a CUDA tensor raises naming the ways out)
+        "cuda_path": path,
         "cuda_archs": _cuda.cuda_archs.split(",") if _cuda is not None else [],
         "cuda_native_archs": sorted(native),
         "cuda_ptx_archs": sorted(ptx),
@@ -103,12 +114,17 @@ def build_info() -> dict[str, Any]:
 
 
 def has_cuda() -> bool:
-    """True when the CUDA kernels were compiled, a CUDA device is present and the module has
-    code the current device runs (a T4 with a build for sm_80+ only: False)."""
-    if _cuda is None or _cuda.device_count() == 0:
-        return False
+    """True when CUDA kernels can run here: a CUDA device is present and either the compiled
+    module has code the current device runs (a T4 with a build for sm_80+ only: False) or the
+    run-time compiled fallback is available (cupy with NVRTC)."""
     import torch
 
     if not torch.cuda.is_available():
+        return False
+    if _cuda is None:
+        from . import _rtc
+
+        return not _rtc.disabled() and _rtc.available()
+    if _cuda.device_count() == 0:
         return False
     return runs_on(torch.cuda.get_device_capability())

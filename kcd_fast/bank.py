@@ -118,6 +118,8 @@ class ValueBank:
             self.local_sums = torch.zeros_like(self.sums)
             self.local_counts = torch.zeros_like(self.counts)
         self._errors = torch.zeros(2, dtype=torch.int64, device=device) if device.type == "cuda" else None
+        # the CUDA stream the accumulators were last used on (made and zeroed on the current one)
+        self._stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
 
     def to(self, device: str | torch.device) -> ValueBank:
         """Moves the accumulators (pending device errors are checked first)."""
@@ -125,7 +127,7 @@ class ValueBank:
         if self.sums is None:
             self._allocate(device)
             return self
-        self.check()
+        self.check()  # also orders the current stream after the bank's
         old = (self.sums, self.counts, self.local_sums, self.local_counts)
         self._allocate(device)
         for new, t in zip((self.sums, self.counts, self.local_sums, self.local_counts), old, strict=True):
@@ -163,6 +165,7 @@ class ValueBank:
             lg, te = ops.logits_arg(logits, "logits"), None
         idx = ops.indices_arg(indices, lg.shape[0], "student_logits" if te is not None else "logits")
         self._place(lg.device)
+        self._follow_stream()
         if te is not None and te.device != lg.device:
             raise ValueError(
                 f"teacher_logits is on {te.device} but student_logits is on {lg.device}; pass them on one device"
@@ -196,6 +199,7 @@ class ValueBank:
         lg = ops.sequence_logits_arg(logits)
         idx = ops.indices_arg(indices, lg.shape[0], "logits")
         self._place(lg.device)
+        self._follow_stream()
         idx = self._on_device(idx)
         sums, counts = self._targets()
         if self.measure is Measure.RANDOM:  # counts the sequences; the mask is checked all the same
@@ -215,6 +219,7 @@ class ValueBank:
         sc = ops.scores_arg(scores)
         idx = ops.indices_arg(indices, sc.shape[0], "scores")
         self._place(sc.device)
+        self._follow_stream()
         idx = self._on_device(idx)
         sums, counts = self._targets()
         if self.measure is Measure.RANDOM:
@@ -222,6 +227,20 @@ class ValueBank:
         else:
             ops.launch_observe_scores(self.device, sc, idx, sums, counts, self._errors, self.strict)
         self.last_rows = int(sc.shape[0])
+
+    def _follow_stream(self) -> None:
+        """CUDA: the bank's accumulators were last written on the stream recorded here; work
+        on another current stream (a side stream, another thread's) first waits for it (an
+        event, no host sync), then becomes the recorded one. So observing on stream A and
+        reading values, checking or saving on stream B never sees stale sums, and B's
+        ``check()`` cannot zero the error counters under A's atomics."""
+        if self.sums is None or self.sums.device.type != "cuda":
+            return
+        current = torch.cuda.current_stream(self.sums.device)
+        last = self._stream
+        if last is not None and last != current:
+            current.wait_stream(last)
+        self._stream = current
 
     def _place(self, device: torch.device) -> None:
         """Moves a ``device=None`` bank to the first observed data's device; ``ValueError``
@@ -275,6 +294,7 @@ class ValueBank:
         A host synchronisation; free on CPU, where bad batches raise at once."""
         if self._errors is None:
             return
+        self._follow_stream()
         bad_index, non_finite = (int(v) for v in self._errors.tolist())
         if bad_index or non_finite:
             self._errors.zero_()
@@ -298,6 +318,7 @@ class ValueBank:
             )
         if self.sums is None:
             self._allocate(D.comm_device(group, None))
+        self._follow_stream()
         sums = self.local_sums if in_place else self.local_sums.clone()
         counts = self.local_counts if in_place else self.local_counts.clone()
         errors = torch.zeros(2, dtype=torch.int64, device=self.device) if self._errors is None else self._errors.clone()
@@ -339,6 +360,7 @@ class ValueBank:
                 self._random_draws += 1
             rng = np.random.default_rng([self.seed, int(draw)])
             return torch.from_numpy(rng.random(self.n)).to(self.device)
+        self._follow_stream()
         return ops.values(self.sums, self.counts, self.period, self.alpha)
 
     def state_dict(self, group: Any = None) -> dict[str, Any]:

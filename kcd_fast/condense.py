@@ -145,6 +145,21 @@ def condense(
             i = int(torch.isnan(v).nonzero()[0, 0])
             raise ValueError(f"values[{i}] is nan")
         ext = cuda_module()
+        if not hasattr(ext, "condense"):  # the run-time compiled fallback: condense on the host
+            host = [torch.empty_like(t, device="cpu") for t in (keep, dropped, dst, src, eps)]
+            _cpu.condense(
+                A.capsule(v.cpu()),
+                n_keep,
+                n_prev,
+                _MODE[mode],
+                float(eps_m),
+                A.capsule(random_pos.cpu()),
+                *(A.capsule(t) for t in host),
+            )
+            for t, h in zip((keep, dropped, dst, src, eps), host, strict=True):
+                t.copy_(h)
+            conv = [A.to_lib(t, lib, values) for t in (keep, dropped, dst, src, eps)]
+            return Condensation(*conv, n=n, n_keep=n_keep, n_prev=n_prev, vaks=mode, eps_m=float(eps_m))
         with torch.cuda.device(device):
             ws = torch.empty(int(ext.condense_workspace_bytes(n)), dtype=torch.uint8, device=device)
         ext.condense(

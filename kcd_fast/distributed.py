@@ -47,6 +47,7 @@ __all__ = [
     "agree",
     "all_ok",
     "all_reduce_sum_",
+    "broadcast_int",
     "comm_device",
     "load_checkpoint",
     "resolve",
@@ -223,6 +224,12 @@ def agree(digest: bytes, group: Any = None, what: str = "state", device: torch.d
             f"the ranks disagree on the {what}: ranks must run the same dataset, schedule, seed, shuffle, "
             "batch_size, drop_last and KCD options, and load the same checkpoint"
         )
+
+
+def broadcast_int(value: int, rank: int, group: Any = None, device: torch.device | None = None) -> int:
+    """Collective: rank 0's ``value`` (an int in ``[0, 2**62)``) on every rank."""
+    got, _ = _max_pair(int(value) if rank == 0 else -1, 0, group, device)
+    return got
 
 
 def all_ok(ok: bool, group: Any = None, device: torch.device | None = None) -> bool:

@@ -106,6 +106,7 @@ def observe_entropy(logits, indices, sums, counts, *, errors=None, strict: bool 
     idx, s, c = _bank_args(indices, sums, counts, lg.shape[0], "logits")
     device = A.check_same_device([("logits", lg), ("indices", idx), ("sums", s), ("counts", c)])
     launch_observe(device, lg, None, idx, s, c, 0.0, _errors_arg(errors, device, strict), strict)
+    A.order_back((s, sums), (c, counts))
 
 
 def launch_observe(
@@ -183,6 +184,7 @@ def observe_kl(
         [("student_logits", st), ("teacher_logits", te), ("indices", idx), ("sums", s), ("counts", c)]
     )
     launch_observe(device, st, te, idx, s, c, float(temperature), _errors_arg(errors, device, strict), strict)
+    A.order_back((s, sums), (c, counts))
 
 
 def sequence_logits_arg(x, name: str = "logits") -> torch.Tensor:
@@ -260,6 +262,7 @@ def observe_entropy_seq(logits, mask, indices, sums, counts, *, errors=None, str
     device = A.check_same_device([("logits", lg), ("indices", idx), ("sums", s), ("counts", c)])
     errs = _errors_arg(errors, device, strict)
     launch_observe_seq(device, lg, mask, idx, s, c, errs, strict)
+    A.order_back((s, sums), (c, counts))
 
 
 def launch_observe_seq(
@@ -319,6 +322,7 @@ def observe_scores(scores, indices, sums, counts, *, errors=None, strict: bool |
     idx, s, c = _bank_args(indices, sums, counts, sc.shape[0], "scores")
     device = A.check_same_device([("scores", sc), ("indices", idx), ("sums", s), ("counts", c)])
     launch_observe_scores(device, sc, idx, s, c, _errors_arg(errors, device, strict), strict)
+    A.order_back((s, sums), (c, counts))
 
 
 def launch_observe_scores(
@@ -566,6 +570,7 @@ def blend_(images, dst, src, eps, *, check: bool | None = None):
         _check_pairs_torch(im.shape[0], d, s, e)
     errors = torch.zeros(1, dtype=torch.int64, device=device)
     cuda_module().blend(A.capsule(im), A.capsule(d), A.capsule(s), A.capsule(e), A.capsule(errors), A.stream_of(im))
+    A.order_back((im, images))
     if check is False:  # the kernel's bounds guard skipped and counted bad pairs: report them (one sync)
         bad = int(errors.item())
         if bad:

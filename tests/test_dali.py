@@ -392,26 +392,31 @@ def test_folder_overlay_after_condensations(folder: Path, tmp_path: Path, overla
         )
         return
 
-    # Files: one per summarised point, in a private directory; a point summarised again
-    # replaces its file; a failed summary leaves the overlay and the directory as they were;
-    # the directory goes with the back end.
-    files = sorted(os.listdir(fresh.overlay_dir))
-    assert len(files) == 2 and os.path.dirname(fresh.overlay_dir) == str(overlay_dir)
-    assert fresh.overlay_nbytes == sum(os.path.getsize(os.path.join(fresh.overlay_dir, f)) for f in files)
+    # Files: content-addressed per summary in <overlay_dir>/kcd-overlay-<key>, shared by the
+    # back ends of this dataset; a new back end given the same log reuses them (no pair is
+    # decoded again); a failed summary leaves the overlay as it was; the directory goes with
+    # its last user.
+    assert os.path.dirname(fresh.overlay_dir) == str(overlay_dir) and fresh.overlay_dir == backend.overlay_dir
+    assert all(os.path.dirname(v) == fresh.overlay_dir for v in fresh._overlay.entries.values())
+    assert fresh.overlay_nbytes == sum(os.path.getsize(v) for v in fresh._overlay.entries.values())
+    assert fresh._overlay.stats == {"pairs_made": 2, "summaries_made": 1, "summaries_reused": 2}
     again = [*log[1:], {"epoch": 3, "dst": t([10]), "src": t([1]), "eps": t([0.8], dtype=torch.float64)}]
     fresh.sync_overlay(again)
-    assert fresh.overlay_points == [5, 10] and len(os.listdir(fresh.overlay_dir)) == 2
+    assert fresh.overlay_points == [5, 10]
     np.testing.assert_array_equal(fresh.overlay_image(10), reference_overlay(ds, again)[10])
-    before = sorted(os.listdir(fresh.overlay_dir))
+    entries = dict(fresh._overlay.entries)
     fresh._overlay._paths = [*fresh._paths[:-1], str(tmp_path / "missing.jpg")]  # the last point's file is gone
     bad = {"epoch": 4, "dst": t([2, 7]), "src": t([4, len(ds) - 1]), "eps": t([0.9, 0.9], dtype=torch.float64)}
     with pytest.raises(FileNotFoundError):
         fresh.sync_overlay([*again, bad])
-    assert fresh.overlay_points == [5, 10] and sorted(os.listdir(fresh.overlay_dir)) == before
-    private = fresh.overlay_dir
+    assert fresh._overlay.entries == entries and all(os.path.exists(v) for v in entries.values())
+    shared = fresh.overlay_dir
     del fresh
     gc.collect()
-    assert not os.path.exists(private) and os.path.isdir(overlay_dir)
+    assert os.path.isdir(shared)  # `backend` still uses it
+    del backend
+    gc.collect()
+    assert not os.path.exists(shared) and os.path.isdir(overlay_dir)
 
 
 def core_summarises_folders(folder: Path) -> bool:
@@ -449,11 +454,15 @@ def test_folder_vaks_end_to_end_and_resume(folder: Path, tmp_path: Path, store: 
     want = reference_overlay(ImageFolder(folder), log)
     if fmt == "pnm":  # lossless: the reference blend exactly
         assert all(np.array_equal(full.backend.overlay_image(i), want[i]) for i in want)
-    else:  # jpeg (quality 95, 4:4:4): close to it; a point summarised twice reads its own jpeg
+    else:  # jpeg (quality 95, 4:2:0): close to it; a point summarised twice reads its own jpeg.
+        # These 20..39-pixel images of saturated random colour cells are the worst case for
+        # 4:2:0 chroma (photos: mean error ~0.9, tests/test_overlay.py); the bound says so.
         err = [np.abs(full.backend.overlay_image(i).astype(int) - want[i].astype(int)) for i in want]
-        assert max(float(e.mean()) for e in err) < 2.0 and max(int(e.max()) for e in err) <= 40
+        assert max(float(e.mean()) for e in err) < 4.0 and max(int(e.max()) for e in err) <= 60
     if store == "files":
-        assert len(os.listdir(full.backend.overlay_dir)) == len(want) and full.backend.overlay_nbytes > 0
+        entries = full.backend._overlay.entries
+        assert sorted(entries) == sorted(want) and full.backend.overlay_nbytes > 0
+        assert all(os.path.dirname(v) == full.backend.overlay_dir for v in entries.values())
 
     stop = 3
     first = KCDLoader(ImageFolder(folder), sched, **kw)
@@ -466,6 +475,9 @@ def test_folder_vaks_end_to_end_and_resume(folder: Path, tmp_path: Path, store: 
     rest = run(resumed, TableStudent(n), sched.epochs - stop, by_index=True)
     assert_same_epochs(ref[stop:], rest)  # indices, labels and augmented images, bit for bit
     assert_same_state(resumed.state_dict(), full.state_dict())
+    if store == "files":  # the resumed loader read the summaries the earlier runs wrote
+        assert resumed.backend._overlay.stats["pairs_made"] == 0
+        assert resumed.backend._overlay.stats["summaries_reused"] == len(log)
 
 
 # -- resume -----------------------------------------------------------------------------------------

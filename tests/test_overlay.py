@@ -1,17 +1,28 @@
 """The image-folder overlay's storage (kcd_fast/loader/backends/dali_overlay.py, no DALI needed):
 lossless formats read back the blend exactly, JPEG within a tolerance and at about a photo's
 size, the memory budget spills to a private directory that goes with the overlay, replays
-give the same bytes."""
+give the same bytes; with ``overlay_dir``: content-addressed files reused on resume (also
+after a crashed process), removed by their last user, and split between 2 gloo ranks that
+share the directory (not split when they do not)."""
 
 from __future__ import annotations
 
 import gc
 import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from PIL import Image
 
 from kcd_fast.data.folders import load_rgb
@@ -129,3 +140,219 @@ def test_scale_benchmark_reports_bytes_rates_and_the_imagenet_extrapolation(tmp_
     )
     e = r["imagenet_extrapolation"]
     assert e["summarised_points_at_most"] == sum(e["pairs_per_condensation"]) > 0
+
+
+def _bytes(ov: FolderOverlay) -> dict[int, bytes]:
+    out = {}
+    for i, v in ov.entries.items():
+        out[i] = Path(v).read_bytes() if isinstance(v, str) else v.tobytes()
+    return out
+
+
+def test_overlay_dir_files_are_reused_by_digest_and_go_with_their_last_user(tmp_path: Path) -> None:
+    src = tmp_path / "photos"
+    src.mkdir()
+    paths = _photos(src)
+    want = _reference(paths)
+    root = tmp_path / "overlay"
+    ov = FolderOverlay(paths, overlay_format="pnm", overlay_dir=root, num_threads=2)
+    ov.sync(LOG)
+    assert ov.stats == {"pairs_made": 5, "summaries_made": 2, "summaries_reused": 0}
+    assert os.path.dirname(ov.directory) == str(root) and os.path.basename(ov.directory).startswith("kcd-overlay-")
+    for i in want:
+        np.testing.assert_array_equal(ov.image(i), want[i])
+        assert os.path.dirname(ov.entries[i]) == ov.directory
+
+    # A second overlay of the same files and log (a resumed loader) reuses every summary,
+    # even with the original images gone; a different log is built, not confused with it.
+    hidden = tmp_path / "hidden"
+    shutil.move(str(src), str(hidden))
+    again = FolderOverlay(paths, overlay_format="pnm", overlay_dir=root)
+    again.sync(LOG)
+    assert again.stats == {"pairs_made": 0, "summaries_made": 0, "summaries_reused": 2}
+    assert _bytes(again) == _bytes(ov)
+    other = [{**LOG[0], "eps": torch.tensor([0.9, 0.8, 0.71], dtype=torch.float64)}]
+    with pytest.raises(FileNotFoundError):  # not reusable: needs the (hidden) originals
+        again.sync(other)
+    assert _bytes(again) == _bytes(ov)  # unchanged by the failed sync
+    shutil.move(str(hidden), str(src))
+
+    # A summary with a file missing is rebuilt (the one before it reused), the same bytes.
+    os.remove(ov.entries[9])  # written by the second summary
+    third = FolderOverlay(paths, overlay_format="pnm", overlay_dir=root)
+    third.sync(LOG)
+    assert third.stats == {"pairs_made": 2, "summaries_made": 1, "summaries_reused": 1}
+    assert _bytes(third) == _bytes(ov)
+
+    # Another format or file list: another directory.
+    jpg = FolderOverlay(paths, overlay_format="jpeg", overlay_dir=root)
+    assert jpg.directory != ov.directory and os.path.dirname(jpg.directory) == str(root)
+
+    # The directory goes with its last user (dead processes on this host do not count;
+    # one on another host keeps it).
+    folder = ov.directory
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (Path(folder) / "users" / f"{socket.gethostname()}@{int(dead.stdout)}@00").write_bytes(b"")
+    del ov, again, third
+    gc.collect()
+    assert not os.path.exists(folder) and os.path.isdir(jpg.directory)
+    elsewhere = Path(jpg.directory) / "users" / "another-host@1@00"
+    elsewhere.write_bytes(b"")
+    kept = jpg.directory
+    del jpg
+    gc.collect()
+    assert os.path.isdir(kept)
+    elsewhere.unlink()
+
+
+_CRASHED = """
+import os, sys, torch
+from kcd_fast.loader.backends.dali_overlay import FolderOverlay
+paths, root = sys.argv[1].split(","), sys.argv[2]
+log = [{"epoch": 1, "dst": torch.tensor([1, 4, 7]), "src": torch.tensor([9, 10, 11]),
+        "eps": torch.tensor([0.9, 0.8, 0.7], dtype=torch.float64)}]
+ov = FolderOverlay(paths, overlay_format="jpeg", overlay_dir=root)
+ov.sync(log)
+os._exit(0)  # killed: no clean-up runs
+"""
+
+
+def test_a_resumed_process_reuses_what_a_crashed_one_wrote(tmp_path: Path) -> None:
+    paths = _photos(tmp_path)
+    root = tmp_path / "overlay"
+    subprocess.run([sys.executable, "-c", _CRASHED, ",".join(paths), str(root)], check=True, timeout=120)
+    (left,) = os.listdir(root)  # the crashed process's directory stayed
+    resumed = FolderOverlay(paths, overlay_format="jpeg", overlay_dir=root)
+    resumed.sync(LOG)
+    assert resumed.stats == {"pairs_made": 2, "summaries_made": 1, "summaries_reused": 1}
+    fresh = FolderOverlay(paths, overlay_format="jpeg")  # in memory: the same bytes
+    fresh.sync(LOG)
+    assert _bytes(resumed) == _bytes(fresh)
+    del resumed
+    gc.collect()
+    assert not os.path.exists(root / left)  # the dead process's entry does not keep it
+
+
+# -- two gloo ranks ---------------------------------------------------------------------------
+def _rank_main(rank: int, world: int, init_file: str, out_dir: str, photos: str, mode: str) -> None:
+    from kcd_fast import CondensationSchedule, ImageFolder, KCDLoader
+    from kcd_fast.distributed import DistInfo
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
+    try:
+        paths = sorted(str(p) for p in Path(photos).glob("*.jpg"))
+        if mode == "missing" and rank == 1:
+            paths[11] = paths[11] + ".gone"  # pair 2 of the first summary is rank 0's; 10 is rank 1's
+            paths[10] = paths[10] + ".gone"
+        root = os.path.join(out_dir, "shared" if mode != "private" else f"rank{rank}")
+        ov = FolderOverlay(paths, overlay_format="jpeg", overlay_dir=root, num_threads=1)
+        ov.set_distributed(DistInfo(True, rank, world, None))
+        res: dict[str, Any] = {}
+        try:
+            ov.sync(LOG)
+            res["bytes"] = _bytes(ov)
+        except (OSError, RuntimeError) as err:
+            res["error"] = (type(err).__name__, str(err))
+        res["stats"], res["shared"] = dict(ov.stats), ov.shared
+        if mode == "shared":  # the loader wires its process group into the DALI overlay
+            try:
+                import nvidia.dali  # noqa: F401
+            except ImportError:
+                pass
+            else:
+                folder = Path(out_dir) / "folder"
+                sched = CondensationSchedule(epochs=3, period=1, rho=0.5)
+                loader = KCDLoader(
+                    ImageFolder(folder),
+                    sched,
+                    batch_size=4,
+                    seed=5,
+                    backend="dali",
+                    dali_device=None,
+                    augment="imagenet_eval",
+                    num_workers=1,
+                    dali_overlay_dir=os.path.join(out_dir, "loader"),
+                )
+                for _epoch in range(sched.epochs):
+                    for x, _y, idx in loader:
+                        loader.observe(idx, x.flatten(1)[:, :10] * 10)
+                o = loader.backend._overlay
+                log = loader.state_dict()["summaries"]
+                res["loader"] = {
+                    "bytes": _bytes(o),
+                    "stats": dict(o.stats),
+                    "shared": o.shared,
+                    "pairs": [len(x["dst"]) for x in log],
+                }
+        torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(world: int, out: Path, photos: Path, mode: str, timeout: float = 240.0) -> list[dict[str, Any]]:
+    ctx = mp.start_processes(
+        _rank_main,
+        args=(world, str(out / "init"), str(out), str(photos), mode),
+        nprocs=world,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(f"the {world} ranks did not finish within {timeout} s")
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def _class_folder(root: Path, photos: list[str]) -> None:
+    for k, p in enumerate(photos):
+        d = root / f"c{k % 2}"
+        d.mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, d / os.path.basename(p))
+
+
+def test_ranks_sharing_the_directory_split_each_summary(tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    paths = sorted(_photos(photos))
+    single = FolderOverlay(paths, overlay_format="jpeg")
+    single.sync(LOG)
+    out = tmp_path / "shared"
+    out.mkdir()
+    _class_folder(out / "folder", paths)
+    r0, r1 = _spawn(2, out, photos, "shared")
+    assert r0["shared"] is True and r1["shared"] is True
+    # pairs 0, 2 of the first summary and 0 of the second on rank 0; the rest on rank 1
+    assert r0["stats"]["pairs_made"] == 3 and r1["stats"]["pairs_made"] == 2
+    assert r0["bytes"] == r1["bytes"] == _bytes(single)  # every rank reads all of them
+    if "loader" in r0:  # DALI installed: KCDLoader's own overlay, 2 condensations
+        a, b = r0["loader"], r1["loader"]
+        assert a["shared"] is True and a["bytes"] == b["bytes"] and a["bytes"]
+        assert len(a["pairs"]) == 2 and a["pairs"] == b["pairs"]
+        assert a["stats"]["pairs_made"] == sum((p + 1) // 2 for p in a["pairs"])  # pairs 0, 2, 4, ...
+        assert b["stats"]["pairs_made"] == sum(p // 2 for p in a["pairs"])
+
+
+def test_ranks_with_their_own_directories_each_build_everything(tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    _photos(photos)
+    r0, r1 = _spawn(2, tmp_path, photos, "private")
+    assert r0["shared"] is False and r1["shared"] is False
+    assert r0["stats"]["pairs_made"] == r1["stats"]["pairs_made"] == 5
+    assert r0["bytes"] == r1["bytes"]
+
+
+def test_a_rank_that_cannot_read_its_share_fails_every_rank(tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    _photos(photos)
+    r0, r1 = _spawn(2, tmp_path, photos, "missing")
+    assert r1["error"][0] == "FileNotFoundError" and ".gone" in r1["error"][1]
+    assert r0["error"] == ("RuntimeError", "another rank failed to materialise its share of a summary; see its error")

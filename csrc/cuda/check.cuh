@@ -6,6 +6,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "kcd/cuda/launch.cuh"
+
 #define KCD_CUDA_CHECK(expr)                                                                   \
   do {                                                                                         \
     const cudaError_t kcd_err_ = (expr);                                                       \
@@ -18,8 +20,6 @@
 
 namespace kcd {
 namespace cuda {
-
-constexpr int kThreads = 256;
 
 // Kernel variants kept for A/B measurement on a GPU (see ops.h: set_variant).
 int variant(const char* name);

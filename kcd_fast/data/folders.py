@@ -55,9 +55,17 @@ def load_rgb(path: str | os.PathLike[str]) -> Any:
     if not os.path.isfile(p):
         raise FileNotFoundError(f"image file {p!r} is missing (or is not a regular file)")
     try:
-        with Image.open(p) as im:
-            im.load()
-            rgb = ImageOps.exif_transpose(im).convert("RGB")
+        im = Image.open(p)
+        try:
+            im.load()  # closes a file read to its end (JPEG, PNG, ...): no copy needed to detach
+            ImageOps.exif_transpose(im, in_place=True)
+            rgb = im if im.mode == "RGB" else im.convert("RGB")
+            if getattr(im, "fp", None) is not None:  # a format that keeps its file open (multi-frame)
+                rgb = rgb.copy() if rgb is im else rgb
+                im.close()
+        except BaseException:
+            im.close()
+            raise
     except (OSError, ValueError, SyntaxError) as err:  # PIL raises all three on bad files
         raise UnreadableImageError(f"image file {p!r} cannot be decoded: {err}") from err
     return rgb

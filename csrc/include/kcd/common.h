@@ -1,8 +1,25 @@
 // Shared definitions for the CPU and CUDA sides of kcd_fast: the host/device
-// qualifier and bit-exact half/bfloat16 -> float conversions.
+// qualifier and bit-exact half/bfloat16 -> float conversions. Also compiled by NVRTC (the
+// run-time fallback, kcd_fast/_rtc.py), which has no standard headers: there the fixed-width
+// integers, INFINITY and NAN come from the CUDA builtins instead.
 #pragma once
+#if defined(__CUDACC_RTC__)
+using int8_t = signed char;
+using uint8_t = unsigned char;
+using int16_t = short;
+using uint16_t = unsigned short;
+using int32_t = int;
+using uint32_t = unsigned int;
+using int64_t = long long;
+using uint64_t = unsigned long long;
+using uintptr_t = unsigned long long;
+#define INFINITY __int_as_float(0x7f800000)
+#define NAN __int_as_float(0x7fffffff)
+#else
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#endif
 
 #if defined(__CUDACC__)
 #define KCD_HD __host__ __device__ __forceinline__

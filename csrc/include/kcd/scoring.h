@@ -4,9 +4,6 @@
 // kernels (cuda/scoring.cu). Both evaluate a row in two passes: the row maximum, then
 // the shifted sums, combined by the finish_* functions below.
 #pragma once
-#include <cmath>
-#include <cstdint>
-
 #include "kcd/common.h"
 
 namespace kcd {
@@ -48,7 +45,7 @@ KCD_HD float weighted(float e, float d) { return e > 0.0f ? e * d : 0.0f; }
 // h = logsumexp(x) - sum softmax(x) * x = log(z) - w / z. Never NaN for finite rows
 // (z >= 1), unlike -(p * log p).sum(). Clamped at 0 against rounding.
 KCD_HD double finish_entropy(float z, float w) {
-  const double h = std::log(static_cast<double>(z)) - static_cast<double>(w) / z;
+  const double h = log(static_cast<double>(z)) - static_cast<double>(w) / z;
   return h > 0.0 ? h : 0.0;
 }
 
@@ -57,8 +54,8 @@ KCD_HD double finish_entropy(float z, float w) {
 //   = wa / za - (ma + log za) + (mb + log zb),
 // za = sum exp(a - ma), wa = sum exp(a - ma) * (a - b), zb = sum exp(b - mb).
 KCD_HD double finish_kl(float ma, float za, float wa, float mb, float zb) {
-  const double kl = static_cast<double>(wa) / za - (static_cast<double>(ma) + std::log(static_cast<double>(za))) +
-                    (static_cast<double>(mb) + std::log(static_cast<double>(zb)));
+  const double kl = static_cast<double>(wa) / za - (static_cast<double>(ma) + log(static_cast<double>(za))) +
+                    (static_cast<double>(mb) + log(static_cast<double>(zb)));
   return kl > 0.0 ? kl : 0.0;
 }
 

@@ -373,26 +373,24 @@ class DaliBackend:
 
     def _file_batch(self, overlay: dict[int, Any] | None) -> Callable[[np.ndarray, dict[str, int]], Any]:
         paths, labels = self._paths, self._labels
+        in_memory = overlay is not None and _has_bytes(overlay)
 
         def make(idx: np.ndarray, counts: dict[str, int]) -> tuple[Any, ...]:
             ids = idx.tolist()
             if overlay is None:
                 counts["files"] += len(ids)
                 return [np.frombuffer(os.fsencode(paths[i]), np.uint8) for i in ids], labels[idx]
-            if self._overlay.directory is not None:  # overlay files: a path either way
-                n_ov = sum(i in overlay for i in ids)
-                counts["overlay"] += n_ov
-                counts["files"] += len(ids) - n_ov
-                return [np.frombuffer(os.fsencode(overlay.get(i, paths[i])), np.uint8) for i in ids], labels[idx]
-            isov = [i in overlay for i in ids]
-            n_ov = sum(isov)
+            n_ov = sum(i in overlay for i in ids)
             counts["overlay"] += n_ov
             counts["files"] += len(ids) - n_ov
-            pairs = list(zip(ids, isov, strict=True))
+            # an overlay file (str) is read like an image file; encoded bytes are fed as they are
+            files = [overlay.get(i, paths[i]) if isinstance(overlay.get(i, ""), str) else None for i in ids]
+            if not in_memory:  # overlay files only: a path either way
+                return [np.frombuffer(os.fsencode(f), np.uint8) for f in files], labels[idx]
             return (
-                [np.array(o) for o in isov],
-                [_EMPTY if o else np.frombuffer(os.fsencode(paths[i]), np.uint8) for i, o in pairs],
-                [overlay[i] if o else _EMPTY for i, o in pairs],
+                [np.array(f is None) for f in files],
+                [_EMPTY if f is None else np.frombuffer(os.fsencode(f), np.uint8) for f in files],
+                [_EMPTY if f is not None else overlay[i] for i, f in zip(ids, files, strict=True)],
                 labels[idx],
             )
 
@@ -504,7 +502,7 @@ class DaliBackend:
         self.reads = feed.counts
         if not batches:
             return iter(())
-        pipe = self._build(feed, seed, overlay is not None and self._overlay.directory is None)
+        pipe = self._build(feed, seed, overlay is not None and _has_bytes(overlay))
         self._iter = self._run(pipe, feed, overlay or {}, start)
         return self._iter
 
@@ -616,6 +614,12 @@ class DaliBackend:
     def images_digest(self, summaries: list[Summary]) -> str | None:
         return self._arrays.digest(summaries) if self._arrays is not None else None
 
+    def set_distributed(self, info: Any) -> None:
+        """``info``: the loader's :class:`kcd_fast.distributed.DistInfo`; ranks that share
+        ``overlay_dir`` split the work of each summary (:class:`FolderOverlay`)."""
+        if self._overlay is not None:
+            self._overlay.set_distributed(info)
+
     def sync_overlay(self, summaries: list[Summary] | None = None) -> None:
         """Brings the folder overlay in line with ``summaries`` (default: the summaries
         applied so far) now; see :meth:`FolderOverlay.sync`."""
@@ -642,7 +646,8 @@ class DaliBackend:
 
     @property
     def overlay_dir(self) -> str | None:
-        """The private directory of the overlay files (``overlay_dir`` given), else None."""
+        """The directory of the overlay files (``overlay_dir`` given, or the memory budget
+        spilled), else None."""
         return None if self._overlay is None else self._overlay.directory
 
     def close(self) -> None:
@@ -652,6 +657,11 @@ class DaliBackend:
             if close is not None:
                 close()
             self._iter = None
+
+
+def _has_bytes(overlay: dict[int, Any]) -> bool:
+    """Some overlay entries are encoded bytes in memory (not files): the pipeline takes them."""
+    return any(not isinstance(v, str) for v in overlay.values())
 
 
 # A 1 x 1 black PPM: decoded in place of bytes of no known format (then the batch raises).

@@ -1,0 +1,251 @@
+// The CUDA kernels for value scoring (device code only): one warp per row of logits, the
+// row math from kcd/scoring.h. Included by cuda/scoring.cu (nvcc, with the host launchers)
+// and compiled at run time by NVRTC (kcd_fast/_rtc.py) where no nvcc built the module:
+// one source of the kernels for both. A row with a bad index or a non-finite logit is
+// skipped and counted in errors [2] = {bad index, non-finite}, so no host synchronisation
+// is needed per step. Kernels are templates in kcd::cuda::kernels (named, not anonymous:
+// NVRTC looks them up by name expression).
+#pragma once
+#include "kcd/common.h"
+#include "kcd/scoring.h"
+#include "kcd/cuda/launch.cuh"
+
+namespace kcd {
+namespace cuda {
+namespace kernels {
+
+__device__ __forceinline__ float warp_max(float x) {
+  for (int o = kWarp / 2; o > 0; o /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+__device__ __forceinline__ float warp_sum(float x) {
+  for (int o = kWarp / 2; o > 0; o /= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+// Returns true (on every lane) when the row is valid; counts it otherwise.
+__device__ __forceinline__ bool row_ok(float chk, float m, int64_t point, int64_t N, int lane,
+                                       int64_t* errors) {
+  const bool finite = isfinite(chk) && isfinite(m);
+  const bool in_range = point >= 0 && point < N;
+  if (lane == 0 && !finite) atomicAdd(reinterpret_cast<unsigned long long*>(errors + 1), 1ull);
+  else if (lane == 0 && !in_range) atomicAdd(reinterpret_cast<unsigned long long*>(errors), 1ull);
+  return finite && in_range;
+}
+
+// 16 bytes of logits as floats: 4 float32 or 8 float16 / bfloat16.
+template <FloatKind K>
+struct Vec {
+  static constexpr int kWidth = K == FloatKind::kF32 ? 4 : 8;
+  __device__ __forceinline__ static void load(const void* base, int64_t elem, float (&out)[kWidth]) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(static_cast<const char*>(base) + elem * (16 / kWidth));
+    const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+    if constexpr (K == FloatKind::kF32) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) out[i] = __uint_as_float(words[i]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const uint16_t lo = static_cast<uint16_t>(words[i] & 0xffffu), hi = static_cast<uint16_t>(words[i] >> 16);
+        out[2 * i] = K == FloatKind::kF16 ? half_to_float(lo) : bf16_to_float(lo);
+        out[2 * i + 1] = K == FloatKind::kF16 ? half_to_float(hi) : bf16_to_float(hi);
+      }
+    }
+  }
+};
+
+__device__ __forceinline__ void push_chunk(RowStats& st, float& chk, const float* x, int n) {
+  float cm = st.m;
+  for (int i = 0; i < n; ++i) {
+    cm = fmaxf(cm, x[i]);
+    chk += x[i] * 0.0f;
+  }
+  if (cm > st.m) rescale(st, cm);
+  if (isfinite(cm)) {
+    for (int i = 0; i < n; ++i) accumulate(st, x[i]);
+  }
+}
+
+// The RowStats of one row, merged across the warp (every lane holds the result), in one
+// pass over the logits: each lane streams 16-byte vectors (when the rows are 16-byte
+// aligned) into running RowStats. kBatch vectors are loaded before any is used (more
+// bytes in flight per lane); a lane visits its vectors in the same order for every
+// kBatch, so results are identical. chk becomes NaN iff the row holds a non-finite value.
+template <FloatKind K, int kBatch>
+__device__ __forceinline__ RowStats warp_row_stats(const void* __restrict__ logits, int64_t base, int64_t C,
+                                                   bool vec, int lane, float& chk) {
+  using V = Vec<K>;
+  RowStats st;
+  chk = 0.0f;
+  int64_t tail = 0;
+  if (vec) {
+    const int64_t nvec = C / V::kWidth;
+    int64_t q = lane;
+    for (; q + (kBatch - 1) * kWarp < nvec; q += kBatch * kWarp) {
+      float x[kBatch][V::kWidth];
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b) V::load(logits, base + (q + b * kWarp) * V::kWidth, x[b]);
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b) push_chunk(st, chk, x[b], V::kWidth);
+    }
+    for (; q < nvec; q += kWarp) {
+      float x[V::kWidth];
+      V::load(logits, base + q * V::kWidth, x);
+      push_chunk(st, chk, x, V::kWidth);
+    }
+    tail = nvec * V::kWidth;
+  }
+  for (int64_t j = tail + lane; j < C; j += kWarp) {
+    const float x = load_logit<K>(logits, base + j);
+    push_chunk(st, chk, &x, 1);
+  }
+  for (int o = kWarp / 2; o > 0; o /= 2) {
+    RowStats other{__shfl_xor_sync(0xffffffffu, st.m, o), __shfl_xor_sync(0xffffffffu, st.z, o),
+                   __shfl_xor_sync(0xffffffffu, st.w, o)};
+    st = merge(st, other);
+    chk += __shfl_xor_sync(0xffffffffu, chk, o);
+  }
+  return st;
+}
+
+// One warp per row of logits.
+template <FloatKind K, int kBatch>
+__global__ void entropy_kernel(const void* __restrict__ logits, int64_t B, int64_t C, int64_t ld, bool vec,
+                               const int64_t* __restrict__ indices, int64_t N, double* __restrict__ sums,
+                               int32_t* __restrict__ counts, int64_t* __restrict__ errors) {
+  const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (row >= B) return;
+  float chk;
+  const RowStats st = warp_row_stats<K, kBatch>(logits, row * ld, C, vec, lane, chk);
+  const int64_t point = indices[row];
+  if (!row_ok(chk, st.m, point, N, lane, errors)) return;
+  if (lane == 0) {
+    atomicAdd(sums + point, finish_entropy(st.z, st.w));
+    atomicAdd(counts + point, 1);
+  }
+}
+
+// One block per sequence: warp w takes its unmasked tokens w, w + kWarps, ...; the block
+// then adds the warps' sums in warp order (deterministic) and thread 0 records the
+// sequence's mean token entropy. A bad mask value, no unmasked token or a non-finite
+// unmasked token skips the sequence (counted in errors[1]).
+template <FloatKind K>
+__global__ void entropy_seq_kernel(const void* __restrict__ logits, int64_t L, int64_t V, int64_t ld, bool vec,
+                                   const uint8_t* __restrict__ mask, const int64_t* __restrict__ indices, int64_t N,
+                                   double* __restrict__ sums, int32_t* __restrict__ counts,
+                                   int64_t* __restrict__ errors) {
+  constexpr int kWarps = kThreads / kWarp;
+  __shared__ double warp_sum_h[kWarps];
+  __shared__ int64_t warp_tokens[kWarps];
+  __shared__ int warp_bad[kWarps];
+  const int64_t b = blockIdx.x;
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  double sum_h = 0.0;
+  int64_t tokens = 0;
+  int bad = 0;
+  for (int64_t t = warp; t < L; t += kWarps) {
+    const uint8_t m = mask[b * L + t];
+    if (!mask_valid(m)) bad = 1;
+    if (m != 1) continue;
+    float chk;
+    const RowStats st = warp_row_stats<K, 1>(logits, (b * L + t) * ld, V, vec, lane, chk);
+    if (!(isfinite(chk) && isfinite(st.m))) bad = 1;
+    sum_h += finish_entropy(st.z, st.w);
+    ++tokens;
+  }
+  if (lane == 0) {
+    warp_sum_h[warp] = sum_h;
+    warp_tokens[warp] = tokens;
+    warp_bad[warp] = bad;
+  }
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  double total = 0.0;
+  int64_t n_tokens = 0;
+  for (int w = 0; w < kWarps; ++w) {
+    total += warp_sum_h[w];
+    n_tokens += warp_tokens[w];
+    bad |= warp_bad[w];
+  }
+  const int64_t point = indices[b];
+  if (point < 0 || point >= N) {
+    atomicAdd(reinterpret_cast<unsigned long long*>(errors), 1ull);
+  } else if (bad || n_tokens == 0) {
+    atomicAdd(reinterpret_cast<unsigned long long*>(errors + 1), 1ull);
+  } else {
+    atomicAdd(sums + point, sequence_value(total, n_tokens));
+    atomicAdd(counts + point, 1);
+  }
+}
+
+// One thread per row of caller-computed scores.
+__global__ void scores_kernel(const double* __restrict__ scores, const int64_t* __restrict__ indices, int64_t B,
+                              int64_t N, double* __restrict__ sums, int32_t* __restrict__ counts,
+                              int64_t* __restrict__ errors) {
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; r < B;
+       r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t point = indices[r];
+    const double v = scores[r];
+    if (point < 0 || point >= N) {
+      atomicAdd(reinterpret_cast<unsigned long long*>(errors), 1ull);
+    } else if (!isfinite(v)) {
+      atomicAdd(reinterpret_cast<unsigned long long*>(errors + 1), 1ull);
+    } else {
+      atomicAdd(sums + point, v);
+      atomicAdd(counts + point, 1);
+    }
+  }
+}
+
+template <FloatKind K>
+__global__ void kl_kernel(const void* __restrict__ student, const void* __restrict__ teacher, int64_t B,
+                          int64_t C, int64_t ld_s, int64_t ld_t, const int64_t* __restrict__ indices,
+                          int64_t N, double* __restrict__ sums, int32_t* __restrict__ counts,
+                          float inv_temp, int64_t* __restrict__ errors) {
+  const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (row >= B) return;
+  const int64_t bs = row * ld_s, bt = row * ld_t;
+  float ma = -INFINITY, mb = -INFINITY, chk = 0.0f;
+  for (int64_t j = lane; j < C; j += kWarp) {
+    const float a = load_logit<K>(teacher, bt + j) * inv_temp;
+    const float b = load_logit<K>(student, bs + j) * inv_temp;
+    ma = fmaxf(ma, a);
+    mb = fmaxf(mb, b);
+    chk += a * 0.0f + b * 0.0f;
+  }
+  ma = warp_max(ma);
+  mb = warp_max(mb);
+  chk = warp_sum(chk);
+  const int64_t point = indices[row];
+  if (!row_ok(chk, fminf(ma, mb), point, N, lane, errors)) return;
+  float za = 0.0f, wa = 0.0f, zb = 0.0f;
+  for (int64_t j = lane; j < C; j += kWarp) {
+    const float a = load_logit<K>(teacher, bt + j) * inv_temp;
+    const float b = load_logit<K>(student, bs + j) * inv_temp;
+    const float ea = exp_nonpos(a - ma);
+    za += ea;
+    wa += weighted(ea, a - b);
+    zb += exp_nonpos(b - mb);
+  }
+  za = warp_sum(za);
+  wa = warp_sum(wa);
+  zb = warp_sum(zb);
+  if (lane == 0) {
+    atomicAdd(sums + point, finish_kl(ma, za, wa, mb, zb));
+    atomicAdd(counts + point, 1);
+  }
+}
+
+__global__ void values_kernel(const double* __restrict__ sums, const int32_t* __restrict__ counts, int64_t N,
+                              double period, double alpha, double* __restrict__ out) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < N;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    out[i] = point_value(sums[i], counts[i], period, alpha);
+  }
+}
+
+}  // namespace kernels
+}  // namespace cuda
+}  // namespace kcd

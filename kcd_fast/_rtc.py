@@ -1,0 +1,290 @@
+"""The run-time compiled CUDA kernels: the fallback where kcd_fast was built without nvcc.
+
+Most GPU machines that run PyTorch have a driver and torch's CUDA runtime but no CUDA
+toolkit, so ``pip install`` there builds the CPU module only. When a CUDA tensor reaches a
+kernel and the compiled ``_cuda`` module is absent, :func:`module` compiles the SAME kernel
+headers the nvcc build uses (``kcd/cuda/scoring_kernels.cuh`` and ``blend_kernels.cuh``, with
+``kcd/scoring.h``, ``kcd/blend.h`` and ``kcd/common.h``; shipped in the package as
+``kcd_fast/include``) with NVRTC through cupy (``pip install cupy-cuda12x`` or ``-cuda13x``;
+its wheel carries NVRTC, no nvcc needed), once per device and architecture (cupy caches the
+binary on disk, ``~/.cupy/kernel_cache``), and launches them on the caller's stream with
+the launch geometry of ``csrc/cuda/*.cu``. Results are those of the compiled module (the
+same source, the same compiler front end).
+
+Covered: ``observe_entropy``, ``observe_kl``, ``observe_entropy_seq``, ``observe_scores``,
+``values`` and ``blend``. ``condense`` of CUDA values runs on the host (one copy of the
+values and the kept indices, the CPU kernel in between); the tensor back end's fused
+``augment`` needs the compiled module (its CPU storage path works without).
+
+Why cupy: NVRTC compiles CUDA C++ with no toolkit installed, and cupy is the maintained way
+to reach it from Python (program cache, name expressions for templates, launches on an
+external stream, DLPack); numba's CUDA target compiles Python, not our headers.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["KERNELS", "RtcModule", "available", "compile_ptx", "include_dir", "module", "source", "why_unavailable"]
+
+_KINDS = ("kcd::FloatKind::kF32", "kcd::FloatKind::kF16", "kcd::FloatKind::kBF16")
+_THREADS, _WARP = 256, 32  # kcd/cuda/launch.cuh: kThreads, kWarp (tests check they agree)
+
+# Kernel name expressions (templates instantiated by NVRTC): what the fallback launches.
+KERNELS: tuple[str, ...] = (
+    *(f"kcd::cuda::kernels::entropy_kernel<{k}, 1>" for k in _KINDS),
+    *(f"kcd::cuda::kernels::kl_kernel<{k}>" for k in _KINDS),
+    *(f"kcd::cuda::kernels::entropy_seq_kernel<{k}>" for k in _KINDS),
+    "kcd::cuda::kernels::scores_kernel",
+    "kcd::cuda::kernels::values_kernel",
+    "kcd::cuda::kernels::blend_vec16",
+    "kcd::cuda::kernels::blend_bytes",
+)
+_HEADERS = ("kcd/cuda/scoring_kernels.cuh", "kcd/cuda/blend_kernels.cuh")
+
+
+def include_dir() -> Path:
+    """The kernel headers: ``kcd_fast/include`` in an installed wheel, else the source
+    checkout's ``csrc/include`` (editable installs)."""
+    here = Path(__file__).resolve().parent
+    for cand in (here / "include", here.parent / "csrc" / "include"):
+        if all((cand / h).is_file() for h in _HEADERS):
+            return cand
+    raise RuntimeError(
+        f"kcd_fast's kernel headers ({', '.join(_HEADERS)}) are missing from {here / 'include'} "
+        "and from a source checkout; reinstall kcd_fast"
+    )
+
+
+def source() -> str:
+    """The translation unit NVRTC compiles: the kernel headers, nothing else."""
+    return "".join(f'#include "{h}"\n' for h in _HEADERS)
+
+
+def options(arch: str | None) -> tuple[str, ...]:
+    """NVRTC options: C++17, the header directory, and ``arch`` (e.g. "compute_90"; None:
+    cupy picks the current device's)."""
+    return ("-std=c++17", f"-I{include_dir()}", *((f"-arch={arch}",) if arch else ()))
+
+
+def compile_ptx(arch: str = "compute_80") -> str:
+    """Compiles the fallback's source for ``arch`` with NVRTC and returns the PTX; needs
+    cupy (its NVRTC), no GPU and no driver. Raises ``RuntimeError`` with NVRTC's log."""
+    from cupy.cuda import nvrtc
+
+    prog = nvrtc.createProgram(source(), "kcd_fast_rtc.cu", [], [])
+    try:
+        for name in KERNELS:
+            nvrtc.addNameExpression(prog, name)
+        try:
+            nvrtc.compileProgram(prog, list(options(arch)))
+        except nvrtc.NVRTCError as err:
+            raise RuntimeError(
+                f"NVRTC could not compile kcd_fast's kernels for {arch}: {err}\n{nvrtc.getProgramLog(prog)}"
+            ) from err
+        ptx = nvrtc.getPTX(prog)
+        return ptx.decode() if isinstance(ptx, bytes) else ptx
+    finally:
+        nvrtc.destroyProgram(prog)
+
+
+def why_unavailable() -> str | None:
+    """None when the fallback can run (cupy importable and NVRTC loadable), else why not."""
+    try:
+        import cupy  # noqa: F401
+        from cupy.cuda import nvrtc
+
+        nvrtc.getVersion()
+    except Exception as err:  # ImportError, or cupy present without a loadable NVRTC
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def available() -> bool:
+    return why_unavailable() is None
+
+
+class RtcModule:
+    """The fallback's kernels with the compiled ``_cuda`` module's call signatures (DLPack
+    capsules in, the caller's stream as an int); each device's binary is compiled at its
+    first launch there (for its own architecture) and kept."""
+
+    cuda_archs = "rtc"  # machine code for whatever device it runs on
+
+    def __init__(self) -> None:
+        self._per_device: dict[int, dict[str, Any]] = {}
+
+    def kernels(self, device: int) -> dict[str, Any]:
+        """name -> cupy kernel for ``device``, compiled on first use."""
+        got = self._per_device.get(device)
+        if got is None:
+            import cupy
+
+            with cupy.cuda.Device(device):
+                mod = cupy.RawModule(code=source(), options=options(None), name_expressions=KERNELS)
+                got = self._per_device[device] = {name: mod.get_function(name) for name in KERNELS}
+        return got
+
+    # -- helpers -----------------------------------------------------------------------------
+    @staticmethod
+    def _tensor(capsule: Any) -> torch.Tensor:
+        return torch.utils.dlpack.from_dlpack(capsule)
+
+    def _launch(self, name: str, grid: int, block: int, args: tuple, stream: int) -> None:
+        import cupy
+
+        device = next(a.device.index for a in args if isinstance(a, torch.Tensor))
+        kernel = self.kernels(device)[name]
+        arrays = tuple(cupy.from_dlpack(a) if isinstance(a, torch.Tensor) else a for a in args)
+        with cupy.cuda.Device(device):
+            kernel((max(1, grid),), (block,), arrays, stream=cupy.cuda.ExternalStream(int(stream), device))
+
+    @staticmethod
+    def _kind(t: torch.Tensor) -> str:
+        try:
+            return {torch.float32: _KINDS[0], torch.float16: _KINDS[1], torch.bfloat16: _KINDS[2]}[t.dtype]
+        except KeyError:
+            raise TypeError(f"logits must be float32, float16 or bfloat16, got {t.dtype}") from None
+
+    @staticmethod
+    def _vec(t: torch.Tensor, ld: int) -> bool:
+        return t.data_ptr() % 16 == 0 and (ld * t.element_size()) % 16 == 0
+
+    @staticmethod
+    def _grid_for(work: int, per_block: int = _THREADS, cap: int = 65535 * 16) -> int:
+        return int(min(max(1, -(-work // per_block)), cap))
+
+    # -- the ops (signatures of csrc/bind_cuda.cpp) --------------------------------------------
+    def observe_entropy(self, logits, indices, sums, counts, errors, stream: int) -> None:
+        import numpy as np
+
+        lg, ix, s, c, er = map(self._tensor, (logits, indices, sums, counts, errors))
+        b, k = lg.shape
+        if b == 0:
+            return
+        ld = lg.stride(0)
+        grid = -(-b * _WARP // _THREADS)
+        args = (
+            lg,
+            np.int64(b),
+            np.int64(k),
+            np.int64(ld),
+            np.bool_(self._vec(lg, ld)),
+            ix,
+            np.int64(s.shape[0]),
+            s,
+            c,
+            er,
+        )
+        self._launch(f"kcd::cuda::kernels::entropy_kernel<{self._kind(lg)}, 1>", grid, _THREADS, args, stream)
+
+    def observe_kl(self, student, teacher, indices, sums, counts, temperature: float, errors, stream: int) -> None:
+        import numpy as np
+
+        st, te, ix, s, c, er = map(self._tensor, (student, teacher, indices, sums, counts, errors))
+        b, k = st.shape
+        if b == 0:
+            return
+        grid = -(-b * _WARP // _THREADS)
+        args = (
+            st,
+            te,
+            np.int64(b),
+            np.int64(k),
+            np.int64(st.stride(0)),
+            np.int64(te.stride(0)),
+            ix,
+            np.int64(s.shape[0]),
+            s,
+            c,
+            np.float32(1.0 / np.float32(temperature)),
+            er,
+        )
+        self._launch(f"kcd::cuda::kernels::kl_kernel<{self._kind(st)}>", grid, _THREADS, args, stream)
+
+    def observe_entropy_seq(self, logits, mask, indices, sums, counts, errors, stream: int) -> None:
+        import numpy as np
+
+        lg, mk, ix, s, c, er = map(self._tensor, (logits, mask, indices, sums, counts, errors))
+        b, length, v = lg.shape
+        if b == 0:
+            return
+        args = (
+            lg,
+            np.int64(length),
+            np.int64(v),
+            np.int64(v),
+            np.bool_(self._vec(lg, v)),
+            mk,
+            ix,
+            np.int64(s.shape[0]),
+            s,
+            c,
+            er,
+        )
+        self._launch(f"kcd::cuda::kernels::entropy_seq_kernel<{self._kind(lg)}>", b, _THREADS, args, stream)
+
+    def observe_scores(self, scores, indices, sums, counts, errors, stream: int) -> None:
+        import numpy as np
+
+        sc, ix, s, c, er = map(self._tensor, (scores, indices, sums, counts, errors))
+        b = sc.shape[0]
+        if b == 0:
+            return
+        args = (sc, ix, np.int64(b), np.int64(s.shape[0]), s, c, er)
+        self._launch("kcd::cuda::kernels::scores_kernel", self._grid_for(b), _THREADS, args, stream)
+
+    def values(self, sums, counts, out, period: float, alpha: float, stream: int) -> None:
+        import numpy as np
+
+        s, c, o = map(self._tensor, (sums, counts, out))
+        n = s.shape[0]
+        if n == 0:
+            return
+        args = (s, c, np.int64(n), np.float64(period), np.float64(alpha), o)
+        self._launch("kcd::cuda::kernels::values_kernel", self._grid_for(n), _THREADS, args, stream)
+
+    def blend(self, images, dst, src, eps, errors, stream: int) -> None:
+        import numpy as np
+
+        im, d, s, e, er = map(self._tensor, (images, dst, src, eps, errors))
+        n, length = im.shape[0], d.shape[0]
+        size = im[0].numel() if n else 0
+        if length == 0 or size == 0:
+            return
+        grid = min(length, 65535 * 8)
+        name = "blend_vec16" if size % 16 == 0 and im.data_ptr() % 16 == 0 else "blend_bytes"
+        args = (im, np.int64(n), np.int64(size), d, s, e, np.int64(length), er)
+        self._launch(f"kcd::cuda::kernels::{name}", grid, _THREADS, args, stream)
+
+    def device_count(self) -> int:
+        return torch.cuda.device_count()
+
+
+@functools.cache
+def _module() -> RtcModule:
+    return RtcModule()
+
+
+def module() -> RtcModule:
+    """The fallback (one per process; each device compiled at its first launch)."""
+    reason = "KCD_FAST_NO_RTC is set" if disabled() else why_unavailable()
+    if reason is not None:
+        raise RuntimeError(
+            "kcd_fast was built without CUDA kernels and cannot compile them at run time "
+            f"({reason}). Either install cupy for your CUDA version (pip install cupy-cuda12x "
+            "or cupy-cuda13x): kcd_fast then compiles its kernels with NVRTC at first use; or "
+            "install a kcd_fast wheel built with CUDA (README: installing on a GPU machine without "
+            "nvcc), or rebuild where nvcc is on PATH"
+        )
+    return _module()
+
+
+def disabled() -> bool:
+    """``KCD_FAST_NO_RTC=1`` switches the fallback off (the error then names the ways out)."""
+    return os.environ.get("KCD_FAST_NO_RTC", "") not in ("", "0")
