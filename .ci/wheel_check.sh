@@ -28,7 +28,7 @@ site_fresh="$("$fresh/bin/python" -c 'import sysconfig; print(sysconfig.get_path
 echo "$site_here" > "$site_fresh/zz_torch_from_ci_venv.pth"
 "$fresh/bin/python" -m pip install -q --no-deps "$repaired"
 no_nvcc_path="$(echo "$PATH" | tr ':' '\n' | while read -r d; do [ -x "$d/nvcc" ] || echo "$d"; done | paste -sd: -)"
-(cd "$out" && env -u CUDACXX PATH="$no_nvcc_path" "$(realpath venv/bin/python)" - <<'PY'
+(cd "$out" && env -u CUDACXX PATH="$no_nvcc_path" "$PWD/venv/bin/python" - <<'PY'
 import os, shutil, kcd_fast
 from kcd_fast import _rtc
 assert shutil.which("nvcc") is None, "nvcc is still on PATH"
@@ -44,5 +44,19 @@ v = np.random.default_rng(0).random(1000)
 c = kcd_fast.condense(v, n_keep=700, vaks="low", eps_m=0.7)
 assert c.keep.shape == (700,)
 print("wheel OK: imports without nvcc, CUDA module present, headers shipped, CPU kernels run")
+PY
+)
+(cd "$out" && env -u CUDACXX PATH="$no_nvcc_path" "$PWD/venv/bin/python" - <<'PY'
+# The NVRTC fallback from the wheel's own headers (cupy from the CI venv, the `rtc` extra).
+import os, sys
+sys.modules["kcd_fast._cuda"] = None  # as on a machine where the module was built without nvcc
+import kcd_fast
+from kcd_fast import _rtc
+if _rtc.why_unavailable() is not None:
+    raise SystemExit(f"cupy with NVRTC is missing: {_rtc.why_unavailable()}")
+assert kcd_fast.build_info()["cuda_path"] == "rtc", kcd_fast.build_info()
+assert str(_rtc.include_dir()).startswith(os.path.dirname(kcd_fast.__file__)), _rtc.include_dir()
+ptx = _rtc.compile_ptx("compute_80")
+print(f"wheel OK: the fallback compiles the shipped headers with NVRTC ({len(ptx)} bytes of PTX)")
 PY
 )

@@ -31,7 +31,7 @@ $py -c "import kcd_fast, json; print(json.dumps(kcd_fast.build_info()))" | tee -
 # where DALI is absent, as on the lent machines).
 $py -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_ops.py tests/test_condense.py tests/test_schedule.py \
   tests/test_bank.py tests/test_loader.py tests/test_train.py tests/test_dali.py tests/test_sequence_scores.py \
-  tests/test_tensor_backend.py tests/test_correctness.py \
+  tests/test_tensor_backend.py tests/test_correctness.py tests/test_rtc.py tests/test_cuda_streams.py \
   --junitxml="$out/pytest.xml" 2>&1 | tee "$out/pytest.log" | tail -15
 echo "pytest rc=${PIPESTATUS[0]}" | tee -a "$out/summary.txt"
 

@@ -115,6 +115,17 @@ void blend(py::capsule images, py::capsule dst, py::capsule src, py::capsule eps
   kcd::cpu::blend(im.data<uint8_t>(), N, D, d.data<int64_t>(), s.data<int64_t>(), e.data<double>(), d.size(0));
 }
 
+// image [H, W, C] u8 contiguous -> out [OH, OW, C] u8 contiguous (Pillow's bilinear filter).
+void resize_bilinear(py::capsule image, py::capsule out) {
+  Tensor im = unwrap(image, "image"), o = unwrap(out, "out");
+  require(im, kDLUInt, 8, 3);
+  require(o, kDLUInt, 8, 3);
+  if (o.size(2) != im.size(2)) throw std::invalid_argument("image and out differ in channels");
+  py::gil_scoped_release nogil;
+  kcd::cpu::resize_bilinear(im.data<uint8_t>(), im.size(0), im.size(1), im.size(2), o.data<uint8_t>(), o.size(0),
+                            o.size(1));
+}
+
 void condense(py::capsule values, int64_t n_keep, int64_t n_prev, int mode, double eps_m, py::capsule random_pos,
               py::capsule keep, py::capsule dropped, py::capsule dst, py::capsule src, py::capsule eps) {
   Tensor v = unwrap(values, "values"), rp = unwrap(random_pos, "random_pos"), k = unwrap(keep, "keep"),
@@ -146,6 +157,7 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("augment", &augment, "images [N, H, W, C] u8, indices [B] i64, params [B, 3] i32 (y0, x0, flip), "
         "scale [C] f32, shift [C] f32, fill [C] f32 (padding, output values), out [B, C, oh, ow] (nhwc_out: [B, oh, ow, C]) f32/bf16, pad, nhwc_out");
   m.def("blend", &blend, "images [N, ...] u8, dst [L] i64, src [L] i64, eps [L] f64");
+  m.def("resize_bilinear", &resize_bilinear, "image [H, W, C] u8 -> out [OH, OW, C] u8 (Pillow's bilinear)");
   m.def("condense", &condense, "values [N] f64, n_keep, n_prev, mode, eps_m, random_pos [P], keep [n_keep], "
                                "dropped [L], dst [P], src [P], eps [P]");
   m.def(

@@ -109,6 +109,52 @@ def blend(images: np.ndarray, dst, src, eps) -> np.ndarray:
     return out
 
 
+def resize_bilinear(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 ``[H, W, C]`` -> ``[OH, OW, C]``: Pillow's BILINEAR resize written out (a
+    triangle filter of support max(1, in / out), weights normalised per output pixel and
+    rounded to 22-bit fixed point, two passes in Pillow 13's order (vertical first when the
+    height shrinks by more than twice what the width does, else horizontal first), each
+    output = clamp((sum + 2**21) >> 22))."""
+    bits = 22
+
+    def taps(n_in: int, n_out: int) -> list[tuple[int, list[int]]]:
+        scale = n_in / n_out
+        fscale = max(scale, 1.0)
+        support, ss = fscale, 1.0 / fscale
+        out = []
+        for i in range(n_out):
+            center = (i + 0.5) * scale
+            lo = max(int(center - support + 0.5), 0)
+            hi = min(int(center + support + 0.5), n_in)
+            w = [max(0.0, 1.0 - abs((x + lo - center + 0.5) * ss)) for x in range(hi - lo)]
+            total = sum(w)
+            w = [v / total for v in w] if total != 0.0 else w
+            out.append((lo, [int(v * (1 << bits) + (0.5 if v >= 0 else -0.5)) for v in w]))
+        return out
+
+    def apply(a: np.ndarray, n_out: int, axis: int) -> np.ndarray:
+        a = np.moveaxis(a.astype(np.int64), axis, 0)
+        res = np.empty((n_out, *a.shape[1:]), dtype=np.uint8)
+        for i, (lo, w) in enumerate(taps(a.shape[0], n_out)):
+            acc = np.full(a.shape[1:], 1 << (bits - 1), dtype=np.int64)
+            for t, wt in enumerate(w):
+                acc += a[lo + t] * wt
+            res[i] = np.clip(acc >> bits, 0, 255)
+        return np.moveaxis(res, 0, axis)
+
+    img = np.asarray(image, dtype=np.uint8)
+    h, w = img.shape[:2]
+    oh, ow = size
+    if oh < h and (h - oh) > 2 * (w - ow):  # Pillow 13's order: the height shrinks much more
+        img = apply(img, oh, 0) if oh != h else img
+        return (apply(img, ow, 1) if ow != w else img).copy()
+    if ow != w:
+        img = apply(img, ow, 1)
+    if oh != h:
+        img = apply(img, oh, 0)
+    return img.copy()
+
+
 def epoch_sizes(epochs: int, period: int, rho: float, n: int, decay: str = "exp", warmup: int = 1) -> list[int]:
     """Points trained on per epoch, straight from docs/algorithm.md section 2."""
     S = epochs // period

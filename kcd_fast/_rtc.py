@@ -34,6 +34,7 @@ __all__ = ["KERNELS", "RtcModule", "available", "compile_ptx", "include_dir", "m
 
 _KINDS = ("kcd::FloatKind::kF32", "kcd::FloatKind::kF16", "kcd::FloatKind::kBF16")
 _THREADS, _WARP = 256, 32  # kcd/cuda/launch.cuh: kThreads, kWarp (tests check they agree)
+_CHUNK = 4096  # kcd/cuda/scoring_kernels.cuh: kAccumulateChunk
 
 # Kernel name expressions (templates instantiated by NVRTC): what the fallback launches.
 KERNELS: tuple[str, ...] = (
@@ -41,6 +42,7 @@ KERNELS: tuple[str, ...] = (
     *(f"kcd::cuda::kernels::kl_kernel<{k}>" for k in _KINDS),
     *(f"kcd::cuda::kernels::entropy_seq_kernel<{k}>" for k in _KINDS),
     "kcd::cuda::kernels::scores_kernel",
+    "kcd::cuda::kernels::accumulate_kernel",
     "kcd::cuda::kernels::values_kernel",
     "kcd::cuda::kernels::blend_vec16",
     "kcd::cuda::kernels::blend_bytes",
@@ -144,6 +146,26 @@ class RtcModule:
         with cupy.cuda.Device(device):
             kernel((max(1, grid),), (block,), arrays, stream=cupy.cuda.ExternalStream(int(stream), device))
 
+    def _scored(self, name: str, grid: int, args: tuple, ix: torch.Tensor, s, c, stream: int, rows: int) -> None:
+        """Launches scoring kernel ``name`` with ``args`` (its scratch argument is the
+        placeholder None), then adds the rows to the bank in row order, chunk by chunk
+        (accumulate_kernel): the launch sequence of csrc/cuda/scoring.cu."""
+        import numpy as np
+
+        with torch.cuda.device(ix.device), torch.cuda.stream(torch.cuda.ExternalStream(int(stream))):
+            scratch = torch.empty(rows, dtype=torch.float64, device=ix.device)
+        full = tuple(scratch if a is None else a for a in args)
+        self._launch(name, grid, _THREADS, full, stream)
+        for c0 in range(0, rows, _CHUNK):
+            n = min(rows - c0, _CHUNK)
+            self._launch(
+                "kcd::cuda::kernels::accumulate_kernel",
+                self._grid_for(n),
+                _THREADS,
+                (ix[c0 : c0 + n], scratch[c0 : c0 + n], np.int64(n), s, c),
+                stream,
+            )
+
     @staticmethod
     def _kind(t: torch.Tensor) -> str:
         try:
@@ -168,20 +190,10 @@ class RtcModule:
         if b == 0:
             return
         ld = lg.stride(0)
-        grid = -(-b * _WARP // _THREADS)
-        args = (
-            lg,
-            np.int64(b),
-            np.int64(k),
-            np.int64(ld),
-            np.bool_(self._vec(lg, ld)),
-            ix,
-            np.int64(s.shape[0]),
-            s,
-            c,
-            er,
-        )
-        self._launch(f"kcd::cuda::kernels::entropy_kernel<{self._kind(lg)}, 1>", grid, _THREADS, args, stream)
+        vec = np.bool_(self._vec(lg, ld))
+        args = (lg, np.int64(b), np.int64(k), np.int64(ld), vec, ix, np.int64(s.shape[0]), None, er)
+        name = f"kcd::cuda::kernels::entropy_kernel<{self._kind(lg)}, 1>"
+        self._scored(name, -(-b * _WARP // _THREADS), args, ix, s, c, stream, b)
 
     def observe_kl(self, student, teacher, indices, sums, counts, temperature: float, errors, stream: int) -> None:
         import numpy as np
@@ -190,22 +202,11 @@ class RtcModule:
         b, k = st.shape
         if b == 0:
             return
-        grid = -(-b * _WARP // _THREADS)
-        args = (
-            st,
-            te,
-            np.int64(b),
-            np.int64(k),
-            np.int64(st.stride(0)),
-            np.int64(te.stride(0)),
-            ix,
-            np.int64(s.shape[0]),
-            s,
-            c,
-            np.float32(1.0 / np.float32(temperature)),
-            er,
-        )
-        self._launch(f"kcd::cuda::kernels::kl_kernel<{self._kind(st)}>", grid, _THREADS, args, stream)
+        inv = np.float32(1.0) / np.float32(temperature)  # as the C++ launcher: 1.0f / temperature
+        strides = (np.int64(st.stride(0)), np.int64(te.stride(0)))
+        args = (st, te, np.int64(b), np.int64(k), *strides, ix, np.int64(s.shape[0]), None, inv, er)
+        name = f"kcd::cuda::kernels::kl_kernel<{self._kind(st)}>"
+        self._scored(name, -(-b * _WARP // _THREADS), args, ix, s, c, stream, b)
 
     def observe_entropy_seq(self, logits, mask, indices, sums, counts, errors, stream: int) -> None:
         import numpy as np
@@ -214,20 +215,9 @@ class RtcModule:
         b, length, v = lg.shape
         if b == 0:
             return
-        args = (
-            lg,
-            np.int64(length),
-            np.int64(v),
-            np.int64(v),
-            np.bool_(self._vec(lg, v)),
-            mk,
-            ix,
-            np.int64(s.shape[0]),
-            s,
-            c,
-            er,
-        )
-        self._launch(f"kcd::cuda::kernels::entropy_seq_kernel<{self._kind(lg)}>", b, _THREADS, args, stream)
+        vec = np.bool_(self._vec(lg, v))
+        args = (lg, np.int64(length), np.int64(v), np.int64(v), vec, mk, ix, np.int64(s.shape[0]), None, er)
+        self._scored(f"kcd::cuda::kernels::entropy_seq_kernel<{self._kind(lg)}>", b, args, ix, s, c, stream, b)
 
     def observe_scores(self, scores, indices, sums, counts, errors, stream: int) -> None:
         import numpy as np
@@ -236,8 +226,8 @@ class RtcModule:
         b = sc.shape[0]
         if b == 0:
             return
-        args = (sc, ix, np.int64(b), np.int64(s.shape[0]), s, c, er)
-        self._launch("kcd::cuda::kernels::scores_kernel", self._grid_for(b), _THREADS, args, stream)
+        args = (sc, ix, np.int64(b), np.int64(s.shape[0]), None, er)
+        self._scored("kcd::cuda::kernels::scores_kernel", self._grid_for(b), args, ix, s, c, stream, b)
 
     def values(self, sums, counts, out, period: float, alpha: float, stream: int) -> None:
         import numpy as np

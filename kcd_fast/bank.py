@@ -238,8 +238,8 @@ class ValueBank:
             return
         current = torch.cuda.current_stream(self.sums.device)
         last = self._stream
-        if last is not None and last != current:
-            current.wait_stream(last)
+        if last is not None and last != current and not torch.cuda.is_current_stream_capturing():
+            current.wait_stream(last)  # (inside a CUDA graph capture the graph's own order holds)
         self._stream = current
 
     def _place(self, device: torch.device) -> None:

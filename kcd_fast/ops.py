@@ -7,6 +7,7 @@ results come back in the caller's library on the caller's device.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from . import _arrays as A
@@ -523,6 +524,34 @@ def _check_augment_torch(n: int, idx: torch.Tensor, pa: torch.Tensor, max_y: int
         raise ValueError(
             f"params[{j}] = {pa[j].tolist()} is not a crop origin in [0, {max_y}] x [0, {max_x}] with flip 0 or 1"
         )
+
+
+def resize_bilinear(image, size: tuple[int, int]):
+    """Resizes one image as Pillow's ``Image.resize((OW, OH), BILINEAR)`` does, bit for bit
+    (antialiased triangle filter, 22-bit fixed point; kcd/resize.h), without the round trip
+    through a PIL image and about 3x faster: the folder overlay resizes each VAKS pair's
+    ``src`` image to its ``dst`` image's size with it.
+
+    Args:
+        image: ``[H, W, C]`` uint8 on the CPU (numpy or torch; C-contiguous or copied).
+        size: ``(OH, OW)``, both >= 1.
+
+    Returns ``[OH, OW, C]`` uint8 in the caller's library.
+    """
+    im, lib = A.as_torch(image, "image")
+    A.check_dtype(im, "image", (torch.uint8,))
+    A.check_ndim(im, "image", 3, "[H, W, C]")
+    if im.device.type != "cpu":
+        raise ValueError(f"image must be on the CPU, got {im.device}")
+    ok = isinstance(size, (tuple, list)) and len(size) == 2
+    if not ok or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 for v in size):
+        raise ValueError(f"size must be (OH, OW) with ints >= 1, got {size!r}")
+    if min(im.shape) < 1:
+        raise ValueError(f"image must have H, W, C >= 1, got shape {tuple(im.shape)}")
+    im = im.contiguous()
+    out = torch.empty((int(size[0]), int(size[1]), im.shape[2]), dtype=torch.uint8)
+    _cpu.resize_bilinear(A.capsule(im), A.capsule(out))
+    return A.to_lib(out, lib, image)
 
 
 def blend_(images, dst, src, eps, *, check: bool | None = None):

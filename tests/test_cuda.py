@@ -265,3 +265,30 @@ def test_a_device_without_code_is_reported() -> None:
 
     cap = torch.cuda.get_device_capability()
     assert kcd_fast.has_cuda() == runs_on(cap)
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("rows", [4096, 5000, 9000])  # one chunk, and rows across chunks (4096 each)
+def test_duplicate_indices_add_in_row_order_like_the_cpu(rows: int) -> None:
+    """Rows are added to the bank in row order (no float atomics): caller-computed scores with
+    heavily repeated indices give the CPU's bits exactly, every run; 4096 rows of one index
+    count exactly."""
+    g = torch.Generator().manual_seed(rows)
+    scores = torch.rand(rows, generator=g, dtype=torch.float64) * 10
+    idx = torch.randint(0, 37, (rows,), generator=g)
+    want_s, want_c = torch.zeros(50, dtype=torch.float64), torch.zeros(50, dtype=torch.int32)
+    ops.observe_scores(scores, idx, want_s, want_c)
+    for _ in range(3):
+        s = torch.zeros(50, dtype=torch.float64, device="cuda")
+        c = torch.zeros(50, dtype=torch.int32, device="cuda")
+        ops.observe_scores(scores.cuda(), idx.cuda(), s, c, strict=True)
+        assert torch.equal(s.cpu(), want_s) and torch.equal(c.cpu(), want_c)
+    same = torch.zeros(4096, dtype=torch.int64, device="cuda")
+    logits = torch.randn(4096, 10, generator=g).cuda()
+    runs = []
+    for _ in range(3):
+        s = torch.zeros(3, dtype=torch.float64, device="cuda")
+        c = torch.zeros(3, dtype=torch.int32, device="cuda")
+        ops.observe_entropy(logits, same, s, c, strict=True)
+        runs.append((s.cpu(), c.cpu()))
+    assert all(int(r[1][0]) == 4096 and torch.equal(r[0], runs[0][0]) for r in runs)

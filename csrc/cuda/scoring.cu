@@ -16,6 +16,33 @@ namespace {
 
 unsigned int row_grid(int64_t B) { return static_cast<unsigned int>((B * kWarp + kThreads - 1) / kThreads); }
 
+// One launch's row scores [B] f64, stream-ordered (cudaMallocAsync's pool: no device sync,
+// capturable in a CUDA graph), freed on the same stream after the rows are accumulated.
+class RowScratch {
+ public:
+  RowScratch(int64_t B, cudaStream_t s) : s_(s) {
+    KCD_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&p_), static_cast<size_t>(B) * sizeof(double), s));
+  }
+  ~RowScratch() { cudaFreeAsync(p_, s_); }
+  RowScratch(const RowScratch&) = delete;
+  RowScratch& operator=(const RowScratch&) = delete;
+  double* get() const { return p_; }
+
+ private:
+  double* p_ = nullptr;
+  cudaStream_t s_;
+};
+
+// The rows' scores into the bank in row order, chunk by chunk (accumulate_kernel).
+void accumulate(const int64_t* indices, const double* scratch, int64_t B, double* sums, int32_t* counts,
+                cudaStream_t s) {
+  for (int64_t c0 = 0; c0 < B; c0 += kAccumulateChunk) {
+    const int64_t n = B - c0 < kAccumulateChunk ? B - c0 : kAccumulateChunk;
+    accumulate_kernel<<<grid_for(n), kThreads, 0, s>>>(indices + c0, scratch + c0, n, sums, counts);
+  }
+  KCD_CUDA_CHECK(cudaGetLastError());
+}
+
 }  // namespace
 
 void observe_entropy(const void* logits, FloatKind kind, int64_t B, int64_t C, int64_t ld,
@@ -28,9 +55,11 @@ void observe_entropy(const void* logits, FloatKind kind, int64_t B, int64_t C, i
   const bool vec = reinterpret_cast<uintptr_t>(logits) % 16 == 0 && (ld * esize) % 16 == 0;
   const unsigned int grid = row_grid(B);
   const bool batch = variant("entropy_batch") == 4;
+  const RowScratch scratch(B, s);
+  double* sc = scratch.get();
 #define KCD_ENTROPY(KIND)                                                                                  \
-  (batch ? entropy_kernel<KIND, 4><<<grid, kThreads, 0, s>>>(logits, B, C, ld, vec, indices, N, sums, counts, errors) \
-         : entropy_kernel<KIND, 1><<<grid, kThreads, 0, s>>>(logits, B, C, ld, vec, indices, N, sums, counts, errors))
+  (batch ? entropy_kernel<KIND, 4><<<grid, kThreads, 0, s>>>(logits, B, C, ld, vec, indices, N, sc, errors) \
+         : entropy_kernel<KIND, 1><<<grid, kThreads, 0, s>>>(logits, B, C, ld, vec, indices, N, sc, errors))
   switch (kind) {
     case FloatKind::kF32:
       KCD_ENTROPY(FloatKind::kF32);
@@ -44,6 +73,7 @@ void observe_entropy(const void* logits, FloatKind kind, int64_t B, int64_t C, i
   }
 #undef KCD_ENTROPY
   KCD_CUDA_CHECK(cudaGetLastError());
+  accumulate(indices, sc, B, sums, counts, s);
 }
 
 void observe_kl(const void* student, const void* teacher, FloatKind kind, int64_t B, int64_t C,
@@ -52,18 +82,21 @@ void observe_kl(const void* student, const void* teacher, FloatKind kind, int64_
   if (B == 0) return;
   auto s = static_cast<cudaStream_t>(stream);
   const float inv = 1.0f / temperature;
+  const RowScratch scratch(B, s);
+  double* sc = scratch.get();
   switch (kind) {
     case FloatKind::kF32:
-      kl_kernel<FloatKind::kF32><<<row_grid(B), kThreads, 0, s>>>(student, teacher, B, C, ld_s, ld_t, indices, N, sums, counts, inv, errors);
+      kl_kernel<FloatKind::kF32><<<row_grid(B), kThreads, 0, s>>>(student, teacher, B, C, ld_s, ld_t, indices, N, sc, inv, errors);
       break;
     case FloatKind::kF16:
-      kl_kernel<FloatKind::kF16><<<row_grid(B), kThreads, 0, s>>>(student, teacher, B, C, ld_s, ld_t, indices, N, sums, counts, inv, errors);
+      kl_kernel<FloatKind::kF16><<<row_grid(B), kThreads, 0, s>>>(student, teacher, B, C, ld_s, ld_t, indices, N, sc, inv, errors);
       break;
     case FloatKind::kBF16:
-      kl_kernel<FloatKind::kBF16><<<row_grid(B), kThreads, 0, s>>>(student, teacher, B, C, ld_s, ld_t, indices, N, sums, counts, inv, errors);
+      kl_kernel<FloatKind::kBF16><<<row_grid(B), kThreads, 0, s>>>(student, teacher, B, C, ld_s, ld_t, indices, N, sc, inv, errors);
       break;
   }
   KCD_CUDA_CHECK(cudaGetLastError());
+  accumulate(indices, sc, B, sums, counts, s);
 }
 
 void observe_entropy_seq(const void* logits, FloatKind kind, int64_t B, int64_t L, int64_t V, int64_t ld,
@@ -74,26 +107,31 @@ void observe_entropy_seq(const void* logits, FloatKind kind, int64_t B, int64_t 
   const int64_t esize = kind == FloatKind::kF32 ? 4 : 2;
   const bool vec = reinterpret_cast<uintptr_t>(logits) % 16 == 0 && (ld * esize) % 16 == 0;
   const auto grid = static_cast<unsigned int>(B);
+  const RowScratch scratch(B, s);
+  double* sc = scratch.get();
   switch (kind) {
     case FloatKind::kF32:
-      entropy_seq_kernel<FloatKind::kF32><<<grid, kThreads, 0, s>>>(logits, L, V, ld, vec, mask, indices, N, sums, counts, errors);
+      entropy_seq_kernel<FloatKind::kF32><<<grid, kThreads, 0, s>>>(logits, L, V, ld, vec, mask, indices, N, sc, errors);
       break;
     case FloatKind::kF16:
-      entropy_seq_kernel<FloatKind::kF16><<<grid, kThreads, 0, s>>>(logits, L, V, ld, vec, mask, indices, N, sums, counts, errors);
+      entropy_seq_kernel<FloatKind::kF16><<<grid, kThreads, 0, s>>>(logits, L, V, ld, vec, mask, indices, N, sc, errors);
       break;
     case FloatKind::kBF16:
-      entropy_seq_kernel<FloatKind::kBF16><<<grid, kThreads, 0, s>>>(logits, L, V, ld, vec, mask, indices, N, sums, counts, errors);
+      entropy_seq_kernel<FloatKind::kBF16><<<grid, kThreads, 0, s>>>(logits, L, V, ld, vec, mask, indices, N, sc, errors);
       break;
   }
   KCD_CUDA_CHECK(cudaGetLastError());
+  accumulate(indices, sc, B, sums, counts, s);
 }
 
 void observe_scores(const double* scores, const int64_t* indices, int64_t B, int64_t N, double* sums,
                     int32_t* counts, int64_t* errors, void* stream) {
   if (B == 0) return;
-  scores_kernel<<<grid_for(B), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(scores, indices, B, N, sums, counts,
-                                                                                 errors);
+  auto s = static_cast<cudaStream_t>(stream);
+  const RowScratch scratch(B, s);
+  scores_kernel<<<grid_for(B), kThreads, 0, s>>>(scores, indices, B, N, scratch.get(), errors);
   KCD_CUDA_CHECK(cudaGetLastError());
+  accumulate(indices, scratch.get(), B, sums, counts, s);
 }
 
 void values(const double* sums, const int32_t* counts, int64_t N, double period, double alpha,

@@ -73,3 +73,10 @@ out = {
 }
 with open(f"{sys.argv[1]}/rank{rank}.json", "w") as f:
     json.dump(out, f)
+# Tear the gloo group down only once every rank is done with it (a rank exiting while another
+# still talks to it aborts with "terminate called without an active exception").
+import torch.distributed as dist  # noqa: E402
+
+if dist.is_available() and dist.is_initialized():
+    dist.barrier()
+    dist.destroy_process_group()

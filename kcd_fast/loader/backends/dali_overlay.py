@@ -4,7 +4,8 @@ Files are never rewritten. When a condensation summarises pairs ``(dst, src, eps
 summarised images are materialised once: for every pair, decode the current image of
 ``dst`` and of ``src`` (the overlay image when the point was summarised before, the file
 otherwise; PIL, EXIF orientation applied, RGB), resize the ``src`` image to ``dst``'s
-size (PIL bilinear, fixed-point, deterministic), blend with ``kcd_fast.ops.blend_`` (the
+size (``kcd_fast.ops.resize_bilinear``: Pillow's bilinear filter bit for bit, fixed-point,
+deterministic, about 1.4x faster than Pillow here), blend with ``kcd_fast.ops.blend_`` (the
 kernel the array path uses: round half up, all pairs of one condensation reading the
 images from before it) and store the result at ``dst``'s own size, encoded as
 
@@ -60,7 +61,7 @@ import numpy as np
 import torch
 
 from ...data.folders import load_rgb
-from ...ops import blend_
+from ...ops import blend_, resize_bilinear
 from ..state import is_prefix
 
 __all__ = ["FolderOverlay", "OverlayFormat"]
@@ -139,14 +140,6 @@ def _write_atomic(path: str, data: bytes) -> None:
     with open(tmp, "wb") as f:
         f.write(data)
     os.replace(tmp, path)
-
-
-def _resize(img: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """uint8 ``[h, w, 3]`` -> ``[H, W, 3]`` with PIL's bilinear filter (fixed-point, so the
-    same bytes on every run: the overlay replays bit-exactly)."""
-    from PIL import Image
-
-    return np.asarray(Image.fromarray(img, "RGB").resize((hw[1], hw[0]), Image.Resampling.BILINEAR))
 
 
 def _summary_tensors(s: Any, n: int) -> tuple[list[int], list[int], list[float], bytes]:
@@ -340,8 +333,6 @@ class FolderOverlay:
         of ``overlay`` (the state before the summary); ``out(j, encoded)`` stores pair j.
         dst and src are disjoint and dst unique, so no pair reads an image another pair
         writes: chunked work equals reading everything before writing anything."""
-        from PIL import Image
-
         d_l, s_l, e_l = pairs
 
         def current(i: int) -> Any:  # the image of point i before this summary: RGB PIL.Image
@@ -349,9 +340,11 @@ class FolderOverlay:
 
         def blend_pair(j: int) -> np.ndarray:
             d_im, s_im = current(d_l[j]), current(s_l[j])
-            if s_im.size != d_im.size:
-                s_im = s_im.resize(d_im.size, Image.Resampling.BILINEAR)
-            pair = np.stack([np.asarray(d_im), np.asarray(s_im)])  # [2, H, W, 3]
+            w, h = d_im.size
+            pair = np.empty((2, h, w, 3), np.uint8)  # [2, H, W, 3]: dst, src at dst's size
+            pair[0] = np.asarray(d_im)
+            # Pillow's bilinear resize, bit for bit (kcd/resize.h), without a PIL round trip
+            pair[1] = np.asarray(s_im) if s_im.size == d_im.size else resize_bilinear(np.asarray(s_im), (h, w))
             blend_(pair, np.array([0]), np.array([1]), np.array([e_l[j]]))
             return _encode(pair[0], self.format)
 

@@ -3,7 +3,8 @@
 // and compiled at run time by NVRTC (kcd_fast/_rtc.py) where no nvcc built the module:
 // one source of the kernels for both. A row with a bad index or a non-finite logit is
 // skipped and counted in errors [2] = {bad index, non-finite}, so no host synchronisation
-// is needed per step. Kernels are templates in kcd::cuda::kernels (named, not anonymous:
+// is needed per step. Each row's score goes to a scratch buffer; accumulate_kernel then adds
+// them to the bank in row order (deterministic with duplicate indices). Kernels are templates in kcd::cuda::kernels (named, not anonymous:
 // NVRTC looks them up by name expression).
 #pragma once
 #include "kcd/common.h"
@@ -22,6 +23,12 @@ __device__ __forceinline__ float warp_sum(float x) {
   for (int o = kWarp / 2; o > 0; o /= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
   return x;
 }
+
+// Rows a launch accumulates: the scoring kernels write one score per row into scratch[B]
+// (NaN for a skipped row), accumulate_kernel adds them to the bank in row order.
+constexpr int64_t kAccumulateChunk = 4096;
+
+__device__ __forceinline__ double skipped_row() { return __longlong_as_double(0x7ff8000000000000LL); }
 
 // Returns true (on every lane) when the row is valid; counts it otherwise.
 __device__ __forceinline__ bool row_ok(float chk, float m, int64_t point, int64_t N, int lane,
@@ -111,19 +118,16 @@ __device__ __forceinline__ RowStats warp_row_stats(const void* __restrict__ logi
 // One warp per row of logits.
 template <FloatKind K, int kBatch>
 __global__ void entropy_kernel(const void* __restrict__ logits, int64_t B, int64_t C, int64_t ld, bool vec,
-                               const int64_t* __restrict__ indices, int64_t N, double* __restrict__ sums,
-                               int32_t* __restrict__ counts, int64_t* __restrict__ errors) {
+                               const int64_t* __restrict__ indices, int64_t N, double* __restrict__ scratch,
+                               int64_t* __restrict__ errors) {
   const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (row >= B) return;
   float chk;
   const RowStats st = warp_row_stats<K, kBatch>(logits, row * ld, C, vec, lane, chk);
   const int64_t point = indices[row];
-  if (!row_ok(chk, st.m, point, N, lane, errors)) return;
-  if (lane == 0) {
-    atomicAdd(sums + point, finish_entropy(st.z, st.w));
-    atomicAdd(counts + point, 1);
-  }
+  const bool ok = row_ok(chk, st.m, point, N, lane, errors);
+  if (lane == 0) scratch[row] = ok ? finish_entropy(st.z, st.w) : skipped_row();
 }
 
 // One block per sequence: warp w takes its unmasked tokens w, w + kWarps, ...; the block
@@ -133,8 +137,7 @@ __global__ void entropy_kernel(const void* __restrict__ logits, int64_t B, int64
 template <FloatKind K>
 __global__ void entropy_seq_kernel(const void* __restrict__ logits, int64_t L, int64_t V, int64_t ld, bool vec,
                                    const uint8_t* __restrict__ mask, const int64_t* __restrict__ indices, int64_t N,
-                                   double* __restrict__ sums, int32_t* __restrict__ counts,
-                                   int64_t* __restrict__ errors) {
+                                   double* __restrict__ scratch, int64_t* __restrict__ errors) {
   constexpr int kWarps = kThreads / kWarp;
   __shared__ double warp_sum_h[kWarps];
   __shared__ int64_t warp_tokens[kWarps];
@@ -171,29 +174,30 @@ __global__ void entropy_seq_kernel(const void* __restrict__ logits, int64_t L, i
   const int64_t point = indices[b];
   if (point < 0 || point >= N) {
     atomicAdd(reinterpret_cast<unsigned long long*>(errors), 1ull);
+    scratch[b] = skipped_row();
   } else if (bad || n_tokens == 0) {
     atomicAdd(reinterpret_cast<unsigned long long*>(errors + 1), 1ull);
+    scratch[b] = skipped_row();
   } else {
-    atomicAdd(sums + point, sequence_value(total, n_tokens));
-    atomicAdd(counts + point, 1);
+    scratch[b] = sequence_value(total, n_tokens);
   }
 }
 
 // One thread per row of caller-computed scores.
 __global__ void scores_kernel(const double* __restrict__ scores, const int64_t* __restrict__ indices, int64_t B,
-                              int64_t N, double* __restrict__ sums, int32_t* __restrict__ counts,
-                              int64_t* __restrict__ errors) {
+                              int64_t N, double* __restrict__ scratch, int64_t* __restrict__ errors) {
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; r < B;
        r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t point = indices[r];
     const double v = scores[r];
     if (point < 0 || point >= N) {
       atomicAdd(reinterpret_cast<unsigned long long*>(errors), 1ull);
+      scratch[r] = skipped_row();
     } else if (!isfinite(v)) {
       atomicAdd(reinterpret_cast<unsigned long long*>(errors + 1), 1ull);
+      scratch[r] = skipped_row();
     } else {
-      atomicAdd(sums + point, v);
-      atomicAdd(counts + point, 1);
+      scratch[r] = v;
     }
   }
 }
@@ -201,8 +205,7 @@ __global__ void scores_kernel(const double* __restrict__ scores, const int64_t* 
 template <FloatKind K>
 __global__ void kl_kernel(const void* __restrict__ student, const void* __restrict__ teacher, int64_t B,
                           int64_t C, int64_t ld_s, int64_t ld_t, const int64_t* __restrict__ indices,
-                          int64_t N, double* __restrict__ sums, int32_t* __restrict__ counts,
-                          float inv_temp, int64_t* __restrict__ errors) {
+                          int64_t N, double* __restrict__ scratch, float inv_temp, int64_t* __restrict__ errors) {
   const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (row >= B) return;
@@ -219,7 +222,10 @@ __global__ void kl_kernel(const void* __restrict__ student, const void* __restri
   mb = warp_max(mb);
   chk = warp_sum(chk);
   const int64_t point = indices[row];
-  if (!row_ok(chk, fminf(ma, mb), point, N, lane, errors)) return;
+  if (!row_ok(chk, fminf(ma, mb), point, N, lane, errors)) {
+    if (lane == 0) scratch[row] = skipped_row();
+    return;
+  }
   float za = 0.0f, wa = 0.0f, zb = 0.0f;
   for (int64_t j = lane; j < C; j += kWarp) {
     const float a = load_logit<K>(teacher, bt + j) * inv_temp;
@@ -232,9 +238,34 @@ __global__ void kl_kernel(const void* __restrict__ student, const void* __restri
   za = warp_sum(za);
   wa = warp_sum(wa);
   zb = warp_sum(zb);
-  if (lane == 0) {
-    atomicAdd(sums + point, finish_kl(ma, za, wa, mb, zb));
-    atomicAdd(counts + point, 1);
+  if (lane == 0) scratch[row] = finish_kl(ma, za, wa, mb, zb);
+}
+
+// Rows of one launch chunk (at most kAccumulateChunk) into the bank, in row order: the first
+// row of each index adds the scores of all rows with that index, one after another (sums[p]
+// += s_1, then += s_2, ... as the CPU loop does), and their count; skipped rows (NaN) add
+// nothing. No atomics: duplicate indices (DDP's wrap padding) give the same bits on every
+// run, so resume stays bit-exact. O(rows) per row only for indices that repeat.
+__global__ void accumulate_kernel(const int64_t* __restrict__ indices, const double* __restrict__ scratch,
+                                  int64_t B, double* __restrict__ sums, int32_t* __restrict__ counts) {
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; r < B;
+       r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const double v = scratch[r];
+    if (isnan(v)) continue;
+    const int64_t p = indices[r];
+    bool first = true;
+    for (int64_t j = 0; j < r && first; ++j) first = !(indices[j] == p && !isnan(scratch[j]));
+    if (!first) continue;
+    double acc = sums[p] + v;
+    int32_t n = 1;
+    for (int64_t j = r + 1; j < B; ++j) {
+      if (indices[j] == p && !isnan(scratch[j])) {
+        acc += scratch[j];
+        ++n;
+      }
+    }
+    sums[p] = acc;
+    counts[p] += n;
   }
 }
 
