@@ -42,76 +42,80 @@ class OnDevice {
   int previous_ = -1;
 };
 
-void check_bank(const Tensor& ix, const Tensor& sums, const Tensor& counts, const Tensor& errors) {
+void check_bank(const Tensor& ix, const Tensor& sums, const Tensor& counts, const Tensor& errors, const Tensor& scratch) {
   require(ix, kDLInt, 64, 1);
   require(sums, kDLFloat, 64, 1);
   require(counts, kDLInt, 32, 1);
   require(errors, kDLInt, 64, 1);
+  require(scratch, kDLFloat, 64, 1);
   if (counts.size(0) != sums.size(0) || errors.size(0) != 2) throw std::invalid_argument("bad bank shapes");
+  if (scratch.size(0) < ix.size(0)) throw std::invalid_argument("scratch must hold one float64 per row");
 }
 
 void observe_entropy(py::capsule logits, py::capsule indices, py::capsule sums, py::capsule counts,
-                     py::capsule errors, uintptr_t stream) {
+                     py::capsule errors, py::capsule scratch, uintptr_t stream) {
   Tensor lg = unwrap(logits, "logits"), ix = unwrap(indices, "indices"), s = unwrap(sums, "sums"),
-         c = unwrap(counts, "counts"), er = unwrap(errors, "errors");
+         c = unwrap(counts, "counts"), er = unwrap(errors, "errors"), sc = unwrap(scratch, "scratch");
   const kcd::FloatKind kind = kcd::float_kind(lg);
   require(lg, lg.t->dtype.code, kind == kcd::FloatKind::kF32 ? 32 : 16, 2, true);
-  check_bank(ix, s, c, er);
+  check_bank(ix, s, c, er, sc);
   if (ix.size(0) != lg.size(0)) throw std::invalid_argument("indices and logits differ in rows");
-  const OnDevice guard({&lg, &ix, &s, &c, &er});
+  const OnDevice guard({&lg, &ix, &s, &c, &er, &sc});
   kcd::cuda::observe_entropy(lg.data<void>(), kind, lg.size(0), lg.size(1), lg.row_stride(), ix.data<int64_t>(),
-                             s.size(0), s.data<double>(), c.data<int32_t>(), er.data<int64_t>(), as_stream(stream));
+                             s.size(0), s.data<double>(), c.data<int32_t>(), er.data<int64_t>(), sc.data<double>(),
+                             as_stream(stream));
 }
 
 void observe_kl(py::capsule student, py::capsule teacher, py::capsule indices, py::capsule sums,
-                py::capsule counts, float temperature, py::capsule errors, uintptr_t stream) {
+                py::capsule counts, float temperature, py::capsule errors, py::capsule scratch, uintptr_t stream) {
   Tensor st = unwrap(student, "student_logits"), te = unwrap(teacher, "teacher_logits"),
          ix = unwrap(indices, "indices"), s = unwrap(sums, "sums"), c = unwrap(counts, "counts"),
-         er = unwrap(errors, "errors");
+         er = unwrap(errors, "errors"), sc = unwrap(scratch, "scratch");
   const kcd::FloatKind kind = kcd::float_kind(st);
   if (kcd::float_kind(te) != kind) throw py::type_error("student_logits and teacher_logits differ in dtype");
   const uint8_t bits = kind == kcd::FloatKind::kF32 ? 32 : 16;
   require(st, st.t->dtype.code, bits, 2, true);
   require(te, te.t->dtype.code, bits, 2, true);
-  check_bank(ix, s, c, er);
+  check_bank(ix, s, c, er, sc);
   if (ix.size(0) != st.size(0) || te.size(0) != st.size(0) || te.size(1) != st.size(1)) {
     throw std::invalid_argument("student_logits, teacher_logits and indices differ in shape");
   }
-  const OnDevice guard({&st, &te, &ix, &s, &c, &er});
+  const OnDevice guard({&st, &te, &ix, &s, &c, &er, &sc});
   kcd::cuda::observe_kl(st.data<void>(), te.data<void>(), kind, st.size(0), st.size(1), st.row_stride(),
                         te.row_stride(), ix.data<int64_t>(), s.size(0), s.data<double>(), c.data<int32_t>(),
-                        temperature, er.data<int64_t>(), as_stream(stream));
+                        temperature, er.data<int64_t>(), sc.data<double>(), as_stream(stream));
 }
 
 // logits [B, L, V] contiguous, mask [B, L] u8, indices [B], sums [N], counts [N], errors [2].
 void observe_entropy_seq(py::capsule logits, py::capsule mask, py::capsule indices, py::capsule sums,
-                         py::capsule counts, py::capsule errors, uintptr_t stream) {
+                         py::capsule counts, py::capsule errors, py::capsule scratch, uintptr_t stream) {
   Tensor lg = unwrap(logits, "logits"), mk = unwrap(mask, "mask"), ix = unwrap(indices, "indices"),
-         s = unwrap(sums, "sums"), c = unwrap(counts, "counts"), er = unwrap(errors, "errors");
+         s = unwrap(sums, "sums"), c = unwrap(counts, "counts"), er = unwrap(errors, "errors"),
+         sc = unwrap(scratch, "scratch");
   const kcd::FloatKind kind = kcd::float_kind(lg);
   require(lg, lg.t->dtype.code, kind == kcd::FloatKind::kF32 ? 32 : 16, 3);
   require(mk, kDLUInt, 8, 2);
-  check_bank(ix, s, c, er);
+  check_bank(ix, s, c, er, sc);
   const int64_t B = lg.size(0), L = lg.size(1), V = lg.size(2);
   if (ix.size(0) != B || mk.size(0) != B || mk.size(1) != L) {
     throw std::invalid_argument("logits [B, L, V], mask [B, L] and indices [B] differ in shape");
   }
-  const OnDevice guard({&lg, &mk, &ix, &s, &c, &er});
+  const OnDevice guard({&lg, &mk, &ix, &s, &c, &er, &sc});
   kcd::cuda::observe_entropy_seq(lg.data<void>(), kind, B, L, V, V, mk.data<uint8_t>(), ix.data<int64_t>(),
                                  s.size(0), s.data<double>(), c.data<int32_t>(), er.data<int64_t>(),
-                                 as_stream(stream));
+                                 sc.data<double>(), as_stream(stream));
 }
 
 void observe_scores(py::capsule scores, py::capsule indices, py::capsule sums, py::capsule counts,
-                    py::capsule errors, uintptr_t stream) {
+                    py::capsule errors, py::capsule scratch, uintptr_t stream) {
   Tensor sc = unwrap(scores, "scores"), ix = unwrap(indices, "indices"), s = unwrap(sums, "sums"),
-         c = unwrap(counts, "counts"), er = unwrap(errors, "errors");
+         c = unwrap(counts, "counts"), er = unwrap(errors, "errors"), sr = unwrap(scratch, "scratch");
   require(sc, kDLFloat, 64, 1);
-  check_bank(ix, s, c, er);
+  check_bank(ix, s, c, er, sr);
   if (ix.size(0) != sc.size(0)) throw std::invalid_argument("indices and scores differ in length");
-  const OnDevice guard({&sc, &ix, &s, &c, &er});
+  const OnDevice guard({&sc, &ix, &s, &c, &er, &sr});
   kcd::cuda::observe_scores(sc.data<double>(), ix.data<int64_t>(), sc.size(0), s.size(0), s.data<double>(),
-                            c.data<int32_t>(), er.data<int64_t>(), as_stream(stream));
+                            c.data<int32_t>(), er.data<int64_t>(), sr.data<double>(), as_stream(stream));
 }
 
 void values(py::capsule sums, py::capsule counts, py::capsule out, double period, double alpha, uintptr_t stream) {

@@ -1,5 +1,6 @@
 """CUDA kernels (csrc/bind_cuda.cpp): like kcd_fast._cpu on device capsules, enqueued on
-`stream` (an integer cudaStream_t). errors: [2] int64 device counters {bad index, non-finite}."""
+`stream` (an integer cudaStream_t). errors: [2] int64 device counters {bad index, non-finite};
+scratch: [>= B] float64, the rows' scores before they are added to the bank in row order."""
 
 from typing import Any
 
@@ -8,7 +9,20 @@ __version__: str
 cuda_archs: str
 
 def observe_entropy(
-    logits: Capsule, indices: Capsule, sums: Capsule, counts: Capsule, errors: Capsule, stream: int
+    logits: Capsule, indices: Capsule, sums: Capsule, counts: Capsule, errors: Capsule, scratch: Capsule, stream: int
+) -> None: ...
+def observe_entropy_seq(
+    logits: Capsule,
+    mask: Capsule,
+    indices: Capsule,
+    sums: Capsule,
+    counts: Capsule,
+    errors: Capsule,
+    scratch: Capsule,
+    stream: int,
+) -> None: ...
+def observe_scores(
+    scores: Capsule, indices: Capsule, sums: Capsule, counts: Capsule, errors: Capsule, scratch: Capsule, stream: int
 ) -> None: ...
 def observe_kl(
     student: Capsule,
@@ -18,10 +32,11 @@ def observe_kl(
     counts: Capsule,
     temperature: float,
     errors: Capsule,
+    scratch: Capsule,
     stream: int,
 ) -> None: ...
 def values(sums: Capsule, counts: Capsule, out: Capsule, period: float, alpha: float, stream: int) -> None: ...
-def blend(images: Capsule, dst: Capsule, src: Capsule, eps: Capsule, stream: int) -> None: ...
+def blend(images: Capsule, dst: Capsule, src: Capsule, eps: Capsule, errors: Capsule, stream: int) -> None: ...
 def condense(
     values: Capsule,
     n_keep: int,

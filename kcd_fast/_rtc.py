@@ -142,18 +142,18 @@ class RtcModule:
 
         device = next(a.device.index for a in args if isinstance(a, torch.Tensor))
         kernel = self.kernels(device)[name]
-        arrays = tuple(cupy.from_dlpack(a) if isinstance(a, torch.Tensor) else a for a in args)
         with cupy.cuda.Device(device):
-            kernel((max(1, grid),), (block,), arrays, stream=cupy.cuda.ExternalStream(int(stream), device))
+            ext = cupy.cuda.ExternalStream(int(stream), device)
+            with ext:  # DLPack exchange on the launch stream: no cross-stream waits (graph capturable)
+                arrays = tuple(cupy.from_dlpack(a) if isinstance(a, torch.Tensor) else a for a in args)
+            kernel((max(1, grid),), (block,), arrays, stream=ext)
 
-    def _scored(self, name: str, grid: int, args: tuple, ix: torch.Tensor, s, c, stream: int, rows: int) -> None:
+    def _scored(self, name: str, grid: int, args: tuple, ix, s, c, scratch, stream: int, rows: int) -> None:
         """Launches scoring kernel ``name`` with ``args`` (its scratch argument is the
         placeholder None), then adds the rows to the bank in row order, chunk by chunk
         (accumulate_kernel): the launch sequence of csrc/cuda/scoring.cu."""
         import numpy as np
 
-        with torch.cuda.device(ix.device), torch.cuda.stream(torch.cuda.ExternalStream(int(stream))):
-            scratch = torch.empty(rows, dtype=torch.float64, device=ix.device)
         full = tuple(scratch if a is None else a for a in args)
         self._launch(name, grid, _THREADS, full, stream)
         for c0 in range(0, rows, _CHUNK):
@@ -182,10 +182,10 @@ class RtcModule:
         return int(min(max(1, -(-work // per_block)), cap))
 
     # -- the ops (signatures of csrc/bind_cuda.cpp) --------------------------------------------
-    def observe_entropy(self, logits, indices, sums, counts, errors, stream: int) -> None:
+    def observe_entropy(self, logits, indices, sums, counts, errors, scratch, stream: int) -> None:
         import numpy as np
 
-        lg, ix, s, c, er = map(self._tensor, (logits, indices, sums, counts, errors))
+        lg, ix, s, c, er, sc = map(self._tensor, (logits, indices, sums, counts, errors, scratch))
         b, k = lg.shape
         if b == 0:
             return
@@ -193,12 +193,14 @@ class RtcModule:
         vec = np.bool_(self._vec(lg, ld))
         args = (lg, np.int64(b), np.int64(k), np.int64(ld), vec, ix, np.int64(s.shape[0]), None, er)
         name = f"kcd::cuda::kernels::entropy_kernel<{self._kind(lg)}, 1>"
-        self._scored(name, -(-b * _WARP // _THREADS), args, ix, s, c, stream, b)
+        self._scored(name, -(-b * _WARP // _THREADS), args, ix, s, c, sc, stream, b)
 
-    def observe_kl(self, student, teacher, indices, sums, counts, temperature: float, errors, stream: int) -> None:
+    def observe_kl(
+        self, student, teacher, indices, sums, counts, temperature: float, errors, scratch, stream: int
+    ) -> None:
         import numpy as np
 
-        st, te, ix, s, c, er = map(self._tensor, (student, teacher, indices, sums, counts, errors))
+        st, te, ix, s, c, er, sc = map(self._tensor, (student, teacher, indices, sums, counts, errors, scratch))
         b, k = st.shape
         if b == 0:
             return
@@ -206,28 +208,28 @@ class RtcModule:
         strides = (np.int64(st.stride(0)), np.int64(te.stride(0)))
         args = (st, te, np.int64(b), np.int64(k), *strides, ix, np.int64(s.shape[0]), None, inv, er)
         name = f"kcd::cuda::kernels::kl_kernel<{self._kind(st)}>"
-        self._scored(name, -(-b * _WARP // _THREADS), args, ix, s, c, stream, b)
+        self._scored(name, -(-b * _WARP // _THREADS), args, ix, s, c, sc, stream, b)
 
-    def observe_entropy_seq(self, logits, mask, indices, sums, counts, errors, stream: int) -> None:
+    def observe_entropy_seq(self, logits, mask, indices, sums, counts, errors, scratch, stream: int) -> None:
         import numpy as np
 
-        lg, mk, ix, s, c, er = map(self._tensor, (logits, mask, indices, sums, counts, errors))
+        lg, mk, ix, s, c, er, sc = map(self._tensor, (logits, mask, indices, sums, counts, errors, scratch))
         b, length, v = lg.shape
         if b == 0:
             return
         vec = np.bool_(self._vec(lg, v))
         args = (lg, np.int64(length), np.int64(v), np.int64(v), vec, mk, ix, np.int64(s.shape[0]), None, er)
-        self._scored(f"kcd::cuda::kernels::entropy_seq_kernel<{self._kind(lg)}>", b, args, ix, s, c, stream, b)
+        self._scored(f"kcd::cuda::kernels::entropy_seq_kernel<{self._kind(lg)}>", b, args, ix, s, c, sc, stream, b)
 
-    def observe_scores(self, scores, indices, sums, counts, errors, stream: int) -> None:
+    def observe_scores(self, scores, indices, sums, counts, errors, scratch, stream: int) -> None:
         import numpy as np
 
-        sc, ix, s, c, er = map(self._tensor, (scores, indices, sums, counts, errors))
-        b = sc.shape[0]
+        vals, ix, s, c, er, sc = map(self._tensor, (scores, indices, sums, counts, errors, scratch))
+        b = vals.shape[0]
         if b == 0:
             return
-        args = (sc, ix, np.int64(b), np.int64(s.shape[0]), None, er)
-        self._scored("kcd::cuda::kernels::scores_kernel", self._grid_for(b), args, ix, s, c, stream, b)
+        args = (vals, ix, np.int64(b), np.int64(s.shape[0]), None, er)
+        self._scored("kcd::cuda::kernels::scores_kernel", self._grid_for(b), args, ix, s, c, sc, stream, b)
 
     def values(self, sums, counts, out, period: float, alpha: float, stream: int) -> None:
         import numpy as np
@@ -251,6 +253,14 @@ class RtcModule:
         name = "blend_vec16" if size % 16 == 0 and im.data_ptr() % 16 == 0 else "blend_bytes"
         args = (im, np.int64(n), np.int64(size), d, s, e, np.int64(length), er)
         self._launch(f"kcd::cuda::kernels::{name}", grid, _THREADS, args, stream)
+
+    def augment(self, *args: Any) -> None:
+        raise RuntimeError(
+            "the tensor back end's fused CUDA augmentation needs kcd_fast's compiled CUDA module; the run-time "
+            "compiled fallback (cupy/NVRTC) covers scoring, values and blending only. Keep the storage on the CPU "
+            "(tensor_device='cuda' still puts the batches on the GPU), or install a kcd_fast wheel built with CUDA "
+            "(README: installing on a GPU machine without nvcc)"
+        )
 
     def device_count(self) -> int:
         return torch.cuda.device_count()

@@ -233,7 +233,8 @@ class ValueBank:
         on another current stream (a side stream, another thread's) first waits for it (an
         event, no host sync), then becomes the recorded one. So observing on stream A and
         reading values, checking or saving on stream B never sees stale sums, and B's
-        ``check()`` cannot zero the error counters under A's atomics."""
+        ``check()`` cannot zero the error counters under A's atomics. One bank is used from one
+        host thread at a time (two threads observing at once on two streams can race)."""
         if self.sums is None or self.sums.device.type != "cuda":
             return
         current = torch.cuda.current_stream(self.sums.device)
@@ -425,9 +426,11 @@ class ValueBank:
         if sums is not None:
             if self.sums is None:
                 self._allocate(torch.device("cpu"))
+            self._follow_stream()  # CUDA: after the observes still queued on the bank's stream
             self.sums.copy_(sums)
             self.counts.copy_(counts)
         elif self.sums is not None:  # a state made before any observation: nothing observed
+            self._follow_stream()
             self.sums.zero_()
             self.counts.zero_()
         if self.local_sums is not None:

@@ -110,6 +110,13 @@ def observe_entropy(logits, indices, sums, counts, *, errors=None, strict: bool 
     A.order_back((s, sums), (c, counts))
 
 
+def _row_scratch(rows: int, device: torch.device) -> torch.Tensor:
+    """``[rows]`` float64 on ``device`` from torch's caching allocator (stream-ordered, graph
+    capturable): the CUDA scoring kernels write each row's score there, then add the rows to
+    the bank in row order (deterministic with duplicate indices)."""
+    return torch.empty(rows, dtype=torch.float64, device=device)
+
+
 def launch_observe(
     device: torch.device,
     lg: torch.Tensor,
@@ -143,9 +150,16 @@ def launch_observe(
         strict_check(idx, sums.shape[0], rows)
     if errors is None:
         errors = torch.zeros(2, dtype=torch.int64, device=device)
+    scratch = _row_scratch(lg.shape[0], device)
     if te is None:
         cuda_module().observe_entropy(
-            A.capsule(lg), A.capsule(idx), A.capsule(sums), A.capsule(counts), A.capsule(errors), A.stream_of(lg)
+            A.capsule(lg),
+            A.capsule(idx),
+            A.capsule(sums),
+            A.capsule(counts),
+            A.capsule(errors),
+            A.capsule(scratch),
+            A.stream_of(lg),
         )
     else:
         cuda_module().observe_kl(
@@ -156,6 +170,7 @@ def launch_observe(
             A.capsule(counts),
             float(temperature),
             A.capsule(errors),
+            A.capsule(scratch),
             A.stream_of(lg),
         )
 
@@ -304,6 +319,7 @@ def launch_observe_seq(
         A.capsule(sums),
         A.capsule(counts),
         A.capsule(errors),
+        A.capsule(_row_scratch(lg.shape[0], device)),
         A.stream_of(lg),
     )
 
@@ -346,7 +362,13 @@ def launch_observe_scores(
     if errors is None:
         errors = torch.zeros(2, dtype=torch.int64, device=device)
     cuda_module().observe_scores(
-        A.capsule(sc), A.capsule(idx), A.capsule(sums), A.capsule(counts), A.capsule(errors), A.stream_of(sc)
+        A.capsule(sc),
+        A.capsule(idx),
+        A.capsule(sums),
+        A.capsule(counts),
+        A.capsule(errors),
+        A.capsule(_row_scratch(sc.shape[0], device)),
+        A.stream_of(sc),
     )
 
 

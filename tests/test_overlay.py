@@ -163,46 +163,70 @@ def test_overlay_dir_files_are_reused_by_digest_and_go_with_their_last_user(tmp_
         np.testing.assert_array_equal(ov.image(i), want[i])
         assert os.path.dirname(ov.entries[i]) == ov.directory
 
-    # A second overlay of the same files and log (a resumed loader) reuses every summary,
-    # even with the original images gone; a different log is built, not confused with it.
-    hidden = tmp_path / "hidden"
-    shutil.move(str(src), str(hidden))
+    # A second overlay of the same files and log (a resumed loader) reuses every summary; a
+    # different log is built, not confused with it.
     again = FolderOverlay(paths, overlay_format="pnm", overlay_dir=root)
     again.sync(LOG)
     assert again.stats == {"pairs_made": 0, "summaries_made": 0, "summaries_reused": 2}
     assert _bytes(again) == _bytes(ov)
     other = [{**LOG[0], "eps": torch.tensor([0.9, 0.8, 0.71], dtype=torch.float64)}]
-    with pytest.raises(FileNotFoundError):  # not reusable: needs the (hidden) originals
-        again.sync(other)
-    assert _bytes(again) == _bytes(ov)  # unchanged by the failed sync
-    shutil.move(str(hidden), str(src))
+    again.sync(other)
+    assert again.stats["pairs_made"] == 3 and again.points == [1, 4, 7]
 
-    # A summary with a file missing is rebuilt (the one before it reused), the same bytes.
+    # A summary with a file missing or cut short is rebuilt (the one before it reused), the
+    # same bytes; so is every summary after an original it reads is replaced in place.
     os.remove(ov.entries[9])  # written by the second summary
     third = FolderOverlay(paths, overlay_format="pnm", overlay_dir=root)
     third.sync(LOG)
     assert third.stats == {"pairs_made": 2, "summaries_made": 1, "summaries_reused": 1}
     assert _bytes(third) == _bytes(ov)
+    with open(ov.entries[2], "r+b") as f:
+        f.truncate(100)
+    fourth = FolderOverlay(paths, overlay_format="pnm", overlay_dir=root)
+    fourth.sync(LOG)
+    assert fourth.stats == {"pairs_made": 2, "summaries_made": 1, "summaries_reused": 1}
+    assert _bytes(fourth) == _bytes(ov)
+    img = np.asarray(Image.open(paths[3]))
+    Image.fromarray(255 - img).save(paths[3], quality=70)  # point 3, read by the second summary
+    fifth = FolderOverlay(paths, overlay_format="pnm", overlay_dir=root)
+    fifth.sync(LOG)
+    assert fifth.stats == {"pairs_made": 2, "summaries_made": 1, "summaries_reused": 1}
+    np.testing.assert_array_equal(fifth.image(2), _reference(paths)[2])  # the new pixels
+    Image.fromarray(img).save(paths[3], quality=90)
 
     # Another format or file list: another directory.
     jpg = FolderOverlay(paths, overlay_format="jpeg", overlay_dir=root)
     assert jpg.directory != ov.directory and os.path.dirname(jpg.directory) == str(root)
 
-    # The directory goes with its last user (dead processes on this host do not count;
-    # one on another host keeps it).
+    # The directory goes with its last user (an entry whose lock nobody holds does not count:
+    # a live holder keeps it).
     folder = ov.directory
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (Path(folder) / "users" / f"{socket.gethostname()}@{int(dead.stdout)}@00").write_bytes(b"")
-    del ov, again, third
+    (Path(folder) / "users" / f"{socket.gethostname()}@1@00").write_bytes(b"")  # nobody holds its lock
+    del ov, again, third, fourth, fifth
     gc.collect()
     assert not os.path.exists(folder) and os.path.isdir(jpg.directory)
-    elsewhere = Path(jpg.directory) / "users" / "another-host@1@00"
-    elsewhere.write_bytes(b"")
+    # a live user (another process holding its entry's lock) keeps it
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(Path(jpg.directory) / "users" / "another-process@2@00")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "locked"
     kept = jpg.directory
     del jpg
     gc.collect()
     assert os.path.isdir(kept)
-    elsewhere.unlink()
+    holder.kill()
+    holder.wait()
+
+
+_HOLD = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_SH)
+print("locked", flush=True)
+time.sleep(120)
+"""
 
 
 _CRASHED = """

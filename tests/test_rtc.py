@@ -139,10 +139,11 @@ def test_fallback_scoring_matches_the_compiled_module(dtype: torch.dtype, seed: 
             s, k, e = _bank(n, "cuda")
             extra = (A.capsule(te),) if name == "observe_kl" else ()
             args = (A.capsule(lg), *extra, A.capsule(idx), A.capsule(s), A.capsule(k))
+            scratch = A.capsule(torch.empty(b, dtype=torch.float64, device="cuda"))
             if name == "observe_kl":
-                getattr(mod, name)(*args, 2.0, A.capsule(e), stream)
+                getattr(mod, name)(*args, 2.0, A.capsule(e), scratch, stream)
             else:
-                getattr(mod, name)(*args, A.capsule(e), stream)
+                getattr(mod, name)(*args, A.capsule(e), scratch, stream)
             got.append((s.cpu(), k.cpu(), e.cpu()))
         (s0, k0, e0), (s1, k1, e1) = got
         assert torch.equal(k0, k1) and torch.equal(e0, e1) and int(e0[0]) == 7
@@ -155,10 +156,20 @@ def test_fallback_scoring_matches_the_compiled_module(dtype: torch.dtype, seed: 
     outs = []
     for mod in (_cuda, rtc):
         s, k, e = _bank(n, "cuda")
+        scratch = torch.empty(b, dtype=torch.float64, device="cuda")
         mod.observe_entropy_seq(
-            A.capsule(seq), A.capsule(mask), A.capsule(sidx), A.capsule(s), A.capsule(k), A.capsule(e), stream
+            A.capsule(seq),
+            A.capsule(mask),
+            A.capsule(sidx),
+            A.capsule(s),
+            A.capsule(k),
+            A.capsule(e),
+            A.capsule(scratch),
+            stream,
         )
-        mod.observe_scores(A.capsule(scores), A.capsule(idx), A.capsule(s), A.capsule(k), A.capsule(e), stream)
+        mod.observe_scores(
+            A.capsule(scores), A.capsule(idx), A.capsule(s), A.capsule(k), A.capsule(e), A.capsule(scratch), stream
+        )
         v = torch.empty_like(s)
         mod.values(A.capsule(s), A.capsule(k), A.capsule(v), 4.0, 0.03, stream)
         outs.append((s.cpu(), k.cpu(), e.cpu(), v.cpu()))

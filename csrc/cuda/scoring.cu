@@ -16,23 +16,6 @@ namespace {
 
 unsigned int row_grid(int64_t B) { return static_cast<unsigned int>((B * kWarp + kThreads - 1) / kThreads); }
 
-// One launch's row scores [B] f64, stream-ordered (cudaMallocAsync's pool: no device sync,
-// capturable in a CUDA graph), freed on the same stream after the rows are accumulated.
-class RowScratch {
- public:
-  RowScratch(int64_t B, cudaStream_t s) : s_(s) {
-    KCD_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&p_), static_cast<size_t>(B) * sizeof(double), s));
-  }
-  ~RowScratch() { cudaFreeAsync(p_, s_); }
-  RowScratch(const RowScratch&) = delete;
-  RowScratch& operator=(const RowScratch&) = delete;
-  double* get() const { return p_; }
-
- private:
-  double* p_ = nullptr;
-  cudaStream_t s_;
-};
-
 // The rows' scores into the bank in row order, chunk by chunk (accumulate_kernel).
 void accumulate(const int64_t* indices, const double* scratch, int64_t B, double* sums, int32_t* counts,
                 cudaStream_t s) {
@@ -47,7 +30,7 @@ void accumulate(const int64_t* indices, const double* scratch, int64_t B, double
 
 void observe_entropy(const void* logits, FloatKind kind, int64_t B, int64_t C, int64_t ld,
                      const int64_t* indices, int64_t N, double* sums, int32_t* counts,
-                     int64_t* errors, void* stream) {
+                     int64_t* errors, double* sc, void* stream) {
   if (B == 0) return;
   auto s = static_cast<cudaStream_t>(stream);
   // 16-byte vector loads need every row start 16-byte aligned.
@@ -55,8 +38,6 @@ void observe_entropy(const void* logits, FloatKind kind, int64_t B, int64_t C, i
   const bool vec = reinterpret_cast<uintptr_t>(logits) % 16 == 0 && (ld * esize) % 16 == 0;
   const unsigned int grid = row_grid(B);
   const bool batch = variant("entropy_batch") == 4;
-  const RowScratch scratch(B, s);
-  double* sc = scratch.get();
 #define KCD_ENTROPY(KIND)                                                                                  \
   (batch ? entropy_kernel<KIND, 4><<<grid, kThreads, 0, s>>>(logits, B, C, ld, vec, indices, N, sc, errors) \
          : entropy_kernel<KIND, 1><<<grid, kThreads, 0, s>>>(logits, B, C, ld, vec, indices, N, sc, errors))
@@ -78,12 +59,10 @@ void observe_entropy(const void* logits, FloatKind kind, int64_t B, int64_t C, i
 
 void observe_kl(const void* student, const void* teacher, FloatKind kind, int64_t B, int64_t C,
                 int64_t ld_s, int64_t ld_t, const int64_t* indices, int64_t N, double* sums,
-                int32_t* counts, float temperature, int64_t* errors, void* stream) {
+                int32_t* counts, float temperature, int64_t* errors, double* sc, void* stream) {
   if (B == 0) return;
   auto s = static_cast<cudaStream_t>(stream);
   const float inv = 1.0f / temperature;
-  const RowScratch scratch(B, s);
-  double* sc = scratch.get();
   switch (kind) {
     case FloatKind::kF32:
       kl_kernel<FloatKind::kF32><<<row_grid(B), kThreads, 0, s>>>(student, teacher, B, C, ld_s, ld_t, indices, N, sc, inv, errors);
@@ -101,14 +80,12 @@ void observe_kl(const void* student, const void* teacher, FloatKind kind, int64_
 
 void observe_entropy_seq(const void* logits, FloatKind kind, int64_t B, int64_t L, int64_t V, int64_t ld,
                          const uint8_t* mask, const int64_t* indices, int64_t N, double* sums, int32_t* counts,
-                         int64_t* errors, void* stream) {
+                         int64_t* errors, double* sc, void* stream) {
   if (B == 0) return;
   auto s = static_cast<cudaStream_t>(stream);
   const int64_t esize = kind == FloatKind::kF32 ? 4 : 2;
   const bool vec = reinterpret_cast<uintptr_t>(logits) % 16 == 0 && (ld * esize) % 16 == 0;
   const auto grid = static_cast<unsigned int>(B);
-  const RowScratch scratch(B, s);
-  double* sc = scratch.get();
   switch (kind) {
     case FloatKind::kF32:
       entropy_seq_kernel<FloatKind::kF32><<<grid, kThreads, 0, s>>>(logits, L, V, ld, vec, mask, indices, N, sc, errors);
@@ -125,13 +102,12 @@ void observe_entropy_seq(const void* logits, FloatKind kind, int64_t B, int64_t 
 }
 
 void observe_scores(const double* scores, const int64_t* indices, int64_t B, int64_t N, double* sums,
-                    int32_t* counts, int64_t* errors, void* stream) {
+                    int32_t* counts, int64_t* errors, double* sc, void* stream) {
   if (B == 0) return;
   auto s = static_cast<cudaStream_t>(stream);
-  const RowScratch scratch(B, s);
-  scores_kernel<<<grid_for(B), kThreads, 0, s>>>(scores, indices, B, N, scratch.get(), errors);
+  scores_kernel<<<grid_for(B), kThreads, 0, s>>>(scores, indices, B, N, sc, errors);
   KCD_CUDA_CHECK(cudaGetLastError());
-  accumulate(indices, scratch.get(), B, sums, counts, s);
+  accumulate(indices, sc, B, sums, counts, s);
 }
 
 void values(const double* sums, const int32_t* counts, int64_t N, double period, double alpha,

@@ -164,7 +164,10 @@ class KCDLoader:
         dali_device: DALI back end only: "auto" (the current CUDA device when there is
             one, else CPU-only operators), a CUDA device index, or None (CPU only).
         dali_overlay_dir: DALI back end, image folders only: None (summarised images kept
-            in memory) or a directory for them as files (ImageNet-scale runs).
+            in memory, up to ``dali_overlay_budget`` bytes, then spilled to a private temporary
+            directory) or a directory for them as files (ImageNet-scale runs): content-addressed
+            by the summary log, reused by a resumed loader, split between DDP ranks that share
+            the directory, removed by its last user.
         value: how points are scored: "entropy" (default), "kl" (needs teacher logits
             in ``observe``) or "random".
         vaks: "auto" (default: "low" when the back end can blend the dataset's images, "off"

@@ -118,20 +118,22 @@ namespace cuda {
 
 // Same contracts as cpu::, on device pointers, enqueued on `stream` (a cudaStream_t).
 // Invalid rows are skipped on the device and counted: errors [2] i64 = {bad index,
-// non-finite logits}. No host synchronisation.
+// non-finite logits}. No host synchronisation. scratch [B] f64: the rows' scores, added to
+// the bank in row order after the scoring kernel (deterministic with duplicate indices);
+// the caller allocates it (torch's caching allocator), stream-ordered.
 void observe_entropy(const void* logits, FloatKind kind, int64_t B, int64_t C, int64_t ld,
                      const int64_t* indices, int64_t N, double* sums, int32_t* counts,
-                     int64_t* errors, void* stream);
+                     int64_t* errors, double* scratch, void* stream);
 void observe_kl(const void* student, const void* teacher, FloatKind kind, int64_t B, int64_t C,
                 int64_t ld_s, int64_t ld_t, const int64_t* indices, int64_t N, double* sums,
-                int32_t* counts, float temperature, int64_t* errors, void* stream);
+                int32_t* counts, float temperature, int64_t* errors, double* scratch, void* stream);
 // Bad sequences (index, mask value > 1, no unmasked token, non-finite token) are skipped
 // and counted in errors[1] (errors[0] for a bad index).
 void observe_entropy_seq(const void* logits, FloatKind kind, int64_t B, int64_t L, int64_t V, int64_t ld,
                          const uint8_t* mask, const int64_t* indices, int64_t N, double* sums, int32_t* counts,
-                         int64_t* errors, void* stream);
+                         int64_t* errors, double* scratch, void* stream);
 void observe_scores(const double* scores, const int64_t* indices, int64_t B, int64_t N, double* sums,
-                    int32_t* counts, int64_t* errors, void* stream);
+                    int32_t* counts, int64_t* errors, double* scratch, void* stream);
 void values(const double* sums, const int32_t* counts, int64_t N, double period, double alpha,
             double* out, void* stream);
 // No validation on the device: the caller draws params in range.

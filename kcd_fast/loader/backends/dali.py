@@ -208,7 +208,8 @@ class DaliBackend:
             ``KCDLoader``'s ``dali_overlay_format`` defaults to ``"jpeg"``).
         pin_memory: pin CPU image batches (when torch sees CUDA).
         overlay_dir: None (default: the folder overlay in memory) or a directory (made if
-            missing) in which the back end makes a private directory for the overlay files.
+            missing) holding the overlay's content-addressed files (``kcd-overlay-<key>``:
+            reused on resume, split between ranks that share it; :class:`FolderOverlay`).
         overlay_budget: bytes the in-memory overlay may hold (default 1 GiB); past it, summarised
             images go to files in a private temporary directory the overlay owns.
 

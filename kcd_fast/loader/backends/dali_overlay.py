@@ -26,10 +26,12 @@ Where the images live:
   ``<d_k>-<dst>.<ext>`` for each pair, then a marker ``<d_k>.done``. A summary whose
   marker and files exist is reused, not recomputed: a process resumed after a crash or
   preemption reads what the previous one wrote (the digest says which summaries match),
-  and anything else is rebuilt. Files are written atomically (temporary name, then
-  rename). Each overlay registers itself in ``users/`` and the last one to go removes the
-  directory (entries of dead processes on this host are ignored; a stale entry from
-  another host keeps it, to be removed by hand).
+  and anything else is rebuilt; the digest also covers the sizes of the original files a
+  summary reads, and the marker the size of every file it wrote (a file cut short or an
+  image replaced in place is not reused). Files are written atomically (a temporary name
+  unique across hosts, flushed to disk, then renamed). Each overlay holds a lock on its
+  entry in ``users/`` while it lives (the kernel releases it however the process ends); the
+  last one to go removes the directory.
 - Distributed (``torch.distributed`` ranks, see :meth:`FolderOverlay.set_distributed`):
   when every rank sees the same ``overlay_dir`` (a probe file each rank writes and all
   check), rank ``r`` materialises pairs ``r, r + world, ...`` of each summary and all
@@ -134,11 +136,19 @@ def _remove_files(paths: Sequence[str]) -> None:
             pass
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    """Writes ``path`` under a temporary name, then renames: readers never see a partial file."""
-    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+_HOST = socket.gethostname()
+
+
+def _write_atomic(path: str, data: bytes, durable: bool = True) -> None:
+    """Writes ``path`` under a temporary name unique across hosts and processes, flushed to
+    disk (``durable``), then renamed: readers never see a partial file, and a file a marker
+    names survives a crash whole."""
+    tmp = f"{path}.{_HOST}.{os.getpid()}.{threading.get_ident()}.{os.urandom(4).hex()}.tmp"
     with open(tmp, "wb") as f:
         f.write(data)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -175,40 +185,70 @@ def _summary_tensors(s: Any, n: int) -> tuple[list[int], list[int], list[float],
 
 
 class _Users:
-    """The processes using a shared overlay directory: one file each in ``<dir>/users``;
-    the last to leave removes the directory (entries of dead processes on this host are
-    ignored)."""
+    """The processes using an overlay directory. Each holds a shared ``flock`` on its own file
+    in ``<dir>/users`` for as long as it lives (the kernel drops it when the process dies,
+    however it dies), made under a temporary name and renamed in already locked. Leaving
+    takes ``<dir>/.lock`` exclusively, drops entries nobody holds, and when none is held
+    renames the directory to a tombstone before removing it; joining takes the same lock
+    shared, so nobody joins a directory that is being removed."""
 
     def __init__(self, directory: str):
-        self.dir = directory
-        self.host = socket.gethostname()
-        self.me = os.path.join(directory, "users", f"{self.host}@{os.getpid()}@{os.urandom(6).hex()}")
-        os.makedirs(os.path.dirname(self.me), exist_ok=True)
-        _write_atomic(self.me, b"")
+        import fcntl
 
-    @staticmethod
-    def _alive(pid: int) -> bool:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+        self.dir = directory
+        while True:
+            os.makedirs(os.path.join(directory, "users"), exist_ok=True)
+            lock = os.open(os.path.join(directory, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(lock, fcntl.LOCK_SH)
+            try:
+                if os.fstat(lock).st_ino == os.stat(os.path.join(directory, ".lock")).st_ino:
+                    name = f"{_HOST}@{os.getpid()}@{os.urandom(6).hex()}"
+                    tmp = os.path.join(directory, "users", f".{name}.tmp")
+                    self._fd = os.open(tmp, os.O_RDWR | os.O_CREAT, 0o644)
+                    fcntl.flock(self._fd, fcntl.LOCK_SH)
+                    self.me = os.path.join(directory, "users", name)
+                    os.replace(tmp, self.me)
+                    return
+            except FileNotFoundError:
+                pass  # the directory was removed while we looked: make it again
+            finally:
+                os.close(lock)
 
     def leave(self) -> None:
-        _remove_files([self.me])
-        users = os.path.dirname(self.me)
+        import fcntl
+
         try:
-            names = os.listdir(users)
+            os.remove(self.me)
+        except FileNotFoundError:
+            pass
+        os.close(self._fd)
+        try:
+            lock = os.open(os.path.join(self.dir, ".lock"), os.O_RDWR)
         except FileNotFoundError:
             return
-        for name in names:
-            host, _, rest = name.partition("@")
-            pid = rest.partition("@")[0]
-            if host != self.host or not pid.isdigit() or self._alive(int(pid)):
-                return  # another user: the directory stays
-        shutil.rmtree(self.dir, ignore_errors=True)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            users = os.path.join(self.dir, "users")
+            for name in os.listdir(users):
+                path = os.path.join(users, name)
+                try:
+                    fd = os.open(path, os.O_RDWR)
+                except FileNotFoundError:
+                    continue
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return  # a live user: the directory stays
+                finally:
+                    os.close(fd)
+                _remove_files([path])  # nobody holds it: its process is gone
+            tomb = f"{self.dir}.removing-{os.urandom(4).hex()}"
+            os.rename(self.dir, tomb)
+        except FileNotFoundError:
+            return
+        finally:
+            os.close(lock)
+        shutil.rmtree(tomb, ignore_errors=True)
 
 
 class FolderOverlay:
@@ -310,7 +350,9 @@ class FolderOverlay:
             for s, p in zip(todo, parsed, strict=True):
                 if self._files:
                     prev = digests[-1] if digests else self._key
-                    digests.append(hashlib.blake2b(prev.encode() + p[3], digest_size=10).hexdigest())
+                    h = hashlib.blake2b(prev.encode() + p[3], digest_size=10)
+                    h.update(self._source_sizes(overlay, p[0] + p[1]))
+                    digests.append(h.hexdigest())
                     overlay = self._apply_files(overlay, p, digests[-1])
                 else:
                     overlay = self._apply_memory(overlay, p, created)
@@ -393,28 +435,56 @@ class FolderOverlay:
 
         return D.all_ok(ok, self._dist.group) if self._communicates() else ok
 
+    def _source_sizes(self, overlay: dict[int, Any], points: list[int]) -> bytes:
+        """The sizes of the ORIGINAL files a summary reads (points not summarised before it;
+        -1 for a missing file) for its digest: an image replaced in place by one of another
+        size changes the digest, so its old blends are not reused."""
+        sizes = []
+        for i in points:
+            if i in overlay:
+                continue
+            try:
+                sizes.append(os.path.getsize(self._paths[i]))
+            except OSError:
+                sizes.append(-1)
+        return np.asarray(sizes, dtype=np.int64).tobytes()
+
     def _probe_shared(self) -> bool:
-        """Collective: True when every rank sees the files every rank writes in the directory."""
+        """Collective: True when every rank sees the files every rank writes in the directory
+        (a rank that cannot write its probe makes it False on every rank)."""
         from ... import distributed as D
 
         info = self._dist
         nonce = D.broadcast_int(int.from_bytes(os.urandom(7), "little"), info.rank, info.group)
         probe = os.path.join(self._dir, f"probe-{nonce:x}-{{}}")
-        _write_atomic(probe.format(info.rank), b"")
         try:
-            D.all_ok(True, info.group)  # every rank has written its probe
-            seen = all(os.path.exists(probe.format(r)) for r in range(info.world_size))
+            _write_atomic(probe.format(info.rank), b"", durable=False)
+            wrote = True
+        except OSError:
+            wrote = False
+        try:
+            D.all_ok(True, info.group)  # every rank has written (or failed to write) its probe
+            seen = wrote and all(os.path.exists(probe.format(r)) for r in range(info.world_size))
             return D.all_ok(seen, info.group)  # every rank has looked
         finally:
             _remove_files([probe.format(info.rank)])
+
+    def _reusable(self, marker: str, names: list[str]) -> bool:
+        """The marker exists and names exactly these files at the sizes they have now (a file
+        cut short or replaced since is not reused)."""
+        try:
+            with open(marker, "rb") as f:
+                sizes = json.loads(f.read())["sizes"]
+            return len(sizes) == len(names) and all(os.path.getsize(n) == sizes[os.path.basename(n)] for n in names)
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
 
     def _apply_files(self, overlay: dict[int, Any], p: tuple, digest: str) -> dict[int, Any]:
         d_l = p[0]
         ext = self.format.extension
         names = [os.path.join(self._dir, f"{digest}-{i}.{ext}") for i in d_l]
         marker = os.path.join(self._dir, f"{digest}.done")
-        have = os.path.exists(marker) and all(os.path.exists(f) for f in names)
-        if self._all_ok(have):  # every rank has the files: reuse them
+        if self._all_ok(self._reusable(marker, names)):  # every rank has the files: reuse them
             self.stats["summaries_reused"] += 1
             return {**overlay, **dict(zip(d_l, names, strict=True))}
         split = False
@@ -435,8 +505,16 @@ class FolderOverlay:
             if error is not None:
                 raise error
             raise RuntimeError("another rank failed to materialise its share of a summary; see its error")
-        if rank == 0:
-            _write_atomic(marker, json.dumps({"digest": digest, "pairs": len(d_l)}).encode())
+        if rank == 0:  # every file of the summary is written (and flushed): the marker lists them
+            try:
+                sizes = {os.path.basename(n): os.path.getsize(n) for n in names}
+                _write_atomic(marker, json.dumps({"digest": digest, "pairs": len(d_l), "sizes": sizes}).encode())
+            except OSError as err:
+                error = err
+        if not self._all_ok(error is None):  # nobody goes on without the marker
+            if error is not None:
+                raise error
+            raise RuntimeError("rank 0 failed to write a summary's marker; see its error")
         self.stats["summaries_made"] += 1
         return {**overlay, **dict(zip(d_l, names, strict=True))}
 
