@@ -13,7 +13,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,6 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from PIL import Image
 
 from kcd_fast.data.folders import load_rgb
@@ -316,22 +314,10 @@ def _rank_main(rank: int, world: int, init_file: str, out_dir: str, photos: str,
         dist.destroy_process_group()
 
 
-def _spawn(world: int, out: Path, photos: Path, mode: str, timeout: float = 240.0) -> list[dict[str, Any]]:
-    ctx = mp.start_processes(
-        _rank_main,
-        args=(world, str(out / "init"), str(out), str(photos), mode),
-        nprocs=world,
-        join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"the {world} ranks did not finish within {timeout} s")
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+def _spawn(world: int, out: Path, photos: Path, mode: str) -> list[dict[str, Any]]:
+    from test_distributed import spawn_ranks  # the same spawn-and-collect helper (tests/ is on sys.path)
+
+    return spawn_ranks(world, out, photos, mode, main=_rank_main, timeout=240.0)
 
 
 def _class_folder(root: Path, photos: list[str]) -> None:
