@@ -11,7 +11,7 @@
 #   main      the main job, benchmarks/throughput.py on the GPU with the tensor back end
 #   dali      DALI on the GPU: its tests (mixed decoder, corrupt-file fuzz), benchmarks/loader.py
 #             --workload jpeg (DALI vs the DataLoader on every CPU core) and the main job with
-#             --backend dali. A machine without DALI: the parts ../shared/gpu/dali_kit.sh makes,
+#             --backend dali. A machine without DALI: the parts a DALI kit packer (dali_kit.sh) makes,
 #             .gpu_kit/1..4, carried one per device call, are unpacked into /tmp/site first.
 #   variants  the opt-in kernel variants: tests and kernel benchmark again
 # Every stage appends to OUT (JSON + logs) and OUT/summary.txt; at the end

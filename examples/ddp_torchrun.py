@@ -7,6 +7,7 @@ atomically (every rank calls save; rank 0 writes).
 
 from __future__ import annotations
 
+import gc
 import os
 import tempfile
 
@@ -56,7 +57,12 @@ def main() -> None:
             )
     if rank == 0:
         print(f"condensations: {[(h['epoch'], h['kept']) for h in loader.history]}; checkpoint {ckpt}")
-    dist.barrier()  # every rank done with the collectives before the group goes
+    # Tear down in order: the DDP model (its reducer holds the process group) and the loader
+    # first, then the group once every rank is done with it; a gloo group destroyed under a live
+    # reducer or a rank still talking aborts with "terminate called without an active exception".
+    del student, opt, loader
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -310,6 +310,7 @@ def _rank_main(rank: int, world: int, init_file: str, out_dir: str, photos: str,
                     "pairs": [len(x["dst"]) for x in log],
                 }
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # both ranks done with the group before it goes
     finally:
         dist.destroy_process_group()
 

@@ -73,10 +73,18 @@ out = {
 }
 with open(f"{sys.argv[1]}/rank{rank}.json", "w") as f:
     json.dump(out, f)
-# Tear the gloo group down only once every rank is done with it (a rank exiting while another
-# still talks to it aborts with "terminate called without an active exception").
+# Tear down in order: the trainer (its DDP model's reducer holds the gloo group) and the loader
+# first, then the group once every rank is done with it (a group destroyed under a live reducer,
+# or a rank exiting while another still talks to it, aborts: "terminate called without an
+# active exception").
+import gc  # noqa: E402
+
 import torch.distributed as dist  # noqa: E402
 
+trainer.accelerator.free_memory()  # drops accelerate's references to the DDP-wrapped model
+trainer.model_wrapped = trainer.model = None
+del loader
+gc.collect()
 if dist.is_available() and dist.is_initialized():
     dist.barrier()
     dist.destroy_process_group()
