@@ -57,6 +57,8 @@ def main() -> None:
             )
     if rank == 0:
         print(f"condensations: {[(h['epoch'], h['kept']) for h in loader.history]}; checkpoint {ckpt}")
+        if args.tiny:  # a smoke run (the tests): leave no checkpoint behind
+            os.remove(ckpt)
     # Tear down in order: the DDP model (its reducer holds the process group) and the loader
     # first, then the group once every rank is done with it; a gloo group destroyed under a live
     # reducer or a rank still talking aborts with "terminate called without an active exception".

@@ -556,7 +556,8 @@ def resize_bilinear(image, size: tuple[int, int]):
     ``dst`` image's size with it.
 
     Args:
-        image: ``[H, W, C]`` uint8 on the CPU (numpy or torch; C-contiguous or copied).
+        image: ``[H, W, C]`` uint8 on the CPU, C = 1 (grey, Pillow's "L") or 3 (RGB) (numpy or
+            torch; C-contiguous or copied).
         size: ``(OH, OW)``, both >= 1.
 
     Returns ``[OH, OW, C]`` uint8 in the caller's library.
@@ -571,6 +572,12 @@ def resize_bilinear(image, size: tuple[int, int]):
         raise ValueError(f"size must be (OH, OW) with ints >= 1, got {size!r}")
     if min(im.shape) < 1:
         raise ValueError(f"image must have H, W, C >= 1, got shape {tuple(im.shape)}")
+    if im.shape[2] not in (1, 3):
+        hint = " (channels first? pass [H, W, C])" if im.shape[0] in (1, 3) else ""
+        raise ValueError(
+            f"image must be [H, W, C] with C = 1 or 3 (grey or RGB: Pillow premultiplies alpha, so 2 or 4 "
+            f"channels would not match it), got shape {tuple(im.shape)}{hint}"
+        )
     im = im.contiguous()
     out = torch.empty((int(size[0]), int(size[1]), im.shape[2]), dtype=torch.uint8)
     _cpu.resize_bilinear(A.capsule(im), A.capsule(out))

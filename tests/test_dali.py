@@ -547,9 +547,9 @@ def test_argument_checks(folder: Path) -> None:
         DaliBackend([1, 2, 3], batch_size=2)
     with pytest.raises(ValueError, match="augment must be 'auto', None, one of 'none', 'cifar'.*got 'autoaugment'"):
         DaliBackend(ds, storage=ds.images, batch_size=2, augment="autoaugment")
-    with pytest.raises(ValueError, match="overlay_format must be 'pnm', 'png' or 'jpeg', got 'webp'"):
-        DaliBackend(ImageFolder(folder), batch_size=2, overlay_format="webp")
-    with pytest.raises(TypeError, match="overlay_dir must be a directory path or None, got int"):
+    with pytest.raises(ValueError, match=r"dali_overlay_format\) must be 'pnm', 'png' or 'jpeg', got 'webp'"):
+        KCDLoader(ImageFolder(folder), SCHED, backend="dali", dali_overlay_format="webp")
+    with pytest.raises(TypeError, match=r"dali_overlay_dir\) must be a directory path or None, got int"):
         DaliBackend(ImageFolder(folder), batch_size=2, overlay_dir=5)
     with pytest.raises(ValueError, match="overlay_dir applies to image folders .*got overlay_dir='/tmp/x'"):
         KCDLoader(ds, SCHED, backend="dali", dali_overlay_dir="/tmp/x")

@@ -112,10 +112,14 @@ def test_memory_budget_spills_to_a_private_directory_that_goes_with_the_overlay(
     del ov
     gc.collect()
     assert not os.path.exists(folder)  # owned and removed
-    with pytest.raises(ValueError, match="budget must be an int >= 0"):
+    with pytest.raises(ValueError, match=r"dali_overlay_budget\) must be an int >= 0 \(bytes\), got -1"):
         FolderOverlay(paths, budget=-1)
-    with pytest.raises(ValueError, match="overlay_format must be 'pnm', 'png' or 'jpeg', got 'webp'"):
+    with pytest.raises(ValueError, match=r"dali_overlay_format\) must be 'pnm', 'png' or 'jpeg', got 'webp'"):
         FolderOverlay(paths, overlay_format="webp")
+    not_a_dir = tmp_path / "a-file"
+    not_a_dir.write_bytes(b"")
+    with pytest.raises(OSError, match=r"dali_overlay_dir\) '.*a-file' cannot hold the overlay's files"):
+        FolderOverlay(paths, overlay_dir=not_a_dir)
 
 
 def test_scale_benchmark_reports_bytes_rates_and_the_imagenet_extrapolation(tmp_path: Path) -> None:

@@ -66,3 +66,7 @@ def test_resize_refuses_bad_arguments_naming_them() -> None:
         resize_bilinear(img[:, :, 0], (2, 2))
     with pytest.raises(ValueError, match=r"image must have H, W, C >= 1, got shape \(0, 5, 3\)"):
         resize_bilinear(img[:0], (2, 2))
+    with pytest.raises(ValueError, match=r"C = 1 or 3 .*got shape \(4, 5, 4\)"):
+        resize_bilinear(np.zeros((4, 5, 4), np.uint8), (2, 2))  # RGBA: Pillow premultiplies alpha
+    with pytest.raises(ValueError, match=r"got shape \(3, 64, 80\) \(channels first\? pass \[H, W, C\]\)"):
+        resize_bilinear(np.zeros((3, 64, 80), np.uint8), (2, 2))

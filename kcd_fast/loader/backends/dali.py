@@ -256,9 +256,15 @@ class DaliBackend:
         try:
             OverlayFormat(overlay_format.value if isinstance(overlay_format, OverlayFormat) else overlay_format)
         except ValueError:
-            raise ValueError(f"overlay_format must be 'pnm', 'png' or 'jpeg', got {overlay_format!r}") from None
+            raise ValueError(
+                "overlay_format (KCDLoader: dali_overlay_format) must be 'pnm', 'png' or 'jpeg', "
+                f"got {overlay_format!r}"
+            ) from None
         if overlay_dir is not None and not isinstance(overlay_dir, (str, os.PathLike)):
-            raise TypeError(f"overlay_dir must be a directory path or None, got {type(overlay_dir).__name__}")
+            raise TypeError(
+                f"overlay_dir (KCDLoader: dali_overlay_dir) must be a directory path or None, got "
+                f"{type(overlay_dir).__name__}"
+            )
         if overlay_dir is not None and storage is not None:
             raise ValueError(
                 f"overlay_dir applies to image folders (arrays are summarised in place), got "
@@ -644,6 +650,12 @@ class DaliBackend:
     def overlay_nbytes(self) -> int:
         """Bytes the overlay holds (in memory, or in its files with ``overlay_dir``)."""
         return 0 if self._overlay is None else self._overlay.nbytes
+
+    @property
+    def overlay_stats(self) -> dict[str, int]:
+        """What the folder overlay did in this process: pairs materialised, summaries made and
+        summaries reused from ``overlay_dir`` (a resumed loader reuses what an earlier one wrote)."""
+        return {} if self._overlay is None else dict(self._overlay.stats)
 
     @property
     def overlay_dir(self) -> str | None:

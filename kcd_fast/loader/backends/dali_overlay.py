@@ -277,11 +277,17 @@ class FolderOverlay:
         try:
             fmt = OverlayFormat(overlay_format.value if isinstance(overlay_format, OverlayFormat) else overlay_format)
         except ValueError:
-            raise ValueError(f"overlay_format must be 'pnm', 'png' or 'jpeg', got {overlay_format!r}") from None
+            raise ValueError(
+                "overlay_format (KCDLoader: dali_overlay_format) must be 'pnm', 'png' or 'jpeg', "
+                f"got {overlay_format!r}"
+            ) from None
         if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 0:
-            raise ValueError(f"budget must be an int >= 0 (bytes), got {budget!r}")
+            raise ValueError(f"budget (KCDLoader: dali_overlay_budget) must be an int >= 0 (bytes), got {budget!r}")
         if overlay_dir is not None and not isinstance(overlay_dir, (str, os.PathLike)):
-            raise TypeError(f"overlay_dir must be a directory path or None, got {type(overlay_dir).__name__}")
+            raise TypeError(
+                f"overlay_dir (KCDLoader: dali_overlay_dir) must be a directory path or None, got "
+                f"{type(overlay_dir).__name__}"
+            )
         self._paths = paths
         self.n = len(paths)
         self.format = fmt
@@ -306,8 +312,16 @@ class FolderOverlay:
                 key.update(os.fsencode(p) + b"\0")
             self._key = key.hexdigest()
             self._dir = os.path.join(os.fspath(overlay_dir), f"kcd-overlay-{self._key}")
-            os.makedirs(self._dir, exist_ok=True)
-            weakref.finalize(self, _Users(self._dir).leave)
+            try:
+                os.makedirs(self._dir, exist_ok=True)
+                users = _Users(self._dir)
+            except OSError as err:
+                raise OSError(
+                    f"overlay_dir (KCDLoader: dali_overlay_dir) {os.fspath(overlay_dir)!r} cannot hold the overlay's "
+                    f"files ({type(err).__name__}: {err}); pass a writable directory, or None to keep the overlay "
+                    "in memory"
+                ) from err
+            weakref.finalize(self, users.leave)
 
     def set_distributed(self, info: Any) -> None:
         """``info``: a :class:`kcd_fast.distributed.DistInfo`; with more than one rank and a
