@@ -12,7 +12,9 @@
 #   dali      DALI on the GPU: its tests (mixed decoder, corrupt-file fuzz), benchmarks/loader.py
 #             --workload jpeg (DALI vs the DataLoader on every CPU core) and the main job with
 #             --backend dali. A machine without DALI: the parts a DALI kit packer (dali_kit.sh) makes,
-#             .gpu_kit/1..4, carried one per device call, are unpacked into /tmp/site first.
+#             .gpu_kit/1..4, carried one per device call, are unpacked into /tmp/site first
+#             (and a torchcodec wheel put in .gpu_kit/1/, for the GPU summariser). Then
+#             benchmarks/scale.py --device cuda: folder summaries on the CPU threads and the GPU.
 #   variants  the opt-in kernel variants: tests and kernel benchmark again
 # Every stage appends to OUT (JSON + logs) and OUT/summary.txt; at the end
 # benchmarks/gpu_summary.py writes OUT/summary.json (commit it as benchmarks/results/gpu/).
@@ -104,8 +106,16 @@ if has dali; then
       export PYTHONPATH=/tmp/site:$PYTHONPATH
     fi
   fi
+  # torchcodec (the GPU summariser's nvJPEG decode/encode): a wheel carried in .gpu_kit/1/ (pip download
+  # torchcodec --no-deps -d .gpu_kit/1), unpacked beside DALI; without it the overlay summarises on the CPU
+  if ! $py -c "import torchcodec" 2>/dev/null && ls .gpu_kit/*/torchcodec-*.whl >/dev/null 2>&1; then
+    mkdir -p /tmp/site && $py -m zipfile -e "$(ls .gpu_kit/*/torchcodec-*.whl | head -1)" /tmp/site
+    export PYTHONPATH=/tmp/site:$PYTHONPATH
+  fi
+  $py -c "import torchcodec.decoders as t; print('torchcodec ok')" 2>&1 | tail -1 | tee -a "$out/summary.txt"
   if $py -c "import nvidia.dali as d; print('DALI', d.__version__)" 2>&1 | tee -a "$out/summary.txt"; then
     $py -m pytest -q -p no:cacheprovider tests/test_dali.py tests/test_bad_data.py tests/test_overlay.py \
+      tests/test_image_codec.py \
       --junitxml="$out/pytest_dali.xml" 2>&1 | tee "$out/pytest_dali.log" | tail -8
     note "pytest dali rc=${PIPESTATUS[0]}"
     $py benchmarks/loader.py --workload jpeg --workers "$(nproc)" "${quick[@]}" --json "$out/loader_jpeg_gpu.json" \
@@ -114,6 +124,9 @@ if has dali; then
     $py benchmarks/throughput.py --device cuda --backend dali "${quick[@]}" --no-progress \
       --json "$out/throughput_dali.json" --plot "$out/throughput_dali.png" 2>&1 | tee "$out/throughput_dali.log"
     note "main job (dali) rc=${PIPESTATUS[0]}"
+    # folder summaries: the CPU threads and the tensor summariser on the GPU (pairs/s)
+    $py benchmarks/scale.py --repeats 2 --device cuda --json "$out/scale_gpu.json" 2>&1 | tee "$out/scale_gpu.log"
+    note "scale (summaries) rc=${PIPESTATUS[0]}"
   else
     note "dali: not importable and no .gpu_kit parts here: skipped"
   fi

@@ -6,7 +6,8 @@ Reads, from OUT (each optional; a missing one leaves its fields null with the re
 "missing"): env.txt (nvidia-smi's GPU name), pytest.xml (the CUDA test run, JUnit XML),
 kernels_cuda.json (benchmarks/kernels.py --device cuda), tensor_feed.json, loader_jpeg_gpu.json
 (benchmarks/loader.py --workload jpeg with DALI on the GPU), throughput_tensor.json /
-throughput_dali.json (the main job). Writes OUT/summary.json and prints it.
+throughput_dali.json (the main job), scale_gpu.json (benchmarks/scale.py --device cuda: folder
+summaries per second on the CPU threads and the GPU). Writes OUT/summary.json and prints it.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ def summarise(out: Path, commit: str | None = None) -> dict[str, Any]:
     loader = _load(out / "loader_jpeg_gpu.json", missing)
     main_tensor = _load(out / "throughput_tensor.json", missing)
     main_dali = _load(out / "throughput_dali.json", missing)
+    scale = _load(out / "scale_gpu.json", missing)
     if commit is None:
         try:
             commit = subprocess.run(
@@ -113,6 +115,13 @@ def summarise(out: Path, commit: str | None = None) -> dict[str, Any]:
         summary["dali_gpu_img_per_s"] = fk.get("dali_images_per_s")
         summary["dataloader_img_per_s"] = fk.get("dataloader_pil_images_per_s")
         summary["dali_over_dataloader"] = fk.get("ratio")
+    if scale is not None:  # folder summaries (benchmarks/scale.py --device cuda): pairs per second
+        jp = scale.get("formats", {}).get("jpeg", {})
+        summary["summary_pairs_per_s"] = {
+            "cpu_threads": jp.get("pairs_per_s"),
+            "cpu_per_core": jp.get("pairs_per_s_per_core"),
+            "gpu": jp.get("pairs_per_s_device", {}).get("median"),
+        }
     summary["missing"] = missing
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -14,7 +14,10 @@ process's resident memory, and the extrapolation to ImageNet-1k (N = 1,281,167, 
 2 MiB budget after each condensation (flat: the rest goes to files), and with ``overlay_dir``
 the time a resumed loader takes to reuse the summaries against building them.
 
-Usage: python benchmarks/scale.py [--quick] [--k K] [--repeats R] [--json PATH]
+With ``--device cuda`` (torchcodec installed) it also times the tensor summariser the DALI back
+end uses on a GPU (nvJPEG decoding and encoding in batches, the CUDA blend kernel).
+
+Usage: python benchmarks/scale.py [--quick] [--k K] [--repeats R] [--device DEV] [--json PATH]
 """
 
 from __future__ import annotations
@@ -92,6 +95,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--repeats", type=int, default=3, help="rate measurements per format (median)")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="also time the tensor summariser on this torch device (e.g. cuda; needs torchcodec)",
+    )
     a = p.parse_args(argv)
     k = a.k or (300 if a.quick else 1500)
     cores = os.cpu_count() or 1
@@ -143,6 +151,21 @@ def main(argv: list[str] | None = None) -> dict:
         one.append(sum(pairs) / (time.perf_counter() - t0))
         del ov
     res["formats"]["jpeg"]["pairs_per_s_one_thread"] = float(np.median(one))
+    if a.device:  # the tensor summariser (the DALI back end's on a GPU): batched decode/encode on the device
+        dev, rates = torch.device(a.device), []
+        for _ in range(a.repeats):
+            ov = FolderOverlay(paths, overlay_format="jpeg", num_threads=cores, device=dev)
+            t0 = time.perf_counter()
+            ov.sync(log)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            rates.append(sum(pairs) / (time.perf_counter() - t0))
+            del ov
+        res["formats"]["jpeg"]["pairs_per_s_device"] = {
+            "device": str(dev),
+            "median": float(np.median(rates)),
+            "runs": rates,
+        }
     # a memory budget far below the overlay: memory stays at the budget, the rest goes to files
     budget = 2 << 20
     ov = FolderOverlay(paths, overlay_format="jpeg", num_threads=cores, budget=budget)
@@ -198,6 +221,9 @@ def main(argv: list[str] | None = None) -> dict:
         )
     j = res["formats"]["jpeg"]
     print(f"jpeg on one thread: {j['pairs_per_s_one_thread']:.0f} pairs/s")
+    if "pairs_per_s_device" in j:
+        d = j["pairs_per_s_device"]
+        print(f"jpeg, the tensor summariser on {d['device']}: {d['median']:.0f} pairs/s")
     b = res["budget"]["after_each_condensation"]
     print(
         f"budget {res['budget']['budget_bytes'] >> 20} MiB: memory "

@@ -115,6 +115,16 @@ void blend(py::capsule images, py::capsule dst, py::capsule src, py::capsule eps
   kcd::cpu::blend(im.data<uint8_t>(), N, D, d.data<int64_t>(), s.data<int64_t>(), e.data<double>(), d.size(0));
 }
 
+// dst [...] u8 <- blend(dst, src [...] u8, eps), both contiguous with the same element count.
+void blend_image(py::capsule dst, py::capsule src, double eps) {
+  Tensor d = unwrap(dst, "dst"), s = unwrap(src, "src");
+  require(d, kDLUInt, 8, -1);
+  require(s, kDLUInt, 8, -1);
+  if (d.numel() != s.numel()) throw std::invalid_argument("dst and src differ in size");
+  py::gil_scoped_release nogil;
+  kcd::cpu::blend_image(d.data<uint8_t>(), s.data<uint8_t>(), d.numel(), eps);
+}
+
 // image [H, W, C] u8 contiguous -> out [OH, OW, C] u8 contiguous (Pillow's bilinear filter).
 void resize_bilinear(py::capsule image, py::capsule out) {
   Tensor im = unwrap(image, "image"), o = unwrap(out, "out");
@@ -157,6 +167,7 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("augment", &augment, "images [N, H, W, C] u8, indices [B] i64, params [B, 3] i32 (y0, x0, flip), "
         "scale [C] f32, shift [C] f32, fill [C] f32 (padding, output values), out [B, C, oh, ow] (nhwc_out: [B, oh, ow, C]) f32/bf16, pad, nhwc_out");
   m.def("blend", &blend, "images [N, ...] u8, dst [L] i64, src [L] i64, eps [L] f64");
+  m.def("blend_image", &blend_image, "dst [...] u8 (in place), src [...] u8, eps f64");
   m.def("resize_bilinear", &resize_bilinear, "image [H, W, C] u8 -> out [OH, OW, C] u8 (Pillow's bilinear)");
   m.def("condense", &condense, "values [N] f64, n_keep, n_prev, mode, eps_m, random_pos [P], keep [n_keep], "
                                "dropped [L], dst [P], src [P], eps [P]");

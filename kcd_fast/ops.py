@@ -640,6 +640,35 @@ def blend_(images, dst, src, eps, *, check: bool | None = None):
     return images
 
 
+def blend_image_(dst, src, eps: float):
+    """In-place VAKS summary of one pair held in two buffers: ``dst = round(eps * dst +
+    (1 - eps) * src)`` per byte (round half up, clamp to [0, 255]): the same bytes as
+    :func:`blend_` on ``images = stack([dst, src])``, without copying the two images into
+    one array (the folder overlay blends each decoded pair with it).
+
+    Args:
+        dst: ``[...]`` uint8 on the CPU, contiguous and writeable (updated in place).
+        src: uint8 on the CPU, the shape of ``dst``.
+        eps: the weight of ``dst``, a float in [0, 1].
+
+    Returns ``dst``.
+    """
+    d, _ = A.as_torch(dst, "dst", writable=True)
+    s, _ = A.as_torch(src, "src")
+    A.check_dtype(d, "dst", (torch.uint8,))
+    A.check_dtype(s, "src", (torch.uint8,))
+    A.check_contiguous_out(d, "dst")
+    if d.shape != s.shape:
+        raise ValueError(f"src must have dst's shape {tuple(d.shape)}, got {tuple(s.shape)}")
+    device = A.check_same_device([("dst", d), ("src", s)])
+    if device.type != "cpu":
+        raise ValueError(f"dst and src must be on the CPU (use blend_ for device images), got {device}")
+    if isinstance(eps, bool) or not isinstance(eps, (float, int, np.floating, np.integer)) or not 0.0 <= eps <= 1.0:
+        raise ValueError(f"eps must be a float in [0, 1], got {eps!r}")
+    _cpu.blend_image(A.capsule(d), A.capsule(s.contiguous()), float(eps))
+    return dst
+
+
 def _check_pairs_torch(n: int, d: torch.Tensor, s: torch.Tensor, e: torch.Tensor) -> None:
     for name, t in (("dst", d), ("src", s)):
         bad = (t < 0) | (t >= n)

@@ -24,6 +24,7 @@ from fileopens import FileOpens
 from kcd_fast import ArrayDataset, CondensationSchedule, ImageFolder, KCDLoader
 from kcd_fast import _reference as R
 from kcd_fast.data import UnreadableImageError, load_rgb
+from kcd_fast.loader.backends.image_codec import torchcodec_module
 
 C = 5  # classes
 SCHED = CondensationSchedule(epochs=6, period=2, rho=0.5)  # sizes of 97: [97, 77, 61, 61, 49, 49]
@@ -476,8 +477,10 @@ def test_folder_vaks_end_to_end_and_resume(folder: Path, tmp_path: Path, store: 
     assert_same_epochs(ref[stop:], rest)  # indices, labels and augmented images, bit for bit
     assert_same_state(resumed.state_dict(), full.state_dict())
     if store == "files":  # the resumed loader read the summaries the earlier runs wrote
-        assert resumed.backend._overlay.stats["pairs_made"] == 0
-        assert resumed.backend._overlay.stats["summaries_reused"] == len(log)
+        stats = resumed.backend.overlay_stats
+        assert stats["pairs_made"] == 0 and stats["summaries_reused"] == len(log)
+        gpu = resumed.backend.device_id is not None and torchcodec_module() is not None
+        assert stats["device"] == (f"cuda:{resumed.backend.device_id}" if gpu else "cpu threads")
 
 
 # -- resume -----------------------------------------------------------------------------------------

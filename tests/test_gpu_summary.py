@@ -56,6 +56,8 @@ def _write(out: Path) -> None:
         "kcd": {"seconds": 83.0, "accuracy": 91.2},
     }
     (out / "throughput_tensor.json").write_text(json.dumps(job))
+    jpeg = {"pairs_per_s": 2400.0, "pairs_per_s_per_core": 150.0, "pairs_per_s_device": {"median": 5000.0}}
+    (out / "scale_gpu.json").write_text(json.dumps({"formats": {"jpeg": jpeg}}))
 
 
 def test_every_field_comes_from_its_output(tmp_path: Path, gpu_summary) -> None:
@@ -76,6 +78,7 @@ def test_every_field_comes_from_its_output(tmp_path: Path, gpu_summary) -> None:
         "accuracy": {"vanilla": 91.0, "kcd": 91.2},
         "within_C_plus_0.02": True,
     }
+    assert s["summary_pairs_per_s"] == {"cpu_threads": 2400.0, "cpu_per_core": 150.0, "gpu": 5000.0}
     assert s["main_job_dali"] is None and s["missing"] == ["throughput_dali.json: FileNotFoundError"]
     assert json.loads((tmp_path / "summary.json").read_text()) == s
 

@@ -371,3 +371,76 @@ def test_a_rank_that_cannot_read_its_share_fails_every_rank(tmp_path: Path) -> N
     r0, r1 = _spawn(2, tmp_path, photos, "missing")
     assert r1["error"][0] == "FileNotFoundError" and ".gone" in r1["error"][1]
     assert r0["error"] == ("RuntimeError", "another rank failed to materialise its share of a summary; see its error")
+
+
+# -- the tensor summariser (device=...): batched torchcodec decoding, torch's antialiased resize,
+# the blend kernel, run here on the CPU (the GPU run is in benchmarks/gpu_check.sh) --------------
+def _tensor_device_or_skip(device: str) -> None:
+    from kcd_fast.loader.backends.image_codec import torchcodec_module
+
+    if torchcodec_module() is None:
+        pytest.skip("the tensor summariser needs torchcodec (pip install torchcodec)")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.needs_cuda)])
+def test_tensor_summariser_is_within_a_level_or_two_of_pillows_pixels(tmp_path: Path, device: str) -> None:
+    _tensor_device_or_skip(device)
+    paths = _photos(tmp_path)
+    want = _reference(paths)
+    ov = FolderOverlay(paths, overlay_format="pnm", num_threads=2, device=device)
+    ov.sync(LOG)
+    assert ov.points == sorted(want) and ov.stats["pairs_made"] == 5
+    for i in want:
+        err = np.abs(ov.image(i).astype(int) - want[i].astype(int))
+        # the CPU: torch's float32 resize vs Pillow's fixed point (the second summary reads the first);
+        # CUDA: nvJPEG's IDCT and upsampling differ from libjpeg's by a few levels too
+        assert err.max() <= (2 if device == "cpu" else 12) and err.mean() < (0.1 if device == "cpu" else 1.5), i
+    jp = FolderOverlay(paths, overlay_format="jpeg", num_threads=2, device=device)
+    jp.sync(LOG)
+    for i in want:
+        err = np.abs(jp.image(i).astype(int) - want[i].astype(int))
+        assert err.mean() < 2.5 and err.max() <= 40, (i, err.mean(), err.max())
+    again = FolderOverlay(paths, overlay_format="jpeg", num_threads=1, device=device)
+    again.sync(LOG)  # deterministic: a replay gives the same bytes
+    assert all(np.array_equal(again.entries[i], jp.entries[i]) for i in want)
+
+
+def test_tensor_summariser_files_name_their_files_and_keep_their_own_directory(tmp_path: Path) -> None:
+    _tensor_device_or_skip("cpu")
+    paths = _photos(tmp_path)
+    store = tmp_path / "store"
+    a = FolderOverlay(paths, overlay_format="jpeg", overlay_dir=store, device="cpu")
+    b = FolderOverlay(paths, overlay_format="jpeg", overlay_dir=store)
+    assert a.directory != b.directory  # other pixels, other content-addressed entry
+    a.sync(LOG)
+    resumed = FolderOverlay(paths, overlay_format="jpeg", overlay_dir=store, device="cpu")
+    resumed.sync(LOG)
+    assert resumed.stats["summaries_reused"] == 2 and resumed.stats["pairs_made"] == 0
+    bad = list(paths)
+    Path(bad[10]).write_bytes(Path(bad[10]).read_bytes()[:200])  # src of the first summary, cut short
+    from kcd_fast.data.folders import UnreadableImageError
+
+    for fmt in ("jpeg", "pnm"):
+        ov = FolderOverlay(bad, overlay_format=fmt, device="cpu")
+        with pytest.raises(UnreadableImageError, match="10.jpg"):
+            ov.sync(LOG)
+        assert ov.points == []  # nothing half-applied
+    os.remove(bad[9])
+    with pytest.raises(FileNotFoundError, match="9.jpg"):
+        FolderOverlay(bad, device="cpu").sync(LOG)
+
+
+def test_tensor_summariser_refuses_bad_devices_naming_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    paths = _photos(tmp_path, n=2)
+    with pytest.raises(ValueError, match="device must be None or a torch device.*got 'gpu0'"):
+        FolderOverlay(paths, device="gpu0")
+    with pytest.raises(ValueError, match="device must be None, 'cpu' or a CUDA device, got 'meta'"):
+        FolderOverlay(paths, device="meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device='cuda:0' but torch sees no CUDA device"):
+            FolderOverlay(paths, device="cuda:0")
+    monkeypatch.setenv("KCD_FAST_NO_TORCHCODEC", "1")
+    with pytest.raises(ValueError, match=r"device='cpu': the tensor summariser .* torchcodec"):
+        FolderOverlay(paths, device="cpu")

@@ -1,6 +1,7 @@
 // CPU loop for the VAKS summary (math in kcd/blend.h): images[dst[j]] <-
 // eps[j] * images[dst[j]] + (1 - eps[j]) * images[src[j]], all pairs reading the images
-// as they were before the call (guaranteed by requiring dst unique and disjoint from src).
+// as they were before the call (guaranteed by requiring dst unique and disjoint from src);
+// and the same for one pair held in two buffers (the folder overlay's decoded images).
 #include <cmath>
 #include <stdexcept>
 #include <string>
@@ -54,6 +55,11 @@ void blend_image(uint8_t* __restrict out, const uint8_t* __restrict in, int64_t 
 }
 
 }  // namespace
+
+void blend_image(uint8_t* dst, const uint8_t* src, int64_t D, double eps) {
+  if (!(eps >= 0.0 && eps <= 1.0)) throw std::invalid_argument("eps = " + std::to_string(eps) + " is outside [0, 1]");
+  if (D > 0) blend_image(dst, src, D, eps, 1.0 - eps);
+}
 
 void blend(uint8_t* images, int64_t N, int64_t D, const int64_t* dst, const int64_t* src,
            const double* eps, int64_t L) {

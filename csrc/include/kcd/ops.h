@@ -59,6 +59,9 @@ void augment(const uint8_t* images, int64_t N, const AugmentGeometry& g, const i
 // dst disjoint from src before writing.
 void blend(uint8_t* images, int64_t N, int64_t D, const int64_t* dst, const int64_t* src,
            const double* eps, int64_t L);
+// dst [D] u8 <- blend(dst, src [D] u8, eps): one pair of blend() in two buffers (no copies
+// into an images array). Checks eps in [0, 1].
+void blend_image(uint8_t* dst, const uint8_t* src, int64_t D, double eps);
 // in [H, W, C] u8 -> out [OH, OW, C] u8, Pillow's bilinear filter (kcd/resize.h).
 void resize_bilinear(const uint8_t* in, int64_t H, int64_t W, int64_t C, uint8_t* out, int64_t OH, int64_t OW);
 // values [N]; keep [n_keep] sorted by index; dropped [n_prev - n_keep] in rank order;

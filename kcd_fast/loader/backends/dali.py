@@ -76,6 +76,9 @@ GPU
     as the caller holds it, after the epoch's end, an error or ``close()`` too (tested
     with freed memory poisoned).
     Labels stay on the CPU (a GPU store's stay on its GPU, like ``ArrayDataset``'s).
+    With torchcodec installed, a folder's VAKS pairs are summarised on the same GPU too
+    (:class:`FolderOverlay` ``device``: nvJPEG decoding and encoding in batches, torch's
+    antialiased resize, the CUDA blend kernel); without it, on the CPU's threads.
 
 Errors
     A missing or undecodable image file raises ``FileNotFoundError`` /
@@ -102,6 +105,7 @@ from ...data.folders import UnreadableImageError, is_image_folder, load_rgb
 from ..state import Summary
 from .base import ArrayImages, EpochBatchSampler, Restore, check_prefix
 from .dali_overlay import FolderOverlay, OverlayFormat
+from .image_codec import torchcodec_module
 from .recipes import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["DALI_PACKAGE", "Augment", "DaliBackend", "OverlayFormat", "require_dali"]
@@ -315,6 +319,8 @@ class DaliBackend:
                 num_threads=self.num_threads,
                 overlay_dir=overlay_dir,
                 budget=overlay_budget,
+                # summarised where the pipeline runs: on its GPU when torchcodec can decode there
+                device=None if device_id is None or torchcodec_module() is None else torch.device("cuda", device_id),
             )
         )
         self._log: list[Summary] = []
@@ -652,10 +658,14 @@ class DaliBackend:
         return 0 if self._overlay is None else self._overlay.nbytes
 
     @property
-    def overlay_stats(self) -> dict[str, int]:
+    def overlay_stats(self) -> dict[str, Any]:
         """What the folder overlay did in this process: pairs materialised, summaries made and
-        summaries reused from ``overlay_dir`` (a resumed loader reuses what an earlier one wrote)."""
-        return {} if self._overlay is None else dict(self._overlay.stats)
+        summaries reused from ``overlay_dir`` (a resumed loader reuses what an earlier one wrote),
+        and ``device``: where pairs are summarised ("cpu threads", or the GPU's torch device)."""
+        if self._overlay is None:
+            return {}
+        dev = self._overlay.device
+        return {**self._overlay.stats, "device": "cpu threads" if dev is None else str(dev)}
 
     @property
     def overlay_dir(self) -> str | None:

@@ -46,7 +46,6 @@ loader rebuilds it bit-exactly from its log (:meth:`FolderOverlay.sync`).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -56,76 +55,55 @@ import threading
 import weakref
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from enum import Enum, unique
 from typing import Any
 
 import numpy as np
 import torch
 
-from ...data.folders import load_rgb
-from ...ops import blend_, resize_bilinear
+from ...ops import blend_, blend_image_, resize_bilinear
 from ..state import is_prefix
+from .image_codec import (
+    OverlayFormat,
+    decode_rgb,
+    decode_rgb_batch,
+    encode,
+    encode_chw,
+    read_rgb,
+    resize_chw,
+    torchcodec_module,
+)
 
 __all__ = ["FolderOverlay", "OverlayFormat"]
 
 _OVERLAY_CHUNK = 256  # pairs decoded at a time while materialising a summary (bounds memory)
-_JPEG_QUALITY = 95
-_JPEG_SUBSAMPLING = 2  # PIL: 0 = 4:4:4, 1 = 4:2:2, 2 = 4:2:0
+_DEVICE_CHUNK = 32  # pairs per batched decode on a device (64 images in device memory at once)
 
 
-@unique
-class OverlayFormat(str, Enum):
-    """How summarised folder images are encoded (pnm, png lossless; jpeg lossy)."""
-
-    PNM = "pnm"  # binary PPM: raw RGB behind a short header; decoding is a copy
-    PNG = "png"  # deflate-compressed, level 1
-    JPEG = "jpeg"  # quality 95, 4:2:0: lossy, about the size of the photo it replaces
-
-    @property
-    def extension(self) -> str:
-        return {"pnm": "ppm", "png": "png", "jpeg": "jpg"}[self.value]
-
-
-def _encode(img: np.ndarray, fmt: OverlayFormat) -> np.ndarray:
-    """uint8 ``[H, W, 3]`` -> the encoded bytes ``[nbytes]`` uint8."""
-    h, w = img.shape[:2]
-    if fmt is OverlayFormat.PNM:
-        return np.frombuffer(f"P6\n{w} {h}\n255\n".encode() + np.ascontiguousarray(img).tobytes(), np.uint8)
-    from PIL import Image
-
-    buf = io.BytesIO()
-    if fmt is OverlayFormat.JPEG:
-        Image.fromarray(img, "RGB").save(buf, format="JPEG", quality=_JPEG_QUALITY, subsampling=_JPEG_SUBSAMPLING)
-    else:
-        Image.fromarray(img, "RGB").save(buf, format="PNG", compress_level=1)
-    return np.frombuffer(buf.getvalue(), np.uint8)
+def _device_arg(device: Any) -> torch.device:
+    """``device`` (FolderOverlay) -> a torch.device the tensor summariser can run on, or raise."""
+    try:
+        dev = torch.device(device)
+    except (TypeError, RuntimeError):
+        raise ValueError(f"device must be None or a torch device (e.g. 'cuda:0'), got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but torch sees no CUDA device; pass device=None")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be None, 'cpu' or a CUDA device, got {device!r}")
+    if torchcodec_module() is None:
+        raise ValueError(
+            f"device={device!r}: the tensor summariser decodes and encodes with torchcodec, which is not "
+            "installed (pip install torchcodec) or is switched off (KCD_FAST_NO_TORCHCODEC); pass device=None "
+            "to summarise on the CPU's threads"
+        )
+    return dev
 
 
-def _decode_image(data: bytes | np.ndarray) -> Any:
-    """Overlay bytes -> an RGB ``PIL.Image``."""
-    from PIL import Image
-
-    im = Image.open(io.BytesIO(data if isinstance(data, bytes) else data.tobytes()))
-    im.load()
-    return im if im.mode == "RGB" else im.convert("RGB")
-
-
-def _decode(data: np.ndarray) -> np.ndarray:
-    """Overlay bytes -> uint8 ``[H, W, 3]``."""
-    return np.asarray(_decode_image(data))
-
-
-def _entry_image(entry: np.ndarray | str) -> Any:
-    """An overlay entry (encoded bytes, or the path of an overlay file) -> RGB ``PIL.Image``."""
+def _entry_rgb(entry: np.ndarray | str) -> np.ndarray:
+    """An overlay entry (encoded bytes, or the path of an overlay file) -> uint8 ``[H, W, 3]``."""
     if isinstance(entry, str):
         with open(entry, "rb") as f:
-            return _decode_image(f.read())
-    return _decode_image(entry)
-
-
-def _decode_entry(entry: np.ndarray | str) -> np.ndarray:
-    """An overlay entry -> uint8 ``[H, W, 3]``."""
-    return np.asarray(_entry_image(entry))
+            return decode_rgb(f.read())
+    return decode_rgb(entry)
 
 
 def _remove_files(paths: Sequence[str]) -> None:
@@ -263,6 +241,11 @@ class FolderOverlay:
             between ranks when they share it; see the module docstring).
         budget: bytes the overlay may hold in memory (``overlay_dir`` None); past it, new
             entries are written to files in a private temporary directory the overlay owns.
+        device: None (default): pairs summarised on the CPU's threads, Pillow's pixels bit for
+            bit; or a torch device (the DALI back end passes its GPU): the batched tensor
+            summariser on that device, which needs torchcodec (nvJPEG decoding and encoding
+            on CUDA) and resizes with torch's antialiased bilinear filter (within a level of
+            Pillow's). Its files get their own ``overlay_dir`` entry (other pixels).
     """
 
     def __init__(
@@ -273,6 +256,7 @@ class FolderOverlay:
         num_threads: int = 1,
         overlay_dir: str | os.PathLike | None = None,
         budget: int = 1 << 30,
+        device: str | torch.device | None = None,
     ):
         try:
             fmt = OverlayFormat(overlay_format.value if isinstance(overlay_format, OverlayFormat) else overlay_format)
@@ -288,6 +272,7 @@ class FolderOverlay:
                 f"overlay_dir (KCDLoader: dali_overlay_dir) must be a directory path or None, got "
                 f"{type(overlay_dir).__name__}"
             )
+        self.device = None if device is None else _device_arg(device)
         self._paths = paths
         self.n = len(paths)
         self.format = fmt
@@ -308,6 +293,8 @@ class FolderOverlay:
         if self._files:
             key = hashlib.blake2b(digest_size=10)
             key.update(f"kcd-overlay-1\0{fmt.value}\0{self.n}\0".encode())
+            if self.device is not None:  # the tensor summariser's pixels differ from Pillow's
+                key.update(f"tensor:{self.device.type}\0".encode())
             for p in paths:
                 key.update(os.fsencode(p) + b"\0")
             self._key = key.hexdigest()
@@ -389,20 +376,20 @@ class FolderOverlay:
         of ``overlay`` (the state before the summary); ``out(j, encoded)`` stores pair j.
         dst and src are disjoint and dst unique, so no pair reads an image another pair
         writes: chunked work equals reading everything before writing anything."""
+        if self.device is not None:
+            self._materialise_tensors(overlay, pairs, js, out)
+            return
         d_l, s_l, e_l = pairs
 
-        def current(i: int) -> Any:  # the image of point i before this summary: RGB PIL.Image
-            return _entry_image(overlay[i]) if i in overlay else load_rgb(self._paths[i])
+        def current(i: int) -> np.ndarray:  # the image of point i before this summary: [H, W, 3], ours to write
+            return _entry_rgb(overlay[i]) if i in overlay else read_rgb(self._paths[i])
 
         def blend_pair(j: int) -> np.ndarray:
-            d_im, s_im = current(d_l[j]), current(s_l[j])
-            w, h = d_im.size
-            pair = np.empty((2, h, w, 3), np.uint8)  # [2, H, W, 3]: dst, src at dst's size
-            pair[0] = np.asarray(d_im)
+            d, s = current(d_l[j]), current(s_l[j])
+            h, w = d.shape[:2]
             # Pillow's bilinear resize, bit for bit (kcd/resize.h), without a PIL round trip
-            pair[1] = np.asarray(s_im) if s_im.size == d_im.size else resize_bilinear(np.asarray(s_im), (h, w))
-            blend_(pair, np.array([0]), np.array([1]), np.array([e_l[j]]))
-            return _encode(pair[0], self.format)
+            blend_image_(d, s if s.shape == d.shape else resize_bilinear(s, (h, w)), e_l[j])
+            return encode(d, self.format)
 
         js = list(js)
         with ThreadPoolExecutor(max_workers=max(1, self.num_threads)) as pool:
@@ -410,6 +397,44 @@ class FolderOverlay:
                 chunk = js[c : c + _OVERLAY_CHUNK]
                 for j, enc in zip(chunk, pool.map(blend_pair, chunk), strict=True):
                     out(j, enc)
+        self.stats["pairs_made"] += len(js)
+
+    def _materialise_tensors(
+        self, overlay: dict[int, Any], pairs: tuple[list[int], list[int], list[float]], js: Sequence[int], out: Any
+    ) -> None:
+        """:meth:`_materialise` on ``self.device``: per chunk, the files and entries read on the
+        thread pool, all images decoded in one torchcodec call, each ``src`` resized to its
+        ``dst`` (:func:`resize_chw`), the pair blended by :func:`kcd_fast.ops.blend_` (the CUDA
+        kernel on a GPU) and encoded (:func:`encode_chw`)."""
+        d_l, s_l, e_l = pairs
+        dev = self.device
+        first, second = torch.zeros(1, dtype=torch.int64, device=dev), torch.ones(1, dtype=torch.int64, device=dev)
+
+        def raw(i: int) -> tuple[bytes, str | None]:  # point i's bytes before this summary, its file if original
+            entry = overlay.get(i)
+            path = entry if isinstance(entry, str) else (self._paths[i] if entry is None else None)
+            if path is None:
+                return entry.tobytes(), None
+            try:
+                with open(path, "rb") as f:
+                    return f.read(), (path if entry is None else None)
+            except OSError:
+                if entry is not None:
+                    raise
+                return b"", path  # read_rgb raises naming the file
+
+        js = list(js)
+        with ThreadPoolExecutor(max_workers=max(1, self.num_threads)) as pool:
+            for c in range(0, len(js), _DEVICE_CHUNK):
+                chunk = js[c : c + _DEVICE_CHUNK]
+                got = list(pool.map(raw, [d_l[j] for j in chunk] + [s_l[j] for j in chunk]))
+                imgs = decode_rgb_batch([g[0] for g in got], [g[1] for g in got], dev)
+                eps = torch.tensor([e_l[j] for j in chunk], dtype=torch.float64, device=dev)
+                for k, j in enumerate(chunk):
+                    d, s = imgs[k], imgs[len(chunk) + k]
+                    pair = torch.stack([d, resize_chw(s, (d.shape[1], d.shape[2]))])  # [2, 3, H, W]
+                    blend_(pair, first, second, eps[k : k + 1], check=False)
+                    out(j, encode_chw(pair[0], self.format))
         self.stats["pairs_made"] += len(js)
 
     def _apply_memory(self, overlay: dict[int, Any], p: tuple, created: list[str]) -> dict[int, Any]:
@@ -537,7 +562,7 @@ class FolderOverlay:
         """The summarised image of point ``index`` (uint8 ``[H, W, 3]``), or None when the
         point reads its original file."""
         data = self._overlay.get(int(index))
-        return None if data is None else _decode_entry(data)
+        return None if data is None else _entry_rgb(data)
 
     @property
     def points(self) -> list[int]:
