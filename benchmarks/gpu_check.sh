@@ -13,7 +13,7 @@
 #             --workload jpeg (DALI vs the DataLoader on every CPU core) and the main job with
 #             --backend dali. A machine without DALI: the parts a DALI kit packer (dali_kit.sh) makes,
 #             .gpu_kit/1..4, carried one per device call, are unpacked into /tmp/site first
-#             (and a torchcodec wheel put in .gpu_kit/1/, for the GPU summariser). Then
+#             (a torchcodec wheel put in .gpu_kit/1/, for the GPU summariser, at the start). Then
 #             benchmarks/scale.py --device cuda: folder summaries on the CPU threads and the GPU.
 #   variants  the opt-in kernel variants: tests and kernel benchmark again
 # Every stage appends to OUT (JSON + logs) and OUT/summary.txt; at the end
@@ -32,11 +32,19 @@ quick=()
 has() { [[ ",$stages," == *",$1,"* ]]; }
 note() { echo "$*" | tee -a "$out/summary.txt"; }
 
+# torchcodec (the folder overlay's GPU summariser: nvJPEG decode/encode): a wheel carried in .gpu_kit/1/
+# (pip download torchcodec --no-deps -d .gpu_kit/1), unpacked into /tmp/site; without it those tests skip
+if ! $py -c "import torchcodec" 2>/dev/null && ls .gpu_kit/*/torchcodec-*.whl >/dev/null 2>&1; then
+  [ -d /tmp/site/torchcodec ] || { mkdir -p /tmp/site && $py -m zipfile -e "$(ls .gpu_kit/*/torchcodec-*.whl | head -1)" /tmp/site; }
+fi
+[ -d /tmp/site ] && export PYTHONPATH=/tmp/site:$PYTHONPATH
+
 if [ ! -s "$out/env.txt" ]; then
   {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
     nvcc --version | tail -1
     $py -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__)"
+    $py -c "import torchcodec.decoders as t, torchcodec; print('torchcodec', torchcodec.__version__)" 2>&1 | tail -1
     git rev-parse HEAD
   } 2>&1 | tee "$out/env.txt"
 fi
@@ -61,7 +69,7 @@ if has tests; then
   $py -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_cuda_streams.py tests/test_rtc.py \
     tests/test_ops.py tests/test_condense.py tests/test_schedule.py tests/test_bank.py tests/test_loader.py \
     tests/test_train.py tests/test_sequence_scores.py tests/test_tensor_backend.py tests/test_correctness.py \
-    --junitxml="$out/pytest.xml" 2>&1 | tee "$out/pytest.log" | tail -15
+    tests/test_image_codec.py tests/test_overlay.py --junitxml="$out/pytest.xml" 2>&1 | tee "$out/pytest.log" | tail -15
   note "pytest rc=${PIPESTATUS[0]}"
 fi
 
@@ -106,16 +114,8 @@ if has dali; then
       export PYTHONPATH=/tmp/site:$PYTHONPATH
     fi
   fi
-  # torchcodec (the GPU summariser's nvJPEG decode/encode): a wheel carried in .gpu_kit/1/ (pip download
-  # torchcodec --no-deps -d .gpu_kit/1), unpacked beside DALI; without it the overlay summarises on the CPU
-  if ! $py -c "import torchcodec" 2>/dev/null && ls .gpu_kit/*/torchcodec-*.whl >/dev/null 2>&1; then
-    mkdir -p /tmp/site && $py -m zipfile -e "$(ls .gpu_kit/*/torchcodec-*.whl | head -1)" /tmp/site
-    export PYTHONPATH=/tmp/site:$PYTHONPATH
-  fi
-  $py -c "import torchcodec.decoders as t; print('torchcodec ok')" 2>&1 | tail -1 | tee -a "$out/summary.txt"
   if $py -c "import nvidia.dali as d; print('DALI', d.__version__)" 2>&1 | tee -a "$out/summary.txt"; then
     $py -m pytest -q -p no:cacheprovider tests/test_dali.py tests/test_bad_data.py tests/test_overlay.py \
-      tests/test_image_codec.py \
       --junitxml="$out/pytest_dali.xml" 2>&1 | tee "$out/pytest_dali.log" | tail -8
     note "pytest dali rc=${PIPESTATUS[0]}"
     $py benchmarks/loader.py --workload jpeg --workers "$(nproc)" "${quick[@]}" --json "$out/loader_jpeg_gpu.json" \
