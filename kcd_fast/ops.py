@@ -649,7 +649,9 @@ def blend_image_(dst, src, eps: float):
     Args:
         dst: ``[...]`` uint8 on the CPU, contiguous and writeable (updated in place).
         src: uint8 on the CPU, the shape of ``dst``.
-        eps: the weight of ``dst``, a float in [0, 1].
+        eps: the weight of ``dst``, a float in [0, 1] (or a 0-d tensor or array holding one).
+
+    Raises ``ValueError`` when dst and src overlap in memory (other than being the same buffer).
 
     Returns ``dst``.
     """
@@ -663,9 +665,18 @@ def blend_image_(dst, src, eps: float):
     device = A.check_same_device([("dst", d), ("src", s)])
     if device.type != "cpu":
         raise ValueError(f"dst and src must be on the CPU (use blend_ for device images), got {device}")
+    if isinstance(eps, (torch.Tensor, np.ndarray)) and eps.ndim == 0:
+        eps = eps.item()  # a 0-d tensor or array holding the weight (a bool one is refused below)
     if isinstance(eps, bool) or not isinstance(eps, (float, int, np.floating, np.integer)) or not 0.0 <= eps <= 1.0:
         raise ValueError(f"eps must be a float in [0, 1], got {eps!r}")
-    _cpu.blend_image(A.capsule(d), A.capsule(s.contiguous()), float(eps))
+    s = s.contiguous()
+    d0, s0, nb = d.data_ptr(), s.data_ptr(), d.numel()
+    if nb and d0 != s0 and d0 < s0 + nb and s0 < d0 + nb:  # the same buffer is fine: each byte reads itself
+        raise ValueError(
+            f"dst and src overlap in memory (offset {s0 - d0:+d} bytes): a byte would read a value already "
+            "blended; pass a copy of src"
+        )
+    _cpu.blend_image(A.capsule(d), A.capsule(s), float(eps))
     return dst
 
 

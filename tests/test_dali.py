@@ -559,8 +559,15 @@ def test_argument_checks(folder: Path) -> None:
     with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 0"):
         DaliBackend(ds, storage=ds.images, batch_size=0)
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="device_id=0 but torch sees 0 CUDA device"):
+        with pytest.raises(ValueError, match=r"device_id \(KCDLoader: dali_device\)=0 but torch sees 0 CUDA device"):
             DaliBackend(ds, storage=ds.images, batch_size=2, device_id=0)
+        with pytest.raises(ValueError, match=r"dali_device\)='cuda' but torch sees no CUDA device"):
+            KCDLoader(ds, SCHED, backend="dali", dali_device="cuda")
+    with pytest.raises(ValueError, match=r"dali_device\) must be 'auto', None, 'cpu', 'cuda', 'cuda:K' .*got 'gpu'"):
+        KCDLoader(ds, SCHED, backend="dali", dali_device="gpu")
+    with pytest.raises(ValueError, match=r"got 'cuda:x'"):
+        DaliBackend(ds, storage=ds.images, batch_size=2, device_id="cuda:x")
+    assert DaliBackend(ds, storage=ds.images, batch_size=2, device_id="cpu").device_id is None
     backend = DaliBackend(ImageFolder(folder), batch_size=2, device_id=None, augment=None)
     with pytest.raises(IndexError, match=r"summary indices must lie in \[0, 24\)"):
         backend.sync_overlay(

@@ -7,6 +7,7 @@ without torchcodec; ``ops.blend_image_`` equals the numpy reference and refuses 
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -162,6 +163,8 @@ def test_blend_image_refuses_bad_arguments_before_writing() -> None:
         ((dst, src, 1.5), "eps must be a float in \\[0, 1\\], got 1.5"),
         ((dst, src, float("nan")), "got nan"),
         ((dst, src, True), "got True"),
+        ((dst, src, torch.tensor(True)), "got True"),
+        ((dst, src, torch.tensor([0.5, 0.5])), "got tensor"),
         ((dst.astype(np.int16), src, 0.5), "dst"),
         ((dst, src.astype(np.float32), 0.5), "src"),
         ((dst[:, ::2], src[:, ::2], 0.5), "dst"),
@@ -170,3 +173,69 @@ def test_blend_image_refuses_bad_arguments_before_writing() -> None:
         with pytest.raises((ValueError, TypeError), match=match):
             ops.blend_image_(*args)
     assert (dst == 7).all()
+
+
+def test_blend_image_refuses_overlapping_buffers() -> None:
+    x = (np.arange(64, dtype=np.uint8) * 3).copy()
+    with pytest.raises(ValueError, match=r"dst and src overlap in memory \(offset -1 bytes\)"):
+        ops.blend_image_(x[1:], x[:-1], 0.3)
+    np.testing.assert_array_equal(x, np.arange(64, dtype=np.uint8) * 3)  # nothing written
+    want = R.blend(np.stack([x, x]), [0], [1], [0.3])[0]
+    ops.blend_image_(x, x, 0.3)  # the same buffer: each byte reads only itself
+    np.testing.assert_array_equal(x, want)
+
+
+def _corrupt_mid_stream(tmp_path: Path) -> tuple[Path, bytes]:
+    """A JPEG whose entropy-coded data has random bytes in the middle (markers intact): Pillow
+    refuses it, libjpeg-turbo in DALI warns and decodes it."""
+    data = bytearray(_jpeg(_photo(120, 160, 7), quality=90))
+    rng = np.random.default_rng(3)
+    mid = len(data) // 2
+    data[mid : mid + 200] = rng.integers(0, 256, 200, dtype=np.uint8).tobytes()
+    p = tmp_path / "mid.jpg"
+    p.write_bytes(bytes(data))
+    return p, bytes(data)
+
+
+def test_a_file_dali_decodes_but_pillow_refuses_is_read_with_dalis_decoder(tmp_path: Path) -> None:
+    pytest.importorskip("nvidia.dali", reason="needs NVIDIA DALI")
+    p, data = _corrupt_mid_stream(tmp_path)
+    with pytest.raises(UnreadableImageError):
+        load_rgb(p)  # Pillow (and the torch back end) refuse it
+    got = C.read_rgb(str(p))  # what the DALI back end trains on: the overlay blends the same pixels
+    want = C._dali_decode_rgb(data)
+    assert want is not None and got.shape == (120, 160, 3)
+    np.testing.assert_array_equal(got, want)
+    junk = tmp_path / "junk.jpg"
+    junk.write_bytes(b"\xff\xd8\xff" + bytes(100))  # nothing decodes it: Pillow's error, naming the file
+    with pytest.raises(UnreadableImageError, match="junk.jpg"):
+        C.read_rgb(str(junk))
+
+
+def test_overlay_errors_name_the_point_and_why_it_was_read(tmp_path: Path) -> None:
+    paths = []
+    for i in range(4):
+        p = tmp_path / f"{i}.jpg"
+        p.write_bytes(_jpeg(_photo(20, 30, i)))
+        paths.append(str(p))
+    log = [{"epoch": 2, "dst": torch.tensor([0]), "src": torch.tensor([3]), "eps": torch.tensor([0.8])}]
+    os.remove(paths[3])
+    for device in (None, "cpu") if C.torchcodec_module() is not None else (None,):
+        ov = FolderOverlay(paths, device=device)
+        with pytest.raises(FileNotFoundError, match=r"3.jpg.*\(dataset index 3, read to summarise a condensation"):
+            ov.sync(log)
+        assert ov.points == []
+
+
+def test_a_summary_that_writes_a_point_twice_names_it(tmp_path: Path) -> None:
+    paths = []
+    for i in range(4):
+        p = tmp_path / f"{i}.jpg"
+        p.write_bytes(_jpeg(_photo(10, 12, i)))
+        paths.append(str(p))
+    ov = FolderOverlay(paths)
+    for dst, src in (([0, 0], [1, 2]), ([0, 1], [1, 2])):
+        log = [{"epoch": 1, "dst": torch.tensor(dst), "src": torch.tensor(src), "eps": torch.tensor([0.5, 0.5])}]
+        with pytest.raises(ValueError, match=r"point\(s\) \[[01]\] appear twice in dst or in both"):
+            ov.sync(log)
+    assert ov.points == []

@@ -162,7 +162,8 @@ class KCDLoader:
             None, "cifar", "cifar_eval", "imagenet", "imagenet_eval" or a callable
             ``(images, device) -> DataNode`` adding DALI ops; seeded from (seed, epoch).
         dali_device: DALI back end only: "auto" (the current CUDA device when there is
-            one, else CPU-only operators), a CUDA device index, or None (CPU only).
+            one, else CPU-only operators), None or "cpu" (CPU only), "cuda" (the current
+            CUDA device), "cuda:K" or a CUDA device index K.
         dali_overlay_dir: DALI back end, image folders only: None (summarised images kept
             in memory, up to ``dali_overlay_budget`` bytes, then spilled to a private temporary
             directory) or a directory for them as files (ImageNet-scale runs): content-addressed

@@ -148,6 +148,31 @@ class Augment(str, Enum):
     IMAGENET_EVAL = "imagenet_eval"
 
 
+def _device_id_arg(device_id: Any) -> int | None:
+    """``device_id`` (KCDLoader: ``dali_device``) -> a CUDA device index, or None for the CPU."""
+    name = "device_id (KCDLoader: dali_device)"
+    accepted = "'auto', None, 'cpu', 'cuda', 'cuda:K' or an int K >= 0"
+    if device_id == "auto":
+        return torch.cuda.current_device() if torch.cuda.is_available() else None
+    if device_id is None or device_id == "cpu":
+        return None
+    if isinstance(device_id, str) and (device_id == "cuda" or device_id.startswith("cuda:")):
+        tail = device_id[5:]
+        if tail and not tail.isdigit():
+            raise ValueError(f"{name} must be {accepted}, got {device_id!r}")
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name}={device_id!r} but torch sees no CUDA device; pass None or 'cpu' for the CPU")
+        device_id = int(tail) if tail else torch.cuda.current_device()
+    if isinstance(device_id, bool) or not isinstance(device_id, (int, np.integer)) or device_id < 0:
+        raise ValueError(f"{name} must be {accepted}, got {device_id!r}")
+    if not torch.cuda.is_available() or device_id >= torch.cuda.device_count():
+        raise ValueError(
+            f"{name}={device_id} but torch sees {torch.cuda.device_count()} CUDA device(s); pass None or 'cpu' "
+            "to run DALI on the CPU"
+        )
+    return int(device_id)
+
+
 def _parse_augment(augment: Any, kind: str) -> Augment | Callable[..., Any]:
     if augment == "auto":
         return Augment.NONE if kind == "arrays" else Augment.IMAGENET
@@ -203,8 +228,8 @@ class DaliBackend:
             ``kcd_fast.data.image_storage`` returns it), or None for a folder.
         batch_size: the largest batch (the pipeline's ``batch_size``), int >= 1.
         num_threads: DALI CPU threads (KCDLoader passes ``max(1, num_workers)``).
-        device_id: ``"auto"`` (current CUDA device if torch sees one, else CPU), ``None``
-            (CPU only) or a CUDA device index.
+        device_id: ``"auto"`` (current CUDA device if torch sees one, else CPU), ``None`` or
+            ``"cpu"`` (CPU only), ``"cuda"`` (the current CUDA device), ``"cuda:K"`` or an int K.
         augment: ``"auto"``, ``None``, a recipe name (:class:`Augment`) or a callable
             ``augment(images, device) -> DataNode``.
         prefetch_queue_depth: batches DALI prepares ahead (>= 1).
@@ -246,17 +271,7 @@ class DaliBackend:
         ):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if device_id == "auto":
-            device_id = torch.cuda.current_device() if torch.cuda.is_available() else None
-        elif device_id is not None:
-            if isinstance(device_id, bool) or not isinstance(device_id, (int, np.integer)) or device_id < 0:
-                raise ValueError(f"device_id must be 'auto', None or a CUDA device index >= 0, got {device_id!r}")
-            if not torch.cuda.is_available() or device_id >= torch.cuda.device_count():
-                raise ValueError(
-                    f"device_id={device_id} but torch sees {torch.cuda.device_count()} CUDA "
-                    "device(s); pass device_id=None to run DALI on the CPU"
-                )
-            device_id = int(device_id)
+        device_id = _device_id_arg(device_id)
         try:
             OverlayFormat(overlay_format.value if isinstance(overlay_format, OverlayFormat) else overlay_format)
         except ValueError:

@@ -67,6 +67,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ...data.folders import UnreadableImageError
 from ...ops import blend_, blend_image_, resize_bilinear
 from ..state import is_prefix
 from .image_codec import (
@@ -111,6 +112,14 @@ def _entry_rgb(entry: np.ndarray | str) -> np.ndarray:
         with open(entry, "rb") as f:
             return decode_rgb(f.read())
     return decode_rgb(entry)
+
+
+def _read_point(path: str, index: int) -> np.ndarray:
+    """:func:`read_rgb` of dataset point ``index``; its errors say which point and why it was read."""
+    try:
+        return read_rgb(path)
+    except (FileNotFoundError, UnreadableImageError) as err:
+        raise type(err)(f"{err} (dataset index {index}, read to summarise a condensation's VAKS pairs)") from err
 
 
 def _remove_files(paths: Sequence[str]) -> None:
@@ -164,7 +173,12 @@ def _summary_tensors(s: Any, n: int) -> tuple[list[int], list[int], list[float],
     eps64 = eps.to(torch.float64)
     d_l, s_l = dst.tolist(), src.tolist()
     if len(set(d_l)) != len(d_l) or set(d_l) & set(s_l):
-        raise ValueError("summary dst must be unique and disjoint from src (as kcd_fast.condense makes them)")
+        seen: set[int] = set()
+        twice = sorted({i for i in d_l if i in seen or seen.add(i)} | (set(d_l) & set(s_l)))
+        raise ValueError(
+            f"summary dst must be unique and disjoint from src (as kcd_fast.condense makes them); point(s) "
+            f"{twice[:5]} appear twice in dst or in both"
+        )
     raw = dst.numpy().tobytes() + src.numpy().tobytes() + eps64.numpy().tobytes()
     return d_l, s_l, eps64.tolist(), raw
 
@@ -389,7 +403,7 @@ class FolderOverlay:
         d_l, s_l, e_l = pairs
 
         def current(i: int) -> np.ndarray:  # the image of point i before this summary: [H, W, 3], ours to write
-            return _entry_rgb(overlay[i]) if i in overlay else read_rgb(self._paths[i])
+            return _entry_rgb(overlay[i]) if i in overlay else _read_point(self._paths[i], i)
 
         def blend_pair(j: int) -> np.ndarray:
             d, s = current(d_l[j]), current(s_l[j])
@@ -417,25 +431,30 @@ class FolderOverlay:
         dev = self.device
         first, second = torch.zeros(1, dtype=torch.int64, device=dev), torch.ones(1, dtype=torch.int64, device=dev)
 
-        def raw(i: int) -> tuple[bytes, str | None]:  # point i's bytes before this summary, its file if original
+        def raw(i: int) -> bytes:  # point i's bytes before this summary (b"": its file cannot be read)
             entry = overlay.get(i)
-            path = entry if isinstance(entry, str) else (self._paths[i] if entry is None else None)
-            if path is None:
-                return entry.tobytes(), None
+            if entry is not None and not isinstance(entry, str):
+                return entry.tobytes()
             try:
-                with open(path, "rb") as f:
-                    return f.read(), (path if entry is None else None)
+                with open(self._paths[i] if entry is None else entry, "rb") as f:
+                    return f.read()
             except OSError:
                 if entry is not None:
                     raise
-                return b"", path  # read_rgb raises naming the file
+                return b""  # _read_point raises naming the file and the point
 
         js = list(js)
         with ThreadPoolExecutor(max_workers=max(1, self.num_threads)) as pool:
             for c in range(0, len(js), _DEVICE_CHUNK):
                 chunk = js[c : c + _DEVICE_CHUNK]
-                got = list(pool.map(raw, [d_l[j] for j in chunk] + [s_l[j] for j in chunk]))
-                imgs = decode_rgb_batch([g[0] for g in got], [g[1] for g in got], dev)
+                pts = [d_l[j] for j in chunk] + [s_l[j] for j in chunk]
+                datas = list(pool.map(raw, pts))
+
+                def fallback(k: int, pts: list[int] = pts, datas: list[bytes] = datas) -> np.ndarray:
+                    i = pts[k]
+                    return _read_point(self._paths[i], i) if i not in overlay else decode_rgb(datas[k])
+
+                imgs = decode_rgb_batch(datas, fallback, dev)
                 eps = torch.tensor([e_l[j] for j in chunk], dtype=torch.float64, device=dev)
                 for k, j in enumerate(chunk):
                     d, s = imgs[k], imgs[len(chunk) + k]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Callable
 from enum import Enum, unique
 from typing import Any
 
@@ -94,13 +95,14 @@ def _is_jpeg(data: bytes) -> bool:
     return data.startswith(_SOI) and data.endswith(_EOI)
 
 
-def decode_rgb_batch(datas: list[bytes], paths: list[str | None], device: torch.device) -> list[torch.Tensor]:
-    """Encoded images -> uint8 ``[3, H, W]`` tensors on ``device``. ``datas[k]`` holds the
-    bytes of the file ``paths[k]`` (None: an overlay entry's bytes). The complete JPEGs are
-    decoded by torchcodec in one call (nvJPEG's batched decoder on CUDA, libjpeg-turbo on
-    the CPU; EXIF orientation applied); the rest, and every image of a batch torchcodec
-    refuses, one by one on the CPU (:func:`read_rgb` / :func:`decode_rgb`: Pillow's errors,
-    naming the file)."""
+def decode_rgb_batch(
+    datas: list[bytes], fallback: Callable[[int], np.ndarray], device: torch.device
+) -> list[torch.Tensor]:
+    """Encoded images -> uint8 ``[3, H, W]`` tensors on ``device``. The complete JPEGs among
+    ``datas`` are decoded by torchcodec in one call (nvJPEG's batched decoder on CUDA,
+    libjpeg-turbo on the CPU; EXIF orientation applied); the rest, and every image of a batch
+    torchcodec refuses, by ``fallback(k)`` -> uint8 ``[H, W, 3]`` on the CPU (the overlay
+    passes :func:`read_rgb` / :func:`decode_rgb`, whose errors name the file)."""
     tc = torchcodec_module()
     out: list[torch.Tensor | None] = [None] * len(datas)
     jpegs = [k for k, d in enumerate(datas) if _is_jpeg(d)] if tc is not None else []
@@ -113,9 +115,7 @@ def decode_rgb_batch(datas: list[bytes], paths: list[str | None], device: torch.
             out[k] = t
     for k, t in enumerate(out):
         if t is None:
-            p = paths[k]
-            a = read_rgb(p) if p is not None else decode_rgb(datas[k])
-            out[k] = torch.from_numpy(a).permute(2, 0, 1).to(device)
+            out[k] = torch.from_numpy(fallback(k)).permute(2, 0, 1).to(device)
     return out  # type: ignore[return-value]
 
 
@@ -140,16 +140,50 @@ def encode_chw(img: torch.Tensor, fmt: OverlayFormat) -> np.ndarray:
     return encode(img.permute(1, 2, 0).cpu().numpy(), fmt)
 
 
+def _dali_decode_rgb(data: bytes) -> np.ndarray | None:
+    """``data`` decoded by DALI's CPU decoder (the one the DALI back end trains on), or None
+    when DALI is absent or refuses it too."""
+    try:
+        from nvidia.dali import fn, pipeline_def, types
+    except ImportError:
+        return None
+    enc = np.frombuffer(data, np.uint8)
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def one() -> Any:
+        return fn.decoders.image(fn.external_source(source=lambda: [enc], batch=True), output_type=types.RGB)
+
+    try:
+        pipe = one()
+        pipe.build()
+        (out,) = pipe.run()
+        a = np.array(out.at(0))
+    except Exception:  # DALI cannot decode it either: the caller raises Pillow's error
+        return None
+    return a if a.ndim == 3 and a.shape[2] == 3 else None
+
+
 def read_rgb(path: str) -> np.ndarray:
     """An image file -> uint8 ``[H, W, 3]`` RGB, writeable, EXIF orientation applied
-    (:func:`kcd_fast.data.load_rgb`'s pixels and errors)."""
+    (:func:`kcd_fast.data.load_rgb`'s pixels and errors). A file Pillow refuses but DALI's
+    decoder reads (a JPEG corrupt mid-stream: libjpeg-turbo warns and goes on) is decoded by
+    DALI when it is installed: the overlay then blends the pixels the DALI back end trained
+    on instead of stopping the run at the condensation that first reads the file."""
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError:
         data = b""  # load_rgb raises the error that names the file
     a = _decode_jpeg_tc(data) if data else None
-    return a if a is not None else np.array(load_rgb(path))
+    if a is not None:
+        return a
+    try:
+        return np.array(load_rgb(path))
+    except UnreadableImageError:
+        a = _dali_decode_rgb(data) if data else None
+        if a is None:
+            raise
+        return a
 
 
 def decode_rgb(data: bytes | np.ndarray) -> np.ndarray:
