@@ -690,3 +690,14 @@ def test_a_dali_loader_left_behind_does_not_hang_forked_workers() -> None:
     finally:
         gc.enable()
         gc.collect()
+
+
+@needs_dali
+def test_overlay_device_is_checked_and_cpu_keeps_the_threads(folder: Path) -> None:
+    with pytest.raises(ValueError, match=r"dali_overlay_device\) must be 'auto', 'cpu' or 'gpu', got 'tpu'"):
+        KCDLoader(ImageFolder(folder), SCHED, backend="dali", dali_device=None, dali_overlay_device="tpu")
+    with pytest.raises(ValueError, match=r"dali_overlay_device\)='gpu' but DALI runs on the CPU \(dali_device\)"):
+        KCDLoader(ImageFolder(folder), SCHED, backend="dali", dali_device=None, dali_overlay_device="gpu")
+    for dev in ("auto", "cpu"):
+        loader = KCDLoader(ImageFolder(folder), SCHED, backend="dali", dali_device=None, dali_overlay_device=dev)
+        assert loader.backend.overlay_stats["device"] == "cpu threads"

@@ -6,6 +6,7 @@
 // vector registers (AVX-512F / AVX2 / baseline clones); wide enough images take the
 // horizontal pass through a transpose and the same vertical loop.
 #include <algorithm>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -92,7 +93,16 @@ void transpose(const uint8_t* in, int64_t rows, int64_t cols, int64_t C, uint8_t
       const int64_t c1 = std::min(cols, c0 + kBlock);
       for (int64_t r = r0; r < r1; ++r) {
         const uint8_t* src = in + r * cols * C;
-        if (C == 3) {
+        if (C == 3 && r + 1 < rows) {
+          // 4-byte moves: the 4th byte read is the next pixel's (in bounds: not the last row) and
+          // the 4th byte written is pixel (c, r + 1)'s first, which this loop writes later (rows
+          // ascend within a block, blocks ascend); the last row below moves 3 bytes
+          for (int64_t c = c0; c < c1; ++c) {
+            uint32_t v;
+            std::memcpy(&v, src + c * 3, 4);
+            std::memcpy(out + (c * rows + r) * 3, &v, 4);
+          }
+        } else if (C == 3) {
           for (int64_t c = c0; c < c1; ++c) {
             uint8_t* dst = out + (c * rows + r) * 3;
             dst[0] = src[c * 3];

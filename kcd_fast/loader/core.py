@@ -169,6 +169,10 @@ class KCDLoader:
             directory) or a directory for them as files (ImageNet-scale runs): content-addressed
             by the summary log, reused by a resumed loader, split between DDP ranks that share
             the directory, removed by its last user.
+        dali_overlay_device: DALI back end, image folders only: where VAKS pairs are
+            summarised: "auto" (default: on DALI's GPU when it runs on one and torchcodec is
+            installed, else "cpu"), "cpu" (the CPU threads; Pillow's pixels bit for bit) or
+            "gpu" (DALI's GPU; an error without one or without torchcodec).
         value: how points are scored: "entropy" (default), "kl" (needs teacher logits
             in ``observe``) or "random".
         vaks: "auto" (default: "low" when the back end can blend the dataset's images, "off"

@@ -241,6 +241,9 @@ class DaliBackend:
             reused on resume, split between ranks that share it; :class:`FolderOverlay`).
         overlay_budget: bytes the in-memory overlay may hold (default 1 GiB); past it, summarised
             images go to files in a private temporary directory the overlay owns.
+        overlay_device: where a folder's VAKS pairs are summarised: ``"auto"`` (on the GPU when
+            DALI runs there and torchcodec is installed, else the CPU threads), ``"cpu"`` or
+            ``"gpu"`` (refused without a GPU device or torchcodec).
 
     ``epoch_batches(batches, seed)`` yields ``(images, labels)`` per planned batch:
     images float32 ``[b, C, h, w]`` (CPU, or CUDA on a GPU), labels int64 ``[b]``.
@@ -262,6 +265,7 @@ class DaliBackend:
         pin_memory: bool = False,
         overlay_dir: str | os.PathLike | None = None,
         overlay_budget: int = 1 << 30,
+        overlay_device: str = "auto",
     ):
         require_dali()
         for name, value in (
@@ -272,6 +276,14 @@ class DaliBackend:
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         device_id = _device_id_arg(device_id)
+        if overlay_device not in ("auto", "cpu", "gpu"):
+            raise ValueError(
+                "overlay_device (KCDLoader: dali_overlay_device) must be 'auto', 'cpu' or 'gpu', "
+                f"got {overlay_device!r}"
+            )
+        if overlay_device == "gpu" and (device_id is None or torchcodec_module() is None):
+            why = "DALI runs on the CPU (dali_device)" if device_id is None else "torchcodec is not installed"
+            raise ValueError(f"overlay_device (KCDLoader: dali_overlay_device)='gpu' but {why}; pass 'auto' or 'cpu'")
         try:
             OverlayFormat(overlay_format.value if isinstance(overlay_format, OverlayFormat) else overlay_format)
         except ValueError:
@@ -334,8 +346,10 @@ class DaliBackend:
                 num_threads=self.num_threads,
                 overlay_dir=overlay_dir,
                 budget=overlay_budget,
-                # summarised where the pipeline runs: on its GPU when torchcodec can decode there
-                device=None if device_id is None or torchcodec_module() is None else torch.device("cuda", device_id),
+                # "auto": summarised where the pipeline runs, on its GPU when torchcodec can decode there
+                device=None
+                if overlay_device == "cpu" or device_id is None or torchcodec_module() is None
+                else torch.device("cuda", device_id),
             )
         )
         self._log: list[Summary] = []

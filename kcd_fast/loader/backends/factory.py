@@ -9,9 +9,10 @@ to every back end; options that only one back end understands are passed through
 - tensor: ``augment`` (None, "cifar", "cifar_eval", a ``Recipe`` or a callable),
   ``tensor_device`` ("auto" or "cuda" for CPU storage), ``channels_last``, ``dtype``;
 - dali: ``augment`` ("auto", None, a recipe name or a callable), ``dali_device``
-  ("auto", None or a CUDA index), and for image folders ``dali_overlay_dir`` (a directory for
+  ("auto", None, "cpu", "cuda", "cuda:K" or a CUDA index), and for image folders ``dali_overlay_dir`` (a directory for
   the overlay files), ``dali_overlay_format`` ("jpeg" default, "pnm", "png") and
-  ``dali_overlay_budget`` (bytes held in memory before summarised images go to files). The
+  ``dali_overlay_budget`` (bytes held in memory before summarised images go to files),
+  ``dali_overlay_device`` ("auto": DALI's GPU when torchcodec is installed, else "cpu"). The
   DataLoader-only arguments ``collate_fn``, ``worker_init_fn``, ``multiprocessing_context``
   and ``timeout`` are refused; ``num_workers`` sets DALI's CPU threads and
   ``prefetch_factor`` its prefetch depth.
@@ -44,6 +45,7 @@ DALI_OPTIONS = {
     "dali_overlay_dir": None,
     "dali_overlay_format": "jpeg",
     "dali_overlay_budget": 1 << 30,
+    "dali_overlay_device": "auto",
 }
 TENSOR_OPTIONS = {"augment": None, "tensor_device": "auto", "channels_last": False, "dtype": "float32"}
 OPTIONS = {Backend.DALI: DALI_OPTIONS, Backend.TENSOR: TENSOR_OPTIONS}
@@ -146,5 +148,6 @@ def make_backend(dataset: Any, config: LoaderConfig, options: dict[str, Any]) ->
             overlay_dir=options["dali_overlay_dir"],
             overlay_format=options["dali_overlay_format"],
             overlay_budget=options["dali_overlay_budget"],
+            overlay_device=options["dali_overlay_device"],
         )
     return TorchBackend(dataset, storage=storage, **config.dataloader_kwargs())
