@@ -14,8 +14,11 @@ process's resident memory, and the extrapolation to ImageNet-1k (N = 1,281,167, 
 2 MiB budget after each condensation (flat: the rest goes to files), and with ``overlay_dir``
 the time a resumed loader takes to reuse the summaries against building them.
 
-With ``--device cuda`` (torchcodec installed) it also times the tensor summariser the DALI back
-end uses on a GPU (nvJPEG decoding and encoding in batches, the CUDA blend kernel).
+With torchcodec installed, the JPEG rate is also measured with Pillow only
+(``KCD_FAST_NO_TORCHCODEC``), the two interleaved. With ``--device cuda`` it also times the
+tensor summariser the DALI back end uses on a GPU (nvJPEG decoding and encoding in batches, the
+CUDA blend kernel). ``machine_speed``: Pillow decoding the first 50 photos, ms per photo, at the
+start and the end (this VM's speed drifts by up to ~1.5x: read the rates against it).
 
 Usage: python benchmarks/scale.py [--quick] [--k K] [--repeats R] [--device DEV] [--json PATH]
 """
@@ -77,6 +80,20 @@ def _codec() -> str:
     )
 
 
+def _pillow_decode_ms(paths: list[str], n: int = 50) -> float:
+    """This machine's speed now: Pillow decoding the first n photos (median of 5 passes), ms per photo."""
+    from PIL import Image
+
+    runs = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for p in paths[:n]:
+            with Image.open(p) as im:
+                im.load()
+        runs.append((time.perf_counter() - t0) / min(n, len(paths)) * 1e3)
+    return float(np.median(runs))
+
+
 def rss_mb() -> float:
     with open("/proc/self/status") as f:
         for line in f:
@@ -120,6 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     src_bytes = np.array([os.path.getsize(q) for q in paths], dtype=np.float64)
     log = condensation_log(k, a.seed)
     pairs = [int(s["dst"].numel()) for s in log]
+    speed_start = _pillow_decode_ms(paths)
     res: dict = {
         "benchmark": "scale",
         "machine": machine_info(),
@@ -157,6 +175,28 @@ def main(argv: list[str] | None = None) -> dict:
             "rss_mb_growth": rss_mb() - rss0,
         }
         del ov
+    # the JPEG codec side by side: torchcodec and Pillow only (KCD_FAST_NO_TORCHCODEC), interleaved
+    # repeats on all threads, so a change of the machine's speed hits both
+    if res["codec"].startswith("torchcodec"):
+        both: dict[str, list[float]] = {"torchcodec": [], "pillow": []}
+        before = os.environ.get("KCD_FAST_NO_TORCHCODEC")
+        for _ in range(a.repeats):
+            for name in both:
+                os.environ["KCD_FAST_NO_TORCHCODEC"] = "1" if name == "pillow" else "0"
+                try:
+                    ov = FolderOverlay(paths, overlay_format="jpeg", num_threads=cores)
+                    t0 = time.perf_counter()
+                    ov.sync(log)
+                    both[name].append(sum(pairs) / (time.perf_counter() - t0) / cores)
+                    del ov
+                finally:  # the caller's setting back
+                    if before is None:
+                        os.environ.pop("KCD_FAST_NO_TORCHCODEC", None)
+                    else:
+                        os.environ["KCD_FAST_NO_TORCHCODEC"] = before
+        res["formats"]["jpeg"]["codec_side_by_side_per_core"] = {
+            k: {"median": float(np.median(v)), "runs": v} for k, v in both.items()
+        }
     # one thread: pairs per second per core without sharing the machine's cores
     one = []
     for _ in range(a.repeats):
@@ -236,6 +276,12 @@ def main(argv: list[str] | None = None) -> dict:
         )
     j = res["formats"]["jpeg"]
     print(f"jpeg on one thread: {j['pairs_per_s_one_thread']:.0f} pairs/s")
+    if "codec_side_by_side_per_core" in j:
+        c = j["codec_side_by_side_per_core"]
+        print(
+            f"jpeg per core, interleaved: torchcodec {c['torchcodec']['median']:.0f}, Pillow only "
+            f"{c['pillow']['median']:.0f} pairs/s"
+        )
     if "pairs_per_s_device" in j:
         d = j["pairs_per_s_device"]
         print(f"jpeg, the tensor summariser on {d['device']}: {d['median']:.0f} pairs/s")
@@ -256,6 +302,11 @@ def main(argv: list[str] | None = None) -> dict:
         f"{e['summarised_points_at_most']} summarised points -> at most {e['overlay_gb_at_most_jpeg']:.1f} GB (jpeg) "
         f"/ {e['overlay_gb_at_most_pnm']:.1f} GB (pnm); first condensation "
         f"{e['first_condensation_minutes_on_8_cores_jpeg']:.1f} min on 8 cores (jpeg)"
+    )
+    res["machine_speed"] = {"pillow_decode_ms_start": speed_start, "pillow_decode_ms_end": _pillow_decode_ms(paths)}
+    print(
+        f"machine speed: Pillow decodes a photo in {speed_start:.3f} ms at the start, "
+        f"{res['machine_speed']['pillow_decode_ms_end']:.3f} ms at the end"
     )
     res["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if a.json:

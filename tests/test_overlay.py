@@ -130,6 +130,7 @@ def test_scale_benchmark_reports_bytes_rates_and_the_imagenet_extrapolation(tmp_
     scale = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(scale)
     out = tmp_path / "scale.json"
+    before = os.environ.get("KCD_FAST_NO_TORCHCODEC")
     r = scale.main(["--k", "30", "--json", str(out)])
     data = json.loads(out.read_text())
     assert data["k"] == 30 and set(data["formats"]) == {"jpeg", "pnm"}
@@ -142,6 +143,12 @@ def test_scale_benchmark_reports_bytes_rates_and_the_imagenet_extrapolation(tmp_
     )
     e = r["imagenet_extrapolation"]
     assert e["summarised_points_at_most"] == sum(e["pairs_per_condensation"]) > 0
+    assert data["machine_speed"]["pillow_decode_ms_start"] > 0 and data["machine_speed"]["pillow_decode_ms_end"] > 0
+    side = data["formats"]["jpeg"].get("codec_side_by_side_per_core")
+    assert (side is not None) == data["codec"].startswith("torchcodec")
+    if side is not None:
+        assert len(side["torchcodec"]["runs"]) == len(side["pillow"]["runs"]) == 3
+    assert os.environ.get("KCD_FAST_NO_TORCHCODEC") == before  # restored after the Pillow-only runs
 
 
 def _bytes(ov: FolderOverlay) -> dict[int, bytes]:
