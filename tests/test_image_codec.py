@@ -212,12 +212,17 @@ def test_a_file_dali_decodes_but_pillow_refuses_is_read_with_dalis_decoder(tmp_p
         C.read_rgb(str(junk))
 
 
-def test_overlay_errors_name_the_point_and_why_it_was_read(tmp_path: Path) -> None:
+def _four_photos(root: Path, h: int, w: int) -> list[str]:
     paths = []
     for i in range(4):
-        p = tmp_path / f"{i}.jpg"
-        p.write_bytes(_jpeg(_photo(20, 30, i)))
+        p = root / f"{i}.jpg"
+        p.write_bytes(_jpeg(_photo(h, w, i)))
         paths.append(str(p))
+    return paths
+
+
+def test_overlay_errors_name_the_point_and_why_it_was_read(tmp_path: Path) -> None:
+    paths = _four_photos(tmp_path, 20, 30)
     log = [{"epoch": 2, "dst": torch.tensor([0]), "src": torch.tensor([3]), "eps": torch.tensor([0.8])}]
     os.remove(paths[3])
     for device in (None, "cpu") if C.torchcodec_module() is not None else (None,):
@@ -228,12 +233,7 @@ def test_overlay_errors_name_the_point_and_why_it_was_read(tmp_path: Path) -> No
 
 
 def test_a_summary_that_writes_a_point_twice_names_it(tmp_path: Path) -> None:
-    paths = []
-    for i in range(4):
-        p = tmp_path / f"{i}.jpg"
-        p.write_bytes(_jpeg(_photo(10, 12, i)))
-        paths.append(str(p))
-    ov = FolderOverlay(paths)
+    ov = FolderOverlay(_four_photos(tmp_path, 10, 12))
     for dst, src in (([0, 0], [1, 2]), ([0, 1], [1, 2])):
         log = [{"epoch": 1, "dst": torch.tensor(dst), "src": torch.tensor(src), "eps": torch.tensor([0.5, 0.5])}]
         with pytest.raises(ValueError, match=r"point\(s\) \[[01]\] appear twice in dst or in both"):
