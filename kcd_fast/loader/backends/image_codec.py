@@ -84,7 +84,7 @@ def _decode_jpeg_tc(data: bytes) -> np.ndarray | None:
         return None
     try:
         t = tc.decoders.decode_jpeg(data, mode="UNCHANGED")  # [C, H, W], a view of an [H, W, C] buffer
-    except RuntimeError:
+    except Exception:  # whatever torchcodec refuses, Pillow decides (decodes it or names the file)
         return None
     if t.dim() != 3 or t.shape[0] != 3:
         return None
@@ -109,7 +109,7 @@ def decode_rgb_batch(
     if jpegs:
         try:
             decoded = tc.decoders.decode_jpeg([datas[k] for k in jpegs], mode="RGB", device=device)
-        except RuntimeError:  # one bad image fails the batch: each is then decoded (or named) alone
+        except Exception:  # one bad image fails the batch: each is then decoded (or named) alone
             decoded = [None] * len(jpegs)
         for k, t in zip(jpegs, decoded, strict=True):
             out[k] = t
