@@ -94,6 +94,45 @@ def _pillow_decode_ms(paths: list[str], n: int = 50) -> float:
     return float(np.median(runs))
 
 
+def pair_stages_ms(paths: list[str], summary: dict, repeats: int) -> dict[str, float]:
+    """ms per pair of each step of the overlay's CPU path, on the calling thread, over the first
+    summary's original pairs (median of ``repeats`` passes), next to Pillow doing the same step."""
+    from PIL import Image
+
+    from kcd_fast.loader.backends.image_codec import OverlayFormat, encode, read_rgb
+    from kcd_fast.ops import blend_image_, resize_bilinear
+
+    d_l, s_l, e_l = summary["dst"].tolist(), summary["src"].tolist(), summary["eps"].tolist()
+    imgs = [(read_rgb(paths[d]), read_rgb(paths[r])) for d, r in zip(d_l, s_l, strict=True)]
+    sized = [(a, resize_bilinear(b, a.shape[:2])) for a, b in imgs]
+
+    def pillow_decode(i: int) -> None:
+        for q in (paths[d_l[i]], paths[s_l[i]]):
+            with Image.open(q) as im:
+                np.asarray(im.convert("RGB"))
+
+    steps = {
+        "decode_two": lambda i: (read_rgb(paths[d_l[i]]), read_rgb(paths[s_l[i]])),
+        "decode_two_pillow": pillow_decode,
+        "resize": lambda i: resize_bilinear(imgs[i][1], imgs[i][0].shape[:2]),
+        "resize_pillow": lambda i: Image.fromarray(imgs[i][1]).resize(
+            (imgs[i][0].shape[1], imgs[i][0].shape[0]), Image.Resampling.BILINEAR
+        ),
+        "blend": lambda i: blend_image_(sized[i][0], sized[i][1], e_l[i]),  # in place: the same table work
+        "encode_jpeg": lambda i: encode(sized[i][0], OverlayFormat.JPEG),
+    }
+    out = {}
+    for name, step in steps.items():
+        runs = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for i in range(len(imgs)):
+                step(i)
+            runs.append((time.perf_counter() - t0) / len(imgs) * 1e3)
+        out[name] = float(np.median(runs))
+    return out
+
+
 def rss_mb() -> float:
     with open("/proc/self/status") as f:
         for line in f:
@@ -206,6 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
         one.append(sum(pairs) / (time.perf_counter() - t0))
         del ov
     res["formats"]["jpeg"]["pairs_per_s_one_thread"] = float(np.median(one))
+    res["stages_ms_one_thread"] = pair_stages_ms(paths, log[0], a.repeats)
     if a.device:  # the tensor summariser (the DALI back end's on a GPU): batched decode/encode on the device
         dev, rates = torch.device(a.device), []
         for _ in range(a.repeats):
@@ -282,6 +322,8 @@ def main(argv: list[str] | None = None) -> dict:
             f"jpeg per core, interleaved: torchcodec {c['torchcodec']['median']:.0f}, Pillow only "
             f"{c['pillow']['median']:.0f} pairs/s"
         )
+    st = res["stages_ms_one_thread"]
+    print("ms per pair on one thread: " + ", ".join(f"{k} {v:.3f}" for k, v in st.items()))
     if "pairs_per_s_device" in j:
         d = j["pairs_per_s_device"]
         print(f"jpeg, the tensor summariser on {d['device']}: {d['median']:.0f} pairs/s")

@@ -143,6 +143,11 @@ def test_scale_benchmark_reports_bytes_rates_and_the_imagenet_extrapolation(tmp_
     )
     e = r["imagenet_extrapolation"]
     assert e["summarised_points_at_most"] == sum(e["pairs_per_condensation"]) > 0
+    assert (
+        set(data["stages_ms_one_thread"])
+        == {"decode_two", "decode_two_pillow", "resize", "resize_pillow", "blend", "encode_jpeg"}
+        and min(data["stages_ms_one_thread"].values()) > 0
+    )
     assert data["machine_speed"]["pillow_decode_ms_start"] > 0 and data["machine_speed"]["pillow_decode_ms_end"] > 0
     side = data["formats"]["jpeg"].get("codec_side_by_side_per_core")
     assert (side is not None) == data["codec"].startswith("torchcodec")

@@ -6,7 +6,7 @@ summarised images are materialised once: for every pair, decode the current imag
 otherwise; RGB, EXIF orientation applied; :mod:`.image_codec`: torchcodec's libjpeg-turbo
 when installed, Pillow otherwise, the same pixels), resize the ``src`` image to ``dst``'s
 size (``kcd_fast.ops.resize_bilinear``: Pillow's bilinear filter bit for bit, fixed-point,
-deterministic, about 4x faster than Pillow here), blend with ``kcd_fast.ops.blend_image_``
+deterministic, 2.4x faster than Pillow on benchmarks/scale.py), blend with ``kcd_fast.ops.blend_image_``
 (the kernel of the array path's ``blend_``, on the pair's two buffers: round half up, all
 pairs of one condensation reading the images from before it) and store the result at
 ``dst``'s own size, encoded as

@@ -9,8 +9,9 @@ to every back end; options that only one back end understands are passed through
 - tensor: ``augment`` (None, "cifar", "cifar_eval", a ``Recipe`` or a callable),
   ``tensor_device`` ("auto" or "cuda" for CPU storage), ``channels_last``, ``dtype``;
 - dali: ``augment`` ("auto", None, a recipe name or a callable), ``dali_device``
-  ("auto", None, "cpu", "cuda", "cuda:K" or a CUDA index), and for image folders ``dali_overlay_dir`` (a directory for
-  the overlay files), ``dali_overlay_format`` ("jpeg" default, "pnm", "png") and
+  ("auto", None, "cpu", "cuda", "cuda:K" or a CUDA index), and for image folders
+  ``dali_overlay_dir`` (a directory for the overlay files), ``dali_overlay_format`` ("jpeg"
+  default, "pnm", "png"),
   ``dali_overlay_budget`` (bytes held in memory before summarised images go to files),
   ``dali_overlay_device`` ("auto": DALI's GPU when torchcodec is installed, else "cpu"). The
   DataLoader-only arguments ``collate_fn``, ``worker_init_fn``, ``multiprocessing_context``

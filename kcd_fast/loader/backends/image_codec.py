@@ -5,8 +5,9 @@ libjpeg-turbo that Pillow wraps, called with the same settings (accurate integer
 chroma upsampling, EXIF orientation applied; quality 95 with 4:2:0 chroma when encoding), so
 the pixels decoded and the bytes encoded are identical to Pillow's (tests compare them), but
 it decodes straight into a packed ``[H, W, 3]`` buffer the blend may overwrite (Pillow keeps
-4 bytes per pixel and needs a copy out) and releases the GIL throughout: about 1.3x faster
-per image here. It also decodes and encodes on CUDA (nvJPEG), which the GPU summariser uses.
+4 bytes per pixel and needs a copy out) and releases the GIL throughout: a pair's two
+decodes 1.6x faster (benchmarks/scale.py). It also decodes and encodes on CUDA (nvJPEG),
+which the GPU summariser uses.
 Everything else (PNG, PPM, grey and CMYK JPEGs, files that do not end in an EOI marker,
 anything torchcodec refuses) goes through Pillow, whose errors name the file. Set
 ``KCD_FAST_NO_TORCHCODEC=1`` to use Pillow only.
