@@ -19,6 +19,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import sys
@@ -29,8 +30,8 @@ from typing import Any
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
+if importlib.util.find_spec("kcd_fast") is None:  # run from a checkout without installing kcd_fast
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
 from _common import machine_info  # noqa: E402
 
 from kcd_fast import ArrayDataset, CondensationSchedule  # noqa: E402

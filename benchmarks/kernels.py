@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import interleaved_median_ms, machine_info, median_ms  # noqa: E402
 
 import kcd_fast  # noqa: E402

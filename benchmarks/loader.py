@@ -49,6 +49,7 @@ Usage: python benchmarks/loader.py [--workload arrays|jpeg|tensor] [--quick] [--
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import collections
 import json
 import os
@@ -63,8 +64,8 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repo root, when kcd_fast is not installed
+if importlib.util.find_spec("kcd_fast") is None:  # run from a checkout without installing kcd_fast
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
 from _common import machine_info  # noqa: E402
 from fileopens import FileOpens  # noqa: E402
 

@@ -26,6 +26,7 @@ Usage: python benchmarks/scale.py [--quick] [--k K] [--repeats R] [--device DEV]
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -37,8 +38,8 @@ import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(1, str(HERE.parent))
+if importlib.util.find_spec("kcd_fast") is None:  # run from a checkout without installing kcd_fast
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
 from _common import machine_info  # noqa: E402
 
 import kcd_fast  # noqa: E402

@@ -4,15 +4,13 @@ importable) skip cleanly where the machine lacks them."""
 from __future__ import annotations
 
 import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
 import kcd_fast
 
-# benchmarks/ holds test helpers too (the inotify file-open counter, the timing helper)
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+# benchmarks/ is never put on sys.path (its scripts' names, kernels.py among them, would shadow
+# installed packages): tests load a script with bench_modules.load_benchmark(name).
 
 
 def _has_dali() -> bool:

@@ -3,18 +3,15 @@ the numpy baseline the condense benchmark times against."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from bench_modules import load_benchmark
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from _common import interleaved_median_ms  # noqa: E402
-from kernels import numpy_select  # noqa: E402
+import kcd_fast
 
-import kcd_fast  # noqa: E402
+interleaved_median_ms = load_benchmark("_common").interleaved_median_ms
+numpy_select = load_benchmark("kernels").numpy_select
 
 
 def test_no_contender_always_follows_the_same_one_and_setups_run_right_before() -> None:

@@ -18,11 +18,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from bench_modules import load_benchmark
 from datasets_for_tests import CifarLike
-from fileopens import FileOpens
 
 from kcd_fast import ArrayDataset, CondensationSchedule, ImageFolder, KCDLoader
 from kcd_fast import _reference as R
+
+FileOpens = load_benchmark("fileopens").FileOpens
 from kcd_fast.data import UnreadableImageError, load_rgb
 from kcd_fast.loader.backends.image_codec import torchcodec_module
 

@@ -123,12 +123,11 @@ def test_memory_budget_spills_to_a_private_directory_that_goes_with_the_overlay(
 
 
 def test_scale_benchmark_reports_bytes_rates_and_the_imagenet_extrapolation(tmp_path: Path) -> None:
-    import importlib.util
     import json
 
-    spec = importlib.util.spec_from_file_location("scale", Path(__file__).parents[1] / "benchmarks" / "scale.py")
-    scale = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(scale)
+    from bench_modules import load_benchmark
+
+    scale = load_benchmark("scale")
     out = tmp_path / "scale.json"
     before = os.environ.get("KCD_FAST_NO_TORCHCODEC")
     r = scale.main(["--k", "30", "--json", str(out)])

@@ -34,15 +34,7 @@ from kcd_fast.kd import (
 )
 from kcd_fast.kd.cli import main as train_main
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-
-
-def _bench_module(name: str):
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+_bench_module = load_benchmark
 
 
 @pytest.fixture(scope="module")
