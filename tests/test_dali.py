@@ -23,10 +23,10 @@ from datasets_for_tests import CifarLike
 
 from kcd_fast import ArrayDataset, CondensationSchedule, ImageFolder, KCDLoader
 from kcd_fast import _reference as R
-
-FileOpens = load_benchmark("fileopens").FileOpens
 from kcd_fast.data import UnreadableImageError, load_rgb
 from kcd_fast.loader.backends.image_codec import torchcodec_module
+
+FileOpens = load_benchmark("fileopens").FileOpens
 
 C = 5  # classes
 SCHED = CondensationSchedule(epochs=6, period=2, rho=0.5)  # sizes of 97: [97, 77, 61, 61, 49, 49]

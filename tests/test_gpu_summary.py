@@ -4,11 +4,11 @@ a missing output leaves its fields null and says so."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from bench_modules import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 

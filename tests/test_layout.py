@@ -106,3 +106,50 @@ def test_nothing_in_the_repository_points_outside_it() -> None:
     outside = ("../" + "shared", "KCD" + "_SPEC")  # the steering repo's files: not in a clone
     hits = [str(p.relative_to(ROOT)) for p in files if any(o in p.read_text(errors="ignore") for o in outside)]
     assert not hits, hits
+
+
+# -- no module of ours shadows an installed package ---------------------------------------------
+def _shadowed(path_entries: list[str]) -> dict[str, str]:
+    """Installed top-level packages that ``path_entries`` (searched in order, like sys.path)
+    would resolve to a file of this repository (outside the virtual environment)."""
+    import importlib.machinery
+    import importlib.metadata
+    import sys
+
+    prefix = Path(sys.prefix).resolve()
+    out: dict[str, str] = {}
+    for name in importlib.metadata.packages_distributions():
+        if name == "kcd_fast" or not name.isidentifier():
+            continue
+        spec = importlib.machinery.PathFinder.find_spec(name, path_entries)
+        where = Path(spec.origin).resolve() if spec is not None and spec.origin else None
+        if where is not None and where.is_relative_to(ROOT) and not where.is_relative_to(prefix):
+            out[name] = str(where)
+    return out
+
+
+def test_no_installed_package_resolves_into_the_repository_while_the_tests_run() -> None:
+    """benchmarks/kernels.py once shadowed PyPI's `kernels` (transformers imports it): every
+    benchmark script is loaded as the tests load them, and then no installed package resolves
+    into the repository through sys.path, and benchmarks/ is not on it."""
+    import sys
+
+    from bench_modules import BENCH, load_benchmark
+
+    for script in sorted(BENCH.glob("*.py")):
+        load_benchmark(script.stem)
+    assert str(BENCH) not in sys.path
+    assert _shadowed(list(sys.path)) == {}
+
+
+def test_the_shadow_check_finds_a_planted_module() -> None:
+    import sys
+
+    planted = ROOT / "tests" / "_planted_shadow_check"
+    planted.mkdir()
+    try:
+        (planted / "numpy.py").write_text("")
+        assert _shadowed([str(planted), *sys.path]) == {"numpy": str(planted / "numpy.py")}
+    finally:
+        (planted / "numpy.py").unlink()
+        planted.rmdir()

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from bench_modules import load_benchmark
 
 from kcd_fast import ArrayDataset, CondensationSchedule, KCDLoader
 from kcd_fast.kd import (
