@@ -18,13 +18,11 @@ import argparse
 import contextlib
 import json
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-
 from _common import interleaved_median_ms, machine_info, median_ms  # noqa: E402
 
 import kcd_fast  # noqa: E402

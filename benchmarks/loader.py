@@ -49,8 +49,8 @@ Usage: python benchmarks/loader.py [--workload arrays|jpeg|tensor] [--quick] [--
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import collections
+import importlib.util
 import json
 import os
 import statistics

@@ -97,6 +97,7 @@ class ValueBank:
         self.local_counts: torch.Tensor | None = None  # [N] int32, local=True only
         self._errors: torch.Tensor | None = None
         self._warned_teacher = False
+        self.classes: int | None = None  # logit columns (classes, or a vocabulary) of the first observe
         self.last_rows = 0
         self._follow = device is None  # placed on the first observed logits' device
         self._placed = not self._follow
@@ -164,6 +165,7 @@ class ValueBank:
                 )
             lg, te = ops.logits_arg(logits, "logits"), None
         idx = ops.indices_arg(indices, lg.shape[0], "student_logits" if te is not None else "logits")
+        self._check_classes(lg, "student_logits" if te is not None else "logits")
         self._place(lg.device)
         self._follow_stream()
         if te is not None and te.device != lg.device:
@@ -175,6 +177,7 @@ class ValueBank:
         self.last_rows = int(lg.shape[0])  # rows of the last accepted batch (KCDLoader counts them)
         if self.measure is Measure.RANDOM:
             self._count_only(idx, lg, counts)
+            self.classes = int(lg.shape[-1])
             return
         ops.launch_observe(
             self.device,
@@ -187,6 +190,7 @@ class ValueBank:
             self._errors,
             self.strict,
         )
+        self.classes = int(lg.shape[-1])  # accepted: later observes must match it
 
     def _observe_sequences(self, indices, logits, teacher_logits, mask) -> None:
         if self.measure is Measure.KL:
@@ -198,6 +202,7 @@ class ValueBank:
             self._unused_teacher()
         lg = ops.sequence_logits_arg(logits)
         idx = ops.indices_arg(indices, lg.shape[0], "logits")
+        self._check_classes(lg, "logits")
         self._place(lg.device)
         self._follow_stream()
         idx = self._on_device(idx)
@@ -208,6 +213,19 @@ class ValueBank:
         else:
             ops.launch_observe_seq(self.device, lg.detach(), mask, idx, sums, counts, self._errors, self.strict)
         self.last_rows = int(lg.shape[0])
+        self.classes = int(lg.shape[-1])
+
+    def _check_classes(self, logits: torch.Tensor, name: str) -> None:
+        """The number of logit columns is fixed by the first observe: a batch with another
+        count (a head that changed, logits sliced by mistake) is refused before anything
+        changes, since its entropies are on another scale (ln C bounds them)."""
+        c = int(logits.shape[-1])
+        if self.classes is not None and c != self.classes:
+            raise ValueError(
+                f"{name} have {c} columns (shape {tuple(logits.shape)}) but the first observed logits had "
+                f"{self.classes}: every observe must score the same classes (values over different class counts "
+                "are not comparable)"
+            )
 
     def observe_scores(self, indices, scores) -> None:
         """Records a score per sample that the caller computed (a detection loss, any
@@ -388,6 +406,7 @@ class ValueBank:
             "temperature": self.temperature,
             "seed": self.seed,
             "random_draws": self._random_draws,
+            "classes": self.classes,
             "sums": total_sums,
             "counts": total_counts,
         }
@@ -420,6 +439,11 @@ class ValueBank:
         ):
             raise ValueError("value bank state: sums must be float64 [n] and counts int32 [n]")
         draws, seed = state["random_draws"], state.get("seed", self.seed)
+        classes = state.get("classes")  # absent in states written before it was recorded
+        if classes is not None and (
+            isinstance(classes, bool) or not isinstance(classes, (int, np.integer)) or classes < 1
+        ):
+            raise ValueError(f"value bank state: classes must be None or an int >= 1, got {classes!r}")
         for name, v in (("random_draws", draws), ("seed", seed)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
                 raise ValueError(f"value bank state: {name} must be an int >= 0, got {v!r}")
@@ -437,6 +461,7 @@ class ValueBank:
             self.local_sums.zero_()
             self.local_counts.zero_()
         self._random_draws = int(draws)
+        self.classes = None if classes is None else int(classes)
         self.seed = int(seed)  # the run's seed: "random" values continue the same stream
         self._placed = not self._follow
 

@@ -157,3 +157,44 @@ def test_malformed_state_changes_nothing_and_empty_state_resets() -> None:
     assert fresh_state["sums"] is None
     bank.load_state_dict(fresh_state)
     assert int(bank.counts.sum()) == 0 and float(bank.sums.sum()) == 0.0
+
+
+@pytest.mark.parametrize("seq", [False, True])
+def test_a_change_of_the_class_count_is_refused_before_anything_changes(seq: bool) -> None:
+    bank = ValueBank(8, period=2)
+    idx = torch.arange(4)
+
+    def batch(c: int) -> dict:
+        if seq:  # [B, L, V] token logits under a mask: V is fixed the same way
+            return {"logits": randn(4, 3, c), "mask": torch.ones(4, 3, dtype=torch.bool)}
+        return {"logits": randn(4, c)}
+
+    bank.observe(idx, **batch(10))
+    sums, counts = bank.sums.clone(), bank.counts.clone()
+    with pytest.raises(
+        ValueError, match=r"logits have 5 columns \(shape \(4, (3, )?5\)\) but the first observed logits had 10"
+    ):
+        bank.observe(idx, **batch(5))
+    assert torch.equal(bank.sums, sums) and torch.equal(bank.counts, counts)
+    bank.observe(idx, **batch(10))  # the same count still goes in
+    # the count travels with the state: a resumed bank refuses the other count too
+    again = ValueBank(8, period=2)
+    again.load_state_dict(bank.state_dict())
+    with pytest.raises(ValueError, match="first observed logits had 10"):
+        again.observe(idx, **batch(5))
+
+
+def test_a_failed_first_observe_fixes_no_class_count() -> None:
+    bank = ValueBank(8, period=2)
+    with pytest.raises(IndexError, match="99 is outside"):
+        bank.observe(torch.tensor([0, 99]), randn(2, 10))  # a bad index: refused
+    assert bank.classes is None
+    bank.observe(torch.arange(2), randn(2, 5))  # so 5 classes is the first accepted count
+    assert bank.classes == 5
+
+
+def test_kl_checks_the_class_count_of_the_student() -> None:
+    bank = ValueBank(8, period=2, measure="kl")
+    bank.observe(torch.arange(2), randn(2, 10), randn(2, 10))
+    with pytest.raises(ValueError, match="student_logits have 7 columns"):
+        bank.observe(torch.arange(2), randn(2, 7), randn(2, 7))

@@ -630,8 +630,7 @@ class KCDLoader:
         elif self.config.strict:
             raise ValueError(msg + " (strict=True refuses to condense on them)")
         else:
-            warnings.warn(msg, stacklevel=4)
-            log.warning(msg)
+            warnings.warn(msg, stacklevel=4)  # one event, one warning: the logger is for progress only
         idx = unobserved.nonzero().flatten()
         if idx.numel() <= n_keep:
             return values
