@@ -7,7 +7,7 @@ python examples/cifar_kd.py --tiny     # seconds, what CI runs
 from __future__ import annotations
 
 import torch
-from common import accuracy, image_args, image_data, kd_loss, train_teacher
+from common import accuracy, image_args, image_data, kd_loss, smoke_note, train_teacher
 
 import kcd_fast
 from kcd_fast.kd.models import build_model
@@ -41,6 +41,7 @@ def main() -> None:
         print(f"epoch {epoch}: trained on {seen} of {len(y)} points, test accuracy {accuracy(student, xt, yt):.3f}")
     cost = sum(schedule.epoch_sizes(len(y))) / (len(y) * schedule.epochs)
     print(f"condensations: {[(h['epoch'], h['kept']) for h in loader.history]}; computation C = {cost:.3f}")
+    smoke_note(args)
 
 
 if __name__ == "__main__":

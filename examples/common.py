@@ -8,13 +8,41 @@ is never downloaded here) and otherwise the generated CIFAR-shaped set that
 from __future__ import annotations
 
 import argparse
+import importlib
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from kcd_fast.kd.data import synthetic_arrays
+
+SMOKE_NOTE = (
+    "--tiny: a smoke run (seconds on a CPU, tiny data, models and epochs): it checks that the code runs end "
+    "to end; its accuracies mean nothing. Run without --tiny for a real run."
+)
+
+
+def smoke_note(args: argparse.Namespace) -> None:
+    """Says, at the start and the end of a ``--tiny`` run, that its numbers mean nothing."""
+    if getattr(args, "tiny", False):
+        print(SMOKE_NOTE, flush=True)
+
+
+def require_extra(module: str, extra: str) -> ModuleType:
+    """``import module``, or exit with the one command that installs it (the extra that brings it)."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        top = module.partition(".")[0]
+        if not err.name or err.name.partition(".")[0] != top:
+            raise  # something else is missing: its own error says what
+        raise SystemExit(
+            f"{Path(sys.argv[0]).name} needs {top}, which is not installed here. In the kcd_fast checkout run:\n"
+            f'    pip install -e ".[{extra}]"'
+        ) from None
 
 
 def image_args(description: str) -> argparse.ArgumentParser:
@@ -37,6 +65,7 @@ def image_data(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.nda
             return tr.data, np.asarray(tr.targets), te.data, np.asarray(te.targets), 100
         except (ImportError, RuntimeError) as err:
             print(f"data: CIFAR-100 not readable at {root} ({err}); using the generated set")
+    smoke_note(args)
     n = 400 if args.tiny else 10_000
     x, y = synthetic_arrays(n, num_classes=10, seed=args.seed)
     xt, yt = synthetic_arrays(n // 5, num_classes=10, seed=args.seed + 1)

@@ -8,7 +8,7 @@ its index, and the sampler takes the student's logits back.
 from __future__ import annotations
 
 import torch
-from common import accuracy, image_args, image_data, kd_loss, train_teacher
+from common import accuracy, image_args, image_data, kd_loss, smoke_note, train_teacher
 from torch.utils.data import DataLoader
 
 import kcd_fast
@@ -43,6 +43,7 @@ def main() -> None:
             seen += len(indices)
         print(f"epoch {epoch}: {seen} points, test accuracy {accuracy(student, xt, yt):.3f}")
     print(f"condensations: {[(h['epoch'], h['kept']) for h in sampler.history]}")
+    smoke_note(args)
 
 
 if __name__ == "__main__":

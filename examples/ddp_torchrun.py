@@ -13,7 +13,7 @@ import tempfile
 
 import torch
 import torch.distributed as dist
-from common import accuracy, image_args, image_data, kd_loss, train_teacher
+from common import accuracy, image_args, image_data, kd_loss, smoke_note, train_teacher
 from torch.nn.parallel import DistributedDataParallel
 
 import kcd_fast
@@ -57,6 +57,7 @@ def main() -> None:
             )
     if rank == 0:
         print(f"condensations: {[(h['epoch'], h['kept']) for h in loader.history]}; checkpoint {ckpt}")
+        smoke_note(args)
         if args.tiny:  # a smoke run (the tests): leave no checkpoint behind
             os.remove(ckpt)
     # Tear down in order: the DDP model (its reducer holds the process group) and the loader

@@ -13,10 +13,20 @@ import tempfile
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments, default_data_collator
+from common import require_extra, smoke_note
 
-import kcd_fast
-from kcd_fast.integrations.hf import KCDTrainer
+transformers = require_extra("transformers", "hf")
+require_extra("accelerate", "hf")  # the Trainer needs it
+from transformers import (  # noqa: E402
+    BertConfig,
+    BertForSequenceClassification,
+    Trainer,
+    TrainingArguments,
+    default_data_collator,
+)
+
+import kcd_fast  # noqa: E402
+from kcd_fast.integrations.hf import KCDTrainer  # noqa: E402
 
 VOCAB, LENGTH, CLASSES = 64, 16, 4
 
@@ -71,6 +81,7 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="a few seconds on the CPU (what CI runs)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    smoke_note(args)
     train, test = token_data(200 if args.tiny else 4000, args.seed), token_data(400, args.seed + 1)
     epochs, period = (4, 2) if args.tiny else (12, 3)
     out = tempfile.mkdtemp(prefix="kcd_hf_")
@@ -113,6 +124,7 @@ def main() -> None:
         f"optimizer steps {trainer.state.global_step}; condensations: "
         f"{[(h['epoch'], h['kept']) for h in trainer.kcd_loader.history]}; student test accuracy {acc:.3f}"
     )
+    smoke_note(args)
 
 
 if __name__ == "__main__":

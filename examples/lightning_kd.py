@@ -7,13 +7,14 @@ epochs in step, the loader's state in Lightning's checkpoints, DDP sharding).
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
 import torch
-from common import accuracy, image_args, image_data, kd_loss, train_teacher
+from common import accuracy, image_args, image_data, kd_loss, require_extra, smoke_note, train_teacher
 
-import kcd_fast
-from kcd_fast.integrations.lightning import KCDCallback
-from kcd_fast.kd.models import build_model
+pl = require_extra("lightning.pytorch", "lightning")
+
+import kcd_fast  # noqa: E402
+from kcd_fast.integrations.lightning import KCDCallback  # noqa: E402
+from kcd_fast.kd.models import build_model  # noqa: E402
 
 
 class Distill(pl.LightningModule):
@@ -68,6 +69,7 @@ def main() -> None:
         print(f"steps {trainer.global_step} (loader.total_steps() = {loader.total_steps()})")
         print(f"condensations: {[(h['epoch'], h['kept']) for h in loader.history]}")
         print(f"test accuracy {accuracy(student, xt, yt):.3f}")
+        smoke_note(args)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,14 @@ def _run(args: list[str], timeout: int = 600) -> str:
     return out.stdout
 
 
+def _says_it_is_a_smoke_run(stdout: str) -> None:
+    """A --tiny run says, first and last, that its accuracies mean nothing."""
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    note = "--tiny: a smoke run"
+    assert lines[0].startswith(note) or lines[1].startswith(note), stdout[:500]
+    assert lines[-1].startswith(note) and "accuracies mean nothing" in lines[-1], stdout[-500:]
+
+
 def _condensations(stdout: str, n: int) -> None:
     expected = [(e, TINY.epoch_sizes(n)[e]) for e in TINY.condensation_epochs]
     assert f"condensations: {expected}" in stdout, stdout[-1500:]
@@ -33,6 +41,7 @@ def _condensations(stdout: str, n: int) -> None:
 def test_image_loop_examples(script: str) -> None:
     out = _run([sys.executable, str(EXAMPLES / script), "--tiny"])
     _condensations(out, 400)
+    _says_it_is_a_smoke_run(out)
     points = [int(m) for m in re.findall(r"epoch \d+: (?:trained on )?(\d+)", out)]
     assert points == TINY.epoch_sizes(400)
 
@@ -43,12 +52,39 @@ def test_lightning_example() -> None:
     _condensations(out, 400)
     steps, total = re.search(r"steps (\d+) \(loader.total_steps\(\) = (\d+)\)", out).groups()
     assert steps == total
+    _says_it_is_a_smoke_run(out)
 
 
 def test_hf_example() -> None:
     pytest.importorskip("transformers")
     out = _run([sys.executable, str(EXAMPLES / "hf_text_kd.py"), "--tiny"])
     _condensations(out, 200)
+    _says_it_is_a_smoke_run(out)
+
+
+@pytest.mark.parametrize(
+    "script, missing, extra",
+    [("lightning_kd.py", "lightning", "lightning"), ("hf_text_kd.py", "transformers", "hf")],
+)
+def test_an_example_without_its_extra_names_the_install_command(tmp_path: Path, script, missing, extra) -> None:
+    """With the package absent (a stub first on the path raises what a missing package raises),
+    the example exits with one message naming the extra to install, no traceback."""
+    (tmp_path / f"{missing}.py").write_text(
+        f"raise ModuleNotFoundError({f'No module named {missing!r}'!r}, name={missing!r})\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    r = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), "--tiny"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    assert f"{script} needs {missing}, which is not installed here" in r.stderr
+    assert f'pip install -e ".[{extra}]"' in r.stderr
 
 
 @pytest.mark.slow

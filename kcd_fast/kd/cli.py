@@ -1,6 +1,12 @@
 """The KD trainer's command line: ``python -m kcd_fast.kd --help`` (``python -m kcd_fast.train``
 is the same program). Trains (or loads from the cache) the teacher, then distils the student
-with vanilla KD, KCD, or both, and prints and optionally writes the results."""
+with vanilla KD, KCD, or both, and prints and optionally writes the results.
+
+Conventions (argparse's): a bad argument is one line on stderr and exit code 2, no
+traceback; progress is a tqdm bar on a terminal and plain lines (one per epoch, and one
+every ~15 s inside a long epoch) when stderr goes to a file or a pipe; teachers are cached
+in the user's cache folder (:func:`kcd_fast.kd.teacher.default_cache_dir`), never in the
+current folder."""
 
 from __future__ import annotations
 
@@ -16,9 +22,10 @@ import numpy as np
 import torch
 
 from ..data.arrays import ArrayDataset
+from ..schedule import CondensationSchedule
 from .data import digits_arrays, load_arrays, split_arrays, synthetic_arrays
 from .models import build_model
-from .teacher import cached_teacher
+from .teacher import cached_teacher, default_cache_dir
 from .trainer import (
     BatchPreprocess,
     KDConfig,
@@ -79,9 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--backend", default="torch", choices=("torch", "dali", "tensor"))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache-dir", default="benchmarks/cache", help="teacher checkpoints ('' to disable)")
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="folder of cached teachers ('' disables the cache; default $KCD_FAST_CACHE_DIR, else "
+        "$XDG_CACHE_HOME/kcd_fast, else ~/.cache/kcd_fast)",
+    )
     p.add_argument("--json", default=None, help="write the results to this JSON file")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bars (there are none either when stderr is not a terminal: plain lines instead)",
+    )
     return p
 
 
@@ -97,18 +113,47 @@ def prepare_data(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.n
     return (*load_arrays(args.data, image_size=args.image_size, seed=args.seed), "image")
 
 
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2f}%"
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """The CLI: trains (or loads) the teacher, distils the student, prints and returns results."""
-    args = build_parser().parse_args(argv)
+    """The CLI: trains (or loads) the teacher, distils the student, prints and returns results.
+    A bad argument exits with code 2 and one line naming it (``parser.error``)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
     for name in ("n_train", "n_test", "teacher_epochs", "epochs", "period", "batch_size"):
         if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    x, y, xt, yt, kind = prepare_data(args)
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.num_workers < 0:
+        parser.error(f"--num-workers must be >= 0, got {args.num_workers}")
+    if args.mode != "kd":  # the schedule's own checks, as argument errors
+        try:
+            CondensationSchedule(args.epochs, args.period, rho=args.rho, decay=args.decay, warmup=args.warmup)
+        except (ValueError, TypeError) as err:
+            parser.error(f"--epochs/--period/--rho/--decay/--warmup: {err}")
+    if str(args.device).startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch sees no CUDA device on this machine (use --device cpu)")
+    try:
+        x, y, xt, yt, kind = prepare_data(args)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        parser.error(f"--data {args.data!r}: {err}")
     num_classes = int(max(y.max(), yt.max())) + 1
     input_shape = (x.shape[3], x.shape[1], x.shape[2])
     digits = kind == "digits"
     teacher_name = args.teacher or ("mlp_t" if digits else "convnet_t")
     student_name = args.student or ("mlp_s" if digits else "convnet_s")
+    for flag, model in (("--teacher", teacher_name), ("--student", student_name)):
+        try:
+            build_model(model, num_classes, input_shape, seed=args.seed)
+        except (ValueError, KeyError, TypeError) as err:
+            parser.error(f"{flag} {model!r}: {err}")
+    cache_dir = default_cache_dir() if args.cache_dir is None else (args.cache_dir or None)
+    bars = not args.no_progress and sys.stderr.isatty()  # plain lines into logs and pipes
     augment = "none" if digits else "crop_flip"
     pre = BatchPreprocess([0.5] * input_shape[0], [0.25] * input_shape[0], augment=augment, seed=args.seed)
     cfg = KDConfig(
@@ -133,11 +178,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         preprocess=BatchPreprocess(pre.mean, pre.std, augment=augment, seed=args.seed),
         batch_size=args.batch_size,
         test_set=test_set,
-        cache_dir=args.cache_dir or None,
+        cache_dir=cache_dir,
         device=args.device,
         seed=args.seed,
-        progress=not args.no_progress,
-        log=lambda m: print(m, file=sys.stderr),
+        progress=bars,
+        log=_say,
     )
     out: dict[str, Any] = {
         "teacher": {"name": teacher_name, **tinfo},
@@ -174,14 +219,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             preprocess=BatchPreprocess(pre.mean, pre.std, augment=pre_augment, seed=args.seed),
             device=args.device,
             test_loader=make_eval_loader(test_set),
-            progress=not args.no_progress,
+            progress=bars,
+            log=_say,
             name=mode,
         )
         res = trainer.fit()
         out[mode] = res.to_dict()
         print(
-            f"{mode:>4}: {res.samples} samples in {res.seconds:.2f} s, accuracy {res.accuracy:.2f}% "
-            f"(teacher {tinfo['accuracy']})"
+            f"{mode:>4}: {res.samples} samples in {res.seconds:.2f} s, accuracy {_pct(res.accuracy)} "
+            f"(teacher {_pct(tinfo['accuracy'])})"
         )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

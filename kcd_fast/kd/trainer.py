@@ -516,7 +516,11 @@ class KDTrainer:
         feature_loss: optional ``f(feat_s [B, Ds], feat_t [B, Dt]) -> scalar``, weighted by
             ``config.beta`` (an ``nn.Module``'s parameters are trained with the student).
         eval_every: also evaluate after every ``eval_every`` epochs (0: only at the end).
-        progress: a tqdm bar per epoch. name: a label for the bars and records.
+        progress: a tqdm bar per epoch (give it only when stderr is a terminal).
+        log: where progress goes as plain lines instead (a log file, a pipe): a line per
+            epoch from :meth:`fit` and, inside an epoch, one every ``log_every`` seconds.
+            None: no lines. With ``progress`` the bar is shown and ``log`` only gets the epochs.
+        name: a label for the bars, lines and records.
     """
 
     def __init__(
@@ -532,6 +536,8 @@ class KDTrainer:
         feature_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         eval_every: int = 0,
         progress: bool = False,
+        log: Callable[[str], None] | None = None,
+        log_every: float = 15.0,
         name: str = "kd",
     ):
         if not isinstance(config, KDConfig):
@@ -548,6 +554,11 @@ class KDTrainer:
             raise ValueError(f"device={device!r} but torch sees no CUDA device")
         self.config, self.loader, self.preprocess, self.name = config, loader, preprocess, name
         self.test_loader, self.eval_every, self.progress = test_loader, eval_every, progress
+        if log is not None and not callable(log):
+            raise TypeError(f"log must be a callable taking a line (e.g. print) or None, got {type(log).__name__}")
+        if not (isinstance(log_every, (int, float)) and not isinstance(log_every, bool) and log_every > 0):
+            raise ValueError(f"log_every must be a number of seconds > 0, got {log_every!r}")
+        self.log, self.log_every = log, float(log_every)
         self.feature_loss = feature_loss if config.beta > 0 else None
         self.epochs = int(loader.schedule.epochs) if hasattr(loader, "schedule") else int(loader.epochs)
         self.total_steps = int(loader.total_steps())
@@ -607,6 +618,7 @@ class KDTrainer:
         lr_start = self._set_lr(epoch, 0, n_batches)
         _sync(dev)
         t_start, c_start = time.perf_counter(), time.process_time()
+        t_line = t_start  # the last progress line (log, without a bar)
         it = iter(loader)
         while True:
             t_next = time.perf_counter()
@@ -663,6 +675,12 @@ class KDTrainer:
             step_times.append(time.perf_counter() - t_next)
             if bar is not None:
                 bar.update(1)
+            elif self.log is not None and step_times and time.perf_counter() - t_line >= self.log_every:
+                t_line = time.perf_counter()
+                self.log(
+                    f"{self.name} epoch {epoch}: batch {steps}/{n_batches}, {t_line - t_start:.0f} s "
+                    f"(~{(t_line - t_start) / steps * (n_batches - steps):.0f} s left in the epoch)"
+                )
         _sync(dev)
         seconds, cpu_s = time.perf_counter() - t_start, time.process_time() - c_start
         if bar is not None:
@@ -710,8 +728,16 @@ class KDTrainer:
 
     def fit(self) -> TrainResult:
         """Trains the remaining epochs, then evaluates on ``test_loader`` if given."""
+        t0, done0 = time.perf_counter(), len(self.records)
         while len(self.records) < self.epochs:
-            self.train_epoch()
+            rec = self.train_epoch()
+            if self.log is not None:
+                done = len(self.records)
+                left = (time.perf_counter() - t0) / (done - done0) * (self.epochs - done)
+                self.log(
+                    f"{self.name} epoch {done}/{self.epochs}: {rec.samples} samples in {rec.seconds:.1f} s, "
+                    f"loss {rec.loss:.4f}" + (f", ~{_duration(left)} left" if done < self.epochs else "")
+                )
         return self.result()
 
     def result(self) -> TrainResult:
@@ -723,6 +749,16 @@ class KDTrainer:
             if self.records:
                 self.records[-1].accuracy = acc
         return TrainResult(self.name, list(self.records), acc, [dict(r) for r in getattr(self.loader, "history", [])])
+
+
+def _duration(seconds: float) -> str:
+    """``95`` -> ``"1 min 35 s"``; ``4000`` -> ``"1 h 07 min"``."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
 @torch.no_grad()
