@@ -8,12 +8,13 @@ A module of ours that shadows an installed package (benchmarks/kernels.py shadow
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import importlib.metadata as md
+import importlib.util
 import re
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 # what pytest (rootdir-relative tests/) and the example scripts put in front of sys.path

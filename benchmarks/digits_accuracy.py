@@ -41,6 +41,7 @@ from kcd_fast.kd import (  # noqa: E402
     KDTrainer,
     build_model,
     cached_teacher,
+    default_cache_dir,
     digits_arrays,
     keep_uint8,
     make_eval_loader,
@@ -65,7 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-epochs", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--cache-dir", default=str(HERE / "cache"), help="teacher checkpoints ('' disables)")
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="folder of cached teachers ('' disables; default: the user's cache folder, as python -m kcd_fast.kd)",
+    )
     p.add_argument(
         "--ablation",
         action="store_true",
@@ -108,7 +113,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         batch_size=args.batch_size,
         preprocess=BatchPreprocess(*pre, augment="none"),
         test_set=test_set,
-        cache_dir=args.cache_dir or None,
+        cache_dir=default_cache_dir() if args.cache_dir is None else (args.cache_dir or None),
         log=lambda m: print(m, file=sys.stderr),
     )
     cfg = KDConfig(lr=args.lr)

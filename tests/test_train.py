@@ -381,6 +381,36 @@ def test_throughput_benchmark_writes_json_and_plot(tmp_path):
         assert run["vanilla"]["epoch_lr"] == run["kcd"]["epoch_lr"]  # epoch-indexed: the same LR every epoch
     assert data["measured_ratio_spread"] == [min(runs), max(runs)]
     assert out_png.stat().st_size > 1000
+    # the verdict says what was measured against what, one-sided
+    assert data["goal_within_0.02"] == (data["measured_ratio"] <= data["theoretical_C"] + 0.02)
+    assert data["verdict"].startswith(f"KCD took {data['measured_ratio']:.3f} of vanilla KD's wall-clock time")
+    assert f"C = {data['theoretical_C']:.3f}" in data["verdict"] and "the 2 pairs ranged" in data["verdict"]
+
+
+@pytest.mark.parametrize(
+    "measured, phrase",
+    [(0.70, "below C, faster than its sample count predicts"), (0.83, "within 0.02 of C"), (0.90, "above C")],
+)
+def test_throughput_verdict_is_one_sided(measured: float, phrase: str) -> None:
+    v = _bench_module("throughput").verdict(measured, 0.82, 0.6, 0.95, 3)
+    assert phrase in v and "the 3 pairs ranged 0.600-0.950" in v, v
+
+
+def test_trainer_logs_plain_progress_lines_without_a_bar(tiny) -> None:
+    x, y, xt, yt = tiny
+    lines: list[str] = []
+    loader = make_loader("kcd", ArrayDataset(x, y, transform=keep_uint8), epochs=2, period=1, batch_size=64)
+    student = build_model("convnet_s", 10, (3, 16, 16), seed=0)
+    pre = BatchPreprocess([0.5] * 3, [0.25] * 3, augment="none")
+    KDTrainer(student, None, loader, KDConfig(), preprocess=pre, log=lines.append, log_every=1e-9, name="s").fit()
+    heartbeats = [line for line in lines if " batch " in line]
+    assert heartbeats and all(line.startswith("s epoch ") for line in heartbeats), lines
+    epochs = [line for line in lines if line.startswith(("s epoch 1/2:", "s epoch 2/2:"))]
+    assert len(epochs) == 2 and "left" in epochs[0] and "left" not in epochs[1], lines
+    with pytest.raises(ValueError, match=r"log_every must be a number of seconds > 0, got 0"):
+        KDTrainer(student, None, loader, KDConfig(), preprocess=pre, log=print, log_every=0)
+    with pytest.raises(TypeError, match=r"log must be a callable .* got str"):
+        KDTrainer(student, None, loader, KDConfig(), preprocess=pre, log="stderr")
 
 
 def test_throughput_writes_into_its_output_folder_by_default_with_the_tensor_back_end(tmp_path, capsys):

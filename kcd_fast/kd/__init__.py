@@ -10,7 +10,7 @@
 
 from .data import digits_arrays, load_arrays, split_arrays, synthetic_arrays
 from .models import build_model, count_parameters
-from .teacher import cached_teacher, dataset_fingerprint
+from .teacher import cached_teacher, dataset_fingerprint, default_cache_dir
 from .trainer import (
     BatchPreprocess,
     EpochRecord,
@@ -40,6 +40,7 @@ __all__ = [
     "TrainResult",
     "build_model",
     "cached_teacher",
+    "default_cache_dir",
     "count_parameters",
     "dataset_fingerprint",
     "digits_arrays",
