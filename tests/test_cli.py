@@ -48,7 +48,7 @@ def test_argument_errors_are_one_line_and_exit_2(tmp_path: Path, args: list[str]
     assert "Traceback" not in r.stderr, r.stderr
     errors = [line for line in r.stderr.splitlines() if ": error: " in line]
     assert len(errors) == 1 and re.search(message, errors[0]), r.stderr
-    assert r.stderr.startswith("usage: python -m kcd_fast.kd")
+    assert r.stderr.startswith("usage: python -m kcd_fast.kd [options]") and len(r.stderr.splitlines()) == 2
     assert list(tmp_path.iterdir()) == []  # nothing written anywhere
 
 

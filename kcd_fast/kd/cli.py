@@ -44,6 +44,7 @@ __all__ = ["build_parser", "main", "prepare_data"]
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m kcd_fast.kd",
+        usage="%(prog)s [options]   (--help lists them)",  # an error is 2 short lines, not a page
         description="Distil a student from a (cached) teacher with vanilla KD or KCD.",
     )
     p.add_argument(
