@@ -68,3 +68,23 @@ def test_ddp_torchrun_example() -> None:
     # every rank trains its shard: ceil(n_e / 2) per rank, padded points counted twice
     points = [int(m) for m in re.findall(r"epoch \d+: (\d+) points over 2 ranks", out)]
     assert points == [2 * -(-n // 2) for n in TINY.epoch_sizes(400)]
+
+
+def _points_over(out: str, world: int) -> list[int]:
+    return [int(m) for m in re.findall(rf"epoch \d+: (\d+) points over {world} process", out)]
+
+
+def test_accelerate_example() -> None:
+    pytest.importorskip("accelerate")
+    out = _run([sys.executable, str(EXAMPLES / "accelerate_kd.py"), "--tiny"])
+    _condensations(out, 400)
+    assert _points_over(out, 1) == TINY.epoch_sizes(400)
+
+
+@pytest.mark.slow
+def test_accelerate_example_two_processes() -> None:
+    pytest.importorskip("accelerate")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    out = _run([*torchrun, str(EXAMPLES / "accelerate_kd.py"), "--tiny"])
+    _condensations(out, 400)
+    assert _points_over(out, 2) == [2 * -(-n // 2) for n in TINY.epoch_sizes(400)]  # ceil(n_e / 2) per process
