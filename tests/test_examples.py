@@ -88,3 +88,25 @@ def test_accelerate_example_two_processes() -> None:
     out = _run([*torchrun, str(EXAMPLES / "accelerate_kd.py"), "--tiny"])
     _condensations(out, 400)
     assert _points_over(out, 2) == [2 * -(-n // 2) for n in TINY.epoch_sizes(400)]  # ceil(n_e / 2) per process
+
+
+def _trained(out: str, world: int) -> list[int]:
+    return [int(m) for m in re.findall(rf"epoch \d+: trained (\d+) points over {world} rank", out)]
+
+
+DIGITS_TRAIN, TD_SCHEDULE = 1347, CondensationSchedule(epochs=6, period=2, rho=0.7)  # examples/torchdistill_kd.yaml
+
+
+def test_torchdistill_example() -> None:
+    pytest.importorskip("kcd_fast.integrations.torchdistill", exc_type=ImportError)
+    out = _run([sys.executable, str(EXAMPLES / "torchdistill_kd.py"), "--tiny"])
+    assert _trained(out, 1) == TD_SCHEDULE.epoch_sizes(DIGITS_TRAIN)
+    assert f"schedule: {TD_SCHEDULE.epoch_sizes(DIGITS_TRAIN)}" in out
+
+
+@pytest.mark.slow
+def test_torchdistill_example_two_ranks() -> None:
+    pytest.importorskip("kcd_fast.integrations.torchdistill", exc_type=ImportError)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    out = _run([*torchrun, str(EXAMPLES / "torchdistill_kd.py"), "--tiny"])
+    assert _trained(out, 2) == [2 * -(-n // 2) for n in TD_SCHEDULE.epoch_sizes(DIGITS_TRAIN)]  # ceil(n_e / 2) per rank
