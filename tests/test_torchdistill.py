@@ -117,6 +117,25 @@ def test_epochs_train_the_schedule_and_every_batch_is_observed(num_workers: int)
     assert int(loader.bank.counts.sum()) == sum(SIZES)  # kcd_post_forward observed every batch once
 
 
+def test_value_kl_scores_with_the_teachers_logits() -> None:
+    config = _train_config()
+    config["train_data_loader"]["batch_sampler"]["kwargs"]["value"] = "kl"
+    config["teacher"]["forward_proc"] = td.FORWARD_KEY
+    box = _box(config)
+    trained: list[list[int]] = []
+    _train(box, range(box.num_epochs), trained)
+    loader = td.kcd_batch_sampler(box).loader
+    assert _per_epoch(trained, td.kcd_batch_sampler(box)) == SIZES and loader.epoch == SCHED["epochs"]
+    assert int(loader.bank.counts.sum()) == sum(SIZES)
+    config["teacher"]["forward_proc"] = "forward_batch_only"  # no teacher logits recorded: refused before the step
+    box = _box(config)
+    before = [p.detach().clone() for p in box.student_model.parameters()]
+    x, y, supp = next(iter(box.train_data_loader))
+    with pytest.raises(RuntimeError, match="value: kl needs the teacher's logits: set the teacher's forward_proc"):
+        box.post_forward_process(loss=box.forward_process(x, y, supp))
+    assert all(torch.equal(a, b) for a, b in zip(before, box.student_model.parameters(), strict=True))
+
+
 def test_checkpoint_beside_torchdistills_resumes_exactly(tmp_path) -> None:
     ref = _box()
     ref_trained: list[list[int]] = []

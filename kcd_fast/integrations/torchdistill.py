@@ -295,27 +295,24 @@ def kcd_forward(model: Any, sample_batch: Any, targets: Any = None, supp_dict: A
 def kcd_post_forward(self: Any, loss: torch.Tensor, metrics: Any = None, **kwargs: Any) -> None:
     """torchdistill's ``default_post_forward_process`` (backward, optimizer and LR steps),
     then ``observe`` of the logits :func:`kcd_forward` recorded in this step (``self``: the
-    distillation or training box)."""
-    default_post_forward_process(self, loss, metrics=metrics, **kwargs)
+    distillation or training box). A misconfiguration raises before the step."""
     sampler = kcd_batch_sampler(self)
     student = getattr(self, "student_model", None)
     if student is None:
         student = self.model  # a TrainingBox
-    recorded = _RECORDED.pop(student, None)
-    if recorded is None:
+    teacher = getattr(self, "teacher_model", None)
+    if student not in _RECORDED:
         raise RuntimeError(
             f"kcd_post_forward found no logits of this step: the YAML's student (or model) needs forward_proc: "
             f"{FORWARD_KEY}"
         )
-    teacher = getattr(self, "teacher_model", None)
+    kl = sampler.loader.config.value.value == "kl"
+    if kl and (teacher is None or teacher not in _RECORDED):
+        raise RuntimeError(f"value: kl needs the teacher's logits: set the teacher's forward_proc: {FORWARD_KEY}")
+    indices, logits = _RECORDED.pop(student)
     t_recorded = _RECORDED.pop(teacher, None) if teacher is not None else None
-    teacher_logits = None
-    if sampler.loader.config.value.value == "kl":
-        if t_recorded is None:
-            raise RuntimeError(f"value: kl needs the teacher's logits: set the teacher's forward_proc: {FORWARD_KEY}")
-        teacher_logits = t_recorded[1]
-    indices, logits = recorded
-    sampler.observe(indices, logits, teacher_logits)
+    default_post_forward_process(self, loss, metrics=metrics, **kwargs)
+    sampler.observe(indices, logits, t_recorded[1] if kl and t_recorded is not None else None)
 
 
 # -- resume next to torchdistill's checkpoints ----------------------------------------------
