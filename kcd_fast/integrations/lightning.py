@@ -106,13 +106,13 @@ class KCDCallback(Callback):
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         loader = self._find_loader(trainer)
-        self._check_epoch_lengths(trainer, loader)
         epochs = loader.schedule.epochs
         if trainer.max_epochs is None or trainer.max_epochs < 0 or trainer.max_epochs > epochs:
             raise ValueError(
                 f"Trainer(max_epochs={trainer.max_epochs}) runs past the KCD schedule's {epochs} epochs (Lightning "
                 f"uses 1000 when max_epochs is not given); pass Trainer(max_epochs={epochs}), or fewer"
             )
+        self._check_epoch_lengths(trainer, loader)
         self.loader = loader
 
     # -- Trainer options that change how many batches an epoch trains (checked at fit start) --
