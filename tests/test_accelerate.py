@@ -109,3 +109,27 @@ def test_batch_device_cuda_delivers_cuda_batches(backend: str, options: dict) ->
         assert torch.equal(xa.to(xb.device), xb) and torch.equal(ya.to(yb.device), yb) and torch.equal(ia, ib)
         dev.observe(ib, torch.zeros(len(ib), C, device="cuda"))
         ref.observe(ia, torch.zeros(len(ia), C))
+
+
+def test_to_batch_device_moves_every_tensor_and_keeps_the_structure() -> None:
+    from collections import OrderedDict, namedtuple
+
+    from kcd_fast.loader.transfer import to_batch_device
+
+    Pair = namedtuple("Pair", "x y")
+    batch = (
+        torch.ones(2, 3),
+        [torch.zeros(2), "text", 7, None],
+        {"input_ids": torch.arange(4), "nested": OrderedDict(mask=torch.ones(4, dtype=torch.bool))},
+        Pair(torch.ones(1), 3),
+    )
+    meta = torch.device("meta")  # a device every machine has: shows what moves, without a GPU
+    out = to_batch_device(batch, meta)
+    assert type(out) is tuple and type(out[1]) is list and type(out[3]) is Pair
+    assert isinstance(out[2]["nested"], OrderedDict)
+    tensors = [out[0], out[1][0], out[2]["input_ids"], out[2]["nested"]["mask"], out[3].x]
+    assert all(t.device == meta for t in tensors)
+    assert out[1][1:] == ["text", 7, None] and out[3].y == 3
+    assert out[2]["nested"]["mask"].dtype == torch.bool and out[0].shape == (2, 3)
+    same = to_batch_device(batch, torch.device("cpu"))
+    assert same[0] is batch[0]  # already there: not copied
