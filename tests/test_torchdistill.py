@@ -208,3 +208,22 @@ def test_misconfigurations_name_the_yaml_entry() -> None:
     bad["train_data_loader"]["batch_sampler"]["kwargs"]["schedule"] = {"epochs": 4, "periods": 2}
     with pytest.raises(TypeError, match=r"schedule \{'epochs': 4, 'periods': 2\} is not CondensationSchedule"):
         _box(bad)
+
+
+def test_import_works_around_torchvision_order() -> None:
+    """In a fresh interpreter torchdistill 1.1.5's dataset registry raises KeyError:
+    'torchvision.datasets' unless that module was imported first; the integration does it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys, kcd_fast.integrations.torchdistill\n"
+        "from torchdistill.datasets.registry import get_batch_sampler\n"
+        "print(get_batch_sampler('kcd_batch_sampler').__name__)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "TorchdistillKCDBatchSampler"
