@@ -94,6 +94,7 @@ __all__ = [
     "FORWARD_KEY",
     "INDEX_KEY",
     "POST_FORWARD_KEY",
+    "KCDDistributedEpochSampler",
     "KCDEpochSampler",
     "KCDIndexWrapper",
     "TorchdistillKCDBatchSampler",
