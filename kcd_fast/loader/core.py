@@ -185,7 +185,8 @@ class KCDLoader:
             observed logits.
         batch_device: where the loader delivers each batch's tensors (not the value bank's
             ``device``): None (default: where the back end made them), "cpu", "cuda" or
-            "cuda:k" (``accelerator.device`` under accelerate). CPU tensors go to a GPU from
+            "cuda:k" (``accelerator.device`` under accelerate, whose ``prepare`` returns a
+            KCDLoader as it is: it neither moves nor shards it). CPU tensors go to a GPU from
             pinned memory with ``non_blocking=True`` (with ``pin_memory=True`` the torch back
             end pins them in its pin thread; otherwise the loader pins them first), for every
             back end; the indices stay an int64 CPU tensor (``observe`` takes them anywhere).
