@@ -104,3 +104,45 @@ def test_ddp_torchrun_example() -> None:
     # every rank trains its shard: ceil(n_e / 2) per rank, padded points counted twice
     points = [int(m) for m in re.findall(r"epoch \d+: (\d+) points over 2 ranks", out)]
     assert points == [2 * -(-n // 2) for n in TINY.epoch_sizes(400)]
+
+
+def _points_over(out: str, world: int) -> list[int]:
+    return [int(m) for m in re.findall(rf"epoch \d+: (\d+) points over {world} process", out)]
+
+
+def test_accelerate_example() -> None:
+    pytest.importorskip("accelerate")
+    out = _run([sys.executable, str(EXAMPLES / "accelerate_kd.py"), "--tiny"])
+    _condensations(out, 400)
+    assert _points_over(out, 1) == TINY.epoch_sizes(400)
+
+
+@pytest.mark.slow
+def test_accelerate_example_two_processes() -> None:
+    pytest.importorskip("accelerate")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    out = _run([*torchrun, str(EXAMPLES / "accelerate_kd.py"), "--tiny"])
+    _condensations(out, 400)
+    assert _points_over(out, 2) == [2 * -(-n // 2) for n in TINY.epoch_sizes(400)]  # ceil(n_e / 2) per process
+
+
+def _trained(out: str, world: int) -> list[int]:
+    return [int(m) for m in re.findall(rf"epoch \d+: trained (\d+) points over {world} rank", out)]
+
+
+DIGITS_TRAIN, TD_SCHEDULE = 1347, CondensationSchedule(epochs=6, period=2, rho=0.7)  # examples/torchdistill_kd.yaml
+
+
+def test_torchdistill_example() -> None:
+    pytest.importorskip("kcd_fast.integrations.torchdistill", exc_type=ImportError)
+    out = _run([sys.executable, str(EXAMPLES / "torchdistill_kd.py"), "--tiny"])
+    assert _trained(out, 1) == TD_SCHEDULE.epoch_sizes(DIGITS_TRAIN)
+    assert f"schedule: {TD_SCHEDULE.epoch_sizes(DIGITS_TRAIN)}" in out
+
+
+@pytest.mark.slow
+def test_torchdistill_example_two_ranks() -> None:
+    pytest.importorskip("kcd_fast.integrations.torchdistill", exc_type=ImportError)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    out = _run([*torchrun, str(EXAMPLES / "torchdistill_kd.py"), "--tiny"])
+    assert _trained(out, 2) == [2 * -(-n // 2) for n in TD_SCHEDULE.epoch_sizes(DIGITS_TRAIN)]  # ceil(n_e / 2) per rank

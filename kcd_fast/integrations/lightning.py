@@ -23,6 +23,18 @@ loader shards itself (a process group exists by the time ``train_dataloader`` ru
 Lightning leaves it alone: it only re-wraps ``torch.utils.data.DataLoader`` objects.
 Size LR schedules with ``loader.total_steps()`` (``trainer.estimated_stepping_batches``
 assumes every epoch has the first epoch's length).
+
+Trainer options that change how many batches an epoch trains are followed exactly or refused
+when ``fit`` starts (``ValueError`` naming the option and what to do), never left to break the
+schedule silently:
+
+- ``accumulate_grad_batches``: followed (Lightning steps the optimizer on an epoch's last,
+  partial group; the run takes ``sum(ceil(batches_e / k))`` optimizer steps);
+- ``max_steps``: followed when the schedule's optimizer steps fit in it, else refused;
+- ``limit_train_batches``: 1.0, or an int no smaller than the longest epoch, is followed (it
+  cuts nothing); a fraction below 1.0, or a smaller int, is refused (Lightning would fix every
+  epoch's length from epoch 0 and cut the epochs the condensations rank);
+- ``max_time`` (a ``Timer`` with a duration) and ``fast_dev_run``: refused.
 """
 
 from __future__ import annotations
@@ -34,9 +46,11 @@ import torch
 
 try:
     from lightning.pytorch import Callback
+    from lightning.pytorch.callbacks import Timer
 except ImportError:  # the standalone package
     try:
         from pytorch_lightning import Callback
+        from pytorch_lightning.callbacks import Timer
     except ImportError as err:
         raise ImportError(
             "kcd_fast.integrations.lightning needs PyTorch Lightning: pip install 'kcd_fast[lightning]' "
@@ -71,7 +85,8 @@ class KCDCallback(Callback):
     for the batch: ``[B, C]``, or ``[B, L, V]`` with ``"mask"`` ``[B, L]``; with
     ``value="kl"`` also ``"teacher_logits"``), or ``"scores"`` ``[B]`` (per-sample values
     you compute). Raises ``TypeError`` when the trainer's train dataloader is not a
-    KCDLoader and ``ValueError`` when ``max_epochs`` exceeds the schedule's epochs."""
+    KCDLoader and ``ValueError`` when ``max_epochs`` exceeds the schedule's epochs or a
+    Trainer option would cut the schedule's epochs (see the module docstring)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -86,6 +101,9 @@ class KCDCallback(Callback):
             )
         return dl
 
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        self._check_trainer_limits(trainer)
+
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         loader = self._find_loader(trainer)
         epochs = loader.schedule.epochs
@@ -94,7 +112,64 @@ class KCDCallback(Callback):
                 f"Trainer(max_epochs={trainer.max_epochs}) runs past the KCD schedule's {epochs} epochs (Lightning "
                 f"uses 1000 when max_epochs is not given); pass Trainer(max_epochs={epochs}), or fewer"
             )
+        self._check_epoch_lengths(trainer, loader)
         self.loader = loader
+
+    # -- Trainer options that change how many batches an epoch trains (checked at fit start) --
+    @staticmethod
+    def _check_trainer_limits(trainer: Any) -> None:
+        """Refuses, before anything runs, the Trainer options that cut KCD epochs short in a way
+        the schedule cannot follow: ``fast_dev_run``, ``limit_train_batches`` as a fraction
+        below 1.0 and ``max_time`` (or a ``Timer`` callback with a duration)."""
+        fast = getattr(trainer, "fast_dev_run", False)
+        if fast:
+            raise ValueError(
+                f"Trainer(fast_dev_run={fast!r}) trains {int(fast)} batch(es) per epoch, not the KCD schedule's "
+                "epochs: KCDCallback refuses it; for a quick run use a small schedule (epochs, rho) on a small dataset"
+            )
+        limit = trainer.limit_train_batches
+        if isinstance(limit, float) and limit != 1.0:
+            raise ValueError(
+                f"Trainer(limit_train_batches={limit!r}) makes Lightning train a fixed number of batches in every "
+                "epoch (a fraction of epoch 0's length), which breaks the KCD schedule (each epoch has its own "
+                "length and the condensations need every batch observed): leave limit_train_batches at 1.0 and "
+                "train on less data instead (a torch.utils.data.Subset of the dataset, or a schedule with smaller rho)"
+            )
+        for cb in getattr(trainer, "callbacks", []):
+            duration = getattr(cb, "_duration", None)
+            if isinstance(cb, Timer) and duration is not None:
+                raise ValueError(
+                    f"Trainer(max_time=...) (a Timer of {duration:g} s) stops training mid-schedule, so the KCDLoader "
+                    "would not end where the KCD schedule ends: remove max_time and bound the run with max_epochs; to "
+                    "split a long run, save checkpoints (ModelCheckpoint) and resume with trainer.fit(ckpt_path=...)"
+                )
+
+    @staticmethod
+    def _check_epoch_lengths(trainer: Any, loader: KCDLoader) -> None:
+        """The options whose effect depends on the loader's epochs: an int
+        ``limit_train_batches`` is followed when no epoch has more batches (it then cuts
+        nothing), ``max_steps`` when the run's optimizer steps (``ceil(batches_e /
+        accumulate_grad_batches)`` per epoch, Lightning steps on an epoch's last partial group)
+        fit in it. ``accumulate_grad_batches`` itself is followed exactly."""
+        steps = loader.steps_per_epoch()
+        max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else len(steps)
+        planned = steps[: min(max_epochs, len(steps))]
+        limit = trainer.limit_train_batches
+        if isinstance(limit, int) and limit < max(planned, default=0):
+            raise ValueError(
+                f"Trainer(limit_train_batches={limit}) cuts the KCD epochs (the longest has {max(planned)} batches on "
+                f"this rank: {planned}), so epochs would not train the schedule's points: leave limit_train_batches "
+                f"unset (or >= {max(planned)}) and train on less data instead (a torch.utils.data.Subset)"
+            )
+        acc = max(int(getattr(trainer, "accumulate_grad_batches", 1) or 1), 1)
+        updates = sum(-(-s // acc) for s in planned)
+        if trainer.max_steps is not None and 0 <= trainer.max_steps < updates:
+            raise ValueError(
+                f"Trainer(max_steps={trainer.max_steps}) stops before the KCD schedule ends: its "
+                f"{len(planned)} epochs take {updates} optimizer steps (loader.steps_per_epoch() = {planned}"
+                + (f", accumulate_grad_batches={acc}" if acc > 1 else "")
+                + f"): leave max_steps at -1 and bound the run with max_epochs, or pass max_steps >= {updates}"
+            )
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         loader = self.loader if self.loader is not None else self._find_loader(trainer)

@@ -65,7 +65,15 @@ class KCDBatchSampler(Sampler[list[int]]):
         seed: int = 0,
         **kcd_options: Any,
     ):
-        for bad in ("backend", "num_workers", "collate_fn", "pin_memory", "persistent_workers", "prefetch_factor"):
+        for bad in (
+            "backend",
+            "num_workers",
+            "collate_fn",
+            "pin_memory",
+            "persistent_workers",
+            "prefetch_factor",
+            "batch_device",
+        ):
             if bad in kcd_options:
                 raise TypeError(
                     f"KCDBatchSampler takes no {bad}={kcd_options[bad]!r}: it only yields indices; pass DataLoader "

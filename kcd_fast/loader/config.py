@@ -35,6 +35,17 @@ class Backend(OptionEnum):
     TENSOR = "tensor"  # whole batches from ArrayDataset storage, one fused kernel (backends/tensor.py)
 
 
+def _check_batch_device(value: Any) -> torch.device | None:
+    """``batch_device``: None, "cpu", "cuda" or "cuda:k" (a GPU torch can see)."""
+    dev = check_device(value, "batch_device", optional=True)
+    if dev is not None and dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"batch_device={value!r} but torch sees no CUDA device")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"batch_device={value!r} but torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
 @dataclass(frozen=True)
 class LoaderConfig:
     """What a :class:`kcd_fast.KCDLoader` was built with (see its docstring for each field)."""
@@ -50,6 +61,7 @@ class LoaderConfig:
     eps_m: float = 0.7
     temperature: float = 4.0
     device: torch.device | None = None
+    batch_device: torch.device | None = None
     strict: bool = False
     progress: bool = False
     # torch.utils.data.DataLoader's own arguments
@@ -108,6 +120,7 @@ class LoaderConfig:
             eps_m=check_number(c["eps_m"], "eps_m", 0.0, 1.0),
             temperature=check_number(c["temperature"], "temperature", 0.0, math.inf, lo_open=True),
             device=check_device(c["device"], optional=True),
+            batch_device=_check_batch_device(c["batch_device"]),
             strict=check_bool(c["strict"], "strict"),
             progress=check_bool(c["progress"], "progress"),
             num_workers=num_workers,

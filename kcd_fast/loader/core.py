@@ -129,6 +129,7 @@ from .backends.base import BackendProtocol
 from .backends.factory import auto_vaks, make_backend
 from .config import Backend, LoaderConfig
 from .plan import UNOBSERVED_STREAM, VAKS_STREAM, Planner, stream_seed
+from .transfer import to_batch_device
 
 __all__ = ["Backend", "KCDLoader"]
 
@@ -182,6 +183,13 @@ class KCDLoader:
             kept image keeps (0.7). temperature: the KL temperature for ``value="kl"``.
         device: where the value bank lives; None (default): the device of the first
             observed logits.
+        batch_device: where the loader delivers each batch's tensors (not the value bank's
+            ``device``): None (default: where the back end made them), "cpu", "cuda" or
+            "cuda:k" (``accelerator.device`` under accelerate, whose ``prepare`` returns a
+            KCDLoader as it is: it neither moves nor shards it). CPU tensors go to a GPU from
+            pinned memory with ``non_blocking=True`` (with ``pin_memory=True`` the torch back
+            end pins them in its pin thread; otherwise the loader pins them first), for every
+            back end; the indices stay an int64 CPU tensor (``observe`` takes them anywhere).
         strict: validate every observed batch on the host (a sync on CUDA).
         progress: show a tqdm bar per epoch.
         distributed: None (default): shard across ranks when a ``torch.distributed``
@@ -221,6 +229,7 @@ class KCDLoader:
         eps_m: float = 0.7,
         temperature: float = 4.0,
         device: str | torch.device | None = None,
+        batch_device: str | torch.device | None = None,
         strict: bool = False,
         progress: bool = False,
         distributed: bool | None = None,
@@ -244,6 +253,7 @@ class KCDLoader:
             eps_m=eps_m,
             temperature=temperature,
             device=device,
+            batch_device=batch_device,
             strict=strict,
             progress=progress,
             num_workers=num_workers,
@@ -527,6 +537,8 @@ class KCDLoader:
                     batch = next(it)
                 except StopIteration:
                     break
+                if self.config.batch_device is not None:  # a failed copy resumes at this batch, as a failed fetch
+                    batch = to_batch_device(batch, self.config.batch_device)
                 idx = order[k * bs : (k + 1) * bs]
                 k += 1
                 self._position = k  # yielded: the epoch is complete once k == n_batches

@@ -1,0 +1,124 @@
+"""Lightning Trainer options that change how many batches an epoch trains, with a real
+Trainer (CPU, tiny data): each is either followed exactly (every epoch trains the schedule's
+points, the condensations rank observed points, the loader ends where the schedule ends) or
+refused by KCDCallback when fit starts, before any batch, with a message naming the option."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pl = pytest.importorskip("lightning.pytorch")
+
+from kcd_fast import ArrayDataset, CondensationSchedule, KCDLoader  # noqa: E402
+from kcd_fast.integrations.lightning import KCDCallback  # noqa: E402
+
+N, C, B = 60, 5, 8
+SCHED = CondensationSchedule(epochs=6, period=2, rho=0.7)  # epochs of 8, 7, 6, 6, 6, 6 batches
+_rng = np.random.default_rng(1)
+IMAGES = _rng.integers(0, 256, (N, 4, 4, 3), dtype=np.uint8)
+LABELS = _rng.integers(0, C, N)
+
+
+class Student(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Linear(48, C)
+        self.loader = KCDLoader(ArrayDataset(IMAGES, LABELS), SCHED, batch_size=B, shuffle=True, seed=5)
+        self.trained: list[tuple[int, int]] = []  # (epoch, points)
+
+    def train_dataloader(self):
+        return self.loader
+
+    def training_step(self, batch, batch_idx):
+        x, y, idx = batch
+        logits = self.net(x.flatten(1))
+        self.trained.append((self.current_epoch, len(idx)))
+        return {"loss": torch.nn.functional.cross_entropy(logits, y), "logits": logits}
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _fit(tmp_path, **options) -> tuple[Student, object]:
+    module = Student()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=options.pop("max_epochs", SCHED.epochs),
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        callbacks=[KCDCallback()],
+        **options,
+    )
+    trainer.fit(module)
+    return module, trainer
+
+
+def _followed_exactly(module: Student) -> None:
+    per_epoch = [sum(p for e, p in module.trained if e == k) for k in range(SCHED.epochs)]
+    assert per_epoch == SCHED.epoch_sizes(N)
+    loader = module.loader
+    assert loader.epoch == SCHED.epochs  # the loader ended where the schedule ends
+    assert [h["epoch"] for h in loader.history] == list(SCHED.condensation_epochs)
+    assert int(loader.bank.counts.sum()) == sum(SCHED.epoch_sizes(N))  # every batch observed once
+
+
+def _updates(acc: int) -> int:
+    steps = KCDLoader(ArrayDataset(IMAGES, LABELS), SCHED, batch_size=B).steps_per_epoch()
+    return sum(-(-s // acc) for s in steps)
+
+
+@pytest.mark.parametrize("acc", [3, 4])  # partial last groups: 8 % 3, 7 % 3, 6 % 4 ...
+def test_accumulate_grad_batches_is_followed_with_partial_last_groups(tmp_path, acc: int) -> None:
+    module, trainer = _fit(tmp_path, accumulate_grad_batches=acc)
+    _followed_exactly(module)
+    assert trainer.global_step == _updates(acc)  # Lightning steps on each epoch's last, partial group
+
+
+def test_max_steps_that_fits_the_schedule_is_followed(tmp_path) -> None:
+    module, trainer = _fit(tmp_path, max_steps=_updates(2), accumulate_grad_batches=2)
+    _followed_exactly(module)
+    assert trainer.global_step == _updates(2)
+
+
+def test_int_limit_train_batches_that_cuts_nothing_is_followed(tmp_path) -> None:
+    module, _ = _fit(tmp_path, limit_train_batches=8)  # the longest epoch has 8 batches
+    _followed_exactly(module)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"limit_train_batches": 0.5}, r"Trainer\(limit_train_batches=0.5\) makes Lightning train a fixed number"),
+        ({"limit_train_batches": 5}, r"Trainer\(limit_train_batches=5\) cuts the KCD epochs \(the longest has 8"),
+        ({"max_steps": _updates(1) - 1}, rf"Trainer\(max_steps={_updates(1) - 1}\) stops before the KCD schedule"),
+        (
+            {"max_steps": _updates(3) - 1, "accumulate_grad_batches": 3},
+            rf"take {_updates(3)} optimizer steps .*accumulate_grad_batches=3.*max_steps >= {_updates(3)}",
+        ),
+        ({"max_time": {"minutes": 30}}, r"Trainer\(max_time=...\) \(a Timer of 1800 s\) stops training mid-schedule"),
+        ({"fast_dev_run": 2}, r"Trainer\(fast_dev_run=2\) trains 2 batch\(es\) per epoch"),
+    ],
+)
+def test_options_that_would_break_the_schedule_are_refused_before_training(tmp_path, options, message) -> None:
+    module = Student()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=SCHED.epochs,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        callbacks=[KCDCallback()],
+        **options,
+    )
+    with pytest.raises(ValueError, match=message):
+        trainer.fit(module)
+    assert module.trained == [] and module.loader.epoch == 0 and not module.loader.history
