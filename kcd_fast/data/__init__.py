@@ -7,6 +7,7 @@
 """
 
 from .arrays import ArrayDataset, has_images, image_storage, require_image_storage
+from .errors import MissingSampleError, UnreadableSampleError
 from .folders import IMAGE_EXTENSIONS, ImageFolder, UnreadableImageError, is_image_folder, load_rgb
 from .indexed import WithIndices
 
@@ -14,7 +15,9 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "ArrayDataset",
     "ImageFolder",
+    "MissingSampleError",
     "UnreadableImageError",
+    "UnreadableSampleError",
     "has_images",
     "image_storage",
     "is_image_folder",
