@@ -854,7 +854,17 @@ def _augment_decoded(images: Any, recipe: Augment | Callable[..., Any], device: 
     from nvidia.dali import fn, types
 
     if not isinstance(recipe, Augment):
-        return recipe(images, device)
+        from nvidia.dali.data_node import DataNode
+
+        out = recipe(images, device)
+        if not isinstance(out, DataNode):
+            name = getattr(recipe, "__qualname__", None) or type(recipe).__name__
+            raise TypeError(
+                f"augment={name} must return the DALI DataNode of the augmented images (augment(images, device) -> "
+                f"DataNode, built from fn.* operators), got {type(out).__name__}"
+                + (" (did it forget to return?)" if out is None else "")
+            )
+        return out
     if recipe is Augment.NONE:  # x / 255 in float32, exactly as torch computes it
         return fn.transpose(fn.cast(images, dtype=types.FLOAT) / 255.0, perm=[2, 0, 1], output_layout="CHW")
     if recipe is Augment.CIFAR:
