@@ -11,7 +11,6 @@ import errno
 import importlib.util
 import os
 import signal
-import stat
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -263,3 +262,220 @@ def test_batch_sampler_warns_once_about_persistent_workers_over_unshared_images(
     assert _persistent_run(NumpyData(), True, vaks="off") == []  # nothing is summarised
     shared = ArrayDataset(np.zeros((16, 4, 4, 3), np.uint8), np.arange(16))  # shared memory: workers see blends
     assert _persistent_run(shared, True) == []
+
+
+# -- the folder overlay: a full disk, a deleted directory ------------------------------------------
+LOG = [
+    {"epoch": 1, "dst": torch.tensor([1, 4]), "src": torch.tensor([9, 10]), "eps": torch.tensor([0.9, 0.8]).double()},
+    {"epoch": 2, "dst": torch.tensor([9, 2]), "src": torch.tensor([1, 3]), "eps": torch.tensor([0.85, 0.7]).double()},
+]
+
+
+def _photos(root: Path, n: int = 12) -> list[str]:
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    paths = []
+    for i in range(n):
+        p = root / f"{i}.jpg"
+        Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(p, quality=90)
+        paths.append(str(p))
+    return paths
+
+
+@contextmanager
+def disk_full_under(directory: Path, after: int = 0) -> Iterator[list[str]]:
+    """``os.write`` to a file under ``directory`` writes ``after`` bytes, then fails with ENOSPC
+    (a full disk); writes elsewhere (pytest's own) are untouched. Yields the files it cut."""
+    real = os.write
+    cut: list[str] = []
+
+    def write(fd: int, data: Any) -> int:
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            target = ""
+        if not target.startswith(str(directory)):
+            return real(fd, data)
+        cut.append(target)
+        if after and os.fstat(fd).st_size < after:
+            return real(fd, bytes(memoryview(data)[:after]))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    os.write = write  # type: ignore[assignment]
+    try:
+        yield cut
+    finally:
+        os.write = real  # type: ignore[assignment]
+
+
+def _tmp_files(root: Path) -> list[str]:
+    return sorted(str(p) for p in root.rglob("*.tmp"))
+
+
+def test_a_full_disk_under_overlay_dir_names_it_and_the_file_and_leaves_no_partial_file(tmp_path: Path) -> None:
+    paths = _photos(tmp_path / "photos")
+    where = tmp_path / "overlays"
+    ov = FolderOverlay(paths, overlay_format="png", overlay_dir=where)
+    with disk_full_under(where, after=100) as cut:
+        for _ in range(2):  # a retry leaves nothing behind either
+            with pytest.raises(OSError) as info:
+                ov.sync(LOG)
+            err = info.value
+            assert err.errno == errno.ENOSPC
+            msg = str(err)
+            assert msg.startswith(f"[Errno 28] dali_overlay_dir '{where}': writing the overlay file '{ov.directory}/")
+            assert msg.endswith(
+                ".png' failed: No space left on device (the partial file was removed); free space there or pass "
+                "another directory"
+            )
+            assert _tmp_files(where) == []  # the partial file (100 bytes written) is gone
+    assert cut and ov.points == []  # nothing applied: the overlay is as before
+    ov.sync(LOG)  # space again: it completes
+    assert ov.points == [1, 2, 4, 9]
+
+
+def test_a_full_disk_past_the_memory_budget_names_the_spill_directory(tmp_path: Path) -> None:
+    paths = _photos(tmp_path / "photos")
+    ov = FolderOverlay(paths, overlay_format="pnm", budget=0)  # every entry spills to files
+    tmp = Path(os.environ.get("TMPDIR", "/tmp"))
+    with disk_full_under(tmp / "kcd-overlay-") as cut, pytest.raises(OSError) as info:
+        ov.sync(LOG)
+    assert cut and info.value.errno == errno.ENOSPC
+    spill = os.path.dirname(cut[0])
+    assert str(info.value).startswith(
+        f"[Errno 28] the overlay's spill directory '{spill}' (past dali_overlay_budget=0): writing the overlay "
+        f"file '{spill}/1-1.ppm' failed: No space left on device (the partial file was removed)"
+    )
+    assert os.listdir(spill) == [] and ov.points == []
+
+
+def test_a_deleted_overlay_directory_is_made_again_and_rebuilt_from_the_log(tmp_path: Path) -> None:
+    import shutil
+
+    paths = _photos(tmp_path / "photos")
+    ov = FolderOverlay(paths, overlay_format="png", overlay_dir=tmp_path / "overlays")
+    ov.sync(LOG[:1])
+    before = {i: ov.image(i) for i in ov.points}
+    shutil.rmtree(ov.directory)
+    with pytest.warns(UserWarning, match=r"overlay directory '.*' \(or files in it\) was deleted while the loader"):
+        ov.sync(LOG)
+    assert ov.points == [1, 2, 4, 9] and os.path.isdir(ov.directory)
+    fresh = FolderOverlay(paths, overlay_format="png")
+    fresh.sync(LOG)
+    for i in ov.points:
+        np.testing.assert_array_equal(ov.image(i), fresh.image(i))
+    np.testing.assert_array_equal(ov.image(4), before[4])
+    spilled = FolderOverlay(paths, overlay_format="pnm", budget=0)
+    spilled.sync(LOG[:1])
+    shutil.rmtree(spilled.directory)
+    with pytest.warns(UserWarning, match="rebuilt from the summary log"):
+        spilled.sync(LOG)
+    assert all(os.path.exists(v) for v in spilled.entries.values()) and spilled.points == [1, 2, 4, 9]
+    np.testing.assert_array_equal(spilled.image(9), fresh.image(9))
+
+
+def test_the_overlay_never_opens_a_fifo_it_summarises(tmp_path: Path) -> None:
+    paths = _photos(tmp_path / "photos")
+    _fifo(paths[10])
+    ov = FolderOverlay(paths, overlay_format="png")
+    with bounded(30), pytest.raises(UnreadableSampleError) as info:
+        ov.sync(LOG)
+    assert str(info.value) == (
+        f"image file '{paths[10]}' is a FIFO (named pipe), not a regular file (dataset index 10, read to "
+        "summarise a condensation's VAKS pairs)"
+    )
+    assert ov.points == []
+
+
+@needs_dali
+@pytest.mark.timeout(180)
+def test_a_dali_run_rebuilds_its_deleted_overlay_directory(tmp_path: Path) -> None:
+    import shutil
+
+    ds = _folder(tmp_path / "f", per_class=8)
+    ds.transform = None
+    sched = CondensationSchedule(3, 1, rho=0.5)
+    kw = dict(batch_size=4, backend="dali", augment="cifar", dali_device=None, seed=0)
+    loader = KCDLoader(ds, sched, dali_overlay_dir=tmp_path / "ov", dali_overlay_format="png", **kw)
+    rng = torch.Generator().manual_seed(0)
+    for epoch in range(3):
+        if epoch == 2:
+            shutil.rmtree(loader.backend.overlay_dir)  # deleted while the run lives
+            ctx: Any = pytest.warns(UserWarning, match="was deleted while the loader used it")
+        else:
+            ctx = warnings.catch_warnings()
+        with ctx:
+            for _x, _y, idx in loader:
+                loader.observe(idx, torch.randn(idx.shape[0], 3, generator=rng))
+        assert bool(loader.backend.overlay_points) == (epoch >= 1)  # synced at the epoch's start
+    assert os.path.isdir(loader.backend.overlay_dir) and loader.epoch == 3
+    pts = loader.backend.overlay_points
+    ref = KCDLoader(ds, sched, dali_overlay_format="png", **kw)  # in memory, rebuilt from the files
+    ref.load_state_dict(loader.state_dict())
+    ref.backend.sync_overlay()
+    assert ref.backend.overlay_points == pts
+    np.testing.assert_array_equal(loader.backend.overlay_image(pts[0]), ref.backend.overlay_image(pts[0]))
+
+
+# -- options checked, naming the option -------------------------------------------------------------
+def _arrays() -> ArrayDataset:
+    return ArrayDataset(np.zeros((8, 8, 8, 3), np.uint8), np.arange(8))
+
+
+def test_tensor_device_cuda_without_cuda_names_the_option(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # this machine, as one without a GPU
+    for want in ("cuda", "cuda:0"):
+        with pytest.raises(ValueError) as info:
+            KCDLoader(_arrays(), SCHED, batch_size=4, backend="tensor", tensor_device=want)
+        assert str(info.value) == (
+            f"tensor_device={want!r} but torch sees no CUDA device on this machine (torch.cuda.is_available() is "
+            "False); pass tensor_device='auto' to make batches where the images live"
+        )
+    for bad in ("gpu", "tpu", 1.5):
+        with pytest.raises(ValueError, match=rf"tensor_device must be 'auto', 'cpu', 'cuda' or 'cuda:K', got {bad!r}"):
+            KCDLoader(_arrays(), SCHED, batch_size=4, backend="tensor", tensor_device=bad)
+
+
+def forgets_to_return(images: torch.Tensor, generator: torch.Generator) -> None:
+    images.mul_(2)
+
+
+def returns_numpy(images: torch.Tensor, generator: torch.Generator) -> np.ndarray:
+    return images.numpy()
+
+
+def drops_a_row(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return images[1:]
+
+
+def test_tensor_augment_callables_returning_no_batch_name_the_option() -> None:
+    cases = [
+        (forgets_to_return, TypeError, "augment=forgets_to_return must return the batch as a float tensor "
+         "[b, C, H, W] (augment(images, generator) -> images), got NoneType (did it forget to return?)"),
+        (returns_numpy, TypeError, "augment=returns_numpy must return the batch as a float tensor [b, C, H, W] "
+         "(augment(images, generator) -> images), got ndarray"),
+        (drops_a_row, ValueError, "augment=drops_a_row must return a [b = 4, C, H, W] tensor on cpu, got "
+         "(3, 3, 8, 8) on cpu"),
+    ]  # fmt: skip
+    for fn, exc, want in cases:
+        loader = KCDLoader(_arrays(), SCHED, batch_size=4, backend="tensor", augment=fn)
+        with pytest.raises(exc) as info:
+            next(iter(loader))
+        assert str(info.value) == want
+
+
+def dali_forgets_to_return(images: Any, device: str) -> None:
+    from nvidia.dali import fn
+
+    fn.flip(images)
+
+
+@needs_dali
+def test_dali_augment_callables_returning_no_data_node_name_the_option() -> None:
+    loader = KCDLoader(_arrays(), SCHED, batch_size=4, backend="dali", augment=dali_forgets_to_return, dali_device=None)
+    with pytest.raises(TypeError) as info:
+        next(iter(loader))
+    assert str(info.value) == (
+        "augment=dali_forgets_to_return must return the DALI DataNode of the augmented images (augment(images, "
+        "device) -> DataNode, built from fn.* operators), got NoneType (did it forget to return?)"
+    )
