@@ -10,7 +10,7 @@ reader outside a loader raised it, such as :func:`kcd_fast.data.load_rgb`). A mi
 raises the subclass :class:`MissingSampleError`, which is also a ``FileNotFoundError``.
 
 Files are opened with ``O_NONBLOCK`` and checked with ``fstat`` before anything is read
-(:func:`read_regular`): opening a FIFO for reading would otherwise block until a writer
+(:func:`open_regular`, :func:`read_regular`): opening a FIFO for reading would otherwise block until a writer
 appears, forever. The DALI back end, whose reader opens files itself, checks each path with
 ``stat`` just before it hands the batch to DALI (:func:`check_regular`).
 """
@@ -20,12 +20,14 @@ from __future__ import annotations
 import os
 import re
 import stat
+from typing import BinaryIO
 
 __all__ = [
     "MissingSampleError",
     "UnreadableImageError",
     "UnreadableSampleError",
     "check_regular",
+    "open_regular",
     "read_regular",
     "sample_error",
 ]
@@ -118,21 +120,29 @@ def check_regular(path: str, *, index: int | None = None, where: str = "") -> No
         raise sample_error(path, "cannot be read: permission denied", index=index, where=where)
 
 
-def read_regular(path: str, *, index: int | None = None, where: str = "") -> bytes:
-    """The bytes of ``path``, a regular file; :class:`UnreadableSampleError` for anything
-    else. The file is opened with ``O_NONBLOCK`` (a FIFO opens at once instead of waiting
-    for a writer) and checked with ``fstat`` before it is read, so the check and the read
-    are of the same file."""
+def open_regular(path: str, *, index: int | None = None, where: str = "") -> BinaryIO:
+    """``path`` opened for reading (binary), checked to be a regular file;
+    :class:`UnreadableSampleError` for anything else. The file is opened with ``O_NONBLOCK``
+    (a FIFO opens at once instead of waiting for a writer) and checked with ``fstat``, so the
+    check and the reads are of the same file (``O_NONBLOCK`` changes nothing for a regular file)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise sample_error(path, "is missing", index=index, where=where, missing=True) from None
     except OSError as err:
         raise sample_error(path, f"cannot be read: {err.strerror or err}", index=index, where=where) from err
-    with os.fdopen(fd, "rb") as f:
-        kind = _special(os.fstat(fd).st_mode)
-        if kind is not None:
-            raise sample_error(path, f"is {kind}, not a regular file", index=index, where=where)
+    f = os.fdopen(fd, "rb")
+    kind = _special(os.fstat(fd).st_mode)
+    if kind is not None:
+        f.close()
+        raise sample_error(path, f"is {kind}, not a regular file", index=index, where=where)
+    return f
+
+
+def read_regular(path: str, *, index: int | None = None, where: str = "") -> bytes:
+    """The bytes of ``path``, a regular file (:func:`open_regular`); :class:`UnreadableSampleError`
+    for anything else."""
+    with open_regular(path, index=index, where=where) as f:
         try:
             return f.read()
         except OSError as err:

@@ -19,11 +19,11 @@ import io
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from torch.utils.data import Dataset
 
-from .errors import UnreadableImageError, UnreadableSampleError, read_regular, sample_error
+from .errors import UnreadableImageError, UnreadableSampleError, open_regular, sample_error
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -52,9 +52,9 @@ def is_image_folder(dataset: Any) -> bool:
 
 def load_rgb(path: str | os.PathLike[str], *, index: int | None = None) -> Any:
     """Decodes ``path`` into an RGB ``PIL.Image`` (fully loaded, EXIF orientation applied
-    like DALI's ``fn.decoders.image``). The file is read whole first, through
-    :func:`kcd_fast.data.errors.read_regular` (opened without blocking, checked to be a
-    regular file), then decoded from memory.
+    like DALI's ``fn.decoders.image``). The file is opened through
+    :func:`kcd_fast.data.errors.open_regular` (without blocking, checked to be a regular
+    file) and closed before this returns.
 
     Raises:
         MissingSampleError: the file does not exist (a ``FileNotFoundError``; names it).
@@ -62,19 +62,23 @@ def load_rgb(path: str | os.PathLike[str], *, index: int | None = None) -> Any:
             (names it, the reason, and ``index`` when given).
     """
     p = os.fspath(path)
-    return decode_pil(read_regular(p, index=index), p, index=index)
+    with open_regular(p, index=index) as f:
+        return decode_pil(f, p, index=index)
 
 
-def decode_pil(data: bytes, path: str, *, index: int | None = None) -> Any:
-    """The encoded image ``data`` (the bytes of ``path``) -> an RGB ``PIL.Image``, EXIF
-    orientation applied; :class:`UnreadableSampleError` naming ``path`` when Pillow refuses it."""
+def decode_pil(data: bytes | BinaryIO, path: str, *, index: int | None = None) -> Any:
+    """An encoded image (bytes, or the open file ``path``) -> an RGB ``PIL.Image``, fully
+    loaded (it no longer needs the file), EXIF orientation applied;
+    :class:`UnreadableSampleError` naming ``path`` when Pillow refuses it."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        im = Image.open(io.BytesIO(data))  # from memory: no file handle stays open
+        im = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
         im.load()
         ImageOps.exif_transpose(im, in_place=True)
         rgb = im if im.mode == "RGB" else im.convert("RGB")
+        if rgb is im and getattr(im, "n_frames", 1) > 1:  # a multi-frame image may seek in its file later
+            rgb = im.copy()
     except (OSError, ValueError, SyntaxError) as err:  # PIL raises all three on bad files
         why = "no image format Pillow reads" if isinstance(err, UnidentifiedImageError) else str(err)
         raise sample_error(path, f"cannot be decoded: {why}", index=index) from err

@@ -68,7 +68,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...data.errors import MissingSampleError, UnreadableImageError, UnreadableSampleError, check_regular, sample_error
+from ...data.errors import (
+    MissingSampleError,
+    UnreadableImageError,
+    UnreadableSampleError,
+    check_regular,
+    read_regular,
+    sample_error,
+)
 from ...ops import blend_, blend_image_, resize_bilinear
 from ..state import is_prefix
 from .image_codec import (
@@ -110,8 +117,7 @@ def _device_arg(device: Any) -> torch.device:
 def _entry_rgb(entry: np.ndarray | str) -> np.ndarray:
     """An overlay entry (encoded bytes, or the path of an overlay file) -> uint8 ``[H, W, 3]``."""
     if isinstance(entry, str):
-        with open(entry, "rb") as f:
-            return decode_rgb(f.read())
+        return decode_rgb(read_regular(entry))  # never blocks (a FIFO put in its place is refused)
     return decode_rgb(entry)
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ...data.errors import read_regular
-from ...data.folders import UnreadableImageError, decode_pil
+from ...data.folders import UnreadableImageError, load_rgb
 
 __all__ = [
     "OverlayFormat",
@@ -177,7 +177,7 @@ def read_rgb(path: str) -> np.ndarray:
     if a is not None:
         return a
     try:
-        return np.array(decode_pil(data, path))
+        return np.array(load_rgb(path))  # Pillow decodes from the file (faster than from bytes)
     except UnreadableImageError:
         a = _dali_decode_rgb(data) if data else None
         if a is None:
