@@ -360,6 +360,7 @@ def test_a_deleted_overlay_directory_is_made_again_and_rebuilt_from_the_log(tmp_
     with pytest.warns(UserWarning, match=r"overlay directory '.*' \(or files in it\) was deleted while the loader"):
         ov.sync(LOG)
     assert ov.points == [1, 2, 4, 9] and os.path.isdir(ov.directory)
+    assert all(os.path.exists(v) for v in ov.entries.values()) and len(list(Path(ov.directory).glob("*.done"))) == 2
     fresh = FolderOverlay(paths, overlay_format="png")
     fresh.sync(LOG)
     for i in ov.points:

@@ -384,20 +384,39 @@ class FolderOverlay:
         return self._files and not all(os.path.exists(os.path.join(self._dir, f"{d}.done")) for d in self._digests)
 
     def _recover(self) -> None:
-        """After :meth:`_lost`: the directory made again and the overlay emptied, so that the
-        next sync rebuilds it from the summary log (with ``overlay_dir``, summaries whose files
-        survive are reused)."""
+        """After :meth:`_lost`: the directory is made again and the overlay rebuilt from the
+        summaries applied so far. In memory (a deleted spill directory) the overlay is emptied
+        and the sync that follows rebuilds it from the log; with ``overlay_dir`` this process
+        rewrites the files of every applied summary whose marker is gone, alone (no collective:
+        under DDP another rank may not have noticed), reusing the summaries whose files survive."""
         warnings.warn(
             f"the overlay directory {self._dir!r} (or files in it) was deleted while the loader used it: "
             f"it is made again and the overlay rebuilt from the summary log ({len(self._applied)} summaries)",
             UserWarning,
             stacklevel=4,
         )
-        if self._files:
-            self._join()
-        else:
+        if not self._files:
             self._dir, self._spilled = None, False  # a new spill directory when the budget is passed again
-        self._overlay, self._applied, self._digests = {}, [], []
+            self._overlay, self._applied, self._digests = {}, [], []
+            return
+        self._join()
+        overlay: dict[int, Any] = {}
+        for s, digest in zip(self._applied, self._digests, strict=True):
+            d_l, s_l, e_l, _ = _summary_tensors(s, self.n)
+            names = [os.path.join(self._dir, f"{digest}-{i}.{self.format.extension}") for i in d_l]
+            marker = os.path.join(self._dir, f"{digest}.done")
+            if not self._reusable(marker, names):
+                self._materialise(
+                    overlay,
+                    (d_l, s_l, e_l),
+                    range(len(d_l)),
+                    lambda j, data, names=names: _write_atomic(names[j], data.tobytes(), place=self._place),
+                )
+                sizes = {os.path.basename(n): os.path.getsize(n) for n in names}
+                record = {"digest": digest, "pairs": len(d_l), "sizes": sizes}
+                _write_atomic(marker, json.dumps(record).encode(), place=self._place)
+            overlay = {**overlay, **dict(zip(d_l, names, strict=True))}
+        self._overlay = overlay
 
     def set_distributed(self, info: Any) -> None:
         """``info``: a :class:`kcd_fast.distributed.DistInfo`; with more than one rank and a
