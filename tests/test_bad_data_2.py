@@ -11,6 +11,8 @@ import errno
 import importlib.util
 import os
 import signal
+import subprocess
+import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -148,28 +150,58 @@ def test_the_error_survives_pickling_with_its_fields() -> None:
     assert (parsed.path, parsed.index) == ("/y/b.png", 12)  # what a DataLoader worker's re-raise keeps
 
 
+DALI_FIFO = """
+import sys
+from kcd_fast import CondensationSchedule, ImageFolder, KCDLoader, UnreadableSampleError
+
+ds = ImageFolder(sys.argv[1])
+try:
+    for _ in KCDLoader(ds, CondensationSchedule(1, 1), batch_size=4, backend="dali", vaks="off", augment="cifar",
+                       dali_device=sys.argv[2] if sys.argv[2] != "cpu" else None):
+        pass
+except UnreadableSampleError as err:
+    print("RAISED", type(err).__name__, err.index, err.path, "|", err, flush=True)
+"""
+
+
 @needs_dali
-@pytest.mark.timeout(120)
-def test_a_fifo_named_jpg_raises_naming_it_on_the_dali_back_end(tmp_path: Path) -> None:
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.needs_cuda)])
+def test_a_fifo_named_jpg_raises_naming_it_on_the_dali_back_end(tmp_path: Path, device: str) -> None:
     ds = _folder(tmp_path / "f")
-    ds.transform = None  # DALI decodes and augments itself
     fifo = ds.samples[8][0]
     _fifo(fifo)
-    with bounded(90), pytest.raises(UnreadableSampleError) as info:
-        for _ in KCDLoader(ds, SCHED, batch_size=4, backend="dali", vaks="off", augment="cifar", dali_device=None):
-            pass
-    assert str(info.value) == (
-        f"image file '{fifo}' is a FIFO (named pipe), not a regular file (dataset index 8, epoch batch 2, "
-        "backend='dali')"
+    script = tmp_path / "fifo.py"
+    script.write_text(DALI_FIFO)
+    # in a subprocess under a timeout: DALI's reader blocks in C++, where no signal reaches Python
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "f"), device], capture_output=True, text=True, timeout=150
     )
-    assert (info.value.index, info.value.path) == (8, fifo)
-    os.remove(fifo)
-    Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(fifo)
-    os.chmod(fifo, 0)
-    if os.access(fifo, os.R_OK):  # root reads anything: no permission case to test
-        return
-    with bounded(90), pytest.raises(UnreadableSampleError, match="cannot be read: permission denied"):
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[-1] == (
+        f"RAISED UnreadableSampleError 8 {fifo} | image file '{fifo}' is a FIFO (named pipe), not a regular file "
+        "(dataset index 8, epoch batch 2, backend='dali')"
+    )
+
+
+@needs_dali
+def test_an_unreadable_file_raises_naming_it_on_the_dali_back_end(tmp_path: Path) -> None:
+    ds = _folder(tmp_path / "f")
+    ds.transform = None  # DALI decodes and augments itself
+    gone, locked = ds.samples[5][0], ds.samples[2][0]
+    os.remove(gone)
+    with pytest.raises(MissingSampleError) as info:
         list(KCDLoader(ds, SCHED, batch_size=4, backend="dali", vaks="off", augment="cifar", dali_device=None))
+    assert str(info.value) == f"image file '{gone}' is missing (dataset index 5, epoch batch 1, backend='dali')"
+    Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(gone)
+    os.chmod(locked, 0)
+    if os.access(locked, os.R_OK):  # root reads anything: no permission case to test here
+        return
+    with pytest.raises(UnreadableSampleError) as info:
+        list(KCDLoader(ds, SCHED, batch_size=4, backend="dali", vaks="off", augment="cifar", dali_device=None))
+    assert str(info.value) == (
+        f"image file '{locked}' cannot be read: permission denied (dataset index 2, epoch batch 0, backend='dali')"
+    )
 
 
 # -- batches of non-tensor samples: torch's default_collate, then the indices -----------------------
