@@ -11,6 +11,7 @@ Data and loading:
     kcd_fast.ArrayDataset, kcd_fast.ImageFolder                    kcd_fast.data
     kcd_fast.KCDLoader, kcd_fast.KCDBatchSampler                   kcd_fast.loader
     kcd_fast.WithIndices                                           samples that carry their index
+    kcd_fast.UnreadableSampleError                                 a sample no back end can read
 Integrations: kcd_fast.integrations.lightning.KCDCallback, kcd_fast.integrations.hf.KCDTrainer.
 KD trainer and models: kcd_fast.kd (``python -m kcd_fast.kd``; ``kcd_fast.train`` is an alias).
 """
@@ -20,7 +21,7 @@ from ._ext import build_info, has_cuda
 from ._version import __version__
 from .bank import Measure, ValueBank
 from .condense import Condensation, Vaks, condense
-from .data import ArrayDataset, ImageFolder, WithIndices
+from .data import ArrayDataset, ImageFolder, MissingSampleError, UnreadableSampleError, WithIndices
 from .loader import KCDBatchSampler, KCDLoader
 from .schedule import CondensationSchedule, Decay, unix_computation
 
@@ -33,6 +34,8 @@ __all__ = [
     "KCDBatchSampler",
     "KCDLoader",
     "Measure",
+    "MissingSampleError",
+    "UnreadableSampleError",
     "Vaks",
     "ValueBank",
     "WithIndices",

@@ -380,7 +380,7 @@ def test_a_rank_that_cannot_read_its_share_fails_every_rank(tmp_path: Path) -> N
     photos.mkdir()
     _photos(photos)
     r0, r1 = _spawn(2, tmp_path, photos, "missing")
-    assert r1["error"][0] == "FileNotFoundError" and ".gone" in r1["error"][1]
+    assert r1["error"][0] == "MissingSampleError" and ".gone" in r1["error"][1]  # a FileNotFoundError
     assert r0["error"] == ("RuntimeError", "another rank failed to materialise its share of a summary; see its error")
 
 

@@ -7,28 +7,37 @@ PIL for the torch back end; the DALI back end (``KCDLoader(..., backend="dali")`
 the same files through ``.samples`` with ``fn.io.file.read`` and decodes them in its
 pipeline, never calling ``__getitem__``.
 
-A file that is missing or cannot be decoded raises a clear error naming the file when the
-dataset is indexed (``FileNotFoundError`` / :class:`UnreadableImageError`), never a skip.
+A file that is missing, is not a regular file (a FIFO, a socket, a device, a directory)
+or cannot be decoded raises :class:`kcd_fast.UnreadableSampleError` naming the file (and,
+from ``ImageFolder[i]``, the index ``i``) when the dataset is indexed, never a skip and
+never a hang (a missing file: its subclass ``MissingSampleError``, a ``FileNotFoundError``).
 """
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from torch.utils.data import Dataset
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageFolder", "UnreadableImageError", "is_image_folder", "load_rgb"]
+from .errors import UnreadableImageError, UnreadableSampleError, open_regular, sample_error
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ImageFolder",
+    "UnreadableImageError",
+    "UnreadableSampleError",
+    "decode_pil",
+    "is_image_folder",
+    "load_rgb",
+]
 
 # torchvision's IMG_EXTENSIONS: what ImageFolder counts as an image, for both back ends and
 # the trainer's --data folders (DALI's decoder reads every one of these formats).
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-
-class UnreadableImageError(OSError):
-    """An image file exists but cannot be read or decoded; the message names the file."""
 
 
 def is_image_folder(dataset: Any) -> bool:
@@ -41,33 +50,38 @@ def is_image_folder(dataset: Any) -> bool:
     return isinstance(first, (tuple, list)) and len(first) == 2 and isinstance(first[0], (str, os.PathLike))
 
 
-def load_rgb(path: str | os.PathLike[str]) -> Any:
+def load_rgb(path: str | os.PathLike[str], *, index: int | None = None) -> Any:
     """Decodes ``path`` into an RGB ``PIL.Image`` (fully loaded, EXIF orientation applied
-    like DALI's ``fn.decoders.image``).
+    like DALI's ``fn.decoders.image``). The file is opened through
+    :func:`kcd_fast.data.errors.open_regular` (without blocking, checked to be a regular
+    file) and closed before this returns.
 
     Raises:
-        FileNotFoundError: the file does not exist (the message names it).
-        UnreadableImageError: it exists but cannot be opened or decoded (names it).
+        MissingSampleError: the file does not exist (a ``FileNotFoundError``; names it).
+        UnreadableSampleError: it is not a regular file, cannot be read or cannot be decoded
+            (names it, the reason, and ``index`` when given).
     """
-    from PIL import Image, ImageOps
-
     p = os.fspath(path)
-    if not os.path.isfile(p):
-        raise FileNotFoundError(f"image file {p!r} is missing (or is not a regular file)")
+    with open_regular(p, index=index) as f:
+        return decode_pil(f, p, index=index)
+
+
+def decode_pil(data: bytes | BinaryIO, path: str, *, index: int | None = None) -> Any:
+    """An encoded image (bytes, or the open file ``path``) -> an RGB ``PIL.Image``, fully
+    loaded (it no longer needs the file), EXIF orientation applied;
+    :class:`UnreadableSampleError` naming ``path`` when Pillow refuses it."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
     try:
-        im = Image.open(p)
-        try:
-            im.load()  # closes a file read to its end (JPEG, PNG, ...): no copy needed to detach
-            ImageOps.exif_transpose(im, in_place=True)
-            rgb = im if im.mode == "RGB" else im.convert("RGB")
-            if getattr(im, "fp", None) is not None:  # a format that keeps its file open (multi-frame)
-                rgb = rgb.copy() if rgb is im else rgb
-                im.close()
-        except BaseException:
-            im.close()
-            raise
+        im = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+        im.load()
+        ImageOps.exif_transpose(im, in_place=True)
+        rgb = im if im.mode == "RGB" else im.convert("RGB")
+        if rgb is im and getattr(im, "n_frames", 1) > 1:  # a multi-frame image may seek in its file later
+            rgb = im.copy()
     except (OSError, ValueError, SyntaxError) as err:  # PIL raises all three on bad files
-        raise UnreadableImageError(f"image file {p!r} cannot be decoded: {err}") from err
+        why = "no image format Pillow reads" if isinstance(err, UnidentifiedImageError) else str(err)
+        raise sample_error(path, f"cannot be decoded: {why}", index=index) from err
     return rgb
 
 
@@ -91,7 +105,8 @@ class ImageFolder(Dataset):
     ``dataset[i]`` is ``(transform(image_i), target_i)``. Raises ``FileNotFoundError`` /
     ``NotADirectoryError`` for a bad ``root`` and ``ValueError`` for a root without class
     folders or images, at construction; a file missing or unreadable by the time it is
-    indexed raises ``FileNotFoundError`` / :class:`UnreadableImageError` naming it.
+    indexed raises :class:`kcd_fast.UnreadableSampleError` naming it and the index
+    (``MissingSampleError``, a ``FileNotFoundError``, for a missing file).
     """
 
     def __init__(
@@ -142,7 +157,7 @@ class ImageFolder(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
         path, target = self.samples[index]
-        img = load_rgb(path)
+        img = load_rgb(path, index=index)
         x = img if self.transform is None else self.transform(img)
         y = target if self.target_transform is None else self.target_transform(target)
         return x, y

@@ -16,12 +16,15 @@ know which batches were trained. It counts what was observed instead:
 
 from __future__ import annotations
 
+import sys
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch.utils.data import Sampler
 
+from ..condense import Vaks
 from ..schedule import CondensationSchedule
 from .core import KCDLoader
 
@@ -51,7 +54,13 @@ class KCDBatchSampler(Sampler[list[int]]):
     ``kcd_fast.WithIndices(dataset)`` makes each sample ``(*sample, index)`` so that the
     batch carries its indices. With ``persistent_workers=True`` the workers must see the
     summarised images: use an :class:`kcd_fast.ArrayDataset` (shared memory) or
-    ``vaks="off"``.
+    ``vaks="off"``. A DataLoader with ``persistent_workers=True`` and workers over a dataset
+    whose images VAKS blends into memory the workers do not share (a numpy ``.data``, a
+    tensor not in shared memory) is detected when it first asks for a batch and warned
+    about once (``UserWarning`` naming ``persistent_workers``): its workers hold copies
+    made before the summaries and would yield stale images after the first condensation.
+    It warns rather than refuses because the DataLoader is found from the call stack (its
+    iterator asking for indices), which a wrapper around the sampler can hide.
     """
 
     def __init__(
@@ -91,11 +100,42 @@ class KCDBatchSampler(Sampler[list[int]]):
         )
         self.loader.sampler.on_set_epoch = None  # our own set_epoch is the loader's
         self.loader._reads_ahead = True
+        self._warned_persistent = False
 
     # -- the Sampler surface ---------------------------------------------------------------
     def __iter__(self) -> Iterator[list[int]]:
+        if not self._warned_persistent:
+            self._check_persistent_workers(sys._getframe(1))
         for (idx,) in self.loader:
             yield idx.tolist()
+
+    def _check_persistent_workers(self, frame: Any) -> None:
+        """Warns once when the DataLoader iterating this sampler (found among the callers'
+        frames: its iterator's ``_next_index``) keeps persistent workers over images that
+        summaries blend into unshared memory."""
+        images = self.loader.images
+        if self.loader.config.vaks is Vaks.OFF or images is None or images.is_shared() or images.is_cuda:
+            return
+        from torch.utils.data.dataloader import _BaseDataLoaderIter
+
+        for _ in range(6):
+            if frame is None:
+                return
+            it = frame.f_locals.get("self")
+            if isinstance(it, _BaseDataLoaderIter):
+                if getattr(it, "_persistent_workers", False) and getattr(it, "_num_workers", 0) > 0:
+                    self._warned_persistent = True
+                    warnings.warn(
+                        "KCDBatchSampler: the DataLoader has persistent_workers=True, and VAKS blends summaries "
+                        f"into {type(self.loader.dataset).__name__}'s images in this process's memory, which its "
+                        "workers do not share: after the first condensation they would keep yielding the images "
+                        "from before it. Pass persistent_workers=False, vaks='off', or keep the images in a "
+                        "kcd_fast.ArrayDataset (shared memory)",
+                        UserWarning,
+                        stacklevel=2,
+                    )
+                return
+            frame = frame.f_back
 
     def __len__(self) -> int:
         """Batches of the epoch the next ``iter()`` yields (see KCDLoader ``len``)."""

@@ -81,9 +81,13 @@ GPU
     antialiased resize, the CUDA blend kernel); without it, on the CPU's threads.
 
 Errors
-    A missing or undecodable image file raises ``FileNotFoundError`` /
-    :class:`kcd_fast.data.UnreadableImageError` naming the file and the dataset
-    index, when the batch holding it is requested (DALI's own message, chained, does not
+    A missing, special (FIFO, socket, device, directory), unreadable or undecodable image
+    file raises :class:`kcd_fast.UnreadableSampleError` (``MissingSampleError``, a
+    ``FileNotFoundError``, when missing) naming the file, the dataset index and the reason,
+    when the batch holding it is requested. Each file is checked with ``stat`` to be a
+    regular, readable file just before its batch is handed to DALI (whose reader would block
+    forever opening a FIFO); a bad one is replaced by an empty stand-in and its batch raises.
+    A file the decoder refuses raises when DALI fails (DALI's own message, chained, does not
     always name the file: the back end checks the batches DALI held at the failure).
     Without DALI installed, constructing the back end raises ``ImportError`` saying
     ``pip install nvidia-dali-cuda130``.
@@ -91,7 +95,9 @@ Errors
 
 from __future__ import annotations
 
+import atexit
 import os
+import tempfile
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
@@ -101,7 +107,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...data.folders import UnreadableImageError, is_image_folder, load_rgb
+from ...data.errors import MissingSampleError, UnreadableSampleError, check_regular, sample_error
+from ...data.folders import is_image_folder, load_rgb
 from ..state import Summary
 from .base import ArrayImages, EpochBatchSampler, Restore, check_prefix
 from .dali_overlay import FolderOverlay, OverlayFormat
@@ -203,17 +210,23 @@ class _Feed:
     """The external source of one epoch: batch ``info.iteration`` of the plan as DALI
     inputs, ``StopIteration`` after the last; counts what it hands out."""
 
-    def __init__(self, batches: list[np.ndarray], make: Callable[[np.ndarray, dict[str, int]], Any]):
+    def __init__(self, batches: list[np.ndarray], make: Callable[[np.ndarray, dict[str, int], list], Any]):
         self.batches = batches
         self.make = make
         self.handed = 0  # batches handed to DALI so far
         self.counts = {"points": 0, "files": 0, "overlay": 0, "arrays": 0}
+        # batch -> the first file of it that is not a regular, readable file (handed to DALI
+        # as an empty stand-in; the batch raises the error when it is requested)
+        self.errors: dict[int, UnreadableSampleError] = {}
 
     def __call__(self, info: Any) -> Any:
         k = info.iteration
         if k >= len(self.batches):
             raise StopIteration
-        out = self.make(self.batches[k], self.counts)
+        errors: list[UnreadableSampleError] = []
+        out = self.make(self.batches[k], self.counts, errors)
+        if errors:
+            self.errors[k] = errors[0]
         self.counts["points"] += int(self.batches[k].shape[0])
         self.handed = k + 1
         return out
@@ -400,7 +413,7 @@ class DaliBackend:
         self._hw = (32, 32)
         self._channels = 3
 
-    def _array_batch(self, idx: np.ndarray, counts: dict[str, int]) -> tuple[Any, Any]:
+    def _array_batch(self, idx: np.ndarray, counts: dict[str, int], errors: list) -> tuple[Any, Any]:
         """Rows ``idx`` of the live store: ``[b, H, W, C]`` uint8 and ``[b]`` int64."""
         st = self._storage
         counts["arrays"] += int(idx.shape[0])
@@ -413,12 +426,13 @@ class DaliBackend:
         rows = st[torch.from_numpy(idx)].contiguous().numpy()  # a copy of the current (summarised) rows
         return rows.reshape(*rows.shape[:3], self._channels), self._labels[idx]
 
-    def _file_batch(self, overlay: dict[int, Any] | None) -> Callable[[np.ndarray, dict[str, int]], Any]:
-        paths, labels = self._paths, self._labels
+    def _file_batch(self, overlay: dict[int, Any] | None) -> Callable[[np.ndarray, dict[str, int], list], Any]:
+        labels = self._labels
         in_memory = overlay is not None and _has_bytes(overlay)
 
-        def make(idx: np.ndarray, counts: dict[str, int]) -> tuple[Any, ...]:
+        def make(idx: np.ndarray, counts: dict[str, int], errors: list[UnreadableSampleError]) -> tuple[Any, ...]:
             ids = idx.tolist()
+            paths = _checked_paths(self._paths, ids, overlay, errors)
             if overlay is None:
                 counts["files"] += len(ids)
                 return [np.frombuffer(os.fsencode(paths[i]), np.uint8) for i in ids], labels[idx]
@@ -426,7 +440,9 @@ class DaliBackend:
             counts["overlay"] += n_ov
             counts["files"] += len(ids) - n_ov
             # an overlay file (str) is read like an image file; encoded bytes are fed as they are
-            files = [overlay.get(i, paths[i]) if isinstance(overlay.get(i, ""), str) else None for i in ids]
+            files = [
+                (overlay[i] if i in overlay else paths[i]) if isinstance(overlay.get(i, ""), str) else None for i in ids
+            ]
             if not in_memory:  # overlay files only: a path either way
                 return [np.frombuffer(os.fsencode(f), np.uint8) for f in files], labels[idx]
             return (
@@ -559,8 +575,10 @@ class DaliBackend:
                 except StopIteration:
                     raise RuntimeError(f"the DALI pipeline ended the epoch after {k} of {n} batches") from None
                 except RuntimeError as err:
+                    _raise_special(feed, k, err)
                     self._diagnose(feed, k, overlay, err)
                     raise
+                _raise_special(feed, k)
                 if self.kind == "files":
                     self._check_formats(outs[2], feed, k, overlay)
                     outs = outs[:2]
@@ -577,11 +595,15 @@ class DaliBackend:
         if ok.all():
             return
         i = int(feed.batches[k][int(np.flatnonzero(~ok)[0])])
-        what = "its overlay image" if i in overlay else f"image file {self._paths[i]!r}"
-        raise UnreadableImageError(
-            f"{what} cannot be decoded: its bytes are of no known image format (JPEG, PNG, BMP, PNM, "
-            f"TIFF, WebP, JPEG 2000) (dataset index {i}, epoch batch {k}, backend='dali')"
+        reason = (
+            "cannot be decoded: its bytes are of no known image format (JPEG, PNG, BMP, PNM, TIFF, WebP, JPEG 2000)"
         )
+        where = f"epoch batch {k}, backend='dali'"
+        if i in overlay:
+            raise UnreadableSampleError(
+                f"its overlay image {reason} (dataset index {i}, {where})", index=i, reason=reason
+            )
+        raise sample_error(self._paths[i], reason, index=i, where=where)
 
     def _diagnose(self, feed: _Feed, k: int, overlay: dict[int, np.ndarray], err: Exception) -> None:
         """After a pipeline error at batch ``k``: find the file among the batches DALI held
@@ -594,10 +616,14 @@ class DaliBackend:
                     continue
                 try:
                     load_rgb(self._paths[i])
-                except FileNotFoundError as bad:
-                    raise FileNotFoundError(f"{bad} (dataset index {i}, epoch batch {j}, backend='dali')") from err
-                except UnreadableImageError as bad:
-                    raise UnreadableImageError(f"{bad} (dataset index {i}, epoch batch {j}, backend='dali')") from err
+                except UnreadableSampleError as bad:
+                    raise sample_error(
+                        self._paths[i],
+                        bad.reason,
+                        index=i,
+                        where=f"epoch batch {j}, backend='dali'",
+                        missing=isinstance(bad, MissingSampleError),
+                    ) from err
         raise RuntimeError(
             f"the DALI pipeline failed on batch {k} of the epoch (every file of the batches it "
             f"held decodes with PIL): {err}"
@@ -711,6 +737,58 @@ class DaliBackend:
             self._iter = None
 
 
+def _checked_paths(
+    paths: list[str], ids: list[int], overlay: dict[int, Any] | None, errors: list[UnreadableSampleError]
+) -> dict[int, str]:
+    """index -> the path DALI reads for each point of ``ids`` that reads its original file:
+    the file itself when it is a regular, readable file (one ``stat``), else an empty stand-in
+    file, the error appended to ``errors`` (the batch raises it when it is requested: DALI's
+    reader would block forever opening a FIFO)."""
+    out = {}
+    for i in ids:
+        if overlay is not None and i in overlay:
+            continue
+        try:
+            check_regular(paths[i], index=i)
+            out[i] = paths[i]
+        except UnreadableSampleError as err:
+            errors.append(err)
+            out[i] = _empty_file()
+    return out
+
+
+def _raise_special(feed: _Feed, k: int, cause: BaseException | None = None) -> None:
+    """Raises the error of batch ``k``'s first file that was not a regular, readable file."""
+    err = feed.errors.get(k)
+    if err is not None:
+        raise sample_error(
+            err.path or "?",
+            err.reason,
+            index=err.index,
+            where=f"epoch batch {k}, backend='dali'",
+            missing=isinstance(err, MissingSampleError),
+        ) from cause
+
+
+_EMPTY_FILE: list[str] = []  # an empty regular file DALI reads in place of a special file
+
+
+def _empty_file() -> str:
+    if not (_EMPTY_FILE and os.path.isfile(_EMPTY_FILE[0])):
+        fd, path = tempfile.mkstemp(prefix="kcd-empty-", suffix=".bin")
+        os.close(fd)
+        atexit.register(_remove_quietly, path)
+        _EMPTY_FILE[:] = [path]
+    return _EMPTY_FILE[0]
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
 def _has_bytes(overlay: dict[int, Any]) -> bool:
     """Some overlay entries are encoded bytes in memory (not files): the pipeline takes them."""
     return any(not isinstance(v, str) for v in overlay.values())
@@ -776,7 +854,17 @@ def _augment_decoded(images: Any, recipe: Augment | Callable[..., Any], device: 
     from nvidia.dali import fn, types
 
     if not isinstance(recipe, Augment):
-        return recipe(images, device)
+        from nvidia.dali.data_node import DataNode
+
+        out = recipe(images, device)
+        if not isinstance(out, DataNode):
+            name = getattr(recipe, "__qualname__", None) or type(recipe).__name__
+            raise TypeError(
+                f"augment={name} must return the DALI DataNode of the augmented images (augment(images, device) -> "
+                f"DataNode, built from fn.* operators), got {type(out).__name__}"
+                + (" (did it forget to return?)" if out is None else "")
+            )
+        return out
     if recipe is Augment.NONE:  # x / 255 in float32, exactly as torch computes it
         return fn.transpose(fn.cast(images, dtype=types.FLOAT) / 255.0, perm=[2, 0, 1], output_layout="CHW")
     if recipe is Augment.CIFAR:

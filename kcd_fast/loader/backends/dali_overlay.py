@@ -59,6 +59,7 @@ import shutil
 import socket
 import tempfile
 import threading
+import warnings
 import weakref
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -67,7 +68,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...data.folders import UnreadableImageError
+from ...data.errors import (
+    MissingSampleError,
+    UnreadableImageError,
+    UnreadableSampleError,
+    check_regular,
+    read_regular,
+    sample_error,
+)
 from ...ops import blend_, blend_image_, resize_bilinear
 from ..state import is_prefix
 from .image_codec import (
@@ -109,17 +117,40 @@ def _device_arg(device: Any) -> torch.device:
 def _entry_rgb(entry: np.ndarray | str) -> np.ndarray:
     """An overlay entry (encoded bytes, or the path of an overlay file) -> uint8 ``[H, W, 3]``."""
     if isinstance(entry, str):
-        with open(entry, "rb") as f:
-            return decode_rgb(f.read())
+        return decode_rgb(read_regular(entry))  # never blocks (a FIFO put in its place is refused)
     return decode_rgb(entry)
+
+
+_WHY_READ = "read to summarise a condensation's VAKS pairs"
 
 
 def _read_point(path: str, index: int) -> np.ndarray:
     """:func:`read_rgb` of dataset point ``index``; its errors say which point and why it was read."""
     try:
         return read_rgb(path)
-    except (FileNotFoundError, UnreadableImageError) as err:
-        raise type(err)(f"{err} (dataset index {index}, read to summarise a condensation's VAKS pairs)") from err
+    except UnreadableSampleError as err:
+        raise sample_error(
+            path, err.reason, index=index, where=_WHY_READ, missing=isinstance(err, MissingSampleError)
+        ) from err
+    except UnreadableImageError as err:
+        raise sample_error(path, str(err), index=index, where=_WHY_READ) from err
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _write_error(err: OSError, path: str, place: str) -> OSError:
+    """``err`` (writing ``path``) as an OSError of the same errno that names ``place`` (the
+    option that chose the directory) and the file, and says the partial file is gone."""
+    why = err.strerror or str(err)
+    return OSError(
+        err.errno,
+        f"{place}: writing the overlay file {path!r} failed: {why} (the partial file was removed); "
+        "free space there or pass another directory",
+    )
 
 
 def _remove_files(paths: Sequence[str]) -> None:
@@ -133,17 +164,24 @@ def _remove_files(paths: Sequence[str]) -> None:
 _HOST = socket.gethostname()
 
 
-def _write_atomic(path: str, data: bytes, durable: bool = True) -> None:
+def _write_atomic(path: str, data: bytes, durable: bool = True, place: str = "dali_overlay_dir") -> None:
     """Writes ``path`` under a temporary name unique across hosts and processes, flushed to
     disk (``durable``), then renamed: readers never see a partial file, and a file a marker
-    names survives a crash whole."""
+    names survives a crash whole. A failed write (a full disk) removes the temporary file
+    and raises an ``OSError`` of the same errno naming ``place`` and ``path``."""
     tmp = f"{path}.{_HOST}.{os.getpid()}.{threading.get_ident()}.{os.urandom(4).hex()}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            _write_all(fd, data)
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as err:
+        _remove_files([tmp])
+        raise _write_error(err, path, place) from err
 
 
 def _summary_tensors(s: Any, n: int) -> tuple[list[int], list[int], list[float], bytes]:
@@ -320,16 +358,65 @@ class FolderOverlay:
                 key.update(os.fsencode(p) + b"\0")
             self._key = key.hexdigest()
             self._dir = os.path.join(os.fspath(overlay_dir), f"kcd-overlay-{self._key}")
-            try:
-                os.makedirs(self._dir, exist_ok=True)
-                users = _Users(self._dir)
-            except OSError as err:
-                raise OSError(
-                    f"overlay_dir (KCDLoader: dali_overlay_dir) {os.fspath(overlay_dir)!r} cannot hold the overlay's "
-                    f"files ({type(err).__name__}: {err}); pass a writable directory, or None to keep the overlay "
-                    "in memory"
-                ) from err
-            weakref.finalize(self, users.leave)
+            self._place = f"dali_overlay_dir {os.fspath(overlay_dir)!r}"
+            self._join()
+
+    def _join(self) -> None:
+        """Makes the overlay's directory (again, after it was deleted) and registers as its user."""
+        try:
+            os.makedirs(self._dir, exist_ok=True)
+            users = _Users(self._dir)
+        except OSError as err:
+            raise OSError(
+                f"overlay_dir (KCDLoader: dali_overlay_dir) {os.path.dirname(self._dir)!r} cannot hold the overlay's "
+                f"files ({type(err).__name__}: {err}); pass a writable directory, or None to keep the overlay "
+                "in memory"
+            ) from err
+        weakref.finalize(self, users.leave)
+
+    def _lost(self) -> bool:
+        """The overlay's files are gone: its directory was deleted (or, with ``overlay_dir``, the
+        marker of a summary it applied)."""
+        if self._dir is None or not any(isinstance(v, str) for v in self._overlay.values()) and not self._files:
+            return False
+        if not os.path.isdir(self._dir):
+            return True
+        return self._files and not all(os.path.exists(os.path.join(self._dir, f"{d}.done")) for d in self._digests)
+
+    def _recover(self) -> None:
+        """After :meth:`_lost`: the directory is made again and the overlay rebuilt from the
+        summaries applied so far. In memory (a deleted spill directory) the overlay is emptied
+        and the sync that follows rebuilds it from the log; with ``overlay_dir`` this process
+        rewrites the files of every applied summary whose marker is gone, alone (no collective:
+        under DDP another rank may not have noticed), reusing the summaries whose files survive."""
+        warnings.warn(
+            f"the overlay directory {self._dir!r} (or files in it) was deleted while the loader used it: "
+            f"it is made again and the overlay rebuilt from the summary log ({len(self._applied)} summaries)",
+            UserWarning,
+            stacklevel=4,
+        )
+        if not self._files:
+            self._dir, self._spilled = None, False  # a new spill directory when the budget is passed again
+            self._overlay, self._applied, self._digests = {}, [], []
+            return
+        self._join()
+        overlay: dict[int, Any] = {}
+        for s, digest in zip(self._applied, self._digests, strict=True):
+            d_l, s_l, e_l, _ = _summary_tensors(s, self.n)
+            names = [os.path.join(self._dir, f"{digest}-{i}.{self.format.extension}") for i in d_l]
+            marker = os.path.join(self._dir, f"{digest}.done")
+            if not self._reusable(marker, names):
+                self._materialise(
+                    overlay,
+                    (d_l, s_l, e_l),
+                    range(len(d_l)),
+                    lambda j, data, names=names: _write_atomic(names[j], data.tobytes(), place=self._place),
+                )
+                sizes = {os.path.basename(n): os.path.getsize(n) for n in names}
+                record = {"digest": digest, "pairs": len(d_l), "sizes": sizes}
+                _write_atomic(marker, json.dumps(record).encode(), place=self._place)
+            overlay = {**overlay, **dict(zip(d_l, names, strict=True))}
+        self._overlay = overlay
 
     def set_distributed(self, info: Any) -> None:
         """``info``: a :class:`kcd_fast.distributed.DistInfo`; with more than one rank and a
@@ -358,6 +445,8 @@ class FolderOverlay:
         directory: collective."""
         if not isinstance(summaries, (list, tuple)):
             raise TypeError(f"summaries must be a list of dicts, got {type(summaries).__name__}")
+        if self._lost():
+            self._recover()
         k = len(self._applied)
         if is_prefix(self._applied, summaries):
             overlay, applied, digests = self._overlay, list(self._applied), list(self._digests)
@@ -397,10 +486,14 @@ class FolderOverlay:
         of ``overlay`` (the state before the summary); ``out(j, encoded)`` stores pair j.
         dst and src are disjoint and dst unique, so no pair reads an image another pair
         writes: chunked work equals reading everything before writing anything."""
+        d_l, s_l, e_l = pairs
+        for j in js:  # the original files read are regular files (reading a FIFO would block forever)
+            for i in (d_l[j], s_l[j]):
+                if i not in overlay:
+                    check_regular(self._paths[i], index=i, where=_WHY_READ)
         if self.device is not None:
             self._materialise_tensors(overlay, pairs, js, out)
             return
-        d_l, s_l, e_l = pairs
 
         def current(i: int) -> np.ndarray:  # the image of point i before this summary: [H, W, 3], ours to write
             return _entry_rgb(overlay[i]) if i in overlay else _read_point(self._paths[i], i)
@@ -482,9 +575,9 @@ class FolderOverlay:
                 self._spilled = True
             self._files_made += 1
             path = os.path.join(self._dir, f"{i}-{self._files_made}.{self.format.extension}")
+            place = f"the overlay's spill directory {self._dir!r} (past dali_overlay_budget={self.budget})"
+            _write_atomic(path, data.tobytes(), durable=False, place=place)
             created.append(path)
-            with open(path, "wb") as f:
-                f.write(data.tobytes())
             pending[i] = path
 
         self._materialise(overlay, p[:3], range(len(d_l)), store)
@@ -562,7 +655,10 @@ class FolderOverlay:
         try:
             os.makedirs(self._dir, exist_ok=True)
             self._materialise(
-                overlay, p[:3], range(rank, len(d_l), world), lambda j, data: _write_atomic(names[j], data.tobytes())
+                overlay,
+                p[:3],
+                range(rank, len(d_l), world),
+                lambda j, data: _write_atomic(names[j], data.tobytes(), place=self._place),
             )
         except Exception as err:  # reported on every rank below
             error = err
@@ -573,7 +669,11 @@ class FolderOverlay:
         if rank == 0:  # every file of the summary is written (and flushed): the marker lists them
             try:
                 sizes = {os.path.basename(n): os.path.getsize(n) for n in names}
-                _write_atomic(marker, json.dumps({"digest": digest, "pairs": len(d_l), "sizes": sizes}).encode())
+                _write_atomic(
+                    marker,
+                    json.dumps({"digest": digest, "pairs": len(d_l), "sizes": sizes}).encode(),
+                    place=self._place,
+                )
             except OSError as err:
                 error = err
         if not self._all_ok(error is None):  # nobody goes on without the marker

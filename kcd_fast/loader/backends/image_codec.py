@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ...data.errors import read_regular
 from ...data.folders import UnreadableImageError, load_rgb
 
 __all__ = [
@@ -166,20 +167,17 @@ def _dali_decode_rgb(data: bytes) -> np.ndarray | None:
 
 def read_rgb(path: str) -> np.ndarray:
     """An image file -> uint8 ``[H, W, 3]`` RGB, writeable, EXIF orientation applied
-    (:func:`kcd_fast.data.load_rgb`'s pixels and errors). A file Pillow refuses but DALI's
+    (:func:`kcd_fast.data.load_rgb`'s pixels and errors, :class:`kcd_fast.UnreadableSampleError`;
+    the file is checked to be a regular file before it is read). A file Pillow refuses but DALI's
     decoder reads (a JPEG corrupt mid-stream: libjpeg-turbo warns and goes on) is decoded by
     DALI when it is installed: the overlay then blends the pixels the DALI back end trained
     on instead of stopping the run at the condensation that first reads the file."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError:
-        data = b""  # load_rgb raises the error that names the file
+    data = read_regular(path)  # UnreadableSampleError for a missing or special file (never blocks)
     a = _decode_jpeg_tc(data) if data else None
     if a is not None:
         return a
     try:
-        return np.array(load_rgb(path))
+        return np.array(load_rgb(path))  # Pillow decodes from the file (faster than from bytes)
     except UnreadableImageError:
         a = _dali_decode_rgb(data) if data else None
         if a is None:

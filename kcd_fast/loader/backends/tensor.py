@@ -123,7 +123,7 @@ class TensorBackend(StorageSummaries):
         if self.transform is not None:
             g = torch.Generator(device=images.device)
             g.manual_seed(seed)
-            images = self.transform(images, g)
+            images = _checked_output(self.transform(images, g), self.transform, len(indices), images.device)
         return images, labels
 
     def epoch_batches(self, batches: list[np.ndarray], seed: int, start: int = 0) -> Iterator[Any]:
@@ -155,6 +155,40 @@ def _prefetch_to(
         yield pending
 
 
+def _device_option(want: Any) -> torch.device:
+    """``tensor_device`` (not "auto") -> a torch.device this machine has, or ``ValueError`` naming it."""
+    try:
+        device = torch.device(want)
+    except (TypeError, RuntimeError):
+        raise ValueError(f"tensor_device must be 'auto', 'cpu', 'cuda' or 'cuda:K', got {want!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"tensor_device must be 'auto', 'cpu', 'cuda' or 'cuda:K', got {want!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"tensor_device={want!r} but torch sees no CUDA device on this machine (torch.cuda.is_available() "
+            "is False); pass tensor_device='auto' to make batches where the images live"
+        )
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"tensor_device={want!r} but torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def _checked_output(out: Any, fn: Any, b: int, device: torch.device) -> torch.Tensor:
+    """The output of an ``augment`` callable, or ``TypeError`` / ``ValueError`` naming the option."""
+    name = getattr(fn, "__qualname__", None) or type(fn).__name__
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(
+            f"augment={name} must return the batch as a float tensor [b, C, H, W] (augment(images, generator) -> "
+            f"images), got {type(out).__name__}{'' if out is not None else ' (did it forget to return?)'}"
+        )
+    if out.dim() != 4 or out.shape[0] != b or out.device != device:
+        raise ValueError(
+            f"augment={name} must return a [b = {b}, C, H, W] tensor on {device}, "
+            f"got {tuple(out.shape)} on {out.device}"
+        )
+    return out
+
+
 def tensor_backend(dataset: Any, storage: torch.Tensor | None, config: Any, options: dict[str, Any]) -> TensorBackend:
     """The tensor back end over an :class:`kcd_fast.ArrayDataset` (checked here)."""
     from ...data.arrays import ArrayDataset
@@ -178,15 +212,13 @@ def tensor_backend(dataset: Any, storage: torch.Tensor | None, config: Any, opti
     if images.dim() == 3:
         images = images.unsqueeze(3)
     want = options["tensor_device"]
-    device = images.device if want in ("auto", None) else torch.device(want)
+    device = images.device if want in ("auto", None) else _device_option(want)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     if images.device.type == "cuda" and device != images.device:
         raise ValueError(
             f"the images live on {images.device}; tensor_device must be 'auto' or that device, got {want!r}"
         )
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"tensor_device={want!r} but no CUDA device is available")
     dtype = {
         "float32": torch.float32,
         "bfloat16": torch.bfloat16,

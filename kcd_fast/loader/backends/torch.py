@@ -7,10 +7,22 @@ that draws from them augments batch ``k`` the same way whatever the number of wo
 whether they persist, and whether the epoch started at its first batch or resumed at a
 later one. In worker processes those RNGs are the loader's own (the DataLoader seeds them
 at a worker's start); in the caller's process (``num_workers=0``) they are restored after
-each fetch, so the caller's RNG states are untouched."""
+each fetch, so the caller's RNG states are untouched.
+
+Bad samples: for a dataset of image files (``.samples``), each file is checked to be a
+regular, readable file before the dataset opens it (a FIFO named ``x.jpg`` would block a
+worker forever); an ``OSError`` while fetching sample ``i`` (a missing file, a special file,
+bytes that do not decode) is raised as :class:`kcd_fast.UnreadableSampleError` naming the
+file, the dataset index and the reason (a missing file: ``MissingSampleError``, which is a
+``FileNotFoundError`` too).
+
+Batches: the samples are collated by ``collate_fn`` (default: torch's ``default_collate``)
+and the loader appends the indices. A batch that is a list of strings (``default_collate``
+of string samples) is one field: a dataset of strings yields ``(list_of_str, indices)``."""
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -19,6 +31,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from ...data.errors import UnreadableSampleError, check_regular, sample_error
+from ...data.folders import is_image_folder
 from ..state import Summary
 from .base import ArrayImages, EpochBatchSampler, NoImages, Restore
 
@@ -45,6 +59,8 @@ class BatchSeeded:
         # a dataset that says it draws no random numbers (ArrayDataset without a random
         # transform) is fetched without touching any RNG
         self.seeded = bool(getattr(dataset, "random_transform", True))
+        # image files (.samples): each is checked to be a regular file before the dataset opens it
+        self.files = is_image_folder(dataset)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -73,8 +89,38 @@ class BatchSeeded:
             random.setstate(py_state)
 
     def _fetch(self, batch: list[int]) -> list[Any]:
+        if self.files:
+            for i in batch:
+                check_regular(self._path(i), index=i, where="backend='torch'")
         getitems = getattr(self.dataset, "__getitems__", None)
-        return getitems(batch) if getitems is not None else [self.dataset[i] for i in batch]
+        if getitems is not None:
+            return getitems(batch)
+        return [self._item(i) for i in batch]
+
+    def _path(self, i: int) -> str:
+        return os.fspath(self.dataset.samples[i][0])
+
+    def _item(self, i: int) -> Any:
+        """``dataset[i]``; an ``OSError`` becomes :class:`UnreadableSampleError` naming the index."""
+        try:
+            return self.dataset[i]
+        except UnreadableSampleError as err:
+            if err.index is not None:
+                raise
+            raise type(err)(
+                f"{err} (dataset index {i}, backend='torch')", path=err.path, index=i, reason=err.reason
+            ) from err
+        except OSError as err:
+            path = self._path(i) if self.files else getattr(err, "filename", None)
+            reason = f"cannot be read: {type(err).__name__}: {err}"
+            if path is None:
+                raise UnreadableSampleError(
+                    f"sample {i} of {type(self.dataset).__name__} {reason} (dataset index {i}, backend='torch')",
+                    index=i,
+                    reason=reason,
+                ) from err
+            missing = isinstance(err, FileNotFoundError)
+            raise sample_error(os.fspath(path), reason, index=i, where="backend='torch'", missing=missing) from err
 
     def __getattr__(self, name: str) -> Any:
         if name == "dataset":  # not set yet (unpickling): no recursion
@@ -119,7 +165,7 @@ class TorchBackend:
             self._loader = DataLoader(
                 BatchSeeded(self.dataset), batch_sampler=self.sampler, generator=self._generator, **self._kwargs
             )
-        return iter(self._loader)
+        return _one_field_strings(iter(self._loader))
 
     def _images_changed(self) -> None:
         if self._restart_on_change:
@@ -143,3 +189,14 @@ class TorchBackend:
 
     def close(self) -> None:
         self._loader = None  # its iterator (and persistent workers) go with it
+
+
+def _one_field_strings(batches: Iterator[Any]) -> Iterator[Any]:
+    """``default_collate`` of string samples is a list of str: one field (the core spreads a
+    tuple or list into fields), so it is yielded as ``(list_of_str,)``."""
+    for b in batches:
+        yield (b,) if _is_strings(b) else b
+
+
+def _is_strings(batch: Any) -> bool:
+    return type(batch) is list and len(batch) > 0 and all(isinstance(s, (str, bytes)) for s in batch)
