@@ -68,7 +68,7 @@ import numpy as np
 import torch
 
 from ...data.folders import UnreadableImageError
-from ...ops import blend_, blend_image_, resize_bilinear
+from ...ops import blend_, blend_image_, blend_pairs_async_, resize_bilinear
 from ..state import is_prefix
 from .image_codec import (
     OverlayFormat,
@@ -425,8 +425,10 @@ class FolderOverlay:
     ) -> None:
         """:meth:`_materialise` on ``self.device``: per chunk, the files and entries read on the
         thread pool, all images decoded in one torchcodec call, each ``src`` resized to its
-        ``dst`` (:func:`resize_chw`), the pair blended by :func:`kcd_fast.ops.blend_` (the CUDA
-        kernel on a GPU) and encoded (:func:`encode_chw`)."""
+        ``dst`` (:func:`resize_chw`), every pair of the chunk blended by the blend kernel with no
+        host sync between pairs (:func:`kcd_fast.ops.blend_pairs_async_`, the bounds guard's
+        count read once per chunk; on the CPU :func:`kcd_fast.ops.blend_`), then each encoded
+        (:func:`encode_chw`)."""
         d_l, s_l, e_l = pairs
         dev = self.device
         first, second = torch.zeros(1, dtype=torch.int64, device=dev), torch.ones(1, dtype=torch.int64, device=dev)
@@ -456,11 +458,21 @@ class FolderOverlay:
 
                 imgs = decode_rgb_batch(datas, fallback, dev)
                 eps = torch.tensor([e_l[j] for j in chunk], dtype=torch.float64, device=dev)
-                for k, j in enumerate(chunk):
+                on_gpu = torch.device(dev).type == "cuda"
+                skipped = torch.zeros(1, dtype=torch.int64, device=dev) if on_gpu else None
+                blended = []
+                for k in range(len(chunk)):
                     d, s = imgs[k], imgs[len(chunk) + k]
                     pair = torch.stack([d, resize_chw(s, (d.shape[1], d.shape[2]))])  # [2, 3, H, W]
-                    blend_(pair, first, second, eps[k : k + 1], check=False)
-                    out(j, encode_chw(pair[0], self.format))
+                    if on_gpu:  # queued: no host sync per pair
+                        blend_pairs_async_(pair, first, second, eps[k : k + 1], skipped)
+                    else:
+                        blend_(pair, first, second, eps[k : k + 1])
+                    blended.append(pair[0])
+                if on_gpu and int(skipped.item()):  # one sync per chunk (condense's pairs: never taken)
+                    raise IndexError(f"{int(skipped.item())} summary pair(s) had a weight outside [0, 1]")
+                for j, img in zip(chunk, blended, strict=True):
+                    out(j, encode_chw(img, self.format))
         self.stats["pairs_made"] += len(js)
 
     def _apply_memory(self, overlay: dict[int, Any], p: tuple, created: list[str]) -> dict[int, Any]:
