@@ -126,6 +126,7 @@ def cupy_array(t: torch.Tensor) -> Any:
 
     return cupy.from_dlpack(t.view(torch.int16) if t.dtype == torch.bfloat16 else t)
 
+
 def why_unavailable() -> str | None:
     """None when the fallback can run (cupy importable and NVRTC loadable), else why not."""
     try:
@@ -156,10 +157,9 @@ class RtcModule:
         """name -> cupy kernel for ``device``, compiled on first use."""
         got = self._per_device.get(device)
         if got is None:
-            import cupy
-
             import tempfile
 
+            import cupy
             from cupy.cuda import nvrtc
 
             with cupy.cuda.Device(device) as dev:

@@ -106,8 +106,12 @@ def observe_entropy(logits, indices, sums, counts, *, errors=None, strict: bool 
             True unless ``errors`` is given. On CPU input is always validated first.
 
     ``h = logsumexp(z) - sum softmax(z) * z`` is computed in one fused pass per row and is
-    finite even when probabilities underflow. B = 0 is a no-op. A point that appears
-    twice in a batch is accumulated twice.
+    finite even when probabilities underflow. Any width C: the row sums are float64 totals of
+    float32 blocks of 1024 terms (kcd/scoring.h ``kSumBlock``), within 1e-6 relative of a float64
+    evaluation (C = 2^30 zero logits score ln 2^30; plain float32 sums saturated at ln 2^28).
+    B = 0 is a no-op. A point that appears twice in a batch is accumulated twice. A row is
+    classified as on CUDA (kcd/scoring.h ``row_status``): a bad index first, then a non-finite
+    value.
     """
     lg = logits_arg(logits, "logits")
     idx, s, c = _bank_args(indices, sums, counts, lg.shape[0], "logits")
@@ -220,6 +224,10 @@ def observe_kl(
         student_logits, teacher_logits: ``[B, C]`` of one dtype (float32/float16/bfloat16).
         indices: ``[B]`` int64. sums: ``[N]`` float64. counts: ``[N]`` int32.
         temperature: the distillation temperature T > 0.
+
+    Finite logits whose KL overflows (teacher 3e38, student -3e38 at T = 1: +inf) are refused
+    as a non-finite row, before anything changes, on the CPU and on CUDA with ``strict`` (the
+    rows are scored, looked at, then added); on CUDA without it they are skipped and counted.
     """
     check_temperature(temperature)
     st, te = student_teacher_args(student_logits, teacher_logits)
@@ -630,7 +638,9 @@ def resize_bilinear(image, size: tuple[int, int]):
 def blend_(images, dst, src, eps, *, check: bool | None = None):
     """In-place VAKS summary: ``images[dst[j]] = round(eps[j] * images[dst[j]] +
     (1 - eps[j]) * images[src[j]])`` for every pair j, all pairs reading the images as
-    they were before the call (round half up, clamp to [0, 255]).
+    they were before the call (round half up, clamp to [0, 255]). On CUDA every pair in one
+    launch, each pair cut into 64 KiB spans with a block per span (large images no longer
+    run on one block).
 
     Args:
         images: ``[N, ...]`` uint8 storage, contiguous (updated in place).
