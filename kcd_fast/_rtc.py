@@ -6,8 +6,9 @@ kernel and the compiled ``_cuda`` module is absent, :func:`module` compiles the 
 headers the nvcc build uses (``kcd/cuda/scoring_kernels.cuh`` and ``blend_kernels.cuh``, with
 ``kcd/scoring.h``, ``kcd/blend.h`` and ``kcd/common.h``; shipped in the package as
 ``kcd_fast/include``) with NVRTC through cupy (``pip install cupy-cuda12x`` or ``-cuda13x``;
-its wheel carries NVRTC, no nvcc needed), once per device architecture and process, and
-launches them on the caller's stream with the launch geometry of ``csrc/cuda/*.cu``. Results
+its wheel carries NVRTC, no nvcc needed), once per device architecture (then read from disk), and
+launches them on the caller's stream with the launch geometry of ``csrc/cuda/*.cu`` (the PTX
+is kept in :func:`cache_dir`, keyed by the headers' text and NVRTC's version). Results
 are those of the compiled module (the same source, the same compiler front end, the same
 options): the PTX comes from plain NVRTC (:func:`compile_ptx`) and is loaded by cupy, because
 cupy's own compile path appends ``-ftz=true`` (denormals flushed: rows with logit gaps of
@@ -34,7 +35,19 @@ from typing import Any
 
 import torch
 
-__all__ = ["KERNELS", "RtcModule", "available", "compile_ptx", "include_dir", "module", "source", "why_unavailable"]
+__all__ = [
+    "KERNELS",
+    "RtcModule",
+    "arch_for",
+    "available",
+    "cache_dir",
+    "cached_ptx",
+    "compile_ptx",
+    "include_dir",
+    "module",
+    "source",
+    "why_unavailable",
+]
 
 _KINDS = ("kcd::FloatKind::kF32", "kcd::FloatKind::kF16", "kcd::FloatKind::kBF16")
 _THREADS, _WARP = 256, 32  # kcd/cuda/launch.cuh: kThreads, kWarp (tests check they agree)
@@ -107,6 +120,58 @@ def _compile(arch: str, extra: tuple[str, ...] = ()) -> tuple[str, dict[str, str
         nvrtc.destroyProgram(prog)
 
 
+def cache_dir() -> Path:
+    """Where the fallback keeps its compiled PTX: ``$KCD_FAST_CACHE``, else
+    ``$XDG_CACHE_HOME/kcd_fast`` (``~/.cache/kcd_fast``)."""
+    explicit = os.environ.get("KCD_FAST_CACHE")
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kcd_fast"
+
+
+def cache_key(arch: str) -> str:
+    """Names one compilation: the kernel headers' text, the options, the target and NVRTC's version."""
+    import hashlib
+
+    from cupy.cuda import nvrtc
+
+    h = hashlib.sha256()
+    inc = include_dir()
+    for f in sorted(p for p in (inc / "kcd").rglob("*") if p.suffix in (".h", ".cuh")):
+        h.update(f.relative_to(inc).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    opts = [o for o in options(arch) if not o.startswith("-I")]  # the folder's path is not the content
+    h.update(repr((opts, KERNELS, nvrtc.getVersion())).encode())
+    return h.hexdigest()[:32]
+
+
+def cached_ptx(arch: str) -> tuple[Path, dict[str, str]]:
+    """``(PTX file, lowered names)`` for ``arch``: read from :func:`cache_dir` when a compilation
+    of the same headers, options and NVRTC is there, else compiled by :func:`_compile` and
+    stored (atomically; an unwritable cache folder falls back to a temporary one)."""
+    import json
+    import tempfile
+
+    key = cache_key(arch)
+    try:
+        folder = cache_dir() / "rtc"
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        folder = Path(tempfile.mkdtemp(prefix="kcd_fast_rtc_"))
+    ptx_path, names_path = folder / f"{key}-{arch}.ptx", folder / f"{key}-{arch}.json"
+    try:
+        lowered = json.loads(names_path.read_text())
+        if ptx_path.is_file() and isinstance(lowered, dict) and set(lowered) == set(KERNELS):
+            return ptx_path, lowered
+    except (OSError, ValueError):
+        pass
+    ptx, lowered = _compile(arch)
+    for path, text in ((ptx_path, ptx), (names_path, json.dumps(lowered))):
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)  # the PTX first: the names file marks a complete entry
+    return ptx_path, lowered
+
+
 def arch_for(compute_capability: int, supported: tuple[int, ...]) -> str:
     """The NVRTC target for a device: its own ``compute_XY`` when NVRTC knows it, else the newest
     it knows below (PTX the driver compiles for the device)."""
@@ -157,20 +222,15 @@ class RtcModule:
         """name -> cupy kernel for ``device``, compiled on first use."""
         got = self._per_device.get(device)
         if got is None:
-            import tempfile
-
             import cupy
             from cupy.cuda import nvrtc
 
             with cupy.cuda.Device(device) as dev:
                 arch = arch_for(int(dev.compute_capability), tuple(nvrtc.getSupportedArchs()))
-                ptx, lowered = _compile(arch)  # plain NVRTC: cupy compiling the source itself would add -ftz=true
-                with tempfile.TemporaryDirectory(prefix="kcd_fast_rtc_") as tmp:
-                    path = os.path.join(tmp, f"kernels_{arch}.ptx")
-                    with open(path, "w") as f:
-                        f.write(ptx)
-                    mod = cupy.RawModule(path=path)
-                    got = {name: mod.get_function(lowered[name]) for name in KERNELS}
+                # plain NVRTC (cupy compiling the source itself would add -ftz=true), loaded from a file
+                path, lowered = cached_ptx(arch)
+                mod = cupy.RawModule(path=str(path))
+                got = {name: mod.get_function(lowered[name]) for name in KERNELS}
                 self._per_device[device] = got
         return got
 

@@ -375,3 +375,18 @@ def test_an_op_on_gpu_1_opens_no_context_on_gpu_0() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "CTX0 False CTX1 True" in out.stdout
+
+
+def test_the_fallback_keeps_its_ptx_in_the_cache_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _nvrtc_or_skip()
+    monkeypatch.setenv("KCD_FAST_CACHE", str(tmp_path))
+    path, lowered = _rtc.cached_ptx("compute_80")
+    assert path.parent == tmp_path / "rtc" and path.read_text() == _rtc.compile_ptx("compute_80")
+    assert set(lowered) == set(_rtc.KERNELS)
+    stamp = path.stat().st_mtime_ns
+    again, lowered2 = _rtc.cached_ptx("compute_80")  # read back, not compiled again
+    assert again == path and lowered2 == lowered and again.stat().st_mtime_ns == stamp
+    path.with_suffix(".json").write_text("{not json")  # a broken entry is compiled again
+    third, lowered3 = _rtc.cached_ptx("compute_80")
+    assert third == path and lowered3 == lowered
+    assert _rtc.cached_ptx("compute_75")[0] != path  # one entry per target
