@@ -131,9 +131,10 @@ const float* row_as_f32(const void* base, FloatKind kind, int64_t r, int64_t C, 
   return buf.data();
 }
 
+// The first row_status test (a bad index), for every row before any row is scored.
 void check_indices(const int64_t* indices, int64_t B, int64_t N) {
   for (int64_t r = 0; r < B; ++r) {
-    if (indices[r] < 0 || indices[r] >= N) {
+    if (row_status(indices[r], N, 0.0) == kRowBadIndex) {
       throw std::out_of_range("indices[" + std::to_string(r) + "] = " + std::to_string(indices[r]) +
                               " is outside [0, " + std::to_string(N) + ")");
     }

@@ -146,8 +146,8 @@ bool has_primary_context(int device) {
     void* b = nullptr;
     cudaDriverEntryPointQueryResult qa{}, qb{};
 #if CUDART_VERSION >= 12050
-    const bool ok = cudaGetDriverEntryPointByVersion("cuDeviceGet", &a, 2000, cudaEnableDefault, &qa) == cudaSuccess &&
-                    cudaGetDriverEntryPointByVersion("cuDevicePrimaryCtxGetState", &b, 7000, cudaEnableDefault, &qb) ==
+    const bool ok = cudaGetDriverEntryPointByVersion("cuDeviceGet", &a, 12000, cudaEnableDefault, &qa) == cudaSuccess &&
+                    cudaGetDriverEntryPointByVersion("cuDevicePrimaryCtxGetState", &b, 12000, cudaEnableDefault, &qb) ==
                         cudaSuccess;
 #else
     const bool ok = cudaGetDriverEntryPoint("cuDeviceGet", &a, cudaEnableDefault, &qa) == cudaSuccess &&

@@ -25,7 +25,9 @@ __device__ __forceinline__ uint32_t blend4(uint32_t d, uint32_t s, double e, dou
 constexpr int64_t kBlendSpan = 65536;
 
 // Steps of an image of D bytes: its spans (at least 1).
-__device__ __forceinline__ int64_t blend_spans(int64_t D) { return D > kBlendSpan ? (D + kBlendSpan - 1) / kBlendSpan : 1; }
+__device__ __forceinline__ int64_t blend_spans(int64_t D) {
+  return D > kBlendSpan ? (D + kBlendSpan - 1) / kBlendSpan : 1;
+}
 
 // A pair whose points lie outside [0, N) or whose weight is outside [0, 1] is skipped by
 // every block of it and counted once, by its first span's block (every thread of a block

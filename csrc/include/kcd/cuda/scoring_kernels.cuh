@@ -4,9 +4,10 @@
 // one source of the kernels for both. A row is classified as the CPU does (kcd/scoring.h:
 // row_status: a bad index first, then a non-finite logit or score, an overflowing KL or a
 // score beyond +-kScoreLimit); a bad row is skipped and counted in errors [2] = {bad index,
-// non-finite}, so no host synchronisation is needed per step. Each row's score goes to a scratch buffer; accumulate_kernel then adds
-// them to the bank in row order (deterministic with duplicate indices). Kernels are templates in kcd::cuda::kernels (named, not anonymous:
-// NVRTC looks them up by name expression).
+// non-finite}, so no host synchronisation is needed per step. Each row's score goes to a
+// scratch buffer; accumulate_kernel then adds them to the bank in row order (deterministic
+// with duplicate indices). Kernels are templates in kcd::cuda::kernels (named, not
+// anonymous: NVRTC looks them up by name expression).
 #pragma once
 #include "kcd/common.h"
 #include "kcd/scoring.h"
