@@ -6,11 +6,13 @@
 //   idx    2 x [N] i64   between the two halves instead of copying them into its temp storage)
 //   flags      [N] u8    kept points, for DeviceSelect
 //   nsel       [1] i64
-//   temp  CUB's DoubleBuffer radix sort / DeviceSelect temp storage (its histograms and
-//         look-back tile states: ~0.6 MiB at N = 2^20, ~52 MiB at N = 2^30 on sm_90; asked of
-//         CUB at run time, as it depends on the device)
-// so 33 N bytes + CUB's temp: N = 2^30 takes 33 GiB + ~52 MiB (the non-DoubleBuffer sort
-// needed another 16 N bytes of temp, 49 GiB in all: out of memory below an 80 GB card).
+//   temp  CUB's DoubleBuffer radix sort / DeviceSelect temp storage (histograms and look-back
+//         tile states, O(N / tile) bytes; asked of CUB at run time, as it depends on the
+//         device: tests/test_cuda_review.py's GPU test prints it per N and bounds it by
+//         max(64 MiB, N / 8))
+// so 33 N bytes + CUB's temp: N = 2^30 takes 33 GiB + CUB's share (the non-DoubleBuffer
+// sort copied keys and values into its temp, 16 N more: 49 GiB in all, out of memory below
+// an 80 GB card).
 #pragma once
 #include <cstddef>
 #include <cstdint>
