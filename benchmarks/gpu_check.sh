@@ -66,7 +66,7 @@ fi
 if has tests; then
   # CUDA kernels (compiled and NVRTC fallback), ordering and scale, the CPU core, the GPU paths of
   # the loader and trainer (DALI tests skip where DALI is absent: the dali stage runs them)
-  $py -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_cuda_streams.py tests/test_rtc.py \
+  $py -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_cuda_streams.py tests/test_rtc.py tests/test_cuda_review.py \
     tests/test_ops.py tests/test_condense.py tests/test_schedule.py tests/test_bank.py tests/test_loader.py \
     tests/test_train.py tests/test_sequence_scores.py tests/test_tensor_backend.py tests/test_correctness.py \
     tests/test_image_codec.py tests/test_overlay.py --junitxml="$out/pytest.xml" 2>&1 | tee "$out/pytest.log" | tail -15

@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 
 #include "kcd/augment_args.h"
+#include "kcd/condense_layout.h"
 #include "kcd/ops.h"
 #include "kcd/pages.h"
 #include "kcd/tensor.h"
@@ -186,6 +187,10 @@ PYBIND11_MODULE(_cpu, m) {
       },
       py::arg("limit"), "cap the pages cache at `limit` bytes (evicting down to it); returns the previous cap");
   m.def("empty_pages_cache", &kcd::cpu::empty_pages_cache, "unmap every cached buffer; returns the bytes released");
+  m.def("cuda_condense_workspace_bytes",
+        [](int64_t n, size_t cub_temp_bytes) { return kcd::condense_layout(n, cub_temp_bytes).total; },
+        py::arg("n"), py::arg("cub_temp_bytes"),
+        "the CUDA condensation's workspace for n points given CUB's temp bytes (kcd/condense_layout.h)");
   m.def("condense_isa", &kcd::cpu::condense_isa, "the compaction kernels condense uses: 'avx512', 'avx2' or 'generic'");
   m.def("set_condense_isa", &kcd::cpu::set_condense_isa, py::arg("name"),
         "force condense's compaction kernels: 'auto', 'generic', 'avx2' or 'avx512' (tests, benchmarks)");

@@ -17,20 +17,27 @@ namespace {
 
 void* as_stream(uintptr_t s) { return reinterpret_cast<void*>(s); }
 
-// All tensors on one CUDA device, made current for the op and the caller's current device
-// restored afterwards (torch and the caller read the same runtime state).
+// All tensors on one CUDA device, made current for the op when it is not, and the caller's
+// device made current again afterwards only if it was changed and the caller's device has an
+// active primary context (torch's MaybeSetDevice rule): since CUDA 12 cudaSetDevice creates
+// the primary context, so an unconditional restore opened ~0.5 GB of context on GPU 0 in
+// every DDP rank that never set its device. Without a context there, the op's device stays
+// current (torch's guards leave it the same way).
 class OnDevice {
  public:
   explicit OnDevice(std::initializer_list<const Tensor*> ts) {
     const Tensor* first = *ts.begin();
     for (const Tensor* t : ts) kcd::require_device(*t, kDLCUDA, first->device_id());
-    previous_ = kcd::cuda::get_device();
-    if (previous_ != first->device_id()) kcd::cuda::set_device(first->device_id());
+    const int previous = kcd::cuda::get_device();
+    if (previous != first->device_id()) {
+      kcd::cuda::set_device(first->device_id());
+      previous_ = previous;
+    }
   }
   ~OnDevice() {
     if (previous_ >= 0) {
       try {
-        kcd::cuda::set_device(previous_);
+        if (kcd::cuda::has_primary_context(previous_)) kcd::cuda::set_device(previous_);
       } catch (...) {  // nothing sensible to do in a destructor
       }
     }
@@ -39,7 +46,7 @@ class OnDevice {
   OnDevice& operator=(const OnDevice&) = delete;
 
  private:
-  int previous_ = -1;
+  int previous_ = -1;  // the caller's device, when the op changed it
 };
 
 void check_bank(const Tensor& ix, const Tensor& sums, const Tensor& counts, const Tensor& errors, const Tensor& scratch) {
@@ -67,7 +74,8 @@ void observe_entropy(py::capsule logits, py::capsule indices, py::capsule sums, 
 }
 
 void observe_kl(py::capsule student, py::capsule teacher, py::capsule indices, py::capsule sums,
-                py::capsule counts, float temperature, py::capsule errors, py::capsule scratch, uintptr_t stream) {
+                py::capsule counts, float temperature, py::capsule errors, py::capsule scratch, uintptr_t stream,
+                bool commit) {
   Tensor st = unwrap(student, "student_logits"), te = unwrap(teacher, "teacher_logits"),
          ix = unwrap(indices, "indices"), s = unwrap(sums, "sums"), c = unwrap(counts, "counts"),
          er = unwrap(errors, "errors"), sc = unwrap(scratch, "scratch");
@@ -83,7 +91,22 @@ void observe_kl(py::capsule student, py::capsule teacher, py::capsule indices, p
   const OnDevice guard({&st, &te, &ix, &s, &c, &er, &sc});
   kcd::cuda::observe_kl(st.data<void>(), te.data<void>(), kind, st.size(0), st.size(1), st.row_stride(),
                         te.row_stride(), ix.data<int64_t>(), s.size(0), s.data<double>(), c.data<int32_t>(),
-                        temperature, er.data<int64_t>(), sc.data<double>(), as_stream(stream));
+                        temperature, er.data<int64_t>(), sc.data<double>(), as_stream(stream), commit);
+}
+
+// scratch [B] f64 rows (NaN: skipped) into sums [N] / counts [N] at indices [B], in row order.
+void accumulate_rows(py::capsule indices, py::capsule scratch, py::capsule sums, py::capsule counts,
+                     uintptr_t stream) {
+  Tensor ix = unwrap(indices, "indices"), sc = unwrap(scratch, "scratch"), s = unwrap(sums, "sums"),
+         c = unwrap(counts, "counts");
+  require(ix, kDLInt, 64, 1);
+  require(sc, kDLFloat, 64, 1);
+  require(s, kDLFloat, 64, 1);
+  require(c, kDLInt, 32, 1);
+  if (c.size(0) != s.size(0) || sc.size(0) < ix.size(0)) throw std::invalid_argument("bad bank shapes");
+  const OnDevice guard({&ix, &sc, &s, &c});
+  kcd::cuda::accumulate_rows(ix.data<int64_t>(), sc.data<double>(), ix.size(0), s.data<double>(), c.data<int32_t>(),
+                             as_stream(stream));
 }
 
 // logits [B, L, V] contiguous, mask [B, L] u8, indices [B], sums [N], counts [N], errors [2].
@@ -183,7 +206,10 @@ void condense(py::capsule values, int64_t n_keep, int64_t n_prev, int mode, doub
 PYBIND11_MODULE(_cuda, m) {
   m.doc() = "kcd_fast CUDA kernels (DLPack device tensors, enqueued on the given stream)";
   m.def("observe_entropy", &observe_entropy);
-  m.def("observe_kl", &observe_kl);
+  m.def("observe_kl", &observe_kl, py::arg("student"), py::arg("teacher"), py::arg("indices"), py::arg("sums"),
+        py::arg("counts"), py::arg("temperature"), py::arg("errors"), py::arg("scratch"), py::arg("stream"),
+        py::arg("commit") = true);
+  m.def("accumulate_rows", &accumulate_rows);
   m.def("observe_entropy_seq", &observe_entropy_seq);
   m.def("observe_scores", &observe_scores);
   m.def("values", &values);
@@ -192,6 +218,8 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("condense", &condense);
   m.def("condense_workspace_bytes", [](int64_t n) { return kcd::cuda::condense_workspace_bytes(n); });
   m.def("device_count", &kcd::cuda::device_count);
+  m.def("has_primary_context", &kcd::cuda::has_primary_context, py::arg("device"),
+        "whether the device has an active primary context (asking creates none)");
   m.def("set_variant", &kcd::cuda::set_variant, py::arg("name"), py::arg("value"),
         "opt-in kernel variants for A/B runs: 'entropy_batch' or 'blend_per_thread', 1 (default) or 4");
   m.attr("__version__") = KCD_VERSION;

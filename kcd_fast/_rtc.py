@@ -6,10 +6,15 @@ kernel and the compiled ``_cuda`` module is absent, :func:`module` compiles the 
 headers the nvcc build uses (``kcd/cuda/scoring_kernels.cuh`` and ``blend_kernels.cuh``, with
 ``kcd/scoring.h``, ``kcd/blend.h`` and ``kcd/common.h``; shipped in the package as
 ``kcd_fast/include``) with NVRTC through cupy (``pip install cupy-cuda12x`` or ``-cuda13x``;
-its wheel carries NVRTC, no nvcc needed), once per device and architecture (cupy caches the
-binary on disk, ``~/.cupy/kernel_cache``), and launches them on the caller's stream with
-the launch geometry of ``csrc/cuda/*.cu``. Results are those of the compiled module (the
-same source, the same compiler front end).
+its wheel carries NVRTC, no nvcc needed), once per device architecture (then read from disk), and
+launches them on the caller's stream with the launch geometry of ``csrc/cuda/*.cu`` (the PTX
+is kept in :func:`cache_dir`, keyed by the headers' text and NVRTC's version). Results
+are those of the compiled module (the same source, the same compiler front end, the same
+options): the PTX comes from plain NVRTC (:func:`compile_ptx`) and is loaded by cupy, because
+cupy's own compile path appends ``-ftz=true`` (denormals flushed: rows with logit gaps of
+~87-104 would keep 0 where nvcc keeps ~1e-40 of entropy). bfloat16 tensors cross into cupy as
+int16 views of the same memory (the kernels take ``const void*``; cupy 13 refuses bfloat16
+DLPack and cupy 14 needs ``ml_dtypes`` for it).
 
 Covered: ``observe_entropy``, ``observe_kl``, ``observe_entropy_seq``, ``observe_scores``,
 ``values`` and ``blend``. ``condense`` of CUDA values runs on the host (one copy of the
@@ -30,11 +35,24 @@ from typing import Any
 
 import torch
 
-__all__ = ["KERNELS", "RtcModule", "available", "compile_ptx", "include_dir", "module", "source", "why_unavailable"]
+__all__ = [
+    "KERNELS",
+    "RtcModule",
+    "arch_for",
+    "available",
+    "cache_dir",
+    "cached_ptx",
+    "compile_ptx",
+    "include_dir",
+    "module",
+    "source",
+    "why_unavailable",
+]
 
 _KINDS = ("kcd::FloatKind::kF32", "kcd::FloatKind::kF16", "kcd::FloatKind::kBF16")
 _THREADS, _WARP = 256, 32  # kcd/cuda/launch.cuh: kThreads, kWarp (tests check they agree)
 _CHUNK = 4096  # kcd/cuda/scoring_kernels.cuh: kAccumulateChunk
+_BLEND_SPAN = 65536  # kcd/cuda/blend_kernels.cuh: kBlendSpan
 
 # Kernel name expressions (templates instantiated by NVRTC): what the fallback launches.
 KERNELS: tuple[str, ...] = (
@@ -76,7 +94,13 @@ def options(arch: str | None) -> tuple[str, ...]:
 
 def compile_ptx(arch: str = "compute_80") -> str:
     """Compiles the fallback's source for ``arch`` with NVRTC and returns the PTX; needs
-    cupy (its NVRTC), no GPU and no driver. Raises ``RuntimeError`` with NVRTC's log."""
+    cupy (its NVRTC), no GPU and no driver. Raises ``RuntimeError`` with NVRTC's log. No
+    ``-ftz``: denormals are kept, as nvcc's build keeps them."""
+    return _compile(arch)[0]
+
+
+def _compile(arch: str, extra: tuple[str, ...] = ()) -> tuple[str, dict[str, str]]:
+    """``(PTX, {name expression: lowered (mangled) name})`` for ``arch`` with plain NVRTC."""
     from cupy.cuda import nvrtc
 
     prog = nvrtc.createProgram(source(), "kcd_fast_rtc.cu", [], [])
@@ -84,15 +108,88 @@ def compile_ptx(arch: str = "compute_80") -> str:
         for name in KERNELS:
             nvrtc.addNameExpression(prog, name)
         try:
-            nvrtc.compileProgram(prog, list(options(arch)))
+            nvrtc.compileProgram(prog, [*options(arch), *extra])
         except nvrtc.NVRTCError as err:
             raise RuntimeError(
                 f"NVRTC could not compile kcd_fast's kernels for {arch}: {err}\n{nvrtc.getProgramLog(prog)}"
             ) from err
         ptx = nvrtc.getPTX(prog)
-        return ptx.decode() if isinstance(ptx, bytes) else ptx
+        lowered = {name: nvrtc.getLoweredName(prog, name) for name in KERNELS}
+        return (ptx.decode() if isinstance(ptx, bytes) else ptx).rstrip("\x00"), lowered
     finally:
         nvrtc.destroyProgram(prog)
+
+
+def cache_dir() -> Path:
+    """Where the fallback keeps its compiled PTX: ``$KCD_FAST_CACHE``, else
+    ``$XDG_CACHE_HOME/kcd_fast`` (``~/.cache/kcd_fast``)."""
+    explicit = os.environ.get("KCD_FAST_CACHE")
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kcd_fast"
+
+
+def cache_key(arch: str) -> str:
+    """Names one compilation: the kernel headers' text, the options, the target and NVRTC's version."""
+    import hashlib
+
+    from cupy.cuda import nvrtc
+
+    h = hashlib.sha256()
+    inc = include_dir()
+    for f in sorted(p for p in (inc / "kcd").rglob("*") if p.suffix in (".h", ".cuh")):
+        h.update(f.relative_to(inc).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    opts = [o for o in options(arch) if not o.startswith("-I")]  # the folder's path is not the content
+    h.update(repr((opts, KERNELS, nvrtc.getVersion())).encode())
+    return h.hexdigest()[:32]
+
+
+def cached_ptx(arch: str) -> tuple[Path, dict[str, str]]:
+    """``(PTX file, lowered names)`` for ``arch``: read from :func:`cache_dir` when a compilation
+    of the same headers, options and NVRTC is there, else compiled by :func:`_compile` and
+    stored (atomically; an unwritable cache folder falls back to a temporary one)."""
+    import json
+    import tempfile
+
+    key = cache_key(arch)
+    try:
+        folder = cache_dir() / "rtc"
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        folder = Path(tempfile.mkdtemp(prefix="kcd_fast_rtc_"))
+    ptx_path, names_path = folder / f"{key}-{arch}.ptx", folder / f"{key}-{arch}.json"
+    try:
+        lowered = json.loads(names_path.read_text())
+        if ptx_path.is_file() and isinstance(lowered, dict) and set(lowered) == set(KERNELS):
+            return ptx_path, lowered
+    except (OSError, ValueError):
+        pass
+    ptx, lowered = _compile(arch)
+    for path, text in ((ptx_path, ptx), (names_path, json.dumps(lowered))):
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)  # the PTX first: the names file marks a complete entry
+    return ptx_path, lowered
+
+
+def arch_for(compute_capability: int, supported: tuple[int, ...]) -> str:
+    """The NVRTC target for a device: its own ``compute_XY`` when NVRTC knows it, else the newest
+    it knows below (PTX the driver compiles for the device)."""
+    usable = [a for a in supported if a <= compute_capability]
+    if not usable:
+        raise RuntimeError(
+            f"this NVRTC supports compute capabilities {list(supported)}, none at or below the device's "
+            f"{compute_capability}"
+        )
+    return f"compute_{max(usable)}"
+
+
+def cupy_array(t: torch.Tensor) -> Any:
+    """``t`` for a cupy kernel argument (the same memory): bfloat16 as an int16 view, which every
+    cupy takes through DLPack (the kernels read raw bits)."""
+    import cupy
+
+    return cupy.from_dlpack(t.view(torch.int16) if t.dtype == torch.bfloat16 else t)
 
 
 def why_unavailable() -> str | None:
@@ -126,10 +223,15 @@ class RtcModule:
         got = self._per_device.get(device)
         if got is None:
             import cupy
+            from cupy.cuda import nvrtc
 
-            with cupy.cuda.Device(device):
-                mod = cupy.RawModule(code=source(), options=options(None), name_expressions=KERNELS)
-                got = self._per_device[device] = {name: mod.get_function(name) for name in KERNELS}
+            with cupy.cuda.Device(device) as dev:
+                arch = arch_for(int(dev.compute_capability), tuple(nvrtc.getSupportedArchs()))
+                # plain NVRTC (cupy compiling the source itself would add -ftz=true), loaded from a file
+                path, lowered = cached_ptx(arch)
+                mod = cupy.RawModule(path=str(path))
+                got = {name: mod.get_function(lowered[name]) for name in KERNELS}
+                self._per_device[device] = got
         return got
 
     # -- helpers -----------------------------------------------------------------------------
@@ -145,17 +247,23 @@ class RtcModule:
         with cupy.cuda.Device(device):
             ext = cupy.cuda.ExternalStream(int(stream), device)
             with ext:  # DLPack exchange on the launch stream: no cross-stream waits (graph capturable)
-                arrays = tuple(cupy.from_dlpack(a) if isinstance(a, torch.Tensor) else a for a in args)
+                arrays = tuple(cupy_array(a) if isinstance(a, torch.Tensor) else a for a in args)
             kernel((max(1, grid),), (block,), arrays, stream=ext)
 
-    def _scored(self, name: str, grid: int, args: tuple, ix, s, c, scratch, stream: int, rows: int) -> None:
+    def _scored(
+        self, name: str, grid: int, args: tuple, ix, s, c, scratch, stream: int, rows: int, commit: bool = True
+    ) -> None:
         """Launches scoring kernel ``name`` with ``args`` (its scratch argument is the
-        placeholder None), then adds the rows to the bank in row order, chunk by chunk
-        (accumulate_kernel): the launch sequence of csrc/cuda/scoring.cu."""
-        import numpy as np
-
+        placeholder None), then (``commit``) adds the rows to the bank in row order, chunk by
+        chunk (accumulate_kernel): the launch sequence of csrc/cuda/scoring.cu."""
         full = tuple(scratch if a is None else a for a in args)
         self._launch(name, grid, _THREADS, full, stream)
+        if commit:
+            self._accumulate(ix, s, c, scratch, stream, rows)
+
+    def _accumulate(self, ix, s, c, scratch, stream: int, rows: int) -> None:
+        import numpy as np
+
         for c0 in range(0, rows, _CHUNK):
             n = min(rows - c0, _CHUNK)
             self._launch(
@@ -196,7 +304,17 @@ class RtcModule:
         self._scored(name, -(-b * _WARP // _THREADS), args, ix, s, c, sc, stream, b)
 
     def observe_kl(
-        self, student, teacher, indices, sums, counts, temperature: float, errors, scratch, stream: int
+        self,
+        student,
+        teacher,
+        indices,
+        sums,
+        counts,
+        temperature: float,
+        errors,
+        scratch,
+        stream: int,
+        commit: bool = True,
     ) -> None:
         import numpy as np
 
@@ -208,7 +326,12 @@ class RtcModule:
         strides = (np.int64(st.stride(0)), np.int64(te.stride(0)))
         args = (st, te, np.int64(b), np.int64(k), *strides, ix, np.int64(s.shape[0]), None, inv, er)
         name = f"kcd::cuda::kernels::kl_kernel<{self._kind(st)}>"
-        self._scored(name, -(-b * _WARP // _THREADS), args, ix, s, c, sc, stream, b)
+        self._scored(name, -(-b * _WARP // _THREADS), args, ix, s, c, sc, stream, b, commit)
+
+    def accumulate_rows(self, indices, scratch, sums, counts, stream: int) -> None:
+        ix, sc, s, c = map(self._tensor, (indices, scratch, sums, counts))
+        if ix.shape[0]:
+            self._accumulate(ix, s, c, sc, stream, ix.shape[0])
 
     def observe_entropy_seq(self, logits, mask, indices, sums, counts, errors, scratch, stream: int) -> None:
         import numpy as np
@@ -249,7 +372,8 @@ class RtcModule:
         size = im[0].numel() if n else 0
         if length == 0 or size == 0:
             return
-        grid = min(length, 65535 * 8)
+        spans = -(-size // _BLEND_SPAN) if size > _BLEND_SPAN else 1
+        grid = min(length * spans, 65535 * 8)  # a block per (pair, span) step, as csrc/cuda/blend.cu
         name = "blend_vec16" if size % 16 == 0 and im.data_ptr() % 16 == 0 else "blend_bytes"
         args = (im, np.int64(n), np.int64(size), d, s, e, np.int64(length), er)
         self._launch(f"kcd::cuda::kernels::{name}", grid, _THREADS, args, stream)

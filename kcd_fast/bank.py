@@ -323,7 +323,8 @@ class ValueBank:
         if bad_index or non_finite:
             raise ValueError(
                 f"{bad_index} observed row(s) had an index outside [0, {self.n}) and {non_finite} row(s) had "
-                "non-finite logits; they were skipped (nothing else changed)"
+                "non-finite logits or scores (a KL that overflows and a score beyond +-1e298 included); they were "
+                "skipped (nothing else changed)"
             )
 
     def _reduce_local(self, group: Any, in_place: bool) -> tuple[torch.Tensor, torch.Tensor, int, int]:

@@ -91,7 +91,12 @@ def condense(
 
     CPU: a sample selection, O(N) plus a radix sort of the points near the ranks that
     matter (about the dropped points and the VAKS partners). CUDA: an on-device CUB radix
-    sort; nothing returns to the host except the NaN check.
+    sort; nothing returns to the host except the NaN check. Its workspace (one device buffer
+    for the call, kcd/condense_layout.h) is 33 bytes per point (sort keys and indices twice, a
+    CUB DoubleBuffer, plus one flag byte) plus CUB's temp storage (histograms and look-back
+    state, small against it; ``_cuda.condense_workspace_bytes(N)`` asks CUB on the device):
+    N = 2^20 needs ~33 MiB, 2^26 ~2.1 GiB, 2^30 ~33 GiB (the copying sort it replaced needed
+    49 GiB at 2^30), besides ``values`` and the outputs.
 
     Example (N = 5, keep 3 of 5, vaks "low")::
 

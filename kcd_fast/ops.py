@@ -16,6 +16,12 @@ from ._ext import _cpu, cuda_module
 
 LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+#: The largest ``|score|`` a row may add to a bank (kcd/scoring.h: ``kScoreLimit``): a point's sum of
+#: up to 2^31 - 1 of them (counts are int32) stays finite in float64, so no sum overflows to inf. A
+#: caller's score beyond it (:func:`observe_scores`), like a non-finite one or a KL that overflows,
+#: is refused (on CUDA without ``strict``: skipped and counted as a non-finite row).
+SCORE_LIMIT = 1e298
+
 
 def _bank_args(indices, sums, counts, rows: int, row_name: str):
     idx = indices_arg(indices, rows, row_name)
@@ -100,8 +106,12 @@ def observe_entropy(logits, indices, sums, counts, *, errors=None, strict: bool 
             True unless ``errors`` is given. On CPU input is always validated first.
 
     ``h = logsumexp(z) - sum softmax(z) * z`` is computed in one fused pass per row and is
-    finite even when probabilities underflow. B = 0 is a no-op. A point that appears
-    twice in a batch is accumulated twice.
+    finite even when probabilities underflow. Any width C: the row sums are float64 totals of
+    float32 blocks of 1024 terms (kcd/scoring.h ``kSumBlock``), within 1e-6 relative of a float64
+    evaluation (C = 2^30 zero logits score ln 2^30; plain float32 sums saturated at ln 2^28).
+    B = 0 is a no-op. A point that appears twice in a batch is accumulated twice. A row is
+    classified as on CUDA (kcd/scoring.h ``row_status``): a bad index first, then a non-finite
+    value.
     """
     lg = logits_arg(logits, "logits")
     idx, s, c = _bank_args(indices, sums, counts, lg.shape[0], "logits")
@@ -145,12 +155,34 @@ def launch_observe(
                 A.capsule(lg), A.capsule(te), A.capsule(idx), A.capsule(sums), A.capsule(counts), float(temperature)
             )
         return
-    if strict or (strict is None and errors is None):
+    check = bool(strict) or (strict is None and errors is None)
+    if check:
         rows = [("logits", lg)] if te is None else [("student_logits", lg), ("teacher_logits", te)]
         strict_check(idx, sums.shape[0], rows)
     if errors is None:
         errors = torch.zeros(2, dtype=torch.int64, device=device)
     scratch = _row_scratch(lg.shape[0], device)
+    if te is not None and check:
+        # finite logits can still give a KL that overflows (+inf, as on the CPU): score the rows
+        # first, refuse such a row before anything changes, then add them (one more sync)
+        mod = cuda_module()
+        mod.observe_kl(
+            *(A.capsule(t) for t in (lg, te, idx, sums, counts)),
+            float(temperature),
+            A.capsule(errors),
+            A.capsule(scratch),
+            A.stream_of(lg),
+            commit=False,
+        )
+        bad = torch.isnan(scratch)
+        if bool(bad.any()):
+            r = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"student_logits/teacher_logits row {r} (point {int(idx[r])}) holds a non-finite value (inf or nan): "
+                "its score overflows (KL of logits this far apart at this temperature)"
+            )
+        mod.accumulate_rows(A.capsule(idx), A.capsule(scratch), A.capsule(sums), A.capsule(counts), A.stream_of(lg))
+        return
     if te is None:
         cuda_module().observe_entropy(
             A.capsule(lg),
@@ -192,6 +224,10 @@ def observe_kl(
         student_logits, teacher_logits: ``[B, C]`` of one dtype (float32/float16/bfloat16).
         indices: ``[B]`` int64. sums: ``[N]`` float64. counts: ``[N]`` int32.
         temperature: the distillation temperature T > 0.
+
+    Finite logits whose KL overflows (teacher 3e38, student -3e38 at T = 1: +inf) are refused
+    as a non-finite row, before anything changes, on the CPU and on CUDA with ``strict`` (the
+    rows are scored, looked at, then added); on CUDA without it they are skipped and counted.
     """
     check_temperature(temperature)
     st, te = student_teacher_args(student_logits, teacher_logits)
@@ -217,9 +253,9 @@ def mask_arg(mask, indices: torch.Tensor, b: int, length: int, device: torch.dev
     """``mask`` as a contiguous uint8 ``[B, L]`` tensor of 0 / 1 on ``device``.
 
     bool, integer and floating masks are accepted (an HF ``attention_mask`` is int64). Values
-    other than 0 and 1, and sequences without a 1, raise ``ValueError`` on the CPU and with
-    ``strict`` (a host sync on CUDA); otherwise on CUDA they are marked for the kernel,
-    which skips and counts those sequences (raised by ``ValueBank.check``)."""
+    other than 0 and 1, and sequences without a 1 (bool masks included), raise ``ValueError``
+    on the CPU and with ``strict`` (a host sync on CUDA); otherwise on CUDA they are marked for
+    the kernel, which skips and counts those sequences (raised by ``ValueBank.check``)."""
     m, _ = A.as_torch(mask, "mask")
     if m.is_complex():
         raise TypeError(f"mask must be bool, integer or floating 0/1 values, got {A.dtype_name(m)}")
@@ -227,14 +263,12 @@ def mask_arg(mask, indices: torch.Tensor, b: int, length: int, device: torch.dev
         raise ValueError(f"mask must be [B, L] = [{b}, {length}] (one entry per token of logits), got {tuple(m.shape)}")
     if m.device != device:
         raise ValueError(f"mask is on {m.device} but logits are on {device}; pass them on one device")
-    if m.dtype == torch.bool:
-        return m.contiguous().view(torch.uint8)
-    binary = (m == 0) | (m == 1)
+    binary = None if m.dtype == torch.bool else (m == 0) | (m == 1)
     if device.type == "cpu" or strict:
-        if not bool(binary.all()):
+        if binary is not None and not bool(binary.all()):
             i, j = (int(v) for v in (~binary).nonzero()[0])
             raise ValueError(f"mask must hold only 0 and 1 (or be bool), got mask[{i}, {j}] = {m[i, j].item()!r}")
-        out = m.to(torch.uint8).contiguous()
+        out = m.contiguous().view(torch.uint8) if binary is None else m.to(torch.uint8).contiguous()
         empty = out.sum(dim=1) == 0
         if b and bool(empty.any()):
             r = int(empty.nonzero()[0, 0])
@@ -243,6 +277,8 @@ def mask_arg(mask, indices: torch.Tensor, b: int, length: int, device: torch.dev
                 "mean entropy of its unmasked tokens and needs at least one"
             )
         return out
+    if binary is None:  # bool: 0 / 1 by construction; a row without a 1 is the kernel's to count
+        return m.contiguous().view(torch.uint8)
     return torch.where(binary, m, 2).to(torch.uint8).contiguous()
 
 
@@ -333,7 +369,10 @@ def observe_scores(scores, indices, sums, counts, *, errors=None, strict: bool |
         indices: ``[B]`` int64. sums ``[N]`` float64, counts ``[N]`` int32 (in place);
             errors and strict as for :func:`observe_entropy`.
 
-    Non-finite scores and indices outside ``[0, N)`` raise before anything changes.
+    Non-finite scores, scores beyond ``+-SCORE_LIMIT`` (1e298: a point's sum of 2^31 of them
+    stays finite, so a sum never overflows to inf; 1e308 is refused, not clamped) and indices
+    outside ``[0, N)`` raise before anything changes (on CUDA without ``strict`` and with
+    ``errors``: skipped and counted, a bad index in ``errors[0]``, the rest in ``errors[1]``).
     """
     sc = scores_arg(scores)
     idx, s, c = _bank_args(indices, sums, counts, sc.shape[0], "scores")
@@ -359,6 +398,7 @@ def launch_observe_scores(
         return
     if strict or (strict is None and errors is None):
         strict_check(idx, sums.shape[0], [("scores", sc[:, None])])
+        check_score_limit(sc, idx)
     if errors is None:
         errors = torch.zeros(2, dtype=torch.int64, device=device)
     cuda_module().observe_scores(
@@ -370,6 +410,17 @@ def launch_observe_scores(
         A.capsule(_row_scratch(sc.shape[0], device)),
         A.stream_of(sc),
     )
+
+
+def check_score_limit(sc: torch.Tensor, idx: torch.Tensor) -> None:
+    """Refuses a finite score beyond ``+-SCORE_LIMIT`` (the CPU kernel's rule; a host sync on CUDA)."""
+    big = sc.abs() > SCORE_LIMIT
+    if bool(big.any()):
+        r = int(big.nonzero()[0, 0])
+        raise ValueError(
+            f"scores row {r} (point {int(idx[r])}) = {float(sc[r])!r} is beyond +-1e298, the largest score the bank "
+            "adds (a point's sum of 2^31 such scores stays finite in float64)"
+        )
 
 
 def check_temperature(temperature: float) -> None:
@@ -587,7 +638,9 @@ def resize_bilinear(image, size: tuple[int, int]):
 def blend_(images, dst, src, eps, *, check: bool | None = None):
     """In-place VAKS summary: ``images[dst[j]] = round(eps[j] * images[dst[j]] +
     (1 - eps[j]) * images[src[j]])`` for every pair j, all pairs reading the images as
-    they were before the call (round half up, clamp to [0, 255]).
+    they were before the call (round half up, clamp to [0, 255]). On CUDA every pair in one
+    launch, each pair cut into 64 KiB spans with a block per span (large images no longer
+    run on one block).
 
     Args:
         images: ``[N, ...]`` uint8 storage, contiguous (updated in place).
@@ -638,6 +691,21 @@ def blend_(images, dst, src, eps, *, check: bool | None = None):
                 "they were skipped (the other pairs were blended)"
             )
     return images
+
+
+def blend_pairs_async_(images: torch.Tensor, dst: torch.Tensor, src: torch.Tensor, eps: torch.Tensor, errors) -> None:
+    """:func:`blend_` on the device without any host synchronisation, for callers that launch
+    many blends and read the bounds guard's count once: ``errors`` (``[1]`` int64 on the
+    images' device) gains the number of pairs skipped. Arguments as checked by ``blend_``:
+    ``images`` ``[N, ...]`` uint8 contiguous CUDA, ``dst`` / ``src`` ``[L]`` int64 and ``eps``
+    ``[L]`` float64, contiguous, on its device. Raises ``ValueError`` for a CPU tensor."""
+    if images.device.type != "cuda":
+        raise ValueError(f"blend_pairs_async_ blends device images; got images on {images.device} (use blend_)")
+    if dst.shape[0] == 0:
+        return
+    cuda_module().blend(
+        A.capsule(images), A.capsule(dst), A.capsule(src), A.capsule(eps), A.capsule(errors), A.stream_of(images)
+    )
 
 
 def blend_image_(dst, src, eps: float):

@@ -251,5 +251,11 @@ def test_cuda_bad_sequences_and_scores_are_counted_not_written() -> None:
         strict=False,
     )
     assert errors.tolist() == [1, 3] and int(counts.sum()) == 2
-    with pytest.raises(ValueError, match="no unmasked token"):
+    with pytest.raises(ValueError, match=r"mask must hold only 0 and 1 .* mask\[1, 0\] = 3"):
         ops.observe_entropy_seq(logits.cuda(), mask.cuda(), idx.cuda(), sums, counts)  # strict by default
+    mask[1, 0] = 1  # the bad value mended: the empty sequence 0 is what strict refuses next
+    with pytest.raises(ValueError, match="no unmasked token"):
+        ops.observe_entropy_seq(logits.cuda(), mask.cuda(), idx.cuda(), sums, counts)
+    with pytest.raises(ValueError, match="mask row 0 .* no unmasked token"):  # a bool mask too (it skipped the check)
+        ops.observe_entropy_seq(logits.cuda(), mask.cuda().bool(), idx.cuda(), sums, counts)
+    assert errors.tolist() == [1, 3] and int(counts.sum()) == 2  # nothing changed, nothing counted

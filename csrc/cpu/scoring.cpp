@@ -2,6 +2,7 @@
 // cost-aware value. Rows are evaluated into a scratch buffer and validated first, so a
 // bad batch leaves the accumulators untouched.
 #include <cmath>
+#include <cstdio>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -31,13 +32,19 @@ KCD_CLONES double entropy_row(const float* x, int64_t C) {
     chk += x[j] * 0.0f;
   }
   if (!std::isfinite(chk) || !std::isfinite(m)) return NAN;
-  float z = 0.0f, w = 0.0f;
-#pragma omp simd reduction(+ : z, w)
-  for (int64_t j = 0; j < C; ++j) {
-    const float d = x[j] - m;
-    const float e = exp_nonpos(d);
-    z += e;
-    w += weighted(e, d);
+  double z = 0.0, w = 0.0;  // float64 totals of float32 blocks (kcd/scoring.h: kSumBlock)
+  for (int64_t j0 = 0; j0 < C; j0 += kSumBlock) {
+    const int64_t j1 = C - j0 < kSumBlock ? C : j0 + kSumBlock;
+    float zb = 0.0f, wb = 0.0f;
+#pragma omp simd reduction(+ : zb, wb)
+    for (int64_t j = j0; j < j1; ++j) {
+      const float d = x[j] - m;
+      const float e = exp_nonpos(d);
+      zb += e;
+      wb += weighted(e, d);
+    }
+    z += zb;
+    w += wb;
   }
   return finish_entropy(z, w);
 }
@@ -90,14 +97,21 @@ KCD_CLONES double kl_row(const float* s, const float* t, int64_t C, float inv_te
     chk += a * 0.0f + b * 0.0f;
   }
   if (!std::isfinite(chk) || !std::isfinite(ma) || !std::isfinite(mb)) return NAN;
-  float za = 0.0f, wa = 0.0f, zb = 0.0f;
-#pragma omp simd reduction(+ : za, wa, zb)
-  for (int64_t j = 0; j < C; ++j) {
-    const float a = t[j] * inv_temp, b = s[j] * inv_temp;
-    const float ea = exp_nonpos(a - ma);
-    za += ea;
-    wa += weighted(ea, a - b);
-    zb += exp_nonpos(b - mb);
+  double za = 0.0, wa = 0.0, zb = 0.0;  // float64 totals of float32 blocks (kSumBlock)
+  for (int64_t j0 = 0; j0 < C; j0 += kSumBlock) {
+    const int64_t j1 = C - j0 < kSumBlock ? C : j0 + kSumBlock;
+    float pa = 0.0f, pw = 0.0f, pb = 0.0f;
+#pragma omp simd reduction(+ : pa, pw, pb)
+    for (int64_t j = j0; j < j1; ++j) {
+      const float a = t[j] * inv_temp, b = s[j] * inv_temp;
+      const float ea = exp_nonpos(a - ma);
+      pa += ea;
+      pw += weighted(ea, a - b);
+      pb += exp_nonpos(b - mb);
+    }
+    za += pa;
+    wa += pw;
+    zb += pb;
   }
   return finish_kl(ma, za, wa, mb, zb);
 }
@@ -117,23 +131,41 @@ const float* row_as_f32(const void* base, FloatKind kind, int64_t r, int64_t C, 
   return buf.data();
 }
 
+// The first row_status test (a bad index), for every row before any row is scored.
 void check_indices(const int64_t* indices, int64_t B, int64_t N) {
   for (int64_t r = 0; r < B; ++r) {
-    if (indices[r] < 0 || indices[r] >= N) {
+    if (row_status(indices[r], N, 0.0) == kRowBadIndex) {
       throw std::out_of_range("indices[" + std::to_string(r) + "] = " + std::to_string(indices[r]) +
                               " is outside [0, " + std::to_string(N) + ")");
     }
   }
 }
 
-void accumulate(const std::vector<double>& h, const int64_t* indices, double* sums, int32_t* counts,
+// Validates every row (kcd/scoring.h: row_status, the order CUDA counts them in), then adds
+// them: a bad row raises before anything changes. Indices were checked first (check_indices).
+void accumulate(const std::vector<double>& h, const int64_t* indices, int64_t N, double* sums, int32_t* counts,
                 const char* what) {
   const int64_t B = static_cast<int64_t>(h.size());
   for (int64_t r = 0; r < B; ++r) {
-    if (!std::isfinite(h[r])) {
-      throw std::invalid_argument(std::string(what) + " row " + std::to_string(r) +
-                                  " (point " + std::to_string(indices[r]) +
-                                  ") holds a non-finite value (inf or nan)");
+    const int32_t status = row_status(indices[r], N, h[r]);
+    if (status == kRowBadIndex) {
+      throw std::out_of_range("indices[" + std::to_string(r) + "] = " + std::to_string(indices[r]) +
+                              " is outside [0, " + std::to_string(N) + ")");
+    }
+    if (status != kRowOk && !std::isfinite(h[r])) {
+      throw std::invalid_argument(std::string(what) + " row " + std::to_string(r) + " (point " +
+                                  std::to_string(indices[r]) + ") holds a non-finite value (inf or nan)" +
+                                  (std::isinf(h[r]) && std::string(what) != "scores"
+                                       ? ": its score overflows (KL of logits this far apart at this temperature)"
+                                       : ""));
+    }
+    if (status != kRowOk) {
+      char buf[64];
+      std::snprintf(buf, sizeof buf, "%.17g", h[r]);
+      throw std::invalid_argument(std::string(what) + " row " + std::to_string(r) + " (point " +
+                                  std::to_string(indices[r]) + ") = " + buf +
+                                  " is beyond +-1e298, the largest score the bank adds (a point's sum of 2^31 "
+                                  "such scores stays finite in float64)");
     }
   }
   for (int64_t r = 0; r < B; ++r) {
@@ -164,7 +196,7 @@ void observe_entropy(const void* logits, FloatKind kind, int64_t B, int64_t C, i
       for (int64_t r = 0; r < B; ++r) h[r] = entropy_row(row_as_f32(logits, kind, r, C, ld, buf), C);
     }
   }
-  accumulate(h, indices, sums, counts, "logits");
+  accumulate(h, indices, N, sums, counts, "logits");
 }
 
 void observe_kl(const void* student, const void* teacher, FloatKind kind, int64_t B, int64_t C,
@@ -184,7 +216,7 @@ void observe_kl(const void* student, const void* teacher, FloatKind kind, int64_
                     inv_temp);
     }
   }
-  accumulate(h, indices, sums, counts, "student_logits/teacher_logits");
+  accumulate(h, indices, N, sums, counts, "student_logits/teacher_logits");
 }
 
 void observe_entropy_seq(const void* logits, FloatKind kind, int64_t B, int64_t L, int64_t V, int64_t ld,
@@ -229,14 +261,14 @@ void observe_entropy_seq(const void* logits, FloatKind kind, int64_t B, int64_t 
     }
     seq[b] = sequence_value(sum, tokens);
   }
-  accumulate(seq, indices, sums, counts, "logits");
+  accumulate(seq, indices, N, sums, counts, "logits");
 }
 
 void observe_scores(const double* scores, const int64_t* indices, int64_t B, int64_t N, double* sums,
                     int32_t* counts) {
   if (B == 0) return;
   check_indices(indices, B, N);
-  accumulate(std::vector<double>(scores, scores + B), indices, sums, counts, "scores");
+  accumulate(std::vector<double>(scores, scores + B), indices, N, sums, counts, "scores");
 }
 
 void values(const double* sums, const int32_t* counts, int64_t N, double period, double alpha,

@@ -16,7 +16,10 @@ void blend(uint8_t* images, int64_t N, int64_t D, const int64_t* dst, const int6
   if (L == 0 || D == 0) return;
   auto* err = reinterpret_cast<unsigned long long*>(errors);
   auto s = static_cast<cudaStream_t>(stream);
-  const unsigned int grid = static_cast<unsigned int>(L < 65535 * 8 ? L : 65535 * 8);
+  // one launch for every pair: a block per (pair, kBlendSpan bytes) step, grid-stride beyond the cap
+  const int64_t spans = D > kBlendSpan ? (D + kBlendSpan - 1) / kBlendSpan : 1;
+  const int64_t work = L * spans;
+  const unsigned int grid = static_cast<unsigned int>(work < 65535 * 8 ? work : 65535 * 8);
   if (D % 16 == 0 && reinterpret_cast<uintptr_t>(images) % 16 == 0) {
     if (variant("blend_per_thread") == 4) {
       blend_vec16_ilp<4><<<grid, kThreads / 4, 0, s>>>(images, N, D, dst, src, eps, L, err);

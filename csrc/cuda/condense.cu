@@ -9,42 +9,28 @@
 
 #include "check.cuh"
 #include "kcd/blend.h"
+#include "kcd/condense_layout.h"
 #include "kcd/ops.h"
 
 namespace kcd {
 namespace cuda {
 namespace {
 
-constexpr size_t kAlign = 256;
-size_t aligned(size_t b) { return (b + kAlign - 1) / kAlign * kAlign; }
-
-struct Layout {
-  size_t keys_in, keys_out, idx_in, idx_out, flags, nsel, temp, temp_bytes, total;
-};
-
-Layout layout(int64_t N) {
+// CUB's temp bytes for N: the DoubleBuffer sort's and the select's, the larger (they run one
+// after the other in the same storage).
+size_t cub_temp_bytes(int64_t N) {
   size_t sort_bytes = 0, select_bytes = 0;
   const int n = static_cast<int>(N);
-  KCD_CUDA_CHECK(cub::DeviceRadixSort::SortPairsDescending(nullptr, sort_bytes, static_cast<const double*>(nullptr),
-                                                           static_cast<double*>(nullptr), static_cast<const int64_t*>(nullptr),
-                                                           static_cast<int64_t*>(nullptr), n));
+  cub::DoubleBuffer<double> keys(nullptr, nullptr);
+  cub::DoubleBuffer<int64_t> idx(nullptr, nullptr);
+  KCD_CUDA_CHECK(cub::DeviceRadixSort::SortPairsDescending(nullptr, sort_bytes, keys, idx, n));
   KCD_CUDA_CHECK(cub::DeviceSelect::Flagged(nullptr, select_bytes, static_cast<const int64_t*>(nullptr),
                                             static_cast<const uint8_t*>(nullptr), static_cast<int64_t*>(nullptr),
                                             static_cast<int64_t*>(nullptr), n));
-  Layout l{};
-  size_t off = 0;
-  const size_t n8 = aligned(static_cast<size_t>(N) * 8);
-  l.keys_in = off; off += n8;
-  l.keys_out = off; off += n8;
-  l.idx_in = off; off += n8;
-  l.idx_out = off; off += n8;
-  l.flags = off; off += aligned(static_cast<size_t>(N));
-  l.nsel = off; off += aligned(8);
-  l.temp = off;
-  l.temp_bytes = aligned(sort_bytes > select_bytes ? sort_bytes : select_bytes);
-  l.total = off + l.temp_bytes;
-  return l;
+  return sort_bytes > select_bytes ? sort_bytes : select_bytes;
 }
+
+CondenseLayout layout(int64_t N) { return condense_layout(N, cub_temp_bytes(N)); }
 
 __global__ void prepare(const double* __restrict__ values, int64_t N, double* __restrict__ keys,
                         int64_t* __restrict__ idx, uint8_t* __restrict__ flags) {
@@ -53,6 +39,13 @@ __global__ void prepare(const double* __restrict__ values, int64_t N, double* __
     keys[i] = values[i] + 0.0;  // -0.0 -> +0.0: equal values must share one key
     idx[i] = i;
     flags[i] = 0;
+  }
+}
+
+__global__ void iota(int64_t* __restrict__ idx, int64_t N) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < N;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    idx[i] = i;
   }
 }
 
@@ -98,31 +91,35 @@ void condense(const double* values, int64_t N, int64_t n_keep, int64_t n_prev, V
                                 std::to_string(n_keep) + ", n_prev = " + std::to_string(n_prev) +
                                 ", N = " + std::to_string(N));
   }
-  const Layout l = layout(N);
+  const CondenseLayout l = layout(N);
   if (workspace_bytes < l.total) {
     throw std::invalid_argument("workspace holds " + std::to_string(workspace_bytes) + " bytes, condense needs " +
                                 std::to_string(l.total));
   }
   auto s = static_cast<cudaStream_t>(stream);
   char* ws = static_cast<char*>(workspace);
-  auto* keys_in = reinterpret_cast<double*>(ws + l.keys_in);
-  auto* keys_out = reinterpret_cast<double*>(ws + l.keys_out);
-  auto* idx_in = reinterpret_cast<int64_t*>(ws + l.idx_in);
-  auto* pi = reinterpret_cast<int64_t*>(ws + l.idx_out);
   auto* flags = reinterpret_cast<uint8_t*>(ws + l.flags);
   auto* nsel = reinterpret_cast<int64_t*>(ws + l.nsel);
   void* temp = ws + l.temp;
   size_t temp_bytes = l.temp_bytes;
   const int n = static_cast<int>(N);
+  // DoubleBuffer: the sort alternates between the two halves (no copies in its temp storage);
+  // the sorted order ends in whichever Current() names.
+  cub::DoubleBuffer<double> keys(reinterpret_cast<double*>(ws + l.keys_in), reinterpret_cast<double*>(ws + l.keys_out));
+  cub::DoubleBuffer<int64_t> idx(reinterpret_cast<int64_t*>(ws + l.idx_in), reinterpret_cast<int64_t*>(ws + l.idx_out));
 
-  prepare<<<grid_for(N), kThreads, 0, s>>>(values, N, keys_in, idx_in, flags);
+  prepare<<<grid_for(N), kThreads, 0, s>>>(values, N, keys.Current(), idx.Current(), flags);
   KCD_CUDA_CHECK(cudaGetLastError());
-  KCD_CUDA_CHECK(cub::DeviceRadixSort::SortPairsDescending(temp, temp_bytes, keys_in, keys_out, idx_in, pi, n, 0,
+  KCD_CUDA_CHECK(cub::DeviceRadixSort::SortPairsDescending(temp, temp_bytes, keys, idx, n, 0,
                                                            int(sizeof(double) * 8), s));
+  const int64_t* pi = idx.Current();
+  int64_t* order = idx.Alternate();  // free again: 0 .. N-1 for the select (keep comes out sorted)
+  iota<<<grid_for(N), kThreads, 0, s>>>(order, N);
+  KCD_CUDA_CHECK(cudaGetLastError());
   mark_kept<<<grid_for(n_keep), kThreads, 0, s>>>(pi, n_keep, flags);
   KCD_CUDA_CHECK(cudaGetLastError());
   temp_bytes = l.temp_bytes;
-  KCD_CUDA_CHECK(cub::DeviceSelect::Flagged(temp, temp_bytes, idx_in, flags, keep, nsel, n, s));
+  KCD_CUDA_CHECK(cub::DeviceSelect::Flagged(temp, temp_bytes, order, flags, keep, nsel, n, s));
   const int64_t L = n_prev - n_keep;
   const int64_t P = vaks_pairs(n_keep, n_prev, mode);
   if (L > 0) {

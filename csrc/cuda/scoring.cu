@@ -59,7 +59,7 @@ void observe_entropy(const void* logits, FloatKind kind, int64_t B, int64_t C, i
 
 void observe_kl(const void* student, const void* teacher, FloatKind kind, int64_t B, int64_t C,
                 int64_t ld_s, int64_t ld_t, const int64_t* indices, int64_t N, double* sums,
-                int32_t* counts, float temperature, int64_t* errors, double* sc, void* stream) {
+                int32_t* counts, float temperature, int64_t* errors, double* sc, void* stream, bool commit) {
   if (B == 0) return;
   auto s = static_cast<cudaStream_t>(stream);
   const float inv = 1.0f / temperature;
@@ -75,7 +75,13 @@ void observe_kl(const void* student, const void* teacher, FloatKind kind, int64_
       break;
   }
   KCD_CUDA_CHECK(cudaGetLastError());
-  accumulate(indices, sc, B, sums, counts, s);
+  if (commit) accumulate(indices, sc, B, sums, counts, s);
+}
+
+void accumulate_rows(const int64_t* indices, const double* scratch, int64_t B, double* sums, int32_t* counts,
+                     void* stream) {
+  if (B == 0) return;
+  accumulate(indices, scratch, B, sums, counts, static_cast<cudaStream_t>(stream));
 }
 
 void observe_entropy_seq(const void* logits, FloatKind kind, int64_t B, int64_t L, int64_t V, int64_t ld,
@@ -127,6 +133,40 @@ int device_count() {
 }
 
 void set_device(int device) { KCD_CUDA_CHECK(cudaSetDevice(device)); }
+
+bool has_primary_context(int device) {
+  // cuDeviceGet and cuDevicePrimaryCtxGetState through the runtime's driver entry points (no
+  // libcuda link, as the module links cudart statically); asking creates no context.
+  using DeviceGet = int (*)(int*, int);
+  using PrimaryCtxGetState = int (*)(int, unsigned int*, int*);
+  static DeviceGet device_get = nullptr;
+  static PrimaryCtxGetState get_state = nullptr;
+  static const bool resolved = [] {
+    void* a = nullptr;
+    void* b = nullptr;
+    cudaDriverEntryPointQueryResult qa{}, qb{};
+#if CUDART_VERSION >= 12050
+    const bool ok = cudaGetDriverEntryPointByVersion("cuDeviceGet", &a, 12000, cudaEnableDefault, &qa) == cudaSuccess &&
+                    cudaGetDriverEntryPointByVersion("cuDevicePrimaryCtxGetState", &b, 12000, cudaEnableDefault, &qb) ==
+                        cudaSuccess;
+#else
+    const bool ok = cudaGetDriverEntryPoint("cuDeviceGet", &a, cudaEnableDefault, &qa) == cudaSuccess &&
+                    cudaGetDriverEntryPoint("cuDevicePrimaryCtxGetState", &b, cudaEnableDefault, &qb) == cudaSuccess;
+#endif
+    if (!ok || qa != cudaDriverEntryPointSuccess || qb != cudaDriverEntryPointSuccess || !a || !b) {
+      cudaGetLastError();
+      return false;
+    }
+    device_get = reinterpret_cast<DeviceGet>(a);
+    get_state = reinterpret_cast<PrimaryCtxGetState>(b);
+    return true;
+  }();
+  if (!resolved) return false;
+  int dev = 0, active = 0;
+  unsigned int flags = 0;
+  if (device_get(&dev, device) != 0 || get_state(dev, &flags, &active) != 0) return false;
+  return active != 0;
+}
 
 int get_device() {
   int device = 0;

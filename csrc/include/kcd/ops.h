@@ -129,7 +129,13 @@ void observe_entropy(const void* logits, FloatKind kind, int64_t B, int64_t C, i
                      int64_t* errors, double* scratch, void* stream);
 void observe_kl(const void* student, const void* teacher, FloatKind kind, int64_t B, int64_t C,
                 int64_t ld_s, int64_t ld_t, const int64_t* indices, int64_t N, double* sums,
-                int32_t* counts, float temperature, int64_t* errors, double* scratch, void* stream);
+                int32_t* counts, float temperature, int64_t* errors, double* scratch, void* stream,
+                bool commit = true);
+// scratch [B] rows (NaN: skipped) into the bank in row order: the second half of the ops
+// above, for callers that look at the rows' scores first (observe_kl with commit = false:
+// strict validation of a KL that overflows, refused before anything changes).
+void accumulate_rows(const int64_t* indices, const double* scratch, int64_t B, double* sums, int32_t* counts,
+                     void* stream);
 // Bad sequences (index, mask value > 1, no unmasked token, non-finite token) are skipped
 // and counted in errors[1] (errors[0] for a bad index).
 void observe_entropy_seq(const void* logits, FloatKind kind, int64_t B, int64_t L, int64_t V, int64_t ld,
@@ -148,8 +154,11 @@ void augment(const uint8_t* images, const AugmentGeometry& g, const int64_t* ind
 // caller's, as condense's output is).
 void blend(uint8_t* images, int64_t N, int64_t D, const int64_t* dst, const int64_t* src,
            const double* eps, int64_t L, int64_t* errors, void* stream);
-// Scratch bytes condense needs for N points.
+// Scratch bytes condense needs for N points (see condense_buffer_bytes in kcd/blend.h).
 size_t condense_workspace_bytes(int64_t N);
+// Whether `device` has an active primary context (the driver's cuDevicePrimaryCtxGetState,
+// reached through the runtime, no libcuda link); false when that cannot be asked.
+bool has_primary_context(int device);
 void condense(const double* values, int64_t N, int64_t n_keep, int64_t n_prev, VaksMode mode,
               double eps_m, const int64_t* random_pos, void* workspace, size_t workspace_bytes,
               int64_t* keep, int64_t* dropped, int64_t* dst, int64_t* src, double* eps, void* stream);

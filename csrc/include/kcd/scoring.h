@@ -41,11 +41,20 @@ KCD_HD float exp_nonpos(float x) {
 // score their true entropy (0) on the CPU and on CUDA alike.
 KCD_HD float weighted(float e, float d) { return e > 0.0f ? e * d : 0.0f; }
 
+// Terms a row sums in float32 before the partial sum joins a float64 total (z and w below):
+// a float32 sum of many terms saturates (2^24 ones per lane: C = 2^30 zero logits scored
+// ln 2^28 instead of ln 2^30) and drifts by ~n ulp. With blocks of kSumBlock terms (per
+// SIMD lane on the CPU: at most kSumBlock / 8; per CUDA lane: one vector chunk or
+// kSumBlock / 32 terms) every row scores within 1e-6 relative of the float64 sum for any C
+// (tests/test_ops.py: 2^26 zero logits score ln 2^26 exactly). Rows of C <= kSumBlock sum
+// exactly as before (one block).
+constexpr int64_t kSumBlock = 1024;
+
 // Entropy from the row max m, z = sum exp(x - m) and w = sum exp(x - m) * (x - m):
 // h = logsumexp(x) - sum softmax(x) * x = log(z) - w / z. Never NaN for finite rows
 // (z >= 1), unlike -(p * log p).sum(). Clamped at 0 against rounding.
-KCD_HD double finish_entropy(float z, float w) {
-  const double h = log(static_cast<double>(z)) - static_cast<double>(w) / z;
+KCD_HD double finish_entropy(double z, double w) {
+  const double h = log(z) - w / z;
   return h > 0.0 ? h : 0.0;
 }
 
@@ -53,44 +62,38 @@ KCD_HD double finish_entropy(float z, float w) {
 // sum p_t (a - b) - logsumexp(a) + logsumexp(b)
 //   = wa / za - (ma + log za) + (mb + log zb),
 // za = sum exp(a - ma), wa = sum exp(a - ma) * (a - b), zb = sum exp(b - mb).
-KCD_HD double finish_kl(float ma, float za, float wa, float mb, float zb) {
-  const double kl = static_cast<double>(wa) / za - (static_cast<double>(ma) + log(static_cast<double>(za))) +
-                    (static_cast<double>(mb) + log(static_cast<double>(zb)));
+// +inf when a finite row's KL overflows float32 terms (teacher 3e38, student -3e38, T = 1):
+// row_status then refuses the row, on the CPU and on CUDA alike.
+KCD_HD double finish_kl(float ma, double za, double wa, float mb, double zb) {
+  const double kl = wa / za - (static_cast<double>(ma) + log(za)) + (static_cast<double>(mb) + log(zb));
   return kl > 0.0 ? kl : 0.0;
 }
 
 // Streaming form of the same row statistics for one-pass kernels (CUDA): a running
-// max m, z = sum exp(x - m) and w = sum exp(x - m) (x - m), rescaled when m grows,
-// and merged across lanes. finish_entropy(z, w) is then identical to the two-pass form.
+// max m, z = sum exp(x - m) and w = sum exp(x - m) (x - m) (float64 totals of float32
+// partial sums, see kSumBlock), rescaled when m grows, and merged across lanes.
+// finish_entropy(z, w) is then the two-pass form's value.
 struct RowStats {
   float m = -INFINITY;
-  float z = 0.0f;
-  float w = 0.0f;
+  double z = 0.0;
+  double w = 0.0;
 };
 
 // Moves stats to a new max m2 >= s.m: z' = z e^(m - m2), w' = e^(m - m2) (w + (m - m2) z)
 // (0 when the old terms vanish against the new max, d = -inf included).
 KCD_HD void rescale(RowStats& s, float m2) {
-  if (s.z > 0.0f) {
+  if (s.z > 0.0) {
     const float d = s.m - m2;
-    const float f = exp_nonpos(d);
-    s.w = f > 0.0f ? f * (s.w + d * s.z) : 0.0f;
+    const double f = exp_nonpos(d);
+    s.w = f > 0.0 ? f * (s.w + static_cast<double>(d) * s.z) : 0.0;
     s.z = f * s.z;
   }
   s.m = m2;
 }
 
-// Adds x, known to be <= s.m (callers rescale to a chunk's max first).
-KCD_HD void accumulate(RowStats& s, float x) {
-  const float d = x - s.m;
-  const float e = exp_nonpos(d);
-  s.z += e;
-  s.w += weighted(e, d);
-}
-
 KCD_HD RowStats merge(RowStats a, RowStats b) {
-  if (b.z == 0.0f) return a;
-  if (a.z == 0.0f) return b;
+  if (b.z == 0.0) return a;
+  if (a.z == 0.0) return b;
   const float m = a.m > b.m ? a.m : b.m;
   rescale(a, m);
   rescale(b, m);
@@ -114,9 +117,25 @@ KCD_HD double sequence_value(double token_entropy_sum, int64_t tokens) {
 // A mask entry: 0 (padding, not read) or 1 (a token that counts); anything else is a bad row.
 KCD_HD bool mask_valid(uint8_t m) { return m <= 1; }
 
-// Bits of the per-row status word written by the scoring kernels.
+// A row's status, one classification for the CPU loops and the CUDA kernels, in this order:
+// an index outside [0, N) first (whatever the row holds), then a score that is not a finite
+// number within +-kScoreLimit (a non-finite logit or mask problem gives NaN, a KL that
+// overflows +inf, a caller's score of 1e308 is too large), else ok. The CPU raises the
+// first bad row of a batch (any bad index before any bad score) before anything changes;
+// CUDA skips the row and counts it in errors[0] (bad index) or errors[1] (the rest).
 constexpr int32_t kRowOk = 0;
 constexpr int32_t kRowBadIndex = 1;
 constexpr int32_t kRowNonFinite = 2;
+
+// The largest |score| a row may add to the bank: a point's sum of up to 2^31 - 1 of them
+// (counts are int32) stays finite in float64 (2^31 * 1e298 < 1.8e308), so no sum
+// overflows to inf. Entropies (<= ln C) and finite KLs (< 1e40) are far below it.
+constexpr double kScoreLimit = 1e298;
+
+KCD_HD int32_t row_status(int64_t point, int64_t N, double score) {
+  if (point < 0 || point >= N) return kRowBadIndex;
+  if (!(fabs(score) <= kScoreLimit)) return kRowNonFinite;  // NaN and +-inf included
+  return kRowOk;
+}
 
 }  // namespace kcd

@@ -76,7 +76,7 @@ from ...data.errors import (
     read_regular,
     sample_error,
 )
-from ...ops import blend_, blend_image_, resize_bilinear
+from ...ops import blend_, blend_image_, blend_pairs_async_, resize_bilinear
 from ..state import is_prefix
 from .image_codec import (
     OverlayFormat,
@@ -518,11 +518,12 @@ class FolderOverlay:
     ) -> None:
         """:meth:`_materialise` on ``self.device``: per chunk, the files and entries read on the
         thread pool, all images decoded in one torchcodec call, each ``src`` resized to its
-        ``dst`` (:func:`resize_chw`), the pair blended by :func:`kcd_fast.ops.blend_` (the CUDA
-        kernel on a GPU) and encoded (:func:`encode_chw`)."""
+        ``dst`` (:func:`resize_chw`), the chunk's pairs blended by one launch of the blend kernel
+        per image shape, with no host sync between launches (:func:`kcd_fast.ops.blend_pairs_async_`,
+        the bounds guard's count read once per chunk; on the CPU :func:`kcd_fast.ops.blend_`), then
+        each encoded (:func:`encode_chw`)."""
         d_l, s_l, e_l = pairs
         dev = self.device
-        first, second = torch.zeros(1, dtype=torch.int64, device=dev), torch.ones(1, dtype=torch.int64, device=dev)
 
         def raw(i: int) -> bytes:  # point i's bytes before this summary (b"": its file cannot be read)
             entry = overlay.get(i)
@@ -548,12 +549,34 @@ class FolderOverlay:
                     return _read_point(self._paths[i], i) if i not in overlay else decode_rgb(datas[k])
 
                 imgs = decode_rgb_batch(datas, fallback, dev)
-                eps = torch.tensor([e_l[j] for j in chunk], dtype=torch.float64, device=dev)
-                for k, j in enumerate(chunk):
-                    d, s = imgs[k], imgs[len(chunk) + k]
-                    pair = torch.stack([d, resize_chw(s, (d.shape[1], d.shape[2]))])  # [2, 3, H, W]
-                    blend_(pair, first, second, eps[k : k + 1], check=False)
-                    out(j, encode_chw(pair[0], self.format))
+                m = len(chunk)
+                by_shape: dict[tuple[int, ...], list[int]] = {}  # pairs of one dst shape: one blend launch
+                for k in range(m):
+                    by_shape.setdefault(tuple(imgs[k].shape), []).append(k)
+                # the weights in group order: one copy to the device per chunk, a slice per group
+                eps = torch.tensor([e_l[chunk[k]] for ks in by_shape.values() for k in ks], dtype=torch.float64)
+                eps = eps.to(dev)
+                on_gpu = torch.device(dev).type == "cuda"
+                skipped = torch.zeros(1, dtype=torch.int64, device=dev) if on_gpu else None
+                blended: list[torch.Tensor | None] = [None] * m
+                off = 0
+                for (_, h, w), ks in by_shape.items():
+                    g = len(ks)
+                    # [2g, 3, H, W]: the dst images, then each src resized to its dst
+                    stack = torch.stack([imgs[k] for k in ks] + [resize_chw(imgs[m + k], (h, w)) for k in ks])
+                    dst = torch.arange(g, device=dev)
+                    src, e = dst + g, eps[off : off + g]
+                    off += g
+                    if on_gpu:  # queued: no host sync per pair or per group
+                        blend_pairs_async_(stack, dst, src, e, skipped)
+                    else:
+                        blend_(stack, dst, src, e)
+                    for i, k in enumerate(ks):
+                        blended[k] = stack[i]
+                if on_gpu and int(skipped.item()):  # one sync per chunk (condense's pairs: never taken)
+                    raise IndexError(f"{int(skipped.item())} summary pair(s) had a weight outside [0, 1]")
+                for j, img in zip(chunk, blended, strict=True):
+                    out(j, encode_chw(img, self.format))
         self.stats["pairs_made"] += len(js)
 
     def _apply_memory(self, overlay: dict[int, Any], p: tuple, created: list[str]) -> dict[int, Any]:

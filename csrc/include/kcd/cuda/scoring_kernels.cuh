@@ -1,11 +1,13 @@
 // The CUDA kernels for value scoring (device code only): one warp per row of logits, the
 // row math from kcd/scoring.h. Included by cuda/scoring.cu (nvcc, with the host launchers)
 // and compiled at run time by NVRTC (kcd_fast/_rtc.py) where no nvcc built the module:
-// one source of the kernels for both. A row with a bad index or a non-finite logit is
-// skipped and counted in errors [2] = {bad index, non-finite}, so no host synchronisation
-// is needed per step. Each row's score goes to a scratch buffer; accumulate_kernel then adds
-// them to the bank in row order (deterministic with duplicate indices). Kernels are templates in kcd::cuda::kernels (named, not anonymous:
-// NVRTC looks them up by name expression).
+// one source of the kernels for both. A row is classified as the CPU does (kcd/scoring.h:
+// row_status: a bad index first, then a non-finite logit or score, an overflowing KL or a
+// score beyond +-kScoreLimit); a bad row is skipped and counted in errors [2] = {bad index,
+// non-finite}, so no host synchronisation is needed per step. Each row's score goes to a
+// scratch buffer; accumulate_kernel then adds them to the bank in row order (deterministic
+// with duplicate indices). Kernels are templates in kcd::cuda::kernels (named, not
+// anonymous: NVRTC looks them up by name expression).
 #pragma once
 #include "kcd/common.h"
 #include "kcd/scoring.h"
@@ -19,6 +21,10 @@ __device__ __forceinline__ float warp_max(float x) {
   for (int o = kWarp / 2; o > 0; o /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
   return x;
 }
+__device__ __forceinline__ double warp_sum(double x) {
+  for (int o = kWarp / 2; o > 0; o /= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
 __device__ __forceinline__ float warp_sum(float x) {
   for (int o = kWarp / 2; o > 0; o /= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
   return x;
@@ -30,14 +36,16 @@ constexpr int64_t kAccumulateChunk = 4096;
 
 __device__ __forceinline__ double skipped_row() { return __longlong_as_double(0x7ff8000000000000LL); }
 
-// Returns true (on every lane) when the row is valid; counts it otherwise.
-__device__ __forceinline__ bool row_ok(float chk, float m, int64_t point, int64_t N, int lane,
-                                       int64_t* errors) {
-  const bool finite = isfinite(chk) && isfinite(m);
-  const bool in_range = point >= 0 && point < N;
-  if (lane == 0 && !finite) atomicAdd(reinterpret_cast<unsigned long long*>(errors + 1), 1ull);
-  else if (lane == 0 && !in_range) atomicAdd(reinterpret_cast<unsigned long long*>(errors), 1ull);
-  return finite && in_range;
+// Classifies a row by kcd/scoring.h's row_status (the CPU's order: a bad index first, then a
+// score that is not finite within +-kScoreLimit; `score` is NaN for non-finite logits) and
+// counts a bad one in errors {bad index, non-finite}. Returns true (on every lane) when the
+// row is added; `score` is then the row's score.
+__device__ __forceinline__ bool row_ok(int64_t point, int64_t N, double score, int lane, int64_t* errors) {
+  const int32_t status = row_status(point, N, score);
+  if (lane == 0 && status != kRowOk) {
+    atomicAdd(reinterpret_cast<unsigned long long*>(errors + (status == kRowBadIndex ? 0 : 1)), 1ull);
+  }
+  return status == kRowOk;
 }
 
 // 16 bytes of logits as floats: 4 float32 or 8 float16 / bfloat16.
@@ -61,6 +69,8 @@ struct Vec {
   }
 };
 
+// Adds n logits to a lane's running stats: the chunk's max first (a rescale when it grows),
+// then its terms summed in float32 and added to the float64 totals (kcd/scoring.h: kSumBlock).
 __device__ __forceinline__ void push_chunk(RowStats& st, float& chk, const float* x, int n) {
   float cm = st.m;
   for (int i = 0; i < n; ++i) {
@@ -69,7 +79,15 @@ __device__ __forceinline__ void push_chunk(RowStats& st, float& chk, const float
   }
   if (cm > st.m) rescale(st, cm);
   if (isfinite(cm)) {
-    for (int i = 0; i < n; ++i) accumulate(st, x[i]);
+    float cz = 0.0f, cw = 0.0f;
+    for (int i = 0; i < n; ++i) {
+      const float d = x[i] - st.m;
+      const float e = exp_nonpos(d);
+      cz += e;
+      cw += weighted(e, d);
+    }
+    st.z += cz;
+    st.w += cw;
   }
 }
 
@@ -125,9 +143,9 @@ __global__ void entropy_kernel(const void* __restrict__ logits, int64_t B, int64
   if (row >= B) return;
   float chk;
   const RowStats st = warp_row_stats<K, kBatch>(logits, row * ld, C, vec, lane, chk);
-  const int64_t point = indices[row];
-  const bool ok = row_ok(chk, st.m, point, N, lane, errors);
-  if (lane == 0) scratch[row] = ok ? finish_entropy(st.z, st.w) : skipped_row();
+  const double h = isfinite(chk) && isfinite(st.m) ? finish_entropy(st.z, st.w) : skipped_row();
+  const bool ok = row_ok(indices[row], N, h, lane, errors);
+  if (lane == 0) scratch[row] = ok ? h : skipped_row();
 }
 
 // One block per sequence: warp w takes its unmasked tokens w, w + kWarps, ...; the block
@@ -171,16 +189,8 @@ __global__ void entropy_seq_kernel(const void* __restrict__ logits, int64_t L, i
     n_tokens += warp_tokens[w];
     bad |= warp_bad[w];
   }
-  const int64_t point = indices[b];
-  if (point < 0 || point >= N) {
-    atomicAdd(reinterpret_cast<unsigned long long*>(errors), 1ull);
-    scratch[b] = skipped_row();
-  } else if (bad || n_tokens == 0) {
-    atomicAdd(reinterpret_cast<unsigned long long*>(errors + 1), 1ull);
-    scratch[b] = skipped_row();
-  } else {
-    scratch[b] = sequence_value(total, n_tokens);
-  }
+  const double v = bad || n_tokens == 0 ? skipped_row() : sequence_value(total, n_tokens);
+  scratch[b] = row_ok(indices[b], N, v, 0, errors) ? v : skipped_row();
 }
 
 // One thread per row of caller-computed scores.
@@ -188,17 +198,8 @@ __global__ void scores_kernel(const double* __restrict__ scores, const int64_t* 
                               int64_t N, double* __restrict__ scratch, int64_t* __restrict__ errors) {
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; r < B;
        r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t point = indices[r];
     const double v = scores[r];
-    if (point < 0 || point >= N) {
-      atomicAdd(reinterpret_cast<unsigned long long*>(errors), 1ull);
-      scratch[r] = skipped_row();
-    } else if (!isfinite(v)) {
-      atomicAdd(reinterpret_cast<unsigned long long*>(errors + 1), 1ull);
-      scratch[r] = skipped_row();
-    } else {
-      scratch[r] = v;
-    }
+    scratch[r] = row_ok(indices[r], N, v, 0, errors) ? v : skipped_row();
   }
 }
 
@@ -222,30 +223,40 @@ __global__ void kl_kernel(const void* __restrict__ student, const void* __restri
   mb = warp_max(mb);
   chk = warp_sum(chk);
   const int64_t point = indices[row];
-  if (!row_ok(chk, fminf(ma, mb), point, N, lane, errors)) {
-    if (lane == 0) scratch[row] = skipped_row();
-    return;
+  // warp-uniform: every lane holds the reduced ma, mb, chk
+  const bool finite = isfinite(chk) && isfinite(ma) && isfinite(mb);
+  double kl = skipped_row();
+  if (finite && point >= 0 && point < N) {
+    double za = 0.0, wa = 0.0, zb = 0.0;  // float64 totals of float32 blocks (kSumBlock)
+    for (int64_t j0 = 0; j0 < C; j0 += kSumBlock) {
+      const int64_t j1 = C - j0 < kSumBlock ? C : j0 + kSumBlock;
+      float pa = 0.0f, pw = 0.0f, pb = 0.0f;
+      for (int64_t j = j0 + lane; j < j1; j += kWarp) {
+        const float a = load_logit<K>(teacher, bt + j) * inv_temp;
+        const float b = load_logit<K>(student, bs + j) * inv_temp;
+        const float ea = exp_nonpos(a - ma);
+        pa += ea;
+        pw += weighted(ea, a - b);
+        pb += exp_nonpos(b - mb);
+      }
+      za += pa;
+      wa += pw;
+      zb += pb;
+    }
+    kl = finish_kl(ma, warp_sum(za), warp_sum(wa), mb, warp_sum(zb));  // +inf when it overflows: refused
   }
-  float za = 0.0f, wa = 0.0f, zb = 0.0f;
-  for (int64_t j = lane; j < C; j += kWarp) {
-    const float a = load_logit<K>(teacher, bt + j) * inv_temp;
-    const float b = load_logit<K>(student, bs + j) * inv_temp;
-    const float ea = exp_nonpos(a - ma);
-    za += ea;
-    wa += weighted(ea, a - b);
-    zb += exp_nonpos(b - mb);
-  }
-  za = warp_sum(za);
-  wa = warp_sum(wa);
-  zb = warp_sum(zb);
-  if (lane == 0) scratch[row] = finish_kl(ma, za, wa, mb, zb);
+  const bool ok = row_ok(point, N, kl, lane, errors);
+  if (lane == 0) scratch[row] = ok ? kl : skipped_row();
 }
 
 // Rows of one launch chunk (at most kAccumulateChunk) into the bank, in row order: the first
 // row of each index adds the scores of all rows with that index, one after another (sums[p]
 // += s_1, then += s_2, ... as the CPU loop does), and their count; skipped rows (NaN) add
 // nothing. No atomics: duplicate indices (DDP's wrap padding) give the same bits on every
-// run, so resume stays bit-exact. O(rows) per row only for indices that repeat.
+// run, so resume stays bit-exact. Cost: every row scans the rows before it in its chunk for
+// an earlier row of its index (O(rows) per row, repeated or not: O(chunk^2) compares per
+// launch, which is why launches are kAccumulateChunk rows); a first row also scans the rows
+// after it.
 __global__ void accumulate_kernel(const int64_t* __restrict__ indices, const double* __restrict__ scratch,
                                   int64_t B, double* __restrict__ sums, int32_t* __restrict__ counts) {
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; r < B;
