@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from ._cache import default_cache_dir
+
 __all__ = [
     "KERNELS",
     "RtcModule",
@@ -121,12 +123,9 @@ def _compile(arch: str, extra: tuple[str, ...] = ()) -> tuple[str, dict[str, str
 
 
 def cache_dir() -> Path:
-    """Where the fallback keeps its compiled PTX: ``$KCD_FAST_CACHE``, else
-    ``$XDG_CACHE_HOME/kcd_fast`` (``~/.cache/kcd_fast``)."""
-    explicit = os.environ.get("KCD_FAST_CACHE")
-    if explicit:
-        return Path(explicit)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kcd_fast"
+    """The folder whose ``rtc/`` holds the fallback's compiled PTX: kcd_fast's cache folder
+    (``$KCD_FAST_CACHE_DIR``, else ``$XDG_CACHE_HOME/kcd_fast``, else ``~/.cache/kcd_fast``)."""
+    return default_cache_dir()
 
 
 def cache_key(arch: str) -> str:

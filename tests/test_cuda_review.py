@@ -379,7 +379,7 @@ def test_an_op_on_gpu_1_opens_no_context_on_gpu_0() -> None:
 
 def test_the_fallback_keeps_its_ptx_in_the_cache_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _nvrtc_or_skip()
-    monkeypatch.setenv("KCD_FAST_CACHE", str(tmp_path))
+    monkeypatch.setenv("KCD_FAST_CACHE_DIR", str(tmp_path))
     path, lowered = _rtc.cached_ptx("compute_80")
     assert path.parent == tmp_path / "rtc" and path.read_text() == _rtc.compile_ptx("compute_80")
     assert set(lowered) == set(_rtc.KERNELS)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -15,21 +14,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._cache import default_cache_dir
 from ..checkpoint import atomic_write
 from .models import build_model
 from .trainer import BatchPreprocess, KDConfig, KDTrainer, evaluate, make_eval_loader, make_loader
 
 __all__ = ["cached_teacher", "dataset_fingerprint", "default_cache_dir"]
-
-
-def default_cache_dir() -> Path:
-    """Where cached teachers go unless told: ``$KCD_FAST_CACHE_DIR``, else
-    ``$XDG_CACHE_HOME/kcd_fast``, else ``~/.cache/kcd_fast``; never the current folder."""
-    if os.environ.get("KCD_FAST_CACHE_DIR"):
-        return Path(os.environ["KCD_FAST_CACHE_DIR"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
-    return base / "kcd_fast"
 
 
 def dataset_fingerprint(images: Any, labels: Any) -> str:
