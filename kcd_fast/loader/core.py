@@ -124,6 +124,7 @@ from ..bank import Measure, ValueBank
 from ..checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 from ..condense import Vaks, condense
 from ..schedule import CondensationSchedule
+from . import order as O
 from . import state as S
 from .backends.base import BackendProtocol
 from .backends.factory import auto_vaks, make_backend
@@ -277,6 +278,7 @@ class KCDLoader:
         self.n = n
         self.seed = config.seed  # state: load_state_dict continues the saved run's seed
         self._dist = dist_info
+        self._order = O.order_record(config, dist_info.world_size, backend_options)  # recorded in every state
         self._planner = Planner(config.batch_size, config.shuffle, config.drop_last, config.seed, dist_info)
         self._backend: BackendProtocol = backend_obj
         self._ranks_agree = False  # checked by the first iteration after construction or a load
@@ -756,6 +758,7 @@ class KCDLoader:
             "epoch": self.epoch,
             "position": position,
             "world_size": self.world_size,
+            O.ORDER_KEY: {**self._order, "seed": self.seed},
             "active": torch.from_numpy(self._active.copy()),
             "bank": {
                 k: v.clone() if isinstance(v, torch.Tensor) else v  # ValueBank's CPU state aliases
@@ -800,6 +803,7 @@ class KCDLoader:
         seed = state["seed"]
         if not is_int(seed) or seed < 0:
             raise ValueError(f"state seed must be an int >= 0, got {seed!r}")
+        O.check_order(state.get(O.ORDER_KEY), self._order, state.get("position", 0), epoch)  # before the position
         act = S.check_active(state["active"], self.n, self._sizes[min(epoch, self.schedule.epochs - 1)], epoch)
         position = S.check_position(state, self._batches_in(epoch), self.world_size)
         bank = state["bank"]
