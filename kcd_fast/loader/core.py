@@ -109,6 +109,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import sys
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
@@ -124,6 +125,7 @@ from ..bank import Measure, ValueBank
 from ..checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 from ..condense import Vaks, condense
 from ..schedule import CondensationSchedule
+from . import dcp as DCP
 from . import order as O
 from . import state as S
 from .backends.base import BackendProtocol
@@ -191,6 +193,9 @@ class KCDLoader:
         group: the (data-parallel) process group to shard over and all-reduce the value
             bank in; None: the default group. See "Distributed (DDP)" in the module
             docstring.
+        collective_timeout: seconds each of the loader's collectives waits for the other
+            ranks before it raises ``kcd_fast.distributed.CollectiveError`` naming the
+            ranks that did not come (default 300; None: the process group's timeout).
 
     Yields ``(inputs, targets, indices)``: the collated batch's fields followed by the
     int64 ``[b]`` CPU tensor of the batch's dataset indices (pinned with ``pin_memory``
@@ -228,6 +233,7 @@ class KCDLoader:
         rank: int | None = None,
         world_size: int | None = None,
         group: Any = None,
+        collective_timeout: float | None = D.DEFAULT_COLLECTIVE_TIMEOUT,
         **backend_options: Any,
     ):
         # -- arguments (all checked before any state is built) --------------------------
@@ -266,7 +272,7 @@ class KCDLoader:
             raise ValueError(f"dataset is empty (len(dataset) = {n}); KCD needs at least one point")
         if not isinstance(schedule, CondensationSchedule):
             raise TypeError(f"schedule must be a kcd_fast.CondensationSchedule, got {type(schedule).__name__}")
-        dist_info = D.resolve(distributed, rank, world_size, group)
+        dist_info = D.resolve(distributed, rank, world_size, group, collective_timeout)
         backend_obj = make_backend(dataset, config, backend_options)
         if hasattr(backend_obj, "set_distributed"):  # e.g. the DALI folder overlay splits its work
             backend_obj.set_distributed(dist_info)
@@ -444,6 +450,7 @@ class KCDLoader:
         else:  # fresh, or a peek (nothing observed): from where the last iterator started
             start = self._iter_start
         if self._dist.communicates and not self._ranks_agree:
+            D.handshake(self._dist, "iter", self.epoch, f"iter() at epoch {self.epoch}")
             D.agree(self._agreement_digest(), self._dist.group, "loader's configuration and state", self.bank.device)
             self._ranks_agree = True
         self._generation += 1
@@ -648,6 +655,7 @@ class KCDLoader:
         """The condensation before ``epoch``: values -> keep / dropped -> VAKS -> new set."""
         n_keep, n_prev = self._sizes[epoch], int(self._active.shape[0])
         if self._dist.communicates:  # the only per-stage communication: N * 12 bytes
+            D.handshake(self._dist, "condense", epoch, f"the condensation before epoch {epoch}")
             self.bank.all_reduce_(self._dist.group)
         values = self.bank.values(draw=epoch)
         if self.config.value is not Measure.RANDOM:
@@ -733,7 +741,19 @@ class KCDLoader:
         workers behind a ``KCDBatchSampler``), the batches observed. A loader that loads it
         yields exactly the remaining batches of that epoch (see "State and resume"). Taken
         after the last batch of an epoch was yielded and observed, it first completes that
-        epoch (the condensation due happens now) and resumes at the next one."""
+        epoch (the condensation due happens now) and resumes at the next one.
+
+        Called by ``torch.distributed.checkpoint`` (``dcp.save({"loader": loader})``), it
+        returns the same state as one opaque entry that DCP can restore into a fresh loader
+        (:mod:`kcd_fast.loader.dcp`)."""
+        via = DCP.caller(sys._getframe(1))
+        if via == "load":  # DCP's template: replaced by the saved entry, then load_state_dict
+            return DCP.placeholder()
+        if via == "save":
+            return DCP.pack(self._state_dict())
+        return self._state_dict()
+
+    def _state_dict(self) -> dict[str, Any]:
         lagging = self._lagging()  # a fetcher read ahead of the training step
         if not lagging:
             self._settle()
@@ -749,6 +769,7 @@ class KCDLoader:
         """The state as of ``position`` batches into the current epoch (0: its start)."""
         if not 0 < position < self._batches_in(self.epoch):
             position = 0
+        D.handshake(self._dist, "state_dict", self.epoch, f"state_dict() at epoch {self.epoch}")
         return {
             "format": S.STATE_FORMAT,
             "n": self.n,
@@ -779,7 +800,9 @@ class KCDLoader:
         """Restores a ``state_dict``. This loader's dataset must hold the ORIGINAL images
         (or exactly the images this loader summarised so far, when the state continues
         its own run): the summary log is replayed and checked against the state's digest.
-        Everything is validated first; on any error nothing changes."""
+        Everything is validated first; on any error nothing changes. Also takes the entry
+        ``state_dict()`` hands to ``torch.distributed.checkpoint``."""
+        state = DCP.unpack(state)
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict from KCDLoader.state_dict(), got {type(state).__name__}")
         missing = [k for k in S.REQUIRED if k not in state]
@@ -851,6 +874,7 @@ class KCDLoader:
         others, instead of leaving them waiting. Save between epochs (see "State and
         resume"); resume with :meth:`load` or :meth:`restore`, at any world size."""
         check_path(path, "path")
+        D.handshake(self._dist, "save", self.epoch, f"save() at epoch {self.epoch}")
         payload = {"format": CHECKPOINT_FORMAT, "world_size": self.world_size, "loader": self.state_dict()}
         error: Exception | None = None
         if self._dist.rank == 0:
