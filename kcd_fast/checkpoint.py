@@ -13,7 +13,8 @@
   (where ``fcntl`` is missing, Windows, nothing is removed).
 
 ``KCDLoader.save`` / ``KCDLoader.load`` and the KD trainer's teacher cache write through
-these functions. None of them is a collective: under DDP write on one rank.
+these functions. None of them is a collective: under DDP write on one rank (``KCDLoader.save``
+itself is a collective: every rank calls it, rank 0 writes).
 """
 
 from __future__ import annotations

@@ -93,13 +93,21 @@ Distributed (DDP)
     iteration and per condensation) and raise ``RuntimeError`` where they do not.
     Collectives happen in ``__iter__`` (the first time), at condensations (the end of
     an epoch, ``set_epoch``), in ``state_dict()`` and ``save()``: call these on every
-    rank. Totals agree with a single-process run that made the same observations up to
-    float64 rounding (the additions are grouped differently).
+    rank. Each first agrees on what it is (an op tag and the epoch, posted in the process
+    group's store: ``kcd_fast.distributed.handshake``), so a rank that calls one alone
+    (``save()`` on rank 0 only) gets ``CollectiveError`` naming the rule on every rank
+    instead of mismatched all-reduces, and a rank that does not come within
+    ``collective_timeout`` seconds (default 300) is named by the ranks that wait.
+    Totals agree with a single-process run that made the same observations up to
+    float64 rounding (the additions are grouped differently). docs/distributed.md has
+    the rules, DCP (``torch.distributed.checkpoint``) and the configuration checks.
 Checkpoints
     ``loader.save(path)`` (every rank; rank 0 writes) stores the GLOBAL state atomically
     (temporary file, fsync, ``os.replace``, directory fsync), so a crash during a save
-    leaves the previous checkpoint intact; ``KCDLoader.load(path, dataset, schedule,
-    **kwargs)`` resumes it at any world size. A truncated, corrupt or mismatched
+    leaves the previous checkpoint intact, and removes the temporary files that killed
+    saves left beside it; ``KCDLoader.load(path, dataset, schedule, **kwargs)`` resumes
+    it at any world size. A state records the options that decide an epoch's batches
+    (``state["order"]``, :mod:`kcd_fast.loader.order`): mid-epoch they must match. A truncated, corrupt or mismatched
     checkpoint raises ``ValueError`` naming the path.
 """
 
