@@ -230,6 +230,54 @@ def test_a_rank_that_died_is_named_within_the_bound(ranks: list[dict[str, Any]])
     print(f"rank 1 died: rank 0 named it after {got['seconds']:.2f} s (bound {BOUND:g} s)")
 
 
+# -- the store torchrun uses (TCP) -----------------------------------------------------------------
+def _tcp_main(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Rank 1 stays away (asleep) while rank 0 waits at a handshake; then rank 0, which
+    hosts the TCP store, dies, and rank 1 comes to a handshake of another group."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    other = dist.new_group(list(range(world)))
+    info = D.resolve(None, collective_timeout=BOUND)
+    D.handshake(info, "iter", 0, "iter() at epoch 0")
+    dist.barrier()  # both ranks are through the first handshake
+    if rank == 0:
+        res = _failing(lambda: D.handshake(info, "condense", 1, "the condensation before epoch 1"))
+        torch.save(res, os.path.join(out_dir, "tcp_rank0.pt"))
+        os._exit(0)  # the store's host dies
+    time.sleep(2 * BOUND + 1.0)
+    mine = D.resolve(None, group=other, collective_timeout=BOUND)
+    res = _failing(lambda: D.handshake(mine, "condense", 1, "the condensation before epoch 1"))
+    torch.save(res, os.path.join(out_dir, "tcp_rank1.pt"))
+    os._exit(0)
+
+
+@pytest.mark.timeout(120)
+def test_tcp_store_an_absent_rank_or_a_dead_store_host_is_reported(tmp_path: Path) -> None:
+    """torchrun's TCP store: rank 0 names an absent rank 1 after the bound (the store's wait
+    is event-driven: no polling delay); when rank 0, which hosts the store, has died, rank 1
+    says so at once."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = (WORLD, port, str(tmp_path))
+    ctx = mp.start_processes(_tcp_main, args=args, nprocs=WORLD, join=False, start_method="spawn")
+    deadline = time.monotonic() + 90
+    while not ctx.join(timeout=1.0):
+        assert time.monotonic() < deadline, "the ranks did not finish in time"
+    absent, host_died = (torch.load(tmp_path / f"tcp_rank{r}.pt") for r in range(WORLD))
+    assert absent["type"] == "CollectiveError", absent
+    assert absent["msg"].startswith("KCDLoader: rank(s) [1] did not reach the condensation before epoch 1")
+    assert BOUND <= absent["seconds"] < BOUND + SLACK, absent
+    assert host_died["type"] == "CollectiveError", host_died
+    assert "the process group's store failed during the condensation before epoch 1" in host_died["msg"]
+    assert "(rank 0 under torchrun) may have died" in host_died["msg"] and host_died["seconds"] < BOUND + SLACK
+    print(f"tcp store: rank 0 named the absent rank 1 after {absent['seconds']:.2f} s; rank 1 reported the dead host")
+
+
 # -- one process ---------------------------------------------------------------------------------
 def test_dcp_round_trip_in_one_process(tmp_path: Path) -> None:
     model = Model(N_EVEN)
