@@ -288,8 +288,8 @@ class CollectiveError(RuntimeError):
 
 RULE = (
     "the loader's collectives (iter() the first time, the condensation at each epoch's end, set_epoch(), "
-    "state_dict(), save()) must be called on every rank, in the same order: call save() and state_dict() "
-    "on every rank, not on rank 0 alone (rank 0 writes the file)"
+    "state_dict(), save()) must be called on every rank, in the same order: call save() on every rank, and "
+    "state_dict() too, not on rank 0 alone (rank 0 writes the file)"
 )
 
 

@@ -106,9 +106,10 @@ Checkpoints
     (temporary file, fsync, ``os.replace``, directory fsync), so a crash during a save
     leaves the previous checkpoint intact, and removes the temporary files that killed
     saves left beside it; ``KCDLoader.load(path, dataset, schedule, **kwargs)`` resumes
-    it at any world size. A state records the options that decide an epoch's batches
-    (``state["order"]``, :mod:`kcd_fast.loader.order`): mid-epoch they must match. A truncated, corrupt or mismatched
-    checkpoint raises ``ValueError`` naming the path.
+    it at any world size. A truncated, corrupt or mismatched checkpoint raises
+    ``ValueError`` naming the path. A state records the options that decide an epoch's
+    batches (``state["order"]``, :mod:`kcd_fast.loader.order`): in a state taken
+    mid-epoch they must match this loader's; between epochs this loader's apply.
 """
 
 from __future__ import annotations
