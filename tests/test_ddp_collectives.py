@@ -304,6 +304,26 @@ def test_dcp_round_trip_in_one_process(tmp_path: Path) -> None:
         other.load_state_dict({**entry, "state": b"garbage"})
 
 
+def test_dcp_round_trip_of_a_batch_sampler(tmp_path: Path) -> None:
+    """KCDBatchSampler delegates its state to its KCDLoader: DCP sees through it."""
+    from kcd_fast import KCDBatchSampler
+
+    ds = ArrayDataset(*make_data(N_EVEN))
+    sampler = KCDBatchSampler(ds, SCHED, **loader_kwargs())
+    model = Model(N_EVEN)
+    for batch in sampler:  # lists of indices, as a DataLoader takes them
+        idx = torch.tensor(batch, dtype=torch.int64)
+        sampler.loader.observe(idx, model(idx, ds.images))
+    assert sampler.loader.epoch == 1
+    with pytest.warns(UserWarning, match="assuming the intent is to"):
+        dcp.save({"sampler": sampler}, checkpoint_id=tmp_path / "ck", no_dist=True)
+    fresh = KCDBatchSampler(ArrayDataset(*make_data(N_EVEN)), SCHED, **loader_kwargs())
+    with pytest.warns(UserWarning, match="assuming the intent is to"):
+        dcp.load({"sampler": fresh}, checkpoint_id=tmp_path / "ck", no_dist=True)
+    assert fresh.loader.epoch == 1
+    assert_same_state(fresh.state_dict(), sampler.state_dict())
+
+
 def test_collective_timeout_is_checked() -> None:
     ds = ArrayDataset(*make_data(10))
     for bad in (0, -1.0, float("inf"), "5", True):

@@ -11,7 +11,8 @@ bytes::
     {"format": "kcd_fast.KCDLoader/1+dcp", "state": <torch.save bytes of the usual state>}
 
 and ``load_state_dict`` accepts it as well as the usual state. The caller is recognised
-by the module of the function that called ``state_dict()`` (DCP's saver or loader); for
+by the module of the function that called ``state_dict()`` (DCP's saver or loader; a
+kcd_fast object that delegates, such as ``KCDBatchSampler``, is looked through); for
 DCP's template at load time the loader returns the entry without computing a state (no
 collective). Under DDP ``dcp.save`` is a collective, as the loader's ``state_dict()`` is:
 call it on every rank; the state is global, so the ranks' entries are identical and DCP
@@ -34,8 +35,11 @@ _LOADER = "torch.distributed.checkpoint.state_dict_loader"
 
 
 def caller(frame: types.FrameType | None) -> str | None:
-    """Returns "save" or "load" when ``frame`` (the frame that called ``state_dict()``) is DCP's
-    saver or loader, else None."""
+    """Returns "save" or "load" when ``frame`` (the frame that called ``state_dict()``), or
+    the first frame above it outside kcd_fast (``KCDBatchSampler.state_dict`` delegates), is
+    DCP's saver or loader, else None."""
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("kcd_fast."):
+        frame = frame.f_back
     name = frame.f_globals.get("__name__", "") if frame is not None else ""
     return "save" if name == _SAVER else "load" if name == _LOADER else None
 
