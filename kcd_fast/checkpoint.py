@@ -5,10 +5,16 @@
   fsynced, ``os.replace``d over ``path``, the directory fsynced);
 - :func:`save_checkpoint` / :func:`load_checkpoint`: ``torch.save`` of any object behind
   a header with the payload's length and blake2b digest, so that a truncated, corrupt or
-  foreign file raises a ``ValueError`` naming the path instead of loading garbage.
+  foreign file raises a ``ValueError`` naming the path instead of loading garbage;
+- :func:`remove_stale_temporaries`: the temporary files that killed writers left beside a
+  target (``.<name>.<12 hex digits>.tmp``, each as large as the checkpoint), removed by
+  every :func:`atomic_write` to that target. A writer holds an exclusive ``flock`` on its
+  temporary file while it lives, so only files that no live process holds are removed
+  (where ``fcntl`` is missing, Windows, nothing is removed).
 
 ``KCDLoader.save`` / ``KCDLoader.load`` and the KD trainer's teacher cache write through
-these functions. None of them is a collective: under DDP write on one rank.
+these functions. None of them is a collective: under DDP write on one rank (``KCDLoader.save``
+itself is a collective: every rank calls it, rank 0 writes).
 """
 
 from __future__ import annotations
@@ -16,14 +22,23 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import logging
 import os
+import re
 import secrets
 import struct
 from typing import Any
 
 import torch
 
-__all__ = ["CHECKPOINT_FORMAT", "atomic_write", "load_checkpoint", "save_checkpoint"]
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, no clean-up of stale temporary files
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["CHECKPOINT_FORMAT", "atomic_write", "load_checkpoint", "remove_stale_temporaries", "save_checkpoint"]
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "kcd_fast.checkpoint/1"
 # File layout: magic (8 bytes) | payload length (uint64, little endian) | blake2b-256 of the
@@ -46,22 +61,91 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+def _temporary_pattern(path: str) -> re.Pattern[str]:
+    """The names :func:`atomic_write` gives its temporary files for ``path`` (and no other)."""
+    return re.compile(r"\." + re.escape(os.path.basename(path)) + r"\.[0-9a-f]{12}\.tmp")
+
+
+def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[str]:
+    """Removes the temporary files that earlier, killed :func:`atomic_write` calls to
+    ``path`` left in its directory: names ``.<basename>.<12 hex digits>.tmp`` only, and only
+    those no live writer holds (each writer keeps an exclusive ``flock`` on its file until
+    it is renamed or removed; a file whose lock is taken here is not anyone's any more).
+    Returns the names removed. Never raises for a file that vanished or cannot be locked
+    (another process's, a file system without locks); a no-op without ``fcntl``."""
+    if fcntl is None:
+        return []
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    pattern = _temporary_pattern(path)
+    try:
+        names = sorted(n for n in os.listdir(directory) if pattern.fullmatch(n))
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        full = os.path.join(directory, name)
+        try:
+            fd = os.open(full, os.O_RDONLY)
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while a live writer holds it
+            if os.path.samestat(os.fstat(fd), os.stat(full)):
+                os.unlink(full)
+                removed.append(name)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    if removed:
+        log.info("removed %d stale temporary file(s) of %r left by killed writers: %s", len(removed), path, removed)
+    return removed
+
+
+def _create_temporary(path: str) -> tuple[str, int]:
+    """A new temporary file beside ``path`` (``.<name>.<random>.tmp``), open for writing and
+    locked (``flock``) so that :func:`remove_stale_temporaries` leaves it alone. A cleaner in
+    another process may take the file between its creation and the lock: then it is made
+    again under a new name."""
+    directory = os.path.dirname(os.path.abspath(path))
+    while True:
+        tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        if fcntl is None:
+            return tmp, fd
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.path.samestat(os.fstat(fd), os.stat(tmp)):
+                return tmp, fd
+        except FileNotFoundError:  # a cleaner removed it before the lock
+            pass
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        os.close(fd)
+
+
 def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
     """Writes ``data`` to ``path`` so that ``path`` holds either its old content or all of
     ``data``, whatever happens meanwhile: a temporary file in the same directory
-    (``.<name>.<random>.tmp``, created with the umask's permissions) is written, flushed
-    and fsynced, then renamed over ``path`` with ``os.replace``, and the directory is
-    fsynced. On any error the temporary file is removed and the error propagates."""
+    (``.<name>.<random>.tmp``, created with the umask's permissions and ``flock``-ed while
+    it is written) is written, flushed and fsynced, then renamed over ``path`` with
+    ``os.replace``, and the directory is fsynced. On any error the temporary file is
+    removed and the error propagates. Temporary files of ``path`` that killed writers left
+    behind are removed first (:func:`remove_stale_temporaries`)."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    remove_stale_temporaries(path)
+    tmp, fd = _create_temporary(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+            os.replace(tmp, path)  # still locked: closing the file releases the lock
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

@@ -10,6 +10,15 @@ that know about process groups, so that the core only calls them:
 - :func:`all_reduce_sum_`, :func:`agree`, :func:`all_ok`: the few collectives the loader
   and :class:`kcd_fast.ValueBank` need, on the device the group's backend can reduce
   (gloo: CPU tensors; nccl: CUDA tensors);
+- :func:`handshake`: what the loader does before each of its collectives: every rank
+  posts what it is about to do (an op tag, the epoch) in the process group's store and
+  waits, at most ``collective_timeout`` seconds (default 300), for every other rank's
+  post. Ranks that call different collectives (``save()`` on rank 0 alone, while rank 1
+  condenses) raise :class:`CollectiveError` on every rank, naming the rule, instead of
+  pairing the wrong all-reduces (a wrong file, a gloo abort); a rank that does not come
+  (it raised and lives on, died, or runs other code) is named by the ranks that wait, once
+  the bound has passed, instead of after the process group's timeout (30 minutes by
+  default). Costs one store round trip per collective (a few per epoch).
 
 Sharding, worked example (``DistributedSampler``'s rules; ``order`` is the epoch's global
 order, the same on every rank because it depends only on ``(seed, epoch)``)::
@@ -31,7 +40,9 @@ kcd_fast 0.1. ``benchmarks/all_reduce.py`` times the per-condensation all-reduce
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -43,12 +54,15 @@ from .checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "DEFAULT_COLLECTIVE_TIMEOUT",
+    "CollectiveError",
     "DistInfo",
     "agree",
     "all_ok",
     "all_reduce_sum_",
     "broadcast_int",
     "comm_device",
+    "handshake",
     "load_checkpoint",
     "resolve",
     "save_checkpoint",
@@ -57,17 +71,22 @@ __all__ = [
 ]
 
 
+DEFAULT_COLLECTIVE_TIMEOUT = 300.0  # seconds a loader collective waits for the other ranks
+
+
 # -- process group ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class DistInfo:
     """Where this process stands: ``enabled`` (shard epochs), ``rank`` in
-    ``[0, world_size)``, and the process ``group`` the value bank is all-reduced over
-    (None: the default group)."""
+    ``[0, world_size)``, the process ``group`` the value bank is all-reduced over (None:
+    the default group), and ``timeout``: how many seconds the loader's collectives wait for
+    the other ranks (None: the process group's own timeout)."""
 
     enabled: bool = False
     rank: int = 0
     world_size: int = 1
     group: Any = None
+    timeout: float | None = DEFAULT_COLLECTIVE_TIMEOUT
 
     @property
     def communicates(self) -> bool:
@@ -80,8 +99,28 @@ def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def check_timeout(value: Any) -> float | None:
+    """``collective_timeout``: None or a finite number of seconds > 0."""
+    ok = value is None or (
+        isinstance(value, (int, float, np.integer, np.floating))
+        and not isinstance(value, (bool, np.bool_))
+        and math.isfinite(value)
+        and value > 0
+    )
+    if not ok:
+        raise ValueError(
+            f"collective_timeout must be None (the process group's timeout) or a finite number of seconds > 0, "
+            f"got {type(value).__name__} {value!r}"
+        )
+    return None if value is None else float(value)
+
+
 def resolve(
-    distributed: bool | None, rank: int | None = None, world_size: int | None = None, group: Any = None
+    distributed: bool | None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    group: Any = None,
+    collective_timeout: float | None = DEFAULT_COLLECTIVE_TIMEOUT,
 ) -> DistInfo:
     """Decides whether (and how) a loader shards its epochs.
 
@@ -94,9 +133,12 @@ def resolve(
             ``world_size=1`` is possible (the bank could not be all-reduced).
         group: the ``torch.distributed`` process group to shard over and all-reduce in
             (the data-parallel group); None: the default group.
+        collective_timeout: seconds each of the loader's collectives waits for the other
+            ranks (:func:`handshake`); None: the process group's timeout.
 
     Raises ``TypeError`` / ``ValueError`` naming the argument and the value.
     """
+    timeout = check_timeout(collective_timeout)
     if distributed is not None and not isinstance(distributed, (bool, np.bool_)):
         raise TypeError(f"distributed must be None or a bool, got {type(distributed).__name__} {distributed!r}")
     rank = check_opt_int(rank, "rank")
@@ -126,7 +168,7 @@ def resolve(
             )
         if rank is not None and rank != g_rank:
             raise ValueError(f"rank={rank} but this process is rank {g_rank} of the process group; omit rank")
-        return DistInfo(True, g_rank, g_world, group)
+        return DistInfo(True, g_rank, g_world, group, timeout)
     if group is not None:
         raise ValueError(
             f"group={group!r} was given but no process group is initialised; "
@@ -146,7 +188,7 @@ def resolve(
             f"world_size={world_size} needs an initialised process group: the value bank is all-reduced at "
             "every condensation; call torch.distributed.init_process_group first"
         )
-    return DistInfo(True, rank, world_size, None)
+    return DistInfo(True, rank, world_size, None, timeout)
 
 
 # -- sharding (DistributedSampler's rules) --------------------------------------------------
@@ -236,3 +278,108 @@ def all_ok(ok: bool, group: Any = None, device: torch.device | None = None) -> b
     """Collective (and a barrier): True where every rank passed ``ok=True``."""
     bad, _ = _max_pair(0 if ok else 1, 0, group, device)
     return bad == 0
+
+
+# -- handshakes: every collective first agrees on what it is ---------------------------------
+class CollectiveError(RuntimeError):
+    """The ranks did not meet at the same loader collective (different ops or epochs), or a
+    rank did not come within ``collective_timeout``. Raised on every rank that waits."""
+
+
+RULE = (
+    "the loader's collectives (iter() the first time, the condensation at each epoch's end, set_epoch(), "
+    "state_dict(), save()) must be called on every rank, in the same order: call save() on every rank, and "
+    "state_dict() too, not on rank 0 alone (rank 0 writes the file)"
+)
+
+
+@dataclass
+class _Channel:
+    """One process group's handshakes in this process: the store, the keys' prefix, the
+    sequence number of the next handshake and, after a failure, why the ranks are out of step."""
+
+    store: Any
+    prefix: str
+    seq: int = 0
+    failed: str | None = None
+
+
+_CHANNELS: dict[int, tuple[Any, _Channel]] = {}  # id(process group) -> (the group, its channel)
+
+
+def _channel(group: Any) -> _Channel | None:
+    """The handshake channel of ``group`` (None: the default group); None where the store
+    cannot be reached through torch's API (the collectives then run without handshakes)."""
+    try:
+        from torch.distributed import distributed_c10d as c10d
+
+        pg = group if group is not None else c10d._get_default_group()
+        got = _CHANNELS.get(id(pg))
+        if got is not None and got[0] is pg:
+            return got[1]
+        store, name = c10d._get_default_store(), c10d._get_process_group_name(pg)
+    except (AttributeError, KeyError, ValueError, RuntimeError):
+        return None
+    ch = _Channel(store, f"kcd_fast/loader/{name}/")
+    _CHANNELS[id(pg)] = (pg, ch)
+    return ch
+
+
+def handshake(info: DistInfo, op: str, epoch: int, what: str) -> None:
+    """Collective (a no-op on one rank): before a loader collective, every rank posts
+    ``op`` and ``epoch`` (``what`` describes it in messages, e.g. "save() at epoch 3") and
+    waits for every other rank's post, at most ``info.timeout`` seconds.
+
+    Raises :class:`CollectiveError` on every rank when the posts differ (naming each rank's
+    op and :data:`RULE`), and on a waiting rank when a rank did not post in time (naming
+    it); then every later handshake of this process group raises too (the ranks are out of
+    step: restart from the last checkpoint). A rank that gives up waiting replaces its post
+    with an "abandoned" one, so a late rank raises instead of entering a collective alone."""
+    if not info.communicates:
+        return
+    ch = _channel(info.group)
+    if ch is None:
+        return
+    if ch.failed is not None:
+        raise CollectiveError(
+            f"KCDLoader: {what} refused: an earlier collective of the loaders on this process group failed and "
+            f"the ranks are out of step (restart from the last checkpoint): {ch.failed}"
+        )
+    seq, ch.seq = ch.seq, ch.seq + 1
+    mine = f"{ch.prefix}{seq}/{info.rank}"
+    peers = {r: f"{ch.prefix}{seq}/{r}" for r in range(info.world_size) if r != info.rank}
+    header = f"{op}|{epoch}|{what}"
+    try:
+        ch.store.set(mine, header)
+        wait = timedelta(seconds=info.timeout) if info.timeout is not None else ch.store.timeout
+        try:
+            ch.store.wait(list(peers.values()), wait)
+        except RuntimeError:
+            missing = [r for r, key in peers.items() if not ch.store.check([key])]
+            if not missing:
+                raise
+            ch.store.set(mine, f"abandoned|{epoch}|gave up waiting for rank(s) {missing} in {what}")
+            bound = f"{info.timeout:g} s (collective_timeout)" if info.timeout is not None else f"{wait} (the group's)"
+            raise CollectiveError(
+                f"KCDLoader: rank(s) {missing} did not reach {what} within {bound}: such a rank raised (and lives "
+                f"on), died, or runs other code than rank {info.rank}; {RULE}"
+            ) from None
+        posts = {r: ch.store.get(key).decode() for r, key in peers.items()}
+    except CollectiveError as err:
+        ch.failed = str(err)
+        raise
+    except RuntimeError as err:  # the store itself failed (its host, rank 0 under torchrun, died?)
+        ch.failed = f"the process group's store failed during {what}: {err}"
+        raise CollectiveError(
+            f"KCDLoader: {ch.failed}; the rank hosting the store (rank 0 under torchrun) may have died"
+        ) from err
+    posts[info.rank] = header
+    if any(p.split("|", 2)[:2] != [op, str(epoch)] for p in posts.values()):
+        seen = "; ".join(f"rank {r}: {p.split('|', 2)[-1]}" for r, p in sorted(posts.items()))
+        ch.failed = f"the ranks called different collectives ({seen})"
+        raise CollectiveError(f"KCDLoader: {ch.failed}: {RULE}")
+    if seq > 0:  # every rank has read the posts of seq - 1 (it posted seq after reading them)
+        try:
+            ch.store.delete_key(f"{ch.prefix}{seq - 1}/{info.rank}")
+        except (RuntimeError, AttributeError):
+            pass

@@ -93,14 +93,23 @@ Distributed (DDP)
     iteration and per condensation) and raise ``RuntimeError`` where they do not.
     Collectives happen in ``__iter__`` (the first time), at condensations (the end of
     an epoch, ``set_epoch``), in ``state_dict()`` and ``save()``: call these on every
-    rank. Totals agree with a single-process run that made the same observations up to
-    float64 rounding (the additions are grouped differently).
+    rank. Each first agrees on what it is (an op tag and the epoch, posted in the process
+    group's store: ``kcd_fast.distributed.handshake``), so a rank that calls one alone
+    (``save()`` on rank 0 only) gets ``CollectiveError`` naming the rule on every rank
+    instead of mismatched all-reduces, and a rank that does not come within
+    ``collective_timeout`` seconds (default 300) is named by the ranks that wait.
+    Totals agree with a single-process run that made the same observations up to
+    float64 rounding (the additions are grouped differently). docs/distributed.md has
+    the rules, DCP (``torch.distributed.checkpoint``) and the configuration checks.
 Checkpoints
     ``loader.save(path)`` (every rank; rank 0 writes) stores the GLOBAL state atomically
     (temporary file, fsync, ``os.replace``, directory fsync), so a crash during a save
-    leaves the previous checkpoint intact; ``KCDLoader.load(path, dataset, schedule,
-    **kwargs)`` resumes it at any world size. A truncated, corrupt or mismatched
-    checkpoint raises ``ValueError`` naming the path.
+    leaves the previous checkpoint intact, and removes the temporary files that killed
+    saves left beside it; ``KCDLoader.load(path, dataset, schedule, **kwargs)`` resumes
+    it at any world size. A truncated, corrupt or mismatched checkpoint raises
+    ``ValueError`` naming the path. A state records the options that decide an epoch's
+    batches (``state["order"]``, :mod:`kcd_fast.loader.order`): in a state taken
+    mid-epoch they must match this loader's; between epochs this loader's apply.
 """
 
 from __future__ import annotations
@@ -109,6 +118,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import sys
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
@@ -124,6 +134,8 @@ from ..bank import Measure, ValueBank
 from ..checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 from ..condense import Vaks, condense
 from ..schedule import CondensationSchedule
+from . import dcp as DCP
+from . import order as O
 from . import state as S
 from .backends.base import BackendProtocol
 from .backends.factory import auto_vaks, make_backend
@@ -198,6 +210,9 @@ class KCDLoader:
         group: the (data-parallel) process group to shard over and all-reduce the value
             bank in; None: the default group. See "Distributed (DDP)" in the module
             docstring.
+        collective_timeout: seconds each of the loader's collectives waits for the other
+            ranks before it raises ``kcd_fast.distributed.CollectiveError`` naming the
+            ranks that did not come (default 300; None: the process group's timeout).
 
     Yields ``(inputs, targets, indices)``: the collated batch's fields followed by the
     int64 ``[b]`` CPU tensor of the batch's dataset indices (pinned with ``pin_memory``
@@ -236,6 +251,7 @@ class KCDLoader:
         rank: int | None = None,
         world_size: int | None = None,
         group: Any = None,
+        collective_timeout: float | None = D.DEFAULT_COLLECTIVE_TIMEOUT,
         **backend_options: Any,
     ):
         # -- arguments (all checked before any state is built) --------------------------
@@ -275,7 +291,7 @@ class KCDLoader:
             raise ValueError(f"dataset is empty (len(dataset) = {n}); KCD needs at least one point")
         if not isinstance(schedule, CondensationSchedule):
             raise TypeError(f"schedule must be a kcd_fast.CondensationSchedule, got {type(schedule).__name__}")
-        dist_info = D.resolve(distributed, rank, world_size, group)
+        dist_info = D.resolve(distributed, rank, world_size, group, collective_timeout)
         backend_obj = make_backend(dataset, config, backend_options)
         if hasattr(backend_obj, "set_distributed"):  # e.g. the DALI folder overlay splits its work
             backend_obj.set_distributed(dist_info)
@@ -287,6 +303,7 @@ class KCDLoader:
         self.n = n
         self.seed = config.seed  # state: load_state_dict continues the saved run's seed
         self._dist = dist_info
+        self._order = O.order_record(config, dist_info.world_size, backend_options)  # recorded in every state
         self._planner = Planner(config.batch_size, config.shuffle, config.drop_last, config.seed, dist_info)
         self._backend: BackendProtocol = backend_obj
         self._ranks_agree = False  # checked by the first iteration after construction or a load
@@ -452,6 +469,7 @@ class KCDLoader:
         else:  # fresh, or a peek (nothing observed): from where the last iterator started
             start = self._iter_start
         if self._dist.communicates and not self._ranks_agree:
+            D.handshake(self._dist, "iter", self.epoch, f"iter() at epoch {self.epoch}")
             D.agree(self._agreement_digest(), self._dist.group, "loader's configuration and state", self.bank.device)
             self._ranks_agree = True
         self._generation += 1
@@ -657,6 +675,7 @@ class KCDLoader:
         """The condensation before ``epoch``: values -> keep / dropped -> VAKS -> new set."""
         n_keep, n_prev = self._sizes[epoch], int(self._active.shape[0])
         if self._dist.communicates:  # the only per-stage communication: N * 12 bytes
+            D.handshake(self._dist, "condense", epoch, f"the condensation before epoch {epoch}")
             self.bank.all_reduce_(self._dist.group)
         values = self.bank.values(draw=epoch)
         if self.config.value is not Measure.RANDOM:
@@ -742,7 +761,19 @@ class KCDLoader:
         workers behind a ``KCDBatchSampler``), the batches observed. A loader that loads it
         yields exactly the remaining batches of that epoch (see "State and resume"). Taken
         after the last batch of an epoch was yielded and observed, it first completes that
-        epoch (the condensation due happens now) and resumes at the next one."""
+        epoch (the condensation due happens now) and resumes at the next one.
+
+        Called by ``torch.distributed.checkpoint`` (``dcp.save({"loader": loader})``), it
+        returns the same state as one opaque entry that DCP can restore into a fresh loader
+        (:mod:`kcd_fast.loader.dcp`)."""
+        via = DCP.caller(sys._getframe(1))
+        if via == "load":  # DCP's template: replaced by the saved entry, then load_state_dict
+            return DCP.placeholder()
+        if via == "save":
+            return DCP.pack(self._state_dict())
+        return self._state_dict()
+
+    def _state_dict(self) -> dict[str, Any]:
         lagging = self._lagging()  # a fetcher read ahead of the training step
         if not lagging:
             self._settle()
@@ -758,6 +789,7 @@ class KCDLoader:
         """The state as of ``position`` batches into the current epoch (0: its start)."""
         if not 0 < position < self._batches_in(self.epoch):
             position = 0
+        D.handshake(self._dist, "state_dict", self.epoch, f"state_dict() at epoch {self.epoch}")
         return {
             "format": S.STATE_FORMAT,
             "n": self.n,
@@ -767,6 +799,7 @@ class KCDLoader:
             "epoch": self.epoch,
             "position": position,
             "world_size": self.world_size,
+            O.ORDER_KEY: {**self._order, "seed": self.seed},
             "active": torch.from_numpy(self._active.copy()),
             "bank": {
                 k: v.clone() if isinstance(v, torch.Tensor) else v  # ValueBank's CPU state aliases
@@ -787,7 +820,9 @@ class KCDLoader:
         """Restores a ``state_dict``. This loader's dataset must hold the ORIGINAL images
         (or exactly the images this loader summarised so far, when the state continues
         its own run): the summary log is replayed and checked against the state's digest.
-        Everything is validated first; on any error nothing changes."""
+        Everything is validated first; on any error nothing changes. Also takes the entry
+        ``state_dict()`` hands to ``torch.distributed.checkpoint``."""
+        state = DCP.unpack(state)
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict from KCDLoader.state_dict(), got {type(state).__name__}")
         missing = [k for k in S.REQUIRED if k not in state]
@@ -811,6 +846,7 @@ class KCDLoader:
         seed = state["seed"]
         if not is_int(seed) or seed < 0:
             raise ValueError(f"state seed must be an int >= 0, got {seed!r}")
+        O.check_order(state.get(O.ORDER_KEY), self._order, state.get("position", 0), epoch)  # before the position
         act = S.check_active(state["active"], self.n, self._sizes[min(epoch, self.schedule.epochs - 1)], epoch)
         position = S.check_position(state, self._batches_in(epoch), self.world_size)
         bank = state["bank"]
@@ -858,6 +894,7 @@ class KCDLoader:
         others, instead of leaving them waiting. Save between epochs (see "State and
         resume"); resume with :meth:`load` or :meth:`restore`, at any world size."""
         check_path(path, "path")
+        D.handshake(self._dist, "save", self.epoch, f"save() at epoch {self.epoch}")
         payload = {"format": CHECKPOINT_FORMAT, "world_size": self.world_size, "loader": self.state_dict()}
         error: Exception | None = None
         if self._dist.rank == 0:
