@@ -129,6 +129,7 @@ from .backends.base import BackendProtocol
 from .backends.factory import auto_vaks, make_backend
 from .config import Backend, LoaderConfig
 from .plan import UNOBSERVED_STREAM, VAKS_STREAM, Planner, stream_seed
+from .progress import EpochCursor
 
 __all__ = ["Backend", "KCDLoader"]
 
@@ -299,12 +300,10 @@ class KCDLoader:
         self._summaries: list[S.Summary] = []
         self._digest: str | None = None
         self._generation = 0
-        # the epoch in progress: batches yielded (its position), where the current iterator
-        # started, rows it yielded and rows observed since, whether an iterator was made for
-        # it, and where the next iterator resumes (a mid-epoch state, a failed batch)
-        self._position = self._resume_at = self._iter_start = 0
-        self._rows_yielded = self._rows_observed = 0
-        self._iterated = False
+        self._iterators = 0  # iterators made (a made but never pulled one may follow a load)
+        # the epoch in progress: batches yielded, batches trained (observed, named by their
+        # indices), where the current iterator started and where the next one resumes
+        self._cursor = EpochCursor(n)
         # set by KCDBatchSampler: a DataLoader reads the batches ahead of training, so an
         # unobserved batch is never a peek and an epoch ends once its batches are observed
         self._reads_ahead = False
@@ -367,7 +366,7 @@ class KCDLoader:
     def resume_position(self) -> int:
         """Batches of the current epoch that the next iterator skips because they were
         trained before a resume (a mid-epoch state) or before a failed batch; 0 otherwise."""
-        return self._resume_at
+        return self._cursor.resume_at
 
     def _batches_in(self, epoch: int) -> int:
         return self._planner.num_batches(self._sizes[epoch]) if epoch < self.schedule.epochs else 0
@@ -424,12 +423,13 @@ class KCDLoader:
     def __iter__(self) -> Iterator[tuple[Any, ...]]:
         self._settle()
         self._check_not_done()
-        if self._resume_at:  # a state saved mid-epoch, or a batch that failed: the rest of the epoch
-            start, self._resume_at = self._resume_at, 0
-        elif self._position > self._iter_start and self._rows_observed:  # a loop left the epoch early
+        cur = self._cursor
+        if cur.resume_at:  # a state saved mid-epoch, or a batch that failed: the rest of the epoch
+            start, cur.resume_at = cur.resume_at, 0
+        elif cur.yielded > cur.iter_start and cur.observed_any():  # a loop left the epoch early
             n = self._batches_in(self.epoch)
             warnings.warn(
-                f"KCDLoader: epoch {self.epoch} was left after {self._position} of its {n} batches and a new "
+                f"KCDLoader: epoch {self.epoch} was left after {cur.yielded} of its {n} batches and a new "
                 f"iterator was asked for: epoch {self.epoch} counts as trained on the batches observed so far, "
                 f"and the loader moves on to epoch {self.epoch + 1} (a loop that breaks early ends its epoch; "
                 "call set_epoch to say so explicitly)",
@@ -440,7 +440,7 @@ class KCDLoader:
             self._check_not_done()
             start = 0
         else:  # fresh, or a peek (nothing observed): from where the last iterator started
-            start = self._iter_start
+            start = cur.iter_start
         if self._dist.communicates and not self._ranks_agree:
             D.agree(self._agreement_digest(), self._dist.group, "loader's configuration and state", self.bank.device)
             self._ranks_agree = True
@@ -450,10 +450,9 @@ class KCDLoader:
         if self.config.pin_memory and torch.cuda.is_available():
             order_t = order_t.pin_memory()
         it = self._backend.epoch_batches(plan.batches, plan.worker_seed, start)
-        self._iter_start = self._position = start
-        self._rows_yielded = self._rows_observed = 0
-        self._iterated = True
-        return self._epoch(self._generation, self.epoch, order_t, len(plan.batches), it, start)
+        self._cursor.begin(plan.batches, start)
+        self._iterators += 1
+        return self._epoch(self._generation, self.epoch, order_t, len(plan.batches), it, start, self._iterators)
 
     def _check_not_done(self) -> None:
         if self.epoch >= self.schedule.epochs:
@@ -465,24 +464,26 @@ class KCDLoader:
     def _complete(self) -> bool:
         """Every planned batch of the current epoch was yielded (an epoch of no batches is
         complete as it is)."""
-        n = self._batches_in(self.epoch)
-        return self.epoch < self.schedule.epochs and self._position == n and (self._iterated or n == 0)
+        n, cur = self._batches_in(self.epoch), self._cursor
+        return self.epoch < self.schedule.epochs and cur.yielded == n and (cur.iterated or n == 0)
 
     def _lagging(self) -> bool:
-        """Fewer rows were observed than yielded: a fetcher read ahead of the training step
-        (once the loop has observed anything; from the start when the loader reads ahead)."""
-        return self._rows_observed < self._rows_yielded and (self._rows_observed > 0 or self._reads_ahead)
+        """Fewer batches were trained (observed) than yielded: a fetcher read ahead of the
+        training step (once the loop has observed anything; from the start when the loader
+        reads ahead)."""
+        return self._cursor.lagging(self._reads_ahead)
 
     def _peeked(self) -> bool:
         """The current iterator yielded a single batch and none of it was observed (such as
         ``next(iter(loader))`` on an epoch of one batch): it does not complete the epoch."""
-        return self._position - self._iter_start == 1 and self._rows_observed == 0 and not self._reads_ahead
+        return self._cursor.peeked(self._reads_ahead)
 
     def _settle(self) -> None:
         """Completes the current epoch when its last batch was yielded: the condensation due
         before the next epoch happens now (under DDP a collective, on every rank)."""
-        yielded = self._position > self._iter_start  # the current iterator yielded its last batch
-        if self._iterated and yielded and self._complete() and not self._peeked():
+        cur = self._cursor
+        yielded = cur.yielded > cur.iter_start  # the current iterator yielded its last batch
+        if cur.iterated and yielded and self._complete() and not self._peeked():
             self._generation += 1
             self._advance()
 
@@ -506,7 +507,14 @@ class KCDLoader:
         return h.digest()
 
     def _epoch(
-        self, generation: int, epoch: int, order: torch.Tensor, n_batches: int, it: Iterator[Any], start: int
+        self,
+        generation: int,
+        epoch: int,
+        order: torch.Tensor,
+        n_batches: int,
+        it: Iterator[Any],
+        start: int,
+        made: int,
     ) -> Iterator[tuple[Any, ...]]:
         bar = None
         if self.config.progress:
@@ -519,6 +527,12 @@ class KCDLoader:
                 if generation != self._generation:  # checked before pulling: with persistent workers
                     if k == n_batches:  # nothing was left to yield (completed by observing its last batch)
                         return
+                    if k == start and made == self._iterators:
+                        # made but never pulled, and no newer iterator since: the loader moved under it
+                        # (a load_state_dict, set_epoch or close between iter() and next(), as Lightning's
+                        # fit loop does when it resumes): it iterates the loader as it is now
+                        yield from iter(self)
+                        return
                     raise RuntimeError(  # a newer iterator shares the back end's iterator
                         f"this iterator was made for epoch {epoch}, but the loader has since moved "
                         "(set_epoch, load_state_dict, close or a newer iter()); iterate the loader again"
@@ -529,14 +543,13 @@ class KCDLoader:
                     break
                 idx = order[k * bs : (k + 1) * bs]
                 k += 1
-                self._position = k  # yielded: the epoch is complete once k == n_batches
-                self._rows_yielded += int(idx.shape[0])
+                self._cursor.yielded_batch(k)  # the epoch is complete once k == n_batches
                 yield (*batch, idx) if isinstance(batch, (tuple, list)) else (batch, idx)
                 if bar is not None:
                     bar.update(1)
         except Exception:
             if generation == self._generation:  # the back end failed (an unreadable file, ...):
-                self._resume_at = k  # the next iterator continues this epoch at the batch that failed
+                self._cursor.resume_at = k  # the next iterator continues this epoch at the batch that failed
                 self._backend.close()  # with fresh workers
             raise
         finally:
@@ -581,7 +594,7 @@ class KCDLoader:
         notes = []
         if not self._complete() and self.epoch < self.schedule.epochs:
             notes.append(
-                f"epoch {self.epoch} has yielded {self._position} of its {self._batches_in(self.epoch)} batches: "
+                f"epoch {self.epoch} has yielded {self._cursor.yielded} of its {self._batches_in(self.epoch)} batches: "
                 f"epoch {self.epoch} ends here, trained on the batches observed so far"
             )
         if epoch > self.epoch + 1:
@@ -597,12 +610,11 @@ class KCDLoader:
 
     def _advance(self) -> None:
         nxt = self.epoch + 1
-        if nxt in self._condense_at:
+        condensed = nxt in self._condense_at
+        if condensed:
             self._condense(nxt)
         self.epoch = nxt
-        self._position = self._resume_at = self._iter_start = 0
-        self._rows_yielded = self._rows_observed = 0
-        self._iterated = False
+        self._cursor.reset(nxt, 0, after_advance=True, condensed=condensed)
 
     def _rank_unobserved(self, values: torch.Tensor, epoch: int, n_keep: int, n_prev: int) -> torch.Tensor:
         """Points never observed have value +inf and rank first. Warns when active points
@@ -706,15 +718,45 @@ class KCDLoader:
         Every row counts (see the module docstring); bad input raises before anything
         changes (on CUDA without ``strict``: at the next condensation).
         """
+        late = self._check_late()
         self.bank.observe(indices, logits, teacher_logits, mask=mask)
-        self._rows_observed += int(self.bank.last_rows)
+        self._observed(indices, late)
 
     def observe_scores(self, indices: Any, scores: Any) -> None:
         """Records a score per sample that you computed (``ValueBank.observe_scores``):
         ``indices`` ``[B]`` as yielded, ``scores`` ``[B]`` real numbers, higher = more
         valuable (a per-image detection loss, any measure). Same rules as :meth:`observe`."""
+        late = self._check_late()
         self.bank.observe_scores(indices, scores)
-        self._rows_observed += int(self.bank.last_rows)
+        self._observed(indices, late)
+
+    def _check_late(self) -> bool:
+        """Whether an observe now is late: it arrives after the condensation that ended its
+        epoch ran (no batch of the new epoch was yielded yet). ``strict=True`` raises
+        ``ValueError`` (before anything changes)."""
+        late = self._cursor.is_late()
+        if late and self.config.strict:
+            raise ValueError(self._late_message())
+        return late
+
+    def _late_message(self) -> str:
+        e = self.epoch
+        return (
+            f"KCDLoader.observe: an observation arrived after the condensation before epoch {e} ran, before any "
+            f"batch of epoch {e} was yielded: it belongs to epoch {e - 1}, whose points were ranked without it "
+            f"(it still counts toward the next condensation). Observe each batch before asking the loader for the "
+            f"next epoch: iter(), len(), set_epoch() and state_dict() end an epoch whose last batch was yielded"
+        )
+
+    def _observed(self, indices: Any, late: bool) -> None:
+        if late:
+            if not self._cursor.late_warned:  # once per epoch
+                self._cursor.late_warned = True
+                msg = self._late_message()
+                warnings.warn(msg, stacklevel=3)
+                log.warning(msg)
+            return
+        self._cursor.observed(indices)
 
     # -- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -732,16 +774,12 @@ class KCDLoader:
         yields exactly the remaining batches of that epoch (see "State and resume"). Taken
         after the last batch of an epoch was yielded and observed, it first completes that
         epoch (the condensation due happens now) and resumes at the next one."""
-        lagging = self._lagging()  # a fetcher read ahead of the training step
-        if not lagging:
+        if not self._lagging():  # else a fetcher read ahead of the training step
             self._settle()
-        if not self._rows_observed:  # a peek is not progress
-            position = self._iter_start
-        elif lagging:  # the batches trained: those observed (a fetcher's read-ahead is yielded again)
-            position = self._iter_start + self._rows_observed // self.config.batch_size
-        else:
-            position = self._position
-        return self._state_at(position)
+        # the batches trained: those observed (a fetcher's read-ahead is yielded again; a peek
+        # is not progress; after a load, the loaded position until more is trained)
+        cur = self._cursor
+        return self._state_at(cur.trained)
 
     def _state_at(self, position: int) -> dict[str, Any]:
         """The state as of ``position`` batches into the current epoch (0: its start)."""
@@ -822,9 +860,7 @@ class KCDLoader:
         self.seed = seed
         self._planner = dataclasses.replace(self._planner, seed=seed)
         self.epoch = epoch
-        self._position = self._resume_at = self._iter_start = position
-        self._rows_yielded = self._rows_observed = 0
-        self._iterated = False
+        self._cursor.reset(epoch, position)
         self._active = act
         self.history = [dict(r) for r in state["history"]]
         self._ranks_agree = False  # under DDP, the next iteration checks that every rank loaded the same
