@@ -449,7 +449,10 @@ class KCDLoader:
         order_t = torch.from_numpy(plan.order)
         if self.config.pin_memory and torch.cuda.is_available():
             order_t = order_t.pin_memory()
-        it = self._backend.epoch_batches(plan.batches, plan.worker_seed, start)
+        # a state taken after the epoch's last batch was trained: nothing left, the epoch ends
+        it: Iterator[Any] = iter(())
+        if start < len(plan.batches):
+            it = self._backend.epoch_batches(plan.batches, plan.worker_seed, start)
         self._cursor.begin(plan.batches, start)
         self._iterators += 1
         return self._epoch(self._generation, self.epoch, order_t, len(plan.batches), it, start, self._iterators)
@@ -464,8 +467,7 @@ class KCDLoader:
     def _complete(self) -> bool:
         """Every planned batch of the current epoch was yielded (an epoch of no batches is
         complete as it is)."""
-        n, cur = self._batches_in(self.epoch), self._cursor
-        return self.epoch < self.schedule.epochs and cur.yielded == n and (cur.iterated or n == 0)
+        return self.epoch < self.schedule.epochs and self._cursor.yielded == self._batches_in(self.epoch)
 
     def _lagging(self) -> bool:
         """Fewer batches were trained (observed) than yielded: a fetcher read ahead of the
@@ -521,17 +523,17 @@ class KCDLoader:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=n_batches, initial=start, desc=f"KCD epoch {epoch}", leave=False)
-        bs, k = self.config.batch_size, start
+        bs, k, pulled = self.config.batch_size, start, False
         try:
             while True:
                 if generation != self._generation:  # checked before pulling: with persistent workers
-                    if k == n_batches:  # nothing was left to yield (completed by observing its last batch)
-                        return
-                    if k == start and made == self._iterators:
+                    if not pulled and made == self._iterators:
                         # made but never pulled, and no newer iterator since: the loader moved under it
                         # (a load_state_dict, set_epoch or close between iter() and next(), as Lightning's
                         # fit loop does when it resumes): it iterates the loader as it is now
                         yield from iter(self)
+                        return
+                    if k == n_batches:  # nothing was left to yield (completed by observing its last batch)
                         return
                     raise RuntimeError(  # a newer iterator shares the back end's iterator
                         f"this iterator was made for epoch {epoch}, but the loader has since moved "
@@ -544,6 +546,7 @@ class KCDLoader:
                 idx = order[k * bs : (k + 1) * bs]
                 k += 1
                 self._cursor.yielded_batch(k)  # the epoch is complete once k == n_batches
+                pulled = True
                 yield (*batch, idx) if isinstance(batch, (tuple, list)) else (batch, idx)
                 if bar is not None:
                     bar.update(1)
@@ -774,16 +777,14 @@ class KCDLoader:
         yields exactly the remaining batches of that epoch (see "State and resume"). Taken
         after the last batch of an epoch was yielded and observed, it first completes that
         epoch (the condensation due happens now) and resumes at the next one."""
-        if not self._lagging():  # else a fetcher read ahead of the training step
-            self._settle()
         # the batches trained: those observed (a fetcher's read-ahead is yielded again; a peek
-        # is not progress; after a load, the loaded position until more is trained)
-        cur = self._cursor
-        return self._state_at(cur.trained)
+        # is not progress; after a load, the loaded position until more is trained); all of
+        # them once the epoch's last batch was observed: its condensation has not run yet
+        return self._state_at(self._cursor.trained)
 
     def _state_at(self, position: int) -> dict[str, Any]:
         """The state as of ``position`` batches into the current epoch (0: its start)."""
-        if not 0 < position < self._batches_in(self.epoch):
+        if not 0 < position <= self._batches_in(self.epoch):
             position = 0
         return {
             "format": S.STATE_FORMAT,
@@ -860,7 +861,7 @@ class KCDLoader:
         self.seed = seed
         self._planner = dataclasses.replace(self._planner, seed=seed)
         self.epoch = epoch
-        self._cursor.reset(epoch, position)
+        self._cursor.reset(epoch, position, loaded=True)
         self._active = act
         self.history = [dict(r) for r in state["history"]]
         self._ranks_agree = False  # under DDP, the next iteration checks that every rank loaded the same

@@ -46,13 +46,16 @@ class EpochCursor:
         self.n = int(n)
         self.reset(epoch, 0)
 
-    def reset(self, epoch: int, position: int, *, after_advance: bool = False, condensed: bool = False) -> None:
-        """A new epoch (``after_advance``: entered from the previous one) or a loaded state
-        at ``position`` batches into ``epoch``."""
+    def reset(
+        self, epoch: int, position: int, *, after_advance: bool = False, condensed: bool = False, loaded: bool = False
+    ) -> None:
+        """A new epoch (``after_advance``: entered from the previous one) or a ``loaded``
+        state at ``position`` batches into ``epoch``."""
         self.epoch = int(epoch)
         self.yielded = self.iter_start = self.resume_at = int(position)
         self.iterated = False  # an iterator was made for this epoch
         self.after_advance = after_advance
+        self.loaded = loaded  # a state was loaded and no batch was yielded since
         self.condensed = condensed
         self.late_warned = False
         self._start_iterator(None, int(position))
@@ -79,7 +82,7 @@ class EpochCursor:
     def yielded_batch(self, k: int) -> None:
         """Batch ``k - 1`` was handed out: ``k`` batches of the epoch are yielded."""
         self.yielded = int(k)
-        self.after_advance = False
+        self.after_advance = self.loaded = False
 
     def is_late(self) -> bool:
         """An observe now belongs to the previous epoch, whose condensation already ran."""

@@ -8,8 +8,11 @@ A state (``KCDLoader.state_dict()``) is a dict of Python values and CPU tensors:
     config     LoaderConfig.state(): value, vaks, eps_m, alpha, temperature
     seed       the run's seed (every RNG stream derives from (seed, epoch))
     epoch      the epoch to run (or to continue)
-    position   batches of that epoch already yielded (and observed) when the state was
-               taken mid-epoch; 0 between epochs (absent in states of kcd_fast 0.1: 0)
+    position   batches of that epoch trained (observed, kcd_fast.loader.progress) when the
+               state was taken; all of them (the epoch's batch count) when it was taken after
+               the epoch's last batch was trained but before the condensation that ends it
+               (which then runs after the load); 0 at an epoch's start (absent in states of
+               kcd_fast 0.1: 0)
     world_size the ranks the state was taken on (a mid-epoch state resumes only there)
     active     int64 [n_e] ascending: the points of that epoch
     bank       ValueBank.state_dict() (global totals under DDP)
@@ -135,12 +138,13 @@ def check_summaries(summaries: Any, n: int) -> list[Summary]:
 
 def check_position(state: dict[str, Any], n_batches: int, world_size: int) -> int:
     """The state's mid-epoch position (0 when absent); ``ValueError`` unless it is an int in
-    ``[0, n_batches)`` and, when > 0, the state was taken at this ``world_size``."""
+    ``[0, n_batches]`` (``n_batches``: every batch of the epoch trained, its condensation not
+    run yet) and, when > 0, the state was taken at this ``world_size``."""
     position = state.get("position", 0)
     ok = isinstance(position, (int, np.integer)) and not isinstance(position, bool)
-    if not ok or not 0 <= position < max(1, n_batches):
+    if not ok or not 0 <= position <= n_batches:
         raise ValueError(
-            f"state position must be an int in [0, {max(1, n_batches)}) (batches of the epoch), got {position!r}"
+            f"state position must be an int in [0, {n_batches}] (batches of the epoch trained), got {position!r}"
         )
     saved_world = state.get("world_size", world_size)
     if position and saved_world != world_size:
