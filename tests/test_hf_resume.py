@@ -58,6 +58,8 @@ def test_epoch_end_checkpoint_resumes_exactly(runs, tmp_path, epoch: int) -> Non
             loader.set_epoch(EPOCHS)
     sa, sb = ref.kcd_loader.state_dict(), t.kcd_loader.state_dict()
     assert sa["epoch"] == sb["epoch"] == EPOCHS
-    assert torch.equal(sa["bank"]["sums"], sb["bank"]["sums"]) and torch.equal(sa["bank"]["counts"], sb["bank"]["counts"])
+    assert torch.equal(sa["bank"]["sums"], sb["bank"]["sums"]) and torch.equal(
+        sa["bank"]["counts"], sb["bank"]["counts"]
+    )
     assert torch.equal(sa["active"], sb["active"]) and sa["history"] == sb["history"]
     assert t.state.global_step == ref.state.global_step

@@ -258,7 +258,9 @@ class KCDTrainer(Trainer):
     @staticmethod
     def _epoch_done(loader: KCDLoader) -> bool:
         """The loader was restored after the last batch of its epoch was trained."""
-        return loader.epoch < loader.schedule.epochs and loader.resume_position == loader.steps_per_epoch()[loader.epoch]
+        return (
+            loader.epoch < loader.schedule.epochs and loader.resume_position == loader.steps_per_epoch()[loader.epoch]
+        )
 
     def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
         loader = self.kcd_loader

@@ -122,10 +122,10 @@ class EpochCursor:
 
     def lagging(self, reads_ahead: bool) -> bool:
         """Fewer batches were trained than yielded: a fetcher read ahead of the training
-        step (once the loop has observed anything; from the start when the loader reads
-        ahead, as behind a DataLoader's workers)."""
+        step (once some batch of the epoch was trained, in this run or before a resume;
+        from the start when the loader reads ahead, as behind a DataLoader's workers)."""
         trained = self.trained
-        return trained < self.yielded and (trained > self.iter_start or reads_ahead)
+        return trained < self.yielded and (trained > 0 or reads_ahead)
 
     def peeked(self, reads_ahead: bool) -> bool:
         """The current iterator yielded a single batch and none of it was observed (such as
