@@ -162,3 +162,28 @@ def test_an_iterator_made_before_a_load_follows_it() -> None:
     made = iter(second)  # not pulled yet
     second.load_state_dict(state)
     assert torch.equal(next(made)[-1], next(it)[-1])  # the 4th batch of epoch 0
+
+
+# -- accelerate -------------------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore:KCD condensation before epoch")
+@pytest.mark.parametrize("stop", [(1, 2), (2, 0)])  # mid-epoch 1; the start of epoch 2 (after a for loop)
+def test_accelerate_save_state_resumes_exactly(tmp_path, stop: tuple[int, int]) -> None:
+    """``accelerator.register_for_checkpointing(loader)``: ``save_state`` / ``load_state``
+    round-trip the loader (not prepared: it shards itself) like a plain loop's state."""
+    accelerate = pytest.importorskip("accelerate")
+    ref_log: list[Any] = []
+    ref = make_loader()
+    run(ref, Student(), masked, ref_log, one_ahead)
+    first, student, log = make_loader(), Student(), []
+    acc = accelerate.Accelerator(cpu=True)
+    acc.register_for_checkpointing(first)
+    run(first, student, masked, log, one_ahead, stop)
+    acc.save_state(str(tmp_path / "state"))
+    second = make_loader()
+    acc2 = accelerate.Accelerator(cpu=True)
+    acc2.register_for_checkpointing(second)
+    acc2.load_state(str(tmp_path / "state"))
+    assert (second.epoch, second.resume_position) == stop
+    run(second, student, masked, log, one_ahead)
+    assert_same_log(log, ref_log)
+    assert_same_state(final_state(second), final_state(ref))

@@ -9,7 +9,7 @@ know which batches were trained. It counts what was observed instead:
 
 - the condensation at the end of an epoch happens once every yielded batch was observed
   (the last ``observe`` of the epoch), else at the next ``iter()`` (the DataLoader's next
-  epoch), ``len()``, ``set_epoch`` or ``state_dict()``;
+  epoch), ``len()`` or ``set_epoch``;
 - a mid-epoch ``state_dict()`` records the batches observed (named by their indices, see
   :mod:`kcd_fast.loader.progress`): a resume yields again the batches that had been
   fetched ahead but not trained.

@@ -24,14 +24,20 @@ Typical use (three lines change in a KD loop)::
 
 Documented rules
 ----------------
-Epochs (README: "How epochs advance")
-    An epoch is complete once its last planned batch has been yielded; the condensation
-    due before the next epoch then happens at the first of: the iterator's end
-    (``StopIteration``, as in a ``for`` loop; unless the loop has observed some but not
-    all of the rows yielded, as a fetcher that reads one batch ahead does), the next
-    ``iter()``, ``len()``, ``set_epoch`` or ``state_dict()``. Not earlier, so that the last batch can still be
-    observed; not later, so that loops pulling exactly ``len(loader)`` batches (Lightning,
-    the HF Trainer) advance too. ``epoch`` and ``active_indices`` name the epoch in
+Epochs (docs/resume.md: "How epochs advance")
+    Progress is one explicit cursor (:mod:`kcd_fast.loader.progress`): batches yielded,
+    batches trained (observed: an observe names its batch by its indices, so partial,
+    split or merged observes count a batch once) and the epoch they belong to. An epoch
+    is complete once its last planned batch has been yielded; the condensation due
+    before the next epoch then happens at the first of: the iterator's end
+    (``StopIteration``, as in a ``for`` loop; unless some batch of the epoch was trained
+    but not all yielded ones, as with a fetcher that reads one batch ahead), the next
+    ``iter()``, ``len()`` or ``set_epoch``; ``state_dict()`` changes nothing. Not earlier,
+    so that the last batch can still be observed; not later, so that loops pulling exactly
+    ``len(loader)`` batches (Lightning, the HF Trainer) advance too. An observe that
+    arrives after that condensation ran, before any batch of the next epoch was yielded,
+    is late: a ``UserWarning`` once per epoch (it still counts toward the next
+    condensation); ``strict=True`` raises instead. ``epoch`` and ``active_indices`` name the epoch in
     progress until then. A new ``iter()`` while the current epoch is incomplete restarts
     it where it started when none of its batches was observed (a peek such as
     ``next(iter(loader))``; a peek at an epoch of one batch does not complete it), and
@@ -67,11 +73,14 @@ State and resume
     ``(dst, src, eps)`` of every condensation) with a digest of the summarised rows.
     ``load_state_dict`` on a new loader over the ORIGINAL dataset replays the log with
     ``blend_``, checks the digest, and continues bit-exactly: same active sets, images,
-    order, batches. A state taken while an iterator is live records its ``position`` (the
-    batches yielded, as torchdata's ``StatefulDataLoader`` does): the loader that loads it
-    yields exactly the remaining batches of that epoch, and its bank already holds the
-    observations of the batches before (take the state after observing the last yielded
-    batch). A mid-epoch state resumes at the world size it was taken at. Random numbers of
+    order, batches. A state records its ``position``: the batches of the epoch trained
+    (observed) so far: the loader that loads it yields exactly the remaining batches of
+    that epoch, and its bank already holds the observations of the batches before (take
+    the state after observing the last trained batch). A state taken after the epoch's last
+    batch was trained records all of them; the condensation that ends the epoch runs after
+    the load (at the next ``iter()`` or ``set_epoch``; ``len()`` still counts that epoch,
+    as Lightning expects when it finishes the epoch after a validation-end checkpoint).
+    A mid-epoch state resumes at the world size it was taken at. Random numbers of
     the torch back end are seeded per batch from ``(seed, epoch, rank, batch position)``
     (torch's, numpy's and Python's global RNGs, restored after each fetch), so augmentations
     do not depend on ``num_workers``, ``persistent_workers`` or a resume; the DALI back end
@@ -567,7 +576,7 @@ class KCDLoader:
         if self._lagging():
             # the loop observes, but not yet the last batch(es): a fetcher that reads one batch
             # ahead (Lightning's, accelerate's) ends the iterator before the last training step.
-            # The epoch is complete; it advances at the next iter(), len(), set_epoch or state_dict().
+            # The epoch is complete; it advances at the next iter(), len() or set_epoch.
             return
         self._advance()
 
@@ -748,7 +757,7 @@ class KCDLoader:
             f"KCDLoader.observe: an observation arrived after the condensation before epoch {e} ran, before any "
             f"batch of epoch {e} was yielded: it belongs to epoch {e - 1}, whose points were ranked without it "
             f"(it still counts toward the next condensation). Observe each batch before asking the loader for the "
-            f"next epoch: iter(), len(), set_epoch() and state_dict() end an epoch whose last batch was yielded"
+            f"next epoch: iter(), len() and set_epoch() end an epoch whose last batch was yielded"
         )
 
     def _observed(self, indices: Any, late: bool) -> None:
@@ -770,13 +779,14 @@ class KCDLoader:
         rank's observations so far), and resumes at any world size; taking it changes
         nothing. ``save(path)`` writes it atomically.
 
-        Taken while an iterator is live, it records the epoch's position: the batches
-        yielded so far (``position``), unless none of them was observed (a peek); when fewer
-        rows were observed than yielded (a fetcher that reads ahead: Lightning's, DataLoader
-        workers behind a ``KCDBatchSampler``), the batches observed. A loader that loads it
-        yields exactly the remaining batches of that epoch (see "State and resume"). Taken
-        after the last batch of an epoch was yielded and observed, it first completes that
-        epoch (the condensation due happens now) and resumes at the next one."""
+        It records the epoch's position: the batches trained (observed; named by their
+        indices, :mod:`kcd_fast.loader.progress`), so the batches a fetcher read ahead
+        (Lightning's, DataLoader workers behind a ``KCDBatchSampler``) and a peek are not
+        progress. A loader that loads it yields exactly the remaining batches of that epoch
+        (see "State and resume"). Taken after the last batch of an epoch was trained, it
+        records all of the epoch's batches: the condensation due before the next epoch has
+        not run, and runs in the loader that loads it (at its next ``iter()`` or
+        ``set_epoch``). Taking a state never condenses."""
         # the batches trained: those observed (a fetcher's read-ahead is yielded again; a peek
         # is not progress; after a load, the loaded position until more is trained); all of
         # them once the epoch's last batch was observed: its condensation has not run yet
