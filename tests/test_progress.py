@@ -187,3 +187,30 @@ def test_accelerate_save_state_resumes_exactly(tmp_path, stop: tuple[int, int]) 
     run(second, student, masked, log, one_ahead)
     assert_same_log(log, ref_log)
     assert_same_state(final_state(second), final_state(ref))
+
+
+def test_a_state_at_an_epochs_end_resumes_at_any_world_size() -> None:
+    """A state taken after every batch of its epoch was trained (before the condensation)
+    names the epoch's batch count on the world size it was taken at; it is complete on any
+    other world size too. One taken mid-epoch resumes only on its own world size."""
+    ref_log: list[Any] = []
+    ref = make_loader()
+    run(ref, Student(), split, ref_log)
+    first, student, log = make_loader(), Student(), []
+    run(first, student, split, log, stop=(1, 0))
+    it = iter(first)
+    for _ in range(len(first)):  # exactly len() pulls: no StopIteration, no condensation yet
+        x, _y, idx = next(it)
+        split(first, idx, student(x))
+        log.append((first.epoch, idx.clone(), x.clone()))
+    state = first.state_dict()
+    assert (state["epoch"], state["position"]) == (1, 5)  # 77 points in batches of 16, one rank
+    on_two = {**state, "world_size": 2, "position": 3}  # the same moment on 2 ranks: 39 points each
+    with pytest.raises(ValueError, match=r"taken mid-epoch \(after 2 batches\) on 2 rank"):
+        make_loader().load_state_dict({**on_two, "position": 2})
+    second = make_loader()
+    second.load_state_dict(on_two)
+    assert (second.epoch, second.resume_position, len(second)) == (1, 5, 5)
+    run(second, student, split, log)
+    assert_same_log(log, ref_log)
+    assert_same_state(final_state(second), final_state(ref))

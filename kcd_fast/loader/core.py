@@ -80,7 +80,8 @@ State and resume
     batch was trained records all of them; the condensation that ends the epoch runs after
     the load (at the next ``iter()`` or ``set_epoch``; ``len()`` still counts that epoch,
     as Lightning expects when it finishes the epoch after a validation-end checkpoint).
-    A mid-epoch state resumes at the world size it was taken at. Random numbers of
+    A mid-epoch state resumes at the world size it was taken at (one with all of its
+    epoch's batches trained, or none, at any world size). Random numbers of
     the torch back end are seeded per batch from ``(seed, epoch, rank, batch position)``
     (torch's, numpy's and Python's global RNGs, restored after each fetch), so augmentations
     do not depend on ``num_workers``, ``persistent_workers`` or a resume; the DALI back end
@@ -379,6 +380,17 @@ class KCDLoader:
 
     def _batches_in(self, epoch: int) -> int:
         return self._planner.num_batches(self._sizes[epoch]) if epoch < self.schedule.epochs else 0
+
+    def _batches_on(self, epoch: int) -> Callable[[int], int]:
+        """``world -> batches per rank of epoch`` on ``world`` ranks (a saved state's world size)."""
+
+        def batches(world: int) -> int:
+            if epoch >= self.schedule.epochs:
+                return 0
+            dist = D.DistInfo(enabled=world > 1, world_size=world)
+            return dataclasses.replace(self._planner, dist=dist).num_batches(self._sizes[epoch])
+
+        return batches
 
     def steps_per_epoch(self) -> list[int]:
         """Batches in each epoch of the whole schedule on this rank (``drop_last`` and, under
@@ -850,7 +862,7 @@ class KCDLoader:
         if not is_int(seed) or seed < 0:
             raise ValueError(f"state seed must be an int >= 0, got {seed!r}")
         act = S.check_active(state["active"], self.n, self._sizes[min(epoch, self.schedule.epochs - 1)], epoch)
-        position = S.check_position(state, self._batches_in(epoch), self.world_size)
+        position = S.check_position(state, self._batches_in(epoch), self.world_size, self._batches_on(epoch))
         bank = state["bank"]
         S.check_bank_state(
             bank,
