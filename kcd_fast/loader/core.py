@@ -492,8 +492,8 @@ class KCDLoader:
 
     def _lagging(self) -> bool:
         """Fewer batches were trained (observed) than yielded: a fetcher read ahead of the
-        training step (once the loop has observed anything; from the start when the loader
-        reads ahead)."""
+        training step (once some batch of the epoch was trained; from the start when the
+        loader reads ahead)."""
         return self._cursor.lagging(self._reads_ahead)
 
     def _peeked(self) -> bool:
