@@ -157,6 +157,16 @@ def test_resume_from_validation_end_checkpoints(reference, runs, tmp_path, step:
     _assert_same_run(reference, module, step)
 
 
+def test_a_checkpoint_without_the_callback_state_resumes_from_the_fit_loop_state(reference, runs, tmp_path) -> None:
+    """A checkpoint written before KCDCallback kept the loader state: the fit loop's copy."""
+    ckpt = torch.load(runs["epoch"] / "epoch=2.ckpt", weights_only=False)
+    assert any("KCDCallback" in k for k in ckpt["callbacks"])
+    ckpt["callbacks"] = {k: v for k, v in ckpt["callbacks"].items() if "KCDCallback" not in k}
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    module = _fit(tmp_path, [KCDCallback()], Student(), tmp_path / "old.ckpt")
+    _assert_same_run(reference, module, ENDS[2])
+
+
 def test_the_callback_observes_before_other_callbacks(tmp_path) -> None:
     saver, kcd = Saver(tmp_path, ()), KCDCallback()
     trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, callbacks=[saver, kcd])

@@ -53,6 +53,7 @@ except ImportError:  # the standalone package
         ) from err
 
 from ..loader import KCDLoader
+from ..loader.state import STATE_FORMAT
 from .outputs import observe_step
 
 __all__ = ["KCDCallback", "batch_indices"]
@@ -103,10 +104,23 @@ class KCDCallback(Callback):
             return {}
         return {"loader": self.loader.state_dict()}
 
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint without this callback's state (written before it kept one): the
+        loader state Lightning's fit loop stored, when it holds exactly one KCDLoader state.
+        Lightning calls ``load_state_dict`` next, whose state takes precedence."""
+        try:
+            states = checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+        except (KeyError, TypeError):
+            return
+        if isinstance(states, list) and len(states) == 1 and isinstance(states[0], Mapping):
+            if states[0].get("format") == STATE_FORMAT:
+                self._to_load = dict(states[0])
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Keeps the checkpoint's loader state until the loader exists (``on_train_start``)."""
         state = state_dict.get("loader") if isinstance(state_dict, Mapping) else None
-        self._to_load = dict(state) if isinstance(state, Mapping) else None
+        if isinstance(state, Mapping):
+            self._to_load = dict(state)
 
     def _find_loader(self, trainer: Any) -> KCDLoader:
         dl = trainer.train_dataloader
