@@ -63,6 +63,7 @@ def assert_same_log(a: list[Any], b: list[Any]) -> None:
 
 
 def final_state(loader: KCDLoader) -> dict[str, Any]:
+    len(loader)  # completes an epoch whose last batch was trained (state_dict() changes nothing)
     st = loader.state_dict()
     st["images"] = loader.images.clone()
     return st
@@ -98,13 +99,15 @@ def test_exact_len_pulls_advance_like_for_loops(style: str, reference: tuple[lis
                 train_batch(loader, next(it), student, log)
     assert lens == loader.steps_per_epoch()
     assert_same_log(log, reference[0])
-    assert_same_state(final_state(loader), reference[1])  # state_dict() completes the last epoch
+    assert len(loader) == 0  # len() completes the last epoch (state_dict() changes nothing)
+    assert_same_state(final_state(loader), reference[1])
     assert loader.epoch == SCHED.epochs and [h["epoch"] for h in loader.history] == SCHED.condensation_epochs
 
 
 def test_each_trigger_completes_a_finished_epoch() -> None:
     """After the last batch of epoch 1 was yielded (no StopIteration), the condensation due
-    before epoch 2 happens at the first of: iter(), len(), set_epoch(2), state_dict()."""
+    before epoch 2 happens at the first of: iter(), len(), set_epoch(2); state_dict() changes
+    nothing: it records epoch 1 with all its batches trained."""
     for trigger in ("iter", "len", "set_epoch", "state_dict"):
         loader, student = make_loader(), Student()
         for batch in loader:  # epoch 0
@@ -124,7 +127,10 @@ def test_each_trigger_completes_a_finished_epoch() -> None:
                 assert loader.epoch == 1 and len(loader.history) == 1
                 loader.set_epoch(2)
             else:
-                assert loader.state_dict()["epoch"] == 2
+                state = loader.state_dict()
+                assert (state["epoch"], state["position"]) == (1, loader.steps_per_epoch()[1])
+                assert loader.epoch == 1 and len(loader.history) == 1
+                iter(loader)
         assert loader.epoch == 2 and [h["epoch"] for h in loader.history] == [1, 2], trigger
 
 
@@ -244,7 +250,7 @@ def test_mid_epoch_state_checks() -> None:
     train_batch(loader, next(it), student, [])
     state = loader.state_dict()
     assert state["position"] == 1 and state["world_size"] == 1
-    for bad, match in ((7, r"position must be an int in \[0, 7\)"), (-1, "position must be"), (True, "position")):
+    for bad, match in ((8, r"position must be an int in \[0, 7\]"), (-1, "position must be"), (True, "position")):
         with pytest.raises(ValueError, match=match):
             make_loader().load_state_dict({**state, "position": bad})
     with pytest.raises(ValueError, match="taken mid-epoch .* on 2 rank"):

@@ -143,3 +143,37 @@ def test_batch_size_or_shuffle_change_between_epochs_exactly(change: dict[str, A
         assert torch.equal(rec["order"], order) and torch.equal(rec["seen"], order), e
         assert rec["batches"] == -(-order.numel() // bs)
     assert_same_run(got, full, exact_bank=True)
+
+
+def test_a_state_with_its_epoch_fully_trained_takes_another_batch_size_exactly() -> None:
+    """Taken after the last batch of epoch STOP - 1 was observed, before the loop asked for more
+    (Lightning's epoch-end checkpoints): every batch of that epoch was trained and its
+    condensation has not run, so it sits between epochs, where batch_size may change; the run
+    then continues exactly as the uninterrupted one."""
+    model = Model(N)
+    ds = ArrayDataset(*make_data(N))
+    whole = KCDLoader(ds, SCHED, **kwargs())
+    full = outcome(whole, ds, run(whole, ds, model, SCHED.epochs))
+
+    ds = ArrayDataset(*make_data(N))
+    loader = KCDLoader(ds, SCHED, **kwargs())
+    run(loader, ds, model, STOP - 1)
+    it = iter(loader)
+    for _ in range(len(loader)):
+        _x, _y, idx = next(it)
+        loader.observe(idx, model(idx, ds.images))
+    state = loader.state_dict()
+    assert state["epoch"] == STOP - 1 and state["position"] == len(loader)  # complete, not condensed yet
+
+    ds = ArrayDataset(*make_data(N))  # the ORIGINAL images
+    resumed = KCDLoader(ds, SCHED, **kwargs(batch_size=6))
+    resumed.load_state_dict(state)
+    assert resumed.epoch == STOP - 1  # as saved: its first iterator ends that epoch, empty
+    got = outcome(resumed, ds, run(resumed, ds, model, SCHED.epochs - STOP + 1))
+    first, *rest = got["epochs"]
+    assert first["batches"] == 0
+    got["epochs"] = rest
+    for e, rec in enumerate(rest, start=STOP):  # what each epoch yielded, in batches of 6
+        assert torch.equal(rec["seen"], full["epochs"][e]["seen"]), e
+        assert rec["batches"] == -(-rec["seen"].numel() // 6)
+    assert_same_run(got, full, exact_bank=True)

@@ -24,8 +24,10 @@ What it does:
   over the epochs, and the LR scheduler is built on that total so it ends on time;
   ``max_steps`` must stay unset and ``num_train_epochs`` at most the schedule's epochs;
 - saves the loader's state into every checkpoint folder (``kcd_loader.pt``) and restores
-  it with ``train(resume_from_checkpoint=...)``, mid-epoch too (the loader yields the rest
-  of the epoch; the Trainer's own batch skipping is not used);
+  it with ``train(resume_from_checkpoint=...)``, exactly: mid-epoch (``save_steps``: the
+  loader yields the rest of the epoch; the Trainer's own batch skipping is not used) and at
+  an epoch's end (``save_strategy="epoch"``: the Trainer goes on with the next epoch, whose
+  condensation runs at its ``set_epoch``);
 - under ``torchrun`` the loader shards itself (the Trainer's DistributedSampler is not used).
 
 Checked against transformers 5.x (the epoch loop is ``Trainer._run_epoch``); an older
@@ -247,13 +249,24 @@ class KCDTrainer(Trainer):
     def _init_training_state(self, *args: Any, **kwargs: Any) -> tuple[int, int]:
         epochs_trained, steps_trained = super()._init_training_state(*args, **kwargs)
         if self._kcd_resume is not None:  # the loader knows where the run stood; it skips batches itself
-            return self.kcd_loader.epoch, 0
+            loader = self.kcd_loader
+            # a checkpoint at an epoch's end (save_strategy="epoch"): every batch of that epoch
+            # was trained, its condensation runs when the Trainer starts the next (set_epoch)
+            return loader.epoch + int(self._epoch_done(loader)), 0
         return epochs_trained, steps_trained
+
+    @staticmethod
+    def _epoch_done(loader: KCDLoader) -> bool:
+        """The loader was restored after the last batch of its epoch was trained."""
+        return (
+            loader.epoch < loader.schedule.epochs and loader.resume_position == loader.steps_per_epoch()[loader.epoch]
+        )
 
     def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
         loader = self.kcd_loader
         epoch = kwargs["epoch"]
-        if epoch != loader.epoch and not (epoch == loader.epoch + 1 and loader.resume_position == 0):
+        ahead = epoch == loader.epoch + 1 and (loader.resume_position == 0 or self._epoch_done(loader))
+        if epoch != loader.epoch and not ahead:
             raise RuntimeError(f"the Trainer is at epoch {epoch} but its KCDLoader at epoch {loader.epoch}")
         done = loader.resume_position if epoch == loader.epoch else 0
         batches = loader.steps_per_epoch()[epoch] - done  # this epoch's batches still to train

@@ -14,11 +14,20 @@ Three changes to a LightningModule::
 
 The callback observes every batch (``"logits"``, optional ``"teacher_logits"`` and
 ``"mask"`` for sequences, or ``"scores"``) and checks that the loader's epochs are the
-trainer's. Lightning itself keeps them in step (it calls ``loader.sampler.set_epoch``),
-saves the loader's state in its checkpoints (a ``KCDLoader`` has ``state_dict`` /
-``load_state_dict``, which Lightning's fit loop calls) and resumes it with
-``fit(ckpt_path=...)``, mid-epoch too: the loader records the batches observed, so the one
-Lightning's fetcher read ahead is yielded again. Under Lightning's DDP strategies the
+trainer's. Lightning itself keeps them in step (it calls ``loader.sampler.set_epoch``).
+
+Resume (docs/resume.md): ``fit(ckpt_path=...)`` continues exactly from ANY checkpoint
+Lightning writes: mid-epoch (``every_n_train_steps``), at an epoch's end (the default
+``ModelCheckpoint()``), at a validation's end, or from your own callback calling
+``trainer.save_checkpoint`` in ``on_train_batch_end``, listed before or after this one.
+Lightning stores the loader's state (``state_dict``) in its fit loop, but restores it only
+when it resumes mid-epoch; so the callback keeps the same state in its own callback state,
+which Lightning always restores, and hands it to the loader at ``on_train_start`` (before
+the first batch is pulled). The callback moves itself to the front of
+``trainer.callbacks`` at ``setup``: it observes each batch before any other callback's
+``on_train_batch_end`` can save a checkpoint, so a checkpoint always holds the
+observation of the batch its weights were trained on. The loader records the batches
+observed, so the one Lightning's fetcher read ahead is yielded again. Under Lightning's DDP strategies the
 loader shards itself (a process group exists by the time ``train_dataloader`` runs) and
 Lightning leaves it alone: it only re-wraps ``torch.utils.data.DataLoader`` objects.
 Size LR schedules with ``loader.total_steps()`` (``trainer.estimated_stepping_batches``
@@ -58,6 +67,7 @@ except ImportError:  # the standalone package
         ) from err
 
 from ..loader import KCDLoader
+from ..loader.state import STATE_FORMAT
 from .outputs import observe_step
 
 __all__ = ["KCDCallback", "batch_indices"]
@@ -91,6 +101,41 @@ class KCDCallback(Callback):
     def __init__(self) -> None:
         super().__init__()
         self.loader: KCDLoader | None = None
+        self._to_load: dict[str, Any] | None = None  # the loader state of the checkpoint resumed from
+
+    # -- order and state -------------------------------------------------------------------
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Moves this callback to the front of ``trainer.callbacks`` (the others keep their
+        order): each batch is observed before another callback's ``on_train_batch_end``
+        runs, which may save a checkpoint."""
+        callbacks = list(trainer.callbacks)
+        if callbacks and callbacks[0] is not self and any(c is self for c in callbacks):
+            trainer.callbacks = [self, *(c for c in callbacks if c is not self)]
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"loader": loader.state_dict()}`` once the callback knows the trainer's loader
+        (under DDP a collective, as Lightning's checkpoint dump is on every rank)."""
+        if self.loader is None:
+            return {}
+        return {"loader": self.loader.state_dict()}
+
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint without this callback's state (written before it kept one): the
+        loader state Lightning's fit loop stored, when it holds exactly one KCDLoader state.
+        Lightning calls ``load_state_dict`` next, whose state takes precedence."""
+        try:
+            states = checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+        except (KeyError, TypeError):
+            return
+        if isinstance(states, list) and len(states) == 1 and isinstance(states[0], Mapping):
+            if states[0].get("format") == STATE_FORMAT:
+                self._to_load = dict(states[0])
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keeps the checkpoint's loader state until the loader exists (``on_train_start``)."""
+        state = state_dict.get("loader") if isinstance(state_dict, Mapping) else None
+        if isinstance(state, Mapping):
+            self._to_load = dict(state)
 
     def _find_loader(self, trainer: Any) -> KCDLoader:
         dl = trainer.train_dataloader
@@ -114,6 +159,19 @@ class KCDCallback(Callback):
             )
         self._check_epoch_lengths(trainer, loader)
         self.loader = loader
+        if self._to_load is not None:
+            # Lightning loads the loader's state itself only when it resumes mid-epoch; loading
+            # the same state again changes nothing (the summaries already applied are skipped).
+            # The iterator Lightning made before this hook has not been pulled: it follows.
+            state, self._to_load = self._to_load, None
+            loader.load_state_dict(state)
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        # resumed from a checkpoint of the last epoch's end: Lightning trains nothing and never
+        # calls on_train_start; the loader still takes the checkpoint's state (its history, bank)
+        if self._to_load is not None and isinstance(trainer.train_dataloader, KCDLoader):
+            state, self._to_load = self._to_load, None
+            trainer.train_dataloader.load_state_dict(state)
 
     # -- Trainer options that change how many batches an epoch trains (checked at fit start) --
     @staticmethod

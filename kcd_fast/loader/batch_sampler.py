@@ -9,9 +9,10 @@ know which batches were trained. It counts what was observed instead:
 
 - the condensation at the end of an epoch happens once every yielded batch was observed
   (the last ``observe`` of the epoch), else at the next ``iter()`` (the DataLoader's next
-  epoch), ``len()``, ``set_epoch`` or ``state_dict()``;
-- a mid-epoch ``state_dict()`` records the batches whose rows were all observed: a resume
-  yields again the batches that had been fetched ahead but not trained.
+  epoch), ``len()`` or ``set_epoch``;
+- a mid-epoch ``state_dict()`` records the batches observed (named by their indices, see
+  :mod:`kcd_fast.loader.progress`): a resume yields again the batches that had been
+  fetched ahead but not trained.
 """
 
 from __future__ import annotations
@@ -160,7 +161,8 @@ class KCDBatchSampler(Sampler[list[int]]):
 
     def _settle_when_all_observed(self) -> None:
         L = self.loader
-        if L._position == L._batches_in(L.epoch) and L._rows_observed >= L._rows_yielded:
+        cur = L._cursor
+        if cur.yielded == L._batches_in(L.epoch) and cur.trained >= cur.yielded:
             L._settle()  # the epoch's last yielded batch was observed: condense now
 
     # -- state -----------------------------------------------------------------------------

@@ -24,14 +24,20 @@ Typical use (three lines change in a KD loop)::
 
 Documented rules
 ----------------
-Epochs (README: "How epochs advance")
-    An epoch is complete once its last planned batch has been yielded; the condensation
-    due before the next epoch then happens at the first of: the iterator's end
-    (``StopIteration``, as in a ``for`` loop; unless the loop has observed some but not
-    all of the rows yielded, as a fetcher that reads one batch ahead does), the next
-    ``iter()``, ``len()``, ``set_epoch`` or ``state_dict()``. Not earlier, so that the last batch can still be
-    observed; not later, so that loops pulling exactly ``len(loader)`` batches (Lightning,
-    the HF Trainer) advance too. ``epoch`` and ``active_indices`` name the epoch in
+Epochs (docs/resume.md: "How epochs advance")
+    Progress is one explicit cursor (:mod:`kcd_fast.loader.progress`): batches yielded,
+    batches trained (observed: an observe names its batch by its indices, so partial,
+    split or merged observes count a batch once) and the epoch they belong to. An epoch
+    is complete once its last planned batch has been yielded; the condensation due
+    before the next epoch then happens at the first of: the iterator's end
+    (``StopIteration``, as in a ``for`` loop; unless some batch of the epoch was trained
+    but not all yielded ones, as with a fetcher that reads one batch ahead), the next
+    ``iter()``, ``len()`` or ``set_epoch``; ``state_dict()`` changes nothing. Not earlier,
+    so that the last batch can still be observed; not later, so that loops pulling exactly
+    ``len(loader)`` batches (Lightning, the HF Trainer) advance too. An observe that
+    arrives after that condensation ran, before any batch of the next epoch was yielded,
+    is late: a ``UserWarning`` once per epoch (it still counts toward the next
+    condensation); ``strict=True`` raises instead. ``epoch`` and ``active_indices`` name the epoch in
     progress until then. A new ``iter()`` while the current epoch is incomplete restarts
     it where it started when none of its batches was observed (a peek such as
     ``next(iter(loader))``; a peek at an epoch of one batch does not complete it), and
@@ -67,11 +73,15 @@ State and resume
     ``(dst, src, eps)`` of every condensation) with a digest of the summarised rows.
     ``load_state_dict`` on a new loader over the ORIGINAL dataset replays the log with
     ``blend_``, checks the digest, and continues bit-exactly: same active sets, images,
-    order, batches. A state taken while an iterator is live records its ``position`` (the
-    batches yielded, as torchdata's ``StatefulDataLoader`` does): the loader that loads it
-    yields exactly the remaining batches of that epoch, and its bank already holds the
-    observations of the batches before (take the state after observing the last yielded
-    batch). A mid-epoch state resumes at the world size it was taken at. Random numbers of
+    order, batches. A state records its ``position``: the batches of the epoch trained
+    (observed) so far: the loader that loads it yields exactly the remaining batches of
+    that epoch, and its bank already holds the observations of the batches before (take
+    the state after observing the last trained batch). A state taken after the epoch's last
+    batch was trained records all of them; the condensation that ends the epoch runs after
+    the load (at the next ``iter()`` or ``set_epoch``; ``len()`` still counts that epoch,
+    as Lightning expects when it finishes the epoch after a validation-end checkpoint).
+    A mid-epoch state resumes at the world size it was taken at (one with all of its
+    epoch's batches trained, or none, at any world size). Random numbers of
     the torch back end are seeded per batch from ``(seed, epoch, rank, batch position)``
     (torch's, numpy's and Python's global RNGs, restored after each fetch), so augmentations
     do not depend on ``num_workers``, ``persistent_workers`` or a resume; the DALI back end
@@ -141,6 +151,7 @@ from .backends.base import BackendProtocol
 from .backends.factory import auto_vaks, make_backend
 from .config import Backend, LoaderConfig
 from .plan import UNOBSERVED_STREAM, VAKS_STREAM, Planner, stream_seed
+from .progress import EpochCursor
 from .transfer import to_batch_device
 
 __all__ = ["Backend", "KCDLoader"]
@@ -326,12 +337,10 @@ class KCDLoader:
         self._summaries: list[S.Summary] = []
         self._digest: str | None = None
         self._generation = 0
-        # the epoch in progress: batches yielded (its position), where the current iterator
-        # started, rows it yielded and rows observed since, whether an iterator was made for
-        # it, and where the next iterator resumes (a mid-epoch state, a failed batch)
-        self._position = self._resume_at = self._iter_start = 0
-        self._rows_yielded = self._rows_observed = 0
-        self._iterated = False
+        self._iterators = 0  # iterators made (a made but never pulled one may follow a load)
+        # the epoch in progress: batches yielded, batches trained (observed, named by their
+        # indices), where the current iterator started and where the next one resumes
+        self._cursor = EpochCursor(n)
         # set by KCDBatchSampler: a DataLoader reads the batches ahead of training, so an
         # unobserved batch is never a peek and an epoch ends once its batches are observed
         self._reads_ahead = False
@@ -394,10 +403,34 @@ class KCDLoader:
     def resume_position(self) -> int:
         """Batches of the current epoch that the next iterator skips because they were
         trained before a resume (a mid-epoch state) or before a failed batch; 0 otherwise."""
-        return self._resume_at
+        return self._cursor.resume_at
 
     def _batches_in(self, epoch: int) -> int:
         return self._planner.num_batches(self._sizes[epoch]) if epoch < self.schedule.epochs else 0
+
+    def _batches_on(self, epoch: int) -> Callable[[int], int]:
+        """``world -> batches per rank of epoch`` on ``world`` ranks (a saved state's world size)."""
+
+        def batches(world: int) -> int:
+            if epoch >= self.schedule.epochs:
+                return 0
+            dist = D.DistInfo(enabled=world > 1, world_size=world)
+            return dataclasses.replace(self._planner, dist=dist).num_batches(self._sizes[epoch])
+
+        return batches
+
+    def _batches_under(self, epoch: int, order: Any) -> int | None:
+        """Batches per rank of ``epoch`` under a saved state's ``order`` record (its batch
+        size, drop_last and world size); None when the record does not say."""
+        try:
+            batch_size, drop_last, world = int(order["batch_size"]), bool(order["drop_last"]), int(order["world_size"])
+        except (TypeError, KeyError, ValueError):
+            return None
+        if epoch >= self.schedule.epochs or batch_size < 1 or world < 1:
+            return None
+        dist = D.DistInfo(enabled=world > 1, world_size=world)
+        planner = dataclasses.replace(self._planner, batch_size=batch_size, drop_last=drop_last, dist=dist)
+        return planner.num_batches(self._sizes[epoch])
 
     def steps_per_epoch(self) -> list[int]:
         """Batches in each epoch of the whole schedule on this rank (``drop_last`` and, under
@@ -451,12 +484,13 @@ class KCDLoader:
     def __iter__(self) -> Iterator[tuple[Any, ...]]:
         self._settle()
         self._check_not_done()
-        if self._resume_at:  # a state saved mid-epoch, or a batch that failed: the rest of the epoch
-            start, self._resume_at = self._resume_at, 0
-        elif self._position > self._iter_start and self._rows_observed:  # a loop left the epoch early
+        cur = self._cursor
+        if cur.resume_at:  # a state saved mid-epoch, or a batch that failed: the rest of the epoch
+            start, cur.resume_at = cur.resume_at, 0
+        elif cur.yielded > cur.iter_start and cur.observed_any():  # a loop left the epoch early
             n = self._batches_in(self.epoch)
             warnings.warn(
-                f"KCDLoader: epoch {self.epoch} was left after {self._position} of its {n} batches and a new "
+                f"KCDLoader: epoch {self.epoch} was left after {cur.yielded} of its {n} batches and a new "
                 f"iterator was asked for: epoch {self.epoch} counts as trained on the batches observed so far, "
                 f"and the loader moves on to epoch {self.epoch + 1} (a loop that breaks early ends its epoch; "
                 "call set_epoch to say so explicitly)",
@@ -467,7 +501,7 @@ class KCDLoader:
             self._check_not_done()
             start = 0
         else:  # fresh, or a peek (nothing observed): from where the last iterator started
-            start = self._iter_start
+            start = cur.iter_start
         if self._dist.communicates and not self._ranks_agree:
             D.handshake(self._dist, "iter", self.epoch, f"iter() at epoch {self.epoch}")
             D.agree(self._agreement_digest(), self._dist.group, "loader's configuration and state", self.bank.device)
@@ -477,11 +511,13 @@ class KCDLoader:
         order_t = torch.from_numpy(plan.order)
         if self.config.pin_memory and torch.cuda.is_available():
             order_t = order_t.pin_memory()
-        it = self._backend.epoch_batches(plan.batches, plan.worker_seed, start)
-        self._iter_start = self._position = start
-        self._rows_yielded = self._rows_observed = 0
-        self._iterated = True
-        return self._epoch(self._generation, self.epoch, order_t, len(plan.batches), it, start)
+        # a state taken after the epoch's last batch was trained: nothing left, the epoch ends
+        it: Iterator[Any] = iter(())
+        if start < len(plan.batches):
+            it = self._backend.epoch_batches(plan.batches, plan.worker_seed, start)
+        self._cursor.begin(plan.batches, start)
+        self._iterators += 1
+        return self._epoch(self._generation, self.epoch, order_t, len(plan.batches), it, start, self._iterators)
 
     def _check_not_done(self) -> None:
         if self.epoch >= self.schedule.epochs:
@@ -493,24 +529,25 @@ class KCDLoader:
     def _complete(self) -> bool:
         """Every planned batch of the current epoch was yielded (an epoch of no batches is
         complete as it is)."""
-        n = self._batches_in(self.epoch)
-        return self.epoch < self.schedule.epochs and self._position == n and (self._iterated or n == 0)
+        return self.epoch < self.schedule.epochs and self._cursor.yielded == self._batches_in(self.epoch)
 
     def _lagging(self) -> bool:
-        """Fewer rows were observed than yielded: a fetcher read ahead of the training step
-        (once the loop has observed anything; from the start when the loader reads ahead)."""
-        return self._rows_observed < self._rows_yielded and (self._rows_observed > 0 or self._reads_ahead)
+        """Fewer batches were trained (observed) than yielded: a fetcher read ahead of the
+        training step (once some batch of the epoch was trained; from the start when the
+        loader reads ahead)."""
+        return self._cursor.lagging(self._reads_ahead)
 
     def _peeked(self) -> bool:
         """The current iterator yielded a single batch and none of it was observed (such as
         ``next(iter(loader))`` on an epoch of one batch): it does not complete the epoch."""
-        return self._position - self._iter_start == 1 and self._rows_observed == 0 and not self._reads_ahead
+        return self._cursor.peeked(self._reads_ahead)
 
     def _settle(self) -> None:
         """Completes the current epoch when its last batch was yielded: the condensation due
         before the next epoch happens now (under DDP a collective, on every rank)."""
-        yielded = self._position > self._iter_start  # the current iterator yielded its last batch
-        if self._iterated and yielded and self._complete() and not self._peeked():
+        cur = self._cursor
+        yielded = cur.yielded > cur.iter_start  # the current iterator yielded its last batch
+        if cur.iterated and yielded and self._complete() and not self._peeked():
             self._generation += 1
             self._advance()
 
@@ -534,17 +571,30 @@ class KCDLoader:
         return h.digest()
 
     def _epoch(
-        self, generation: int, epoch: int, order: torch.Tensor, n_batches: int, it: Iterator[Any], start: int
+        self,
+        generation: int,
+        epoch: int,
+        order: torch.Tensor,
+        n_batches: int,
+        it: Iterator[Any],
+        start: int,
+        made: int,
     ) -> Iterator[tuple[Any, ...]]:
         bar = None
         if self.config.progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=n_batches, initial=start, desc=f"KCD epoch {epoch}", leave=False)
-        bs, k = self.config.batch_size, start
+        bs, k, pulled = self.config.batch_size, start, False
         try:
             while True:
                 if generation != self._generation:  # checked before pulling: with persistent workers
+                    if not pulled and made == self._iterators:
+                        # made but never pulled, and no newer iterator since: the loader moved under it
+                        # (a load_state_dict, set_epoch or close between iter() and next(), as Lightning's
+                        # fit loop does when it resumes): it iterates the loader as it is now
+                        yield from iter(self)
+                        return
                     if k == n_batches:  # nothing was left to yield (completed by observing its last batch)
                         return
                     raise RuntimeError(  # a newer iterator shares the back end's iterator
@@ -559,14 +609,14 @@ class KCDLoader:
                     batch = to_batch_device(batch, self.config.batch_device)
                 idx = order[k * bs : (k + 1) * bs]
                 k += 1
-                self._position = k  # yielded: the epoch is complete once k == n_batches
-                self._rows_yielded += int(idx.shape[0])
+                self._cursor.yielded_batch(k)  # the epoch is complete once k == n_batches
+                pulled = True
                 yield (*batch, idx) if isinstance(batch, (tuple, list)) else (batch, idx)
                 if bar is not None:
                     bar.update(1)
         except Exception:
             if generation == self._generation:  # the back end failed (an unreadable file, ...):
-                self._resume_at = k  # the next iterator continues this epoch at the batch that failed
+                self._cursor.resume_at = k  # the next iterator continues this epoch at the batch that failed
                 self._backend.close()  # with fresh workers
             raise
         finally:
@@ -581,7 +631,7 @@ class KCDLoader:
         if self._lagging():
             # the loop observes, but not yet the last batch(es): a fetcher that reads one batch
             # ahead (Lightning's, accelerate's) ends the iterator before the last training step.
-            # The epoch is complete; it advances at the next iter(), len(), set_epoch or state_dict().
+            # The epoch is complete; it advances at the next iter(), len() or set_epoch.
             return
         self._advance()
 
@@ -611,7 +661,7 @@ class KCDLoader:
         notes = []
         if not self._complete() and self.epoch < self.schedule.epochs:
             notes.append(
-                f"epoch {self.epoch} has yielded {self._position} of its {self._batches_in(self.epoch)} batches: "
+                f"epoch {self.epoch} has yielded {self._cursor.yielded} of its {self._batches_in(self.epoch)} batches: "
                 f"epoch {self.epoch} ends here, trained on the batches observed so far"
             )
         if epoch > self.epoch + 1:
@@ -627,12 +677,11 @@ class KCDLoader:
 
     def _advance(self) -> None:
         nxt = self.epoch + 1
-        if nxt in self._condense_at:
+        condensed = nxt in self._condense_at
+        if condensed:
             self._condense(nxt)
         self.epoch = nxt
-        self._position = self._resume_at = self._iter_start = 0
-        self._rows_yielded = self._rows_observed = 0
-        self._iterated = False
+        self._cursor.reset(nxt, 0, after_advance=True, condensed=condensed)
 
     def _rank_unobserved(self, values: torch.Tensor, epoch: int, n_keep: int, n_prev: int) -> torch.Tensor:
         """Points never observed have value +inf and rank first. Warns when active points
@@ -736,15 +785,45 @@ class KCDLoader:
         Every row counts (see the module docstring); bad input raises before anything
         changes (on CUDA without ``strict``: at the next condensation).
         """
+        late = self._check_late()
         self.bank.observe(indices, logits, teacher_logits, mask=mask)
-        self._rows_observed += int(self.bank.last_rows)
+        self._observed(indices, late)
 
     def observe_scores(self, indices: Any, scores: Any) -> None:
         """Records a score per sample that you computed (``ValueBank.observe_scores``):
         ``indices`` ``[B]`` as yielded, ``scores`` ``[B]`` real numbers, higher = more
         valuable (a per-image detection loss, any measure). Same rules as :meth:`observe`."""
+        late = self._check_late()
         self.bank.observe_scores(indices, scores)
-        self._rows_observed += int(self.bank.last_rows)
+        self._observed(indices, late)
+
+    def _check_late(self) -> bool:
+        """Whether an observe now is late: it arrives after the condensation that ended its
+        epoch ran (no batch of the new epoch was yielded yet). ``strict=True`` raises
+        ``ValueError`` (before anything changes)."""
+        late = self._cursor.is_late()
+        if late and self.config.strict:
+            raise ValueError(self._late_message())
+        return late
+
+    def _late_message(self) -> str:
+        e = self.epoch
+        return (
+            f"KCDLoader.observe: an observation arrived after the condensation before epoch {e} ran, before any "
+            f"batch of epoch {e} was yielded: it belongs to epoch {e - 1}, whose points were ranked without it "
+            f"(it still counts toward the next condensation). Observe each batch before asking the loader for the "
+            f"next epoch: iter(), len() and set_epoch() end an epoch whose last batch was yielded"
+        )
+
+    def _observed(self, indices: Any, late: bool) -> None:
+        if late:
+            if not self._cursor.late_warned:  # once per epoch
+                self._cursor.late_warned = True
+                msg = self._late_message()
+                warnings.warn(msg, stacklevel=3)
+                log.warning(msg)
+            return
+        self._cursor.observed(indices)
 
     # -- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -755,13 +834,14 @@ class KCDLoader:
         rank's observations so far), and resumes at any world size; taking it changes
         nothing. ``save(path)`` writes it atomically.
 
-        Taken while an iterator is live, it records the epoch's position: the batches
-        yielded so far (``position``), unless none of them was observed (a peek); when fewer
-        rows were observed than yielded (a fetcher that reads ahead: Lightning's, DataLoader
-        workers behind a ``KCDBatchSampler``), the batches observed. A loader that loads it
-        yields exactly the remaining batches of that epoch (see "State and resume"). Taken
-        after the last batch of an epoch was yielded and observed, it first completes that
-        epoch (the condensation due happens now) and resumes at the next one.
+        It records the epoch's position: the batches trained (observed; named by their
+        indices, :mod:`kcd_fast.loader.progress`), so the batches a fetcher read ahead
+        (Lightning's, DataLoader workers behind a ``KCDBatchSampler``) and a peek are not
+        progress. A loader that loads it yields exactly the remaining batches of that epoch
+        (see "State and resume"). Taken after the last batch of an epoch was trained, it
+        records all of the epoch's batches: the condensation due before the next epoch has
+        not run, and runs in the loader that loads it (at its next ``iter()`` or
+        ``set_epoch``). Taking a state never condenses.
 
         Called by ``torch.distributed.checkpoint`` (``dcp.save({"loader": loader})``), it
         returns the same state as one opaque entry that DCP can restore into a fresh loader
@@ -774,20 +854,14 @@ class KCDLoader:
         return self._state_dict()
 
     def _state_dict(self) -> dict[str, Any]:
-        lagging = self._lagging()  # a fetcher read ahead of the training step
-        if not lagging:
-            self._settle()
-        if not self._rows_observed:  # a peek is not progress
-            position = self._iter_start
-        elif lagging:  # the batches trained: those observed (a fetcher's read-ahead is yielded again)
-            position = self._iter_start + self._rows_observed // self.config.batch_size
-        else:
-            position = self._position
-        return self._state_at(position)
+        # the batches trained: those observed (a fetcher's read-ahead is yielded again; a peek
+        # is not progress; after a load, the loaded position until more is trained); all of
+        # them once the epoch's last batch was observed: its condensation has not run yet
+        return self._state_at(self._cursor.trained)
 
     def _state_at(self, position: int) -> dict[str, Any]:
         """The state as of ``position`` batches into the current epoch (0: its start)."""
-        if not 0 < position < self._batches_in(self.epoch):
+        if not 0 < position <= self._batches_in(self.epoch):
             position = 0
         D.handshake(self._dist, "state_dict", self.epoch, f"state_dict() at epoch {self.epoch}")
         return {
@@ -846,9 +920,15 @@ class KCDLoader:
         seed = state["seed"]
         if not is_int(seed) or seed < 0:
             raise ValueError(f"state seed must be an int >= 0, got {seed!r}")
-        O.check_order(state.get(O.ORDER_KEY), self._order, state.get("position", 0), epoch)  # before the position
+        saved_order, position = state.get(O.ORDER_KEY), state.get("position", 0)
+        if is_int(position) and 0 < position == self._batches_under(epoch, saved_order):
+            # every batch of the epoch was trained (its condensation not run yet): between epochs, where
+            # the options that decide batches may change; complete here too, at this loader's batches
+            state = {**state, "position": self._batches_in(epoch), "world_size": self.world_size}
+            position = 0
+        O.check_order(saved_order, self._order, position, epoch)  # before the position
         act = S.check_active(state["active"], self.n, self._sizes[min(epoch, self.schedule.epochs - 1)], epoch)
-        position = S.check_position(state, self._batches_in(epoch), self.world_size)
+        position = S.check_position(state, self._batches_in(epoch), self.world_size, self._batches_on(epoch))
         bank = state["bank"]
         S.check_bank_state(
             bank,
@@ -869,9 +949,7 @@ class KCDLoader:
         self.seed = seed
         self._planner = dataclasses.replace(self._planner, seed=seed)
         self.epoch = epoch
-        self._position = self._resume_at = self._iter_start = position
-        self._rows_yielded = self._rows_observed = 0
-        self._iterated = False
+        self._cursor.reset(epoch, position, loaded=True)
         self._active = act
         self.history = [dict(r) for r in state["history"]]
         self._ranks_agree = False  # under DDP, the next iteration checks that every rank loaded the same

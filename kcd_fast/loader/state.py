@@ -8,8 +8,11 @@ A state (``KCDLoader.state_dict()``) is a dict of Python values and CPU tensors:
     config     LoaderConfig.state(): value, vaks, eps_m, alpha, temperature
     seed       the run's seed (every RNG stream derives from (seed, epoch))
     epoch      the epoch to run (or to continue)
-    position   batches of that epoch already yielded (and observed) when the state was
-               taken mid-epoch; 0 between epochs (absent in states of kcd_fast 0.1: 0)
+    position   batches of that epoch trained (observed, kcd_fast.loader.progress) when the
+               state was taken; all of them (the epoch's batch count) when it was taken after
+               the epoch's last batch was trained but before the condensation that ends it
+               (which then runs after the load); 0 at an epoch's start (absent in states of
+               kcd_fast 0.1: 0)
     world_size the ranks the state was taken on (a mid-epoch state resumes only there)
     active     int64 [n_e] ascending: the points of that epoch
     bank       ValueBank.state_dict() (global totals under DDP)
@@ -31,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._checks import is_int
 from ..ops import blend_
 
 __all__ = [
@@ -133,20 +137,29 @@ def check_summaries(summaries: Any, n: int) -> list[Summary]:
     return out
 
 
-def check_position(state: dict[str, Any], n_batches: int, world_size: int) -> int:
-    """The state's mid-epoch position (0 when absent); ``ValueError`` unless it is an int in
-    ``[0, n_batches)`` and, when > 0, the state was taken at this ``world_size``."""
+def check_position(
+    state: dict[str, Any], n_batches: int, world_size: int, batches_at: Callable[[int], int] | None = None
+) -> int:
+    """The state's position in this loader's batches (0 when absent); ``ValueError`` unless
+    it is an int in ``[0, n_batches]`` (``n_batches``: every batch of the epoch trained, its
+    condensation not run yet) and, when > 0, the state was taken at this ``world_size``. A
+    state with every batch of its epoch trained at its own world size (``batches_at(world)``:
+    the epoch's batches per rank there) resumes at any world size: as ``n_batches``."""
     position = state.get("position", 0)
-    ok = isinstance(position, (int, np.integer)) and not isinstance(position, bool)
-    if not ok or not 0 <= position < max(1, n_batches):
-        raise ValueError(
-            f"state position must be an int in [0, {max(1, n_batches)}) (batches of the epoch), got {position!r}"
-        )
     saved_world = state.get("world_size", world_size)
+    ok = isinstance(position, (int, np.integer)) and not isinstance(position, bool)
+    if ok and position and saved_world != world_size and batches_at is not None and is_int(saved_world):
+        if saved_world >= 1 and position == batches_at(int(saved_world)):
+            return n_batches  # the epoch was complete there: it is complete here
+    if not ok or not 0 <= position <= n_batches:
+        raise ValueError(
+            f"state position must be an int in [0, {n_batches}] (batches of the epoch trained), got {position!r}"
+        )
     if position and saved_world != world_size:
         raise ValueError(
             f"the state was taken mid-epoch (after {position} batches) on {saved_world} rank(s) and resumes only at "
-            f"that world size, this loader runs on {world_size}; save between epochs to change the world size"
+            f"that world size, this loader runs on {world_size}; save at an epoch's end or start to change the "
+            "world size"
         )
     return int(position)
 

@@ -1,0 +1,174 @@
+"""Lightning resumes exactly from every checkpoint it writes (real Lightning, CPU, tiny data):
+the default ``ModelCheckpoint`` at an epoch's end, checkpoints at a validation's end (mid-epoch
+and at the epoch's end), and a callback of the user's that saves in ``on_train_batch_end``,
+listed before or after ``KCDCallback``. Each resumed run is compared with one uninterrupted
+run: the batches trained (their indices), the weights, the value bank, the active set, the
+history and the summarised images, bit for bit."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+pl = pytest.importorskip("lightning.pytorch")
+
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
+
+from kcd_fast import ArrayDataset, CondensationSchedule, KCDLoader  # noqa: E402
+from kcd_fast.integrations.lightning import KCDCallback  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:The dirpath has changed", "ignore:.*LeafSpec.*is deprecated", "ignore:.*does not have many workers"
+)
+
+N, C = 60, 5
+SCHED = CondensationSchedule(epochs=6, period=2, rho=0.7)  # epochs of 8, 7, 6, 6, 6, 6 batches of 8
+ENDS = np.cumsum([-(-s // 8) for s in SCHED.epoch_sizes(N)]).tolist()  # global step at each epoch's end
+_rng = np.random.default_rng(0)
+IMAGES = _rng.integers(0, 256, (N, 4, 4, 3), dtype=np.uint8)
+LABELS = _rng.integers(0, C, N)
+
+
+class Student(pl.LightningModule):
+    def __init__(self, validate: bool = False) -> None:
+        super().__init__()
+        self.net = torch.nn.Linear(48, C)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            self.net.weight.copy_(torch.randn(C, 48, generator=g) * 0.1)
+            self.net.bias.zero_()
+        self.loader = KCDLoader(ArrayDataset(IMAGES, LABELS), SCHED, batch_size=8, shuffle=True, seed=3)
+        self.validate = validate
+        self.trained: list[tuple[int, list[int]]] = []
+
+    def train_dataloader(self):
+        return self.loader
+
+    def training_step(self, batch, batch_idx):
+        x, y, idx = batch
+        logits = self.net(x.flatten(1))
+        self.trained.append((self.current_epoch, idx.tolist()))
+        return {"loss": torch.nn.functional.cross_entropy(logits, y), "logits": logits}
+
+    def val_dataloader(self):
+        x = torch.from_numpy(IMAGES[:8]).float().flatten(1) / 255
+        return torch.utils.data.DataLoader(list(zip(x, torch.from_numpy(LABELS[:8]), strict=True)), batch_size=4)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", torch.nn.functional.cross_entropy(self.net(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class Saver(Callback):
+    """A user's callback that saves a checkpoint in on_train_batch_end at chosen steps."""
+
+    def __init__(self, folder: Path, steps: tuple[int, ...]) -> None:
+        self.folder, self.steps = folder, steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step in self.steps:
+            trainer.save_checkpoint(self.folder / f"step={trainer.global_step}.ckpt")
+
+
+def _fit(root: Path, callbacks: list[Any], module: Student, ckpt: Path | None = None, **kw: Any) -> Student:
+    validate = module.validate
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=SCHED.epochs,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=None if validate else 0,
+        default_root_dir=root,
+        callbacks=callbacks,
+        **kw,
+    )
+    trainer.fit(module, ckpt_path=None if ckpt is None else str(ckpt))
+    return module
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Student:
+    """The uninterrupted run: no checkpoints at all."""
+    return _fit(tmp_path_factory.mktemp("ref"), [KCDCallback()], Student())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """Three interrupted-run sources: the default ModelCheckpoint at every epoch's end (and
+    a saver BEFORE KCDCallback), a saver AFTER it, and validation-end checkpoints (twice an
+    epoch: mid-epoch and at its end)."""
+    root = tmp_path_factory.mktemp("runs")
+    out = {k: root / k for k in ("epoch", "before", "after", "val")}
+    steps = (5, ENDS[0], ENDS[1])  # mid-epoch 0, the last batch of epochs 0 and 1
+    every_epoch = ModelCheckpoint(dirpath=out["epoch"], save_top_k=-1, filename="{epoch}")
+    _fit(root, [Saver(out["before"], steps), KCDCallback(), every_epoch], Student())
+    _fit(root, [KCDCallback(), Saver(out["after"], steps)], Student())
+    at_val = ModelCheckpoint(dirpath=out["val"], save_top_k=-1, filename="{step}")
+    _fit(root, [KCDCallback(), at_val], Student(validate=True), val_check_interval=0.5)
+    return out
+
+
+def _assert_same_run(ref: Student, module: Student, step: int) -> None:
+    assert module.trained == ref.trained[step:]  # exactly the batches not yet trained, same indices
+    for a, b in zip(ref.parameters(), module.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for m in (ref, module):  # the last epoch's condensation, if it has not run yet (in step: no warning)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            m.loader.set_epoch(SCHED.epochs)
+    sa, sb = ref.loader.state_dict(), module.loader.state_dict()
+    assert sa["epoch"] == sb["epoch"] == SCHED.epochs
+    for key in ("sums", "counts"):
+        assert torch.equal(sa["bank"][key], sb["bank"][key])
+    assert torch.equal(sa["active"], sb["active"]) and sa["history"] == sb["history"]
+    assert torch.equal(ref.loader.images, module.loader.images)
+
+
+@pytest.mark.parametrize("epoch", [0, 2, 5])
+def test_resume_from_the_default_epoch_end_checkpoint(reference, runs, tmp_path, epoch: int) -> None:
+    module = _fit(tmp_path, [KCDCallback()], Student(), runs["epoch"] / f"epoch={epoch}.ckpt")
+    _assert_same_run(reference, module, ENDS[epoch])
+
+
+@pytest.mark.parametrize("order", ["before", "after"])
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_resume_from_a_saver_callback_in_either_order(reference, runs, tmp_path, order: str, k: int) -> None:
+    step = (5, ENDS[0], ENDS[1])[k]
+    module = _fit(tmp_path, [KCDCallback()], Student(), runs[order] / f"step={step}.ckpt")
+    _assert_same_run(reference, module, step)
+
+
+# Lightning validates every 4 batches (half of the first epoch's len, computed once): mid-epoch 0, at the end
+# of epoch 0, mid-epoch 1 and 2 (later epochs are shorter: no validation at their end)
+@pytest.mark.parametrize("step", [4, ENDS[0], ENDS[0] + 4, ENDS[1] + 4])
+def test_resume_from_validation_end_checkpoints(reference, runs, tmp_path, step: int) -> None:
+    module = _fit(tmp_path, [KCDCallback()], Student(validate=True), runs["val"] / f"step={step}.ckpt")
+    _assert_same_run(reference, module, step)
+
+
+def test_a_checkpoint_without_the_callback_state_resumes_from_the_fit_loop_state(reference, runs, tmp_path) -> None:
+    """A checkpoint written before KCDCallback kept the loader state: the fit loop's copy."""
+    ckpt = torch.load(runs["epoch"] / "epoch=2.ckpt", weights_only=False)
+    assert any("KCDCallback" in k for k in ckpt["callbacks"])
+    ckpt["callbacks"] = {k: v for k, v in ckpt["callbacks"].items() if "KCDCallback" not in k}
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    module = _fit(tmp_path, [KCDCallback()], Student(), tmp_path / "old.ckpt")
+    _assert_same_run(reference, module, ENDS[2])
+
+
+def test_the_callback_observes_before_other_callbacks(tmp_path) -> None:
+    saver, kcd = Saver(tmp_path, ()), KCDCallback()
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, callbacks=[saver, kcd])
+    kcd.setup(trainer, Student(), "fit")
+    assert trainer.callbacks.index(kcd) < trainer.callbacks.index(saver)
