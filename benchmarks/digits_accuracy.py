@@ -2,8 +2,8 @@
 
 The data ship with scikit-learn (1797 images, 10 classes; nothing is downloaded). A
 stratified 25% is held out for testing. One MLP teacher (two hidden layers of 256) is
-trained once (cached under benchmarks/cache/); then for each seed a small MLP student
-(one hidden layer of 32) is distilled with vanilla KD and with KCD, identical but for the
+trained once (cached in the user's cache folder, kcd_fast.kd.default_cache_dir()); then for
+each seed a small MLP student (one hidden layer of 32) is distilled with vanilla KD and with KCD, identical but for the
 loader (same init, same first-epoch order, same hyper-parameters). Reports per seed and the
 mean and sample standard deviation of both accuracies and of the paired difference.
 

@@ -1,8 +1,8 @@
 """The main benchmark: KCD's measured wall-clock saving against the theoretical C.
 
-Trains (or loads from benchmarks/cache/) a teacher, then runs vanilla KD and KCD with
-identical settings and seed on this machine, their epochs interleaved (A-B, B-A, ...) so
-that drift of a shared machine hits both, and reports per epoch the samples and seconds
+Trains (or loads from the user's cache folder, kcd_fast.kd.default_cache_dir()) a teacher,
+then runs vanilla KD and KCD with identical settings and seed on this machine, their epochs
+interleaved (A-B, B-A, ...) so that drift of a shared machine hits both, and reports per epoch the samples and seconds
 of both runs; the totals; the measured ratio KCD / vanilla next to the theoretical C of
 the schedule run (``schedule.relative_cost(N)``) and the paper's closed form
 (``schedule.paper_cost``); the test accuracy of both; and KCD's own overhead (scoring in

@@ -17,11 +17,12 @@ import shutil
 import tempfile
 
 import torch
-from accelerate import Accelerator
-from common import accuracy, image_args, image_data, kd_loss, train_teacher
+from common import accuracy, image_args, image_data, kd_loss, require_extra, smoke_note, train_teacher
 
-import kcd_fast
-from kcd_fast.kd.models import build_model
+Accelerator = require_extra("accelerate", "accelerate").Accelerator
+
+import kcd_fast  # noqa: E402
+from kcd_fast.kd.models import build_model  # noqa: E402
 
 
 def main() -> None:
@@ -74,6 +75,8 @@ def main() -> None:
     accelerator.wait_for_everyone()
     if args.tiny and accelerator.is_main_process:  # a smoke run (the tests): leave no checkpoint behind
         shutil.rmtree(ckpt, ignore_errors=True)
+    if accelerator.is_main_process:
+        smoke_note(args)
     accelerator.end_training()
 
 

@@ -31,12 +31,13 @@ def smoke_note(args: argparse.Namespace) -> None:
         print(SMOKE_NOTE, flush=True)
 
 
-def require_extra(module: str, extra: str) -> ModuleType:
-    """``import module``, or exit with the one command that installs it (the extra that brings it)."""
+def require_extra(module: str, extra: str, package: str | None = None) -> ModuleType:
+    """``import module``, or exit with the one command that installs it (the extra that brings
+    ``package``, by default the module's top-level package)."""
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as err:
-        top = module.partition(".")[0]
+        top = package or module.partition(".")[0]
         if not err.name or err.name.partition(".")[0] != top:
             raise  # something else is missing: its own error says what
         raise SystemExit(

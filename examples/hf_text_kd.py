@@ -8,6 +8,7 @@ the teacher) stays as it is.
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 
 import numpy as np
@@ -124,6 +125,7 @@ def main() -> None:
         f"optimizer steps {trainer.state.global_step}; condensations: "
         f"{[(h['epoch'], h['kept']) for h in trainer.kcd_loader.history]}; student test accuracy {acc:.3f}"
     )
+    shutil.rmtree(out, ignore_errors=True)  # save_strategy="no": nothing in it worth keeping
     smoke_note(args)
 
 

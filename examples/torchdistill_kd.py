@@ -20,18 +20,21 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from common import accuracy, train_teacher
+from common import accuracy, require_extra, smoke_note, train_teacher
 
-import kcd_fast
-import kcd_fast.integrations.torchdistill as kcd_td  # registers KCD's keys: import it before the box is built
-from kcd_fast.kd import digits_arrays, split_arrays
-from kcd_fast.kd.models import build_model
+# registers KCD's keys: import it before the box is built (it imports torchvision.datasets, then torchdistill)
+kcd_td = require_extra("kcd_fast.integrations.torchdistill", "torchdistill", package="torchdistill")
+require_extra("sklearn", "torchdistill")  # the digits data ships inside scikit-learn
+
+import kcd_fast  # noqa: E402
+from kcd_fast.kd import digits_arrays, split_arrays  # noqa: E402
+from kcd_fast.kd.models import build_model  # noqa: E402
 
 # isort: split
 # torchdistill after kcd_td, which imports torchvision.datasets first (torchdistill 1.1.5 beside torchvision 0.29)
-from torchdistill.common import yaml_util
-from torchdistill.common.main_util import load_ckpt, save_ckpt
-from torchdistill.core.distillation import get_distillation_box
+from torchdistill.common import yaml_util  # noqa: E402
+from torchdistill.common.main_util import load_ckpt, save_ckpt  # noqa: E402
+from torchdistill.core.distillation import get_distillation_box  # noqa: E402
 
 
 def main() -> None:
@@ -48,6 +51,8 @@ def main() -> None:
     if distributed:
         dist.init_process_group("gloo")
     rank = dist.get_rank() if distributed else 0
+    if rank == 0:
+        smoke_note(args)
     config = yaml_util.load_yaml_file(args.config)
     x, y = digits_arrays()
     x_train, y_train, x_test, y_test = split_arrays(x, y, 0.25, seed=args.seed)
@@ -89,6 +94,7 @@ def main() -> None:
         if args.tiny and args.ckpt is None:  # a smoke run (the tests): leave no checkpoint behind
             for path in (ckpt, kcd_td.kcd_checkpoint_path(ckpt)):
                 os.remove(path)
+        smoke_note(args)
     if distributed:
         dist.barrier()
         dist.destroy_process_group()

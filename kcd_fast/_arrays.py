@@ -89,7 +89,8 @@ def dtype_name(t: torch.Tensor) -> str:
 def check_dtype(t: torch.Tensor, name: str, allowed: tuple[torch.dtype, ...]) -> None:
     if t.dtype not in allowed:
         names = ", ".join(str(d).replace("torch.", "") for d in allowed)
-        raise TypeError(f"{name} must have dtype {names}, got {dtype_name(t)}")
+        hint = " (convert with .long())" if allowed == (torch.int64,) and not t.dtype.is_floating_point else ""
+        raise TypeError(f"{name} must have dtype {names}, got {dtype_name(t)}{hint}")
 
 
 def check_ndim(t: torch.Tensor, name: str, ndim: int, shape_doc: str) -> None:

@@ -153,7 +153,9 @@ class ValueBank:
             return
         if self.measure is Measure.KL:
             if teacher_logits is None:
-                raise ValueError("measure 'kl' needs teacher_logits, got None")
+                raise ValueError(
+                    "measure 'kl' needs teacher_logits, got None: call observe(indices, student_logits, teacher_logits)"
+                )
             lg, te = ops.student_teacher_args(logits, teacher_logits)
         else:
             if teacher_logits is not None:

@@ -40,6 +40,9 @@ def run_cli(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProce
         (["--data", "digits", "--teacher", "resnet9000"], r"--teacher 'resnet9000': "),
         (["--rho", "1.5"], r"--epochs/--period/--rho/--decay/--warmup: .*rho"),
         (["--mode", "fast"], r"argument --mode: invalid choice: 'fast'"),
+        (["--data", "digits", "--lr", "-1"], r"--lr: lr must be a finite number > 0, got -1.0"),
+        (["--data", "digits", "--momentum", "2"], r"--momentum: momentum must be in \[0, 1\), got 2.0"),
+        (["--data", "digits", "--cache-dir", "/proc/no-such-dir"], r"--cache-dir '/proc/no-such-dir' cannot hold"),
     ],
 )
 def test_argument_errors_are_one_line_and_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
@@ -62,6 +65,7 @@ def test_a_run_caches_its_teacher_in_the_user_cache_and_logs_lines(tmp_path: Pat
     assert len(cached) == 1, list(cache.rglob("*"))
     # stderr is a pipe: no progress bars (no carriage returns), a plain line per epoch
     assert "\r" not in r.stderr and "it/s" not in r.stderr
+    assert re.search(r"^teacher mlp_t: trained in \d+\.\d s, accuracy \d+\.\d\d%$", r.stderr, re.M)
     assert re.search(r"^teacher mlp_t epoch 1/1: 1347 samples in \d+\.\d s, loss \d+\.\d{4}$", r.stderr, re.M)
     assert re.search(r"^kcd epoch 1/2: \d+ samples in \d+\.\d s, loss \d+\.\d{4}, ~\d+ s left$", r.stderr, re.M)
     # numbers formatted: accuracies as percentages with two decimals

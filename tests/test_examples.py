@@ -64,7 +64,12 @@ def test_hf_example() -> None:
 
 @pytest.mark.parametrize(
     "script, missing, extra",
-    [("lightning_kd.py", "lightning", "lightning"), ("hf_text_kd.py", "transformers", "hf")],
+    [
+        ("lightning_kd.py", "lightning", "lightning"),
+        ("hf_text_kd.py", "transformers", "hf"),
+        ("accelerate_kd.py", "accelerate", "accelerate"),
+        ("torchdistill_kd.py", "torchdistill", "torchdistill"),
+    ],
 )
 def test_an_example_without_its_extra_names_the_install_command(tmp_path: Path, script, missing, extra) -> None:
     """With the package absent (a stub first on the path raises what a missing package raises),
@@ -115,6 +120,7 @@ def test_accelerate_example() -> None:
     out = _run([sys.executable, str(EXAMPLES / "accelerate_kd.py"), "--tiny"])
     _condensations(out, 400)
     assert _points_over(out, 1) == TINY.epoch_sizes(400)
+    _says_it_is_a_smoke_run(out)
 
 
 @pytest.mark.slow
@@ -138,6 +144,7 @@ def test_torchdistill_example() -> None:
     out = _run([sys.executable, str(EXAMPLES / "torchdistill_kd.py"), "--tiny"])
     assert _trained(out, 1) == TD_SCHEDULE.epoch_sizes(DIGITS_TRAIN)
     assert f"schedule: {TD_SCHEDULE.epoch_sizes(DIGITS_TRAIN)}" in out
+    _says_it_is_a_smoke_run(out)
 
 
 @pytest.mark.slow

@@ -560,3 +560,12 @@ def test_reversed_numpy_data_works_with_vaks_off_and_explains_otherwise() -> Non
     assert len(list(loader)) == 2
     with pytest.raises(ValueError, match="negative strides"):
         KCDLoader(Reversed(), sched, batch_size=3)
+
+
+@pytest.mark.parametrize("path", ["/data/imagenet/train", b"/data/x", __import__("pathlib").Path("/data/y")])
+def test_a_path_is_not_a_dataset(path) -> None:
+    """A str is a sequence of characters: without this check it "works" and yields letters."""
+    with pytest.raises(
+        TypeError, match=r"dataset must be a dataset object, got the path '/data/.*kcd_fast.ImageFolder"
+    ):
+        KCDLoader(path, CondensationSchedule(4, 2, rho=0.5), batch_size=4)

@@ -80,9 +80,11 @@ try:
     from torchdistill.core.interfaces.registry import register_forward_proc_func, register_post_forward_proc_func
     from torchdistill.datasets.registry import register_batch_sampler, register_dataset_wrapper
     from torchdistill.datasets.wrapper import BaseDatasetWrapper
-except ImportError as err:
-    raise ImportError(
-        "kcd_fast.integrations.torchdistill needs torchdistill: pip install 'kcd_fast[torchdistill]'"
+except ImportError as err:  # a ModuleNotFoundError naming torchdistill when it is missing
+    raise ModuleNotFoundError(
+        "kcd_fast.integrations.torchdistill needs torchdistill: pip install torchdistill (in the kcd_fast "
+        'checkout: pip install -e ".[torchdistill]")',
+        name=err.name if isinstance(err, ModuleNotFoundError) else None,
     ) from err
 
 from ..loader import KCDBatchSampler

@@ -41,40 +41,61 @@ from .trainer import (
 __all__ = ["build_parser", "main", "prepare_data"]
 
 
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each flag's default, except where the default is None (its help says
+    what None means) or a switch."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or isinstance(action.default, bool):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        formatter_class=_HelpWithDefaults,
         prog="python -m kcd_fast.kd",
         usage="%(prog)s [options]   (--help lists them)",  # an error is 2 short lines, not a page
         description="Distil a student from a (cached) teacher with vanilla KD or KCD.",
     )
-    p.add_argument(
-        "--mode", choices=("kd", "kcd", "both"), default="kcd", help="vanilla KD, KCD, or both (default kcd)"
-    )
+    p.add_argument("--mode", choices=("kd", "kcd", "both"), default="kcd", help="vanilla KD, KCD, or both")
     p.add_argument(
         "--data",
         default="synthetic",
         help="'synthetic' (generated CIFAR-shaped set), 'digits' (sklearn), or an .npz / image folder",
     )
-    p.add_argument("--n-train", type=int, default=5000, help="synthetic: training images (default 5000)")
-    p.add_argument("--n-test", type=int, default=1000, help="synthetic: test images (default 1000)")
-    p.add_argument("--image-size", type=int, default=32, help="image folder / synthetic size (default 32)")
+    p.add_argument("--n-train", type=int, default=5000, help="synthetic: training images")
+    p.add_argument("--n-test", type=int, default=1000, help="synthetic: test images")
+    p.add_argument("--image-size", type=int, default=32, help="image folder / synthetic size")
     p.add_argument("--teacher", default=None, help="teacher model (default convnet_t, mlp_t for digits)")
     p.add_argument("--student", default=None, help="student model (default convnet_s, mlp_s for digits)")
-    p.add_argument("--teacher-epochs", type=int, default=12)
-    p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--period", type=int, default=2)
-    p.add_argument("--rho", type=float, default=0.7)
-    p.add_argument("--decay", default="exp", choices=("exp", "linear", "reference"))
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--value", default="entropy", choices=("entropy", "kl", "random"))
-    p.add_argument("--vaks", default="low", choices=("low", "high", "random", "off"))
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--teacher-epochs", type=int, default=12, help="epochs of the teacher's training (on a cache miss)")
+    p.add_argument("--epochs", type=int, default=12, help="training epochs I of the student (a multiple of --period)")
+    p.add_argument("--period", type=int, default=2, help="condensation period T in epochs")
+    p.add_argument("--rho", type=float, default=0.7, help="final keep fraction")
+    p.add_argument(
+        "--decay",
+        default="exp",
+        choices=("exp", "linear", "reference"),
+        help="how the keep fraction falls from stage to stage",
+    )
+    p.add_argument("--warmup", type=int, default=1, help="full epochs before the first condensation")
+    p.add_argument(
+        "--value", default="entropy", choices=("entropy", "kl", "random"), help="what scores a sample's value"
+    )
+    p.add_argument(
+        "--vaks",
+        default="low",
+        choices=("low", "high", "random", "off"),
+        help="which kept points the dropped ones are blended into",
+    )
+    p.add_argument("--batch-size", type=int, default=64, help="batch size (teacher and student)")
+    p.add_argument("--lr", type=float, default=0.05, help="peak learning rate (SGD)")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum, in [0, 1)")
     p.add_argument("--gamma", type=float, default=0.1, help="cross-entropy weight")
     p.add_argument("--alpha-kd", type=float, default=0.9, help="KL weight")
-    p.add_argument("--temperature", type=float, default=4.0)
+    p.add_argument("--temperature", type=float, default=4.0, help="KD temperature")
     p.add_argument("--lr-schedule", default="cosine", choices=[s.value for s in LRSchedule])
     p.add_argument(
         "--lr-index",
@@ -82,11 +103,16 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[s.value for s in LRIndex],
         help="what the LR schedule's progress counts: epoch (the same LR for KD and KCD in every epoch) or step",
     )
-    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--backend", default="torch", choices=("torch", "dali", "tensor"))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--amp",
+        default="auto",
+        choices=("auto", "bf16", "fp16", "off"),
+        help="mixed precision (auto: bf16 on CUDA, off on the CPU)",
+    )
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the models train")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (torch back end)")
+    p.add_argument("--backend", default="torch", choices=("torch", "dali", "tensor"), help="KCDLoader back end")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data, the models and the loader")
     p.add_argument(
         "--cache-dir",
         default=None,
@@ -157,17 +183,26 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     bars = not args.no_progress and sys.stderr.isatty()  # plain lines into logs and pipes
     augment = "none" if digits else "crop_flip"
     pre = BatchPreprocess([0.5] * input_shape[0], [0.25] * input_shape[0], augment=augment, seed=args.seed)
-    cfg = KDConfig(
-        lr=args.lr,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        temperature=args.temperature,
-        gamma=args.gamma,
-        alpha_kd=args.alpha_kd,
-        lr_schedule=args.lr_schedule,
-        lr_index=args.lr_index,
-        amp=args.amp,
-    )
+    try:
+        cfg = KDConfig(
+            lr=args.lr,
+            momentum=args.momentum,
+            weight_decay=args.weight_decay,
+            temperature=args.temperature,
+            gamma=args.gamma,
+            alpha_kd=args.alpha_kd,
+            lr_schedule=args.lr_schedule,
+            lr_index=args.lr_index,
+            amp=args.amp,
+        )
+    except (ValueError, TypeError) as err:  # "lr must be ...": the flag is the field with dashes
+        field = str(err).split(" ", 1)[0]
+        parser.error(f"--{field.replace('_', '-')}: {err}")
+    if cache_dir is not None:
+        try:
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            parser.error(f"--cache-dir {str(cache_dir)!r} cannot hold the teacher cache: {err}")
     test_set = ArrayDataset(xt, yt, transform=keep_uint8)
     teacher, tinfo = cached_teacher(
         teacher_name,

@@ -85,8 +85,14 @@ def synthetic_arrays(
 def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     """sklearn's 8x8 handwritten digits (1797 images, 10 classes; ships with
     scikit-learn) as uint8 ``[1797, 8, 8, 1]`` (0..16 scaled to 0..240) and int64 labels."""
-    from sklearn.datasets import load_digits
-
+    try:
+        from sklearn.datasets import load_digits
+    except ModuleNotFoundError as err:
+        raise ModuleNotFoundError(
+            "the digits data ships with scikit-learn, which is not installed: pip install scikit-learn "
+            '(or, in the kcd_fast checkout, pip install -e ".[bench]")',
+            name=err.name,
+        ) from None
     d = load_digits()
     images = (d.images * 15.0).round().clip(0, 255).astype(np.uint8)[..., None]
     return images, d.target.astype(np.int64)

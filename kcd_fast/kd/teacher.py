@@ -127,7 +127,10 @@ def cached_teacher(
         torch.save({"key": key, "meta": json.dumps(meta), "state_dict": state, "accuracy": accuracy}, buf)
         atomic_write(path, buf.getvalue())
     if log:
-        log(f"teacher {name}: trained in {seconds:.1f} s, accuracy {accuracy}")
+        log(
+            f"teacher {name}: trained in {seconds:.1f} s, accuracy "
+            + ("n/a" if accuracy is None else f"{accuracy:.2f}%")
+        )
     return teacher, {
         "cached": False,
         "path": None if path is None else str(path),

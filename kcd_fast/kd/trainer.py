@@ -140,6 +140,8 @@ class KDConfig:
             v = getattr(self, name)
             if not is_finite_number(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if not self.momentum < 1:  # SGD's momentum at or above 1 diverges
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
         LRSchedule.parse(self.lr_schedule)
         LRIndex.parse(self.lr_index)
         self.milestones = tuple(float(m) for m in self.milestones)

@@ -266,6 +266,11 @@ class KCDLoader:
         **backend_options: Any,
     ):
         # -- arguments (all checked before any state is built) --------------------------
+        if isinstance(dataset, (str, bytes, os.PathLike)):  # a str is a sequence: it would "work"
+            raise TypeError(
+                f"dataset must be a dataset object, got the path {os.fsdecode(dataset)!r}: for a folder of images "
+                "(one subfolder per class) pass kcd_fast.ImageFolder(path)"
+            )
         if isinstance(vaks, str) and vaks == "auto":
             vaks = auto_vaks(dataset, Backend.parse(backend))
         config = LoaderConfig.create(
@@ -523,7 +528,8 @@ class KCDLoader:
         if self.epoch >= self.schedule.epochs:
             raise RuntimeError(
                 f"the schedule's {self.schedule.epochs} epochs are done (epoch = {self.epoch}); "
-                "KCDLoader does not run extra epochs: build a new loader or schedule to train longer"
+                "KCDLoader does not run extra epochs: build a new loader or schedule to train longer (after a "
+                "resume, loop over range(loader.epoch, schedule.epochs), not range(schedule.epochs))"
             )
 
     def _complete(self) -> bool:

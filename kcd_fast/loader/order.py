@@ -83,7 +83,8 @@ def check_order(saved: Any, current: dict[str, Any], position: Any, epoch: Any) 
     for key in MID_EPOCH:
         if key in saved and saved[key] != current[key]:
             raise ValueError(
-                f"the state was taken mid-epoch (after {position} batches of epoch {epoch}) with "
+                f"the state was taken mid-epoch (after {position} batch{'es' if position != 1 else ''} of epoch "
+                f"{epoch}) with "
                 f"{key}={saved[key]!r}, this loader has {key}={current[key]!r}: the batches left of that epoch "
                 f"depend on {key}; build the loader with {key}={saved[key]!r}, or resume from a state taken "
                 f"between epochs (where {key} may change)"
