@@ -212,6 +212,31 @@ def kd_loss(
     return gamma * ce + alpha_kd * kl, ce, kl
 
 
+def kd_loss_per_sample(
+    logits_s: torch.Tensor,  # [B, C]
+    logits_t: torch.Tensor | None,  # [B, C]
+    targets: torch.Tensor,  # [B] int64
+    *,
+    temperature: float = 4.0,
+    gamma: float = 0.1,
+    alpha_kd: float = 0.9,
+) -> torch.Tensor:
+    """``[B]`` float32: :func:`kd_loss`'s loss of each sample (their mean is ``kd_loss``'s
+    ``loss``): what an :class:`kcd_fast.InfoBatchSchedule` scores and weights."""
+    s = logits_s.float()
+    loss = gamma * F.cross_entropy(s, targets, reduction="none")
+    if logits_t is not None and alpha_kd != 0:
+        t = logits_t.float()
+        kl = F.kl_div(
+            F.log_softmax(s / temperature, dim=1),
+            F.log_softmax(t / temperature, dim=1),
+            reduction="none",
+            log_target=True,
+        ).sum(1)
+        loss = loss + alpha_kd * kl * temperature**2
+    return loss
+
+
 # -- batch preprocessing (on the training device) -----------------------------------------------
 def keep_uint8(image: torch.Tensor) -> torch.Tensor:
     """An :class:`kcd_fast.ArrayDataset` transform that keeps the uint8 ``[C, H, W]`` image
@@ -555,6 +580,8 @@ class KDTrainer:
         self.scores = schedule is None or bool(schedule.condensation_epochs)  # vanilla KD scores nothing
         value = getattr(loader, "value", None)  # the teacher's logits go to observe only for value="kl"
         self.scores_teacher = str(getattr(value, "value", value)) == "kl"
+        # an InfoBatchSchedule scores each sample's loss and weights it (loader.weights)
+        self.loss_scores = getattr(schedule, "kind", None) == "infobatch"
         cuda = self.device.type == "cuda"
         amp = config.amp if config.amp != "auto" else ("bf16" if cuda else "off")
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
@@ -626,20 +653,34 @@ class KDTrainer:
                     logits_t, feat_t = out_t if need_feat else (out_t, None)
                 out_s = self.student(x, features=True) if need_feat else self.student(x)
                 logits_s, feat_s = out_s if need_feat else (out_s, None)
-                loss, _, _ = kd_loss(
-                    logits_s,
-                    logits_t,
-                    y,
-                    temperature=cfg.temperature,
-                    gamma=cfg.gamma,
-                    alpha_kd=cfg.alpha_kd if self.teacher is not None else 0.0,
-                )
+                if self.loss_scores:
+                    per_sample = kd_loss_per_sample(
+                        logits_s,
+                        logits_t,
+                        y,
+                        temperature=cfg.temperature,
+                        gamma=cfg.gamma,
+                        alpha_kd=cfg.alpha_kd if self.teacher is not None else 0.0,
+                    )
+                    loss = (per_sample * loader.weights(indices).to(dev, non_blocking=True)).mean()
+                else:
+                    loss, _, _ = kd_loss(
+                        logits_s,
+                        logits_t,
+                        y,
+                        temperature=cfg.temperature,
+                        gamma=cfg.gamma,
+                        alpha_kd=cfg.alpha_kd if self.teacher is not None else 0.0,
+                    )
                 if self.feature_loss is not None and feat_t is not None:
                     loss = loss + cfg.beta * self.feature_loss(feat_s, feat_t)
             if self.scores:
                 t_obs = time.perf_counter()
-                teacher = logits_t.detach() if self.scores_teacher and logits_t is not None else None
-                loader.observe(indices, logits_s.detach(), teacher)
+                if self.loss_scores:
+                    loader.observe_scores(indices, per_sample.detach())
+                else:
+                    teacher = logits_t.detach() if self.scores_teacher and logits_t is not None else None
+                    loader.observe(indices, logits_s.detach(), teacher)
                 observe_s += time.perf_counter() - t_obs
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler is not None:

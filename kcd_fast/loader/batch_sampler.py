@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch.utils.data import Sampler
 
+from ..policies import InfoBatchSchedule
 from ..schedule import CondensationSchedule
 from .core import KCDLoader
 
@@ -57,7 +58,7 @@ class KCDBatchSampler(Sampler[list[int]]):
     def __init__(
         self,
         dataset: Any,
-        schedule: CondensationSchedule,
+        schedule: CondensationSchedule | InfoBatchSchedule,
         batch_size: int = 1,
         shuffle: bool = False,
         *,
@@ -109,6 +110,10 @@ class KCDBatchSampler(Sampler[list[int]]):
         """``KCDLoader.observe_scores``."""
         self.loader.observe_scores(indices, scores)
         self._settle_when_all_observed()
+
+    def weights(self, indices: Any) -> torch.Tensor:
+        """``KCDLoader.weights``: each point's loss weight in the current epoch (InfoBatch)."""
+        return self.loader.weights(indices)
 
     def _settle_when_all_observed(self) -> None:
         L = self.loader

@@ -122,7 +122,8 @@ from .. import distributed as D
 from .._checks import check_int, check_path, is_int
 from ..bank import Measure, ValueBank
 from ..checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
-from ..condense import Vaks, condense
+from ..condense import Pairing, Vaks, condense, dataset_labels
+from ..policies import InfoBatchSchedule, LossScores
 from ..schedule import CondensationSchedule
 from . import state as S
 from .backends.base import BackendProtocol
@@ -227,6 +228,7 @@ class KCDLoader:
         rank: int | None = None,
         world_size: int | None = None,
         group: Any = None,
+        vaks_pairing: str | Pairing = "paper",
         **backend_options: Any,
     ):
         # -- arguments (all checked before any state is built) --------------------------
@@ -263,8 +265,15 @@ class KCDLoader:
         n = len(dataset)
         if n < 1:
             raise ValueError(f"dataset is empty (len(dataset) = {n}); KCD needs at least one point")
-        if not isinstance(schedule, CondensationSchedule):
-            raise TypeError(f"schedule must be a kcd_fast.CondensationSchedule, got {type(schedule).__name__}")
+        if not isinstance(schedule, (CondensationSchedule, InfoBatchSchedule)):
+            raise TypeError(
+                "schedule must be a kcd_fast.CondensationSchedule or kcd_fast.InfoBatchSchedule, got "
+                f"{type(schedule).__name__}"
+            )
+        pairing = Pairing.parse(vaks_pairing, "vaks_pairing")
+        labels = None
+        if pairing is Pairing.CLASS and config.vaks is not Vaks.OFF:
+            labels = dataset_labels(dataset, n)  # raises naming vaks_pairing when the dataset has none
         dist_info = D.resolve(distributed, rank, world_size, group)
         backend_obj = make_backend(dataset, config, backend_options)
         if hasattr(backend_obj, "set_distributed"):  # e.g. the DALI folder overlay splits its work
@@ -291,7 +300,12 @@ class KCDLoader:
             seed=config.seed,
             local=dist_info.communicates,
         )
-        self._sizes = schedule.epoch_sizes(n)
+        self._sizes = list(schedule.epoch_sizes(n))  # InfoBatchSchedule: upper bounds, set as epochs are drawn
+        # policies beside KCD's condensation (issue 30): InfoBatch's loss scores, VAKS pairing by class
+        self._pairing, self._labels = pairing, labels
+        self._infobatch = LossScores(n, schedule) if isinstance(schedule, InfoBatchSchedule) else None
+        if self._infobatch is not None:
+            self._infobatch.sizes = [n]
         self._condense_at = set(schedule.condensation_epochs)
         self.epoch = 0
         self._active = np.arange(n, dtype=np.int64)
@@ -503,6 +517,7 @@ class KCDLoader:
             ).encode()
         )
         h.update(self._active.tobytes())
+        h.update(self._pairing.value.encode())
         return h.digest()
 
     def _epoch(
@@ -644,6 +659,9 @@ class KCDLoader:
 
     def _condense(self, epoch: int) -> None:
         """The condensation before ``epoch``: values -> keep / dropped -> VAKS -> new set."""
+        if self._infobatch is not None:
+            self._infobatch_draw(epoch)
+            return
         n_keep, n_prev = self._sizes[epoch], int(self._active.shape[0])
         if self._dist.communicates:  # the only per-stage communication: N * 12 bytes
             self.bank.all_reduce_(self._dist.group)
@@ -657,6 +675,8 @@ class KCDLoader:
             self.config.vaks,
             self.config.eps_m,
             seed=stream_seed(self.seed, epoch, VAKS_STREAM),
+            pairing=self._pairing,
+            labels=self._labels,
         )
         pairs = cond.pairs
         if self._dist.communicates:  # every rank must summarise identically: check before blending
@@ -691,6 +711,30 @@ class KCDLoader:
             record["cost"],
         )
 
+    def _infobatch_draw(self, epoch: int) -> None:
+        """InfoBatchSchedule: the epoch boundary before ``epoch``: this epoch's losses are merged
+        into the scores (under DDP the only communication: one all-reduce of ``N * 16`` bytes),
+        then ``epoch``'s points are drawn (:mod:`kcd_fast.policies`)."""
+        ib = self._infobatch
+        ib.merge(self._dist.group, self._dist.communicates)
+        n_prev = int(self._active.shape[0])
+        self._active = ib.select(epoch, self.seed)
+        self._sizes[epoch] = int(self._active.shape[0])
+        passes = sum(self._sizes[:epoch])
+        self.history.append(
+            {
+                "epoch": epoch,
+                "stage": epoch + 1,
+                "kept": int(self._active.shape[0]),
+                "dropped": self.n - int(self._active.shape[0]),
+                "upweighted": int(ib.upweighted.shape[0]),
+                "previous": n_prev,
+                "pairs": 0,
+                "passes": passes,
+                "cost": passes / (self.n * epoch),
+            }
+        )
+
     # -- scoring -------------------------------------------------------------------------
     def observe(self, indices: Any, logits: Any, teacher_logits: Any = None, *, mask: Any = None) -> None:
         """Scores one training batch (``ValueBank.observe``; no host sync on CUDA).
@@ -706,15 +750,45 @@ class KCDLoader:
         Every row counts (see the module docstring); bad input raises before anything
         changes (on CUDA without ``strict``: at the next condensation).
         """
+        if self._infobatch is not None:
+            raise TypeError(
+                "an InfoBatchSchedule scores points by their per-sample loss: call "
+                "loader.observe_scores(indices, losses) (losses [B], e.g. F.cross_entropy(..., reduction='none')), "
+                "not observe(indices, logits)"
+            )
         self.bank.observe(indices, logits, teacher_logits, mask=mask)
         self._rows_observed += int(self.bank.last_rows)
 
     def observe_scores(self, indices: Any, scores: Any) -> None:
         """Records a score per sample that you computed (``ValueBank.observe_scores``):
         ``indices`` ``[B]`` as yielded, ``scores`` ``[B]`` real numbers, higher = more
-        valuable (a per-image detection loss, any measure). Same rules as :meth:`observe`."""
+        valuable (a per-image detection loss, any measure). Same rules as :meth:`observe`.
+
+        With an :class:`kcd_fast.InfoBatchSchedule`: ``scores`` are the per-sample losses
+        (unweighted, any grad state); each point keeps its latest one (InfoBatch's score)."""
+        if self._infobatch is not None:
+            idx, loss = self._infobatch.check(indices, scores)
+            self._infobatch.observe(idx, loss)
+            self._rows_observed += int(idx.shape[0])
+            return
         self.bank.observe_scores(indices, scores)
         self._rows_observed += int(self.bank.last_rows)
+
+    def weights(self, indices: Any) -> torch.Tensor:
+        """``[B]`` float32: the loss weight of each point of ``indices`` (``[B]``, as yielded) in the
+        current epoch, on the device of ``indices``: ``1 / keep_ratio`` for the well-learned
+        points an :class:`kcd_fast.InfoBatchSchedule` kept in a pruned epoch, 1 otherwise (always
+        1 for a ``CondensationSchedule``). Use ``(losses * loader.weights(indices)).mean()``."""
+        idx_t = torch.as_tensor(indices)
+        if idx_t.dim() != 1 or idx_t.is_floating_point() or idx_t.dtype == torch.bool:
+            raise ValueError(f"indices must be a [B] integer tensor, got {idx_t.dtype} {tuple(idx_t.shape)}")
+        idx = idx_t.detach().to("cpu", torch.int64).numpy()
+        if idx.size and (idx.min() < 0 or idx.max() >= self.n):
+            bad = int(idx[(idx < 0) | (idx >= self.n)][0])
+            raise ValueError(f"indices must be in [0, {self.n}), got {bad}")
+        if self._infobatch is None:
+            return torch.ones(idx.shape[0], dtype=torch.float32, device=idx_t.device)
+        return torch.from_numpy(self._infobatch.weight[idx]).to(idx_t.device)
 
     # -- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -764,7 +838,17 @@ class KCDLoader:
             "history": [dict(r) for r in self.history],
             "summaries": [S.copy_summary(s) for s in self._summaries],
             "digest": self._images_digest(),
+            **self._policy_state(),
         }
+
+    def _policy_state(self) -> dict[str, Any]:
+        """The state keys of the policies of issue 30 (absent: KCD with the paper's pairing)."""
+        out: dict[str, Any] = {}
+        if self._pairing is not Pairing.PAPER:
+            out["vaks_pairing"] = self._pairing.value
+        if self._infobatch is not None:
+            out["infobatch"] = self._infobatch.state(self._dist.group, self._dist.communicates)
+        return out
 
     def _images_digest(self) -> str | None:
         """Digest of the rows the summaries touched (cached until the next summary)."""
@@ -800,8 +884,27 @@ class KCDLoader:
         seed = state["seed"]
         if not is_int(seed) or seed < 0:
             raise ValueError(f"state seed must be an int >= 0, got {seed!r}")
-        act = S.check_active(state["active"], self.n, self._sizes[min(epoch, self.schedule.epochs - 1)], epoch)
-        position = S.check_position(state, self._batches_in(epoch), self.world_size)
+        pairing = state.get("vaks_pairing", Pairing.PAPER.value)
+        if pairing != self._pairing.value:
+            raise ValueError(f"the state has vaks_pairing = {pairing!r}, this loader has {self._pairing.value!r}")
+        infobatch = None
+        if self._infobatch is not None:
+            if "infobatch" not in state:
+                raise KeyError("KCDLoader state is missing ['infobatch'] (an InfoBatchSchedule's scores)")
+            infobatch = self._infobatch.check_state(state["infobatch"], epoch)
+            want = infobatch["sizes"][min(epoch, self.schedule.epochs - 1)]
+        else:
+            want = self._sizes[min(epoch, self.schedule.epochs - 1)]
+        act = S.check_active(state["active"], self.n, want, epoch)
+        sizes = list(self._sizes)
+        if infobatch is not None:
+            sizes[: len(infobatch["sizes"])] = infobatch["sizes"]
+            sizes[len(infobatch["sizes"]) :] = [self.n] * (self.schedule.epochs - len(infobatch["sizes"]))
+        saved_sizes, self._sizes = self._sizes, sizes  # _batches_in reads them (restored on error)
+        try:
+            position = S.check_position(state, self._batches_in(epoch), self.world_size)
+        finally:
+            self._sizes = saved_sizes
         bank = state["bank"]
         S.check_bank_state(
             bank,
@@ -814,6 +917,9 @@ class KCDLoader:
 
         # -- commit (nothing below raises on validated input) ------------------------------
         self.bank.load_state_dict(bank)
+        if infobatch is not None:
+            self._infobatch.load(infobatch, self._dist.rank)
+        self._sizes = sizes
         self._generation += 1
         self.bank.seed = seed  # ValueBank.load_state_dict keeps its own seed; the state's is the run's
         commit_images()
