@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-train", type=int, default=None, help="embedded: training points (default 2000)")
     p.add_argument("--n-test", type=int, default=None, help="embedded: test points (default 1000)")
     p.add_argument("--image-size", type=int, default=16, help="embedded: image size (default 16)")
-    p.add_argument("--teacher", default="convnet_t")
+    p.add_argument("--teacher", default="convnet_s")
     p.add_argument("--student", default="mlp_s")
     p.add_argument("--cache-dir", default=str(HERE / "cache"), help="teacher checkpoints ('' disables)")
     p.add_argument("--note", default="", help="a free-text note stored in the JSON (why a run was shortened, ...)")

@@ -425,3 +425,21 @@ def test_policies_benchmark_quick(tmp_path: Path) -> None:
     for row in saved["per_seed"]:
         assert row["order"][row["order"].index("infobatch") + 1] == "kcd_at_ib"
     assert saved["per_seed"][0]["order"] != saved["per_seed"][1]["order"]
+
+
+@pytest.mark.parametrize("policy", ["infobatch", "random"])
+def test_throughput_policy_option(tmp_path: Path, policy: str) -> None:
+    from bench_modules import load_benchmark
+
+    bench = load_benchmark("throughput")
+    args = ["--device", "cpu", "--n-train", "120", "--n-test", "60", "--image-size", "8", "--epochs", "4"]
+    args += ["--period", "2", "--teacher", "mlp_s", "--student", "mlp_s", "--teacher-epochs", "1"]
+    args += ["--batch-size", "40", "--cache-dir", str(tmp_path), "--json", str(tmp_path / "t.json")]
+    args += ["--plot", str(tmp_path / "t.png"), "--no-progress", "--repeats", "1", "--policy", policy]
+    r = bench.run(args)
+    samples = r["kcd"]["epoch_samples"]
+    if policy == "random":
+        assert samples == CondensationSchedule(4, 2, rho=0.7).epoch_sizes(120)
+    else:  # InfoBatch: epoch 0 on every point, epochs 1 and 2 pruned, epoch 3 (past delta) every point
+        assert samples[0] == samples[3] == 120 and max(samples[1:3]) < 120
+    assert r["vanilla"]["epoch_samples"] == [120] * 4

@@ -358,6 +358,7 @@ def make_loader(
     vaks: str = "low",
     device: Any = None,
     drop_last: bool = False,
+    policy: str = "kcd",
     **backend_options: Any,
 ) -> KCDLoader:
     """The loader of one run: a :class:`kcd_fast.KCDLoader` either way, so that vanilla KD
@@ -368,13 +369,26 @@ def make_loader(
     condensation; the trainer then scores nothing) and ``vaks="off"``.
     Both shuffle epoch ``e`` with ``default_rng([seed, e])``: the two runs see the same
     batches until the first condensation.
+
+    ``policy`` (``kind="kcd"`` only): "kcd" (the above), "random" (the random-subset
+    baseline: the same schedule's per-epoch counts, ``value="random"``, ``vaks="off"``) or
+    "infobatch" (:class:`kcd_fast.InfoBatchSchedule` ``(epochs)`` with its defaults, prune
+    0.5 and delta 0.875; ``vaks="off"``; the trainer scores and weights per-sample losses).
     """
     if kind not in ("kd", "kcd"):
         raise ValueError(f"kind must be 'kd' or 'kcd', got {kind!r}")
+    if policy not in ("kcd", "random", "infobatch"):
+        raise ValueError(f"policy must be 'kcd', 'random' or 'infobatch', got {policy!r}")
     if kind == "kd":
         schedule, value, vaks = full_schedule(epochs), "entropy", "off"
+    elif policy == "infobatch":
+        from ..policies import InfoBatchSchedule
+
+        schedule, vaks = InfoBatchSchedule(epochs), "off"
     else:
         schedule = CondensationSchedule(epochs, period, rho=rho, decay=decay, warmup=warmup)
+        if policy == "random":
+            value, vaks = "random", "off"
     return KCDLoader(
         dataset,
         schedule,
