@@ -23,9 +23,9 @@ range), the trained fraction (samples / vanilla's), accuracy mean +- std, and th
 difference to vanilla with a 95% t interval.
 
 Data: ``--data digits`` (scikit-learn's 8x8 digits upsampled to 16x16, stratified 80/20:
-1437 / 360, random 16x16 crops of the image padded by 4) or ``--data embedded`` (the main
-job's generated class-conditional set, ``kcd_fast.kd.synthetic_arrays``, random crops and
-flips).
+1438 / 359; no augmentation by default: the MLP student cannot follow random crops) or
+``--data embedded`` (the main job's generated class-conditional set,
+``kcd_fast.kd.synthetic_arrays``, at 16x16, random crops and flips). ``--augment`` overrides.
 
 Usage:
     python benchmarks/policies.py --data digits --seeds 10 \\
@@ -104,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-train", type=int, default=None, help="embedded: training points (default 2000)")
     p.add_argument("--n-test", type=int, default=None, help="embedded: test points (default 1000)")
     p.add_argument("--image-size", type=int, default=16, help="embedded: image size (default 16)")
+    p.add_argument(
+        "--augment",
+        default=None,
+        choices=("none", "crop", "crop_flip"),
+        help="batch augmentation of teacher and student (default: none for digits, crop_flip for embedded)",
+    )
     p.add_argument("--teacher", default="convnet_s")
     p.add_argument("--student", default="mlp_s")
     p.add_argument("--cache-dir", default=str(HERE / "cache"), help="teacher checkpoints ('' disables)")
@@ -246,7 +252,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     xtr, ytr, xte, yte, data_desc = load_data(args)
     n, shape = int(xtr.shape[0]), (int(xtr.shape[3]), int(xtr.shape[1]), int(xtr.shape[2]))
     num_classes = int(max(ytr.max(), yte.max())) + 1
-    augment = "crop" if args.data == "digits" else "crop_flip"
+    augment = args.augment or ("none" if args.data == "digits" else "crop_flip")
     pre = ([0.5] * shape[0], [0.25] * shape[0])
     test_set = ArrayDataset(xte, yte, transform=keep_uint8)
     teacher, tinfo = cached_teacher(

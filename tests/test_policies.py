@@ -443,3 +443,69 @@ def test_throughput_policy_option(tmp_path: Path, policy: str) -> None:
     else:  # InfoBatch: epoch 0 on every point, epochs 1 and 2 pruned, epoch 3 (past delta) every point
         assert samples[0] == samples[3] == 120 and max(samples[1:3]) < 120
     assert r["vanilla"]["epoch_samples"] == [120] * 4
+
+
+# -- Lightning ---------------------------------------------------------------------------------------
+def test_lightning_trains_infobatch_epochs_with_weights_and_resumes(tmp_path: Path) -> None:
+    pl = pytest.importorskip("lightning.pytorch")
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from kcd_fast.integrations.lightning import KCDCallback
+
+    epochs, n = 6, 60
+    x, y = arrays(n, classes=5)
+
+    class Student(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Linear(16, 5)
+            g = torch.Generator().manual_seed(0)
+            with torch.no_grad():
+                self.net.weight.copy_(torch.randn(5, 16, generator=g) * 0.1)
+                self.net.bias.zero_()
+            self.loader = KCDLoader(ArrayDataset(x, y), InfoBatchSchedule(epochs), batch_size=8, shuffle=True, seed=3)
+            self.trained: list[tuple[int, list[int], list[float]]] = []
+
+        def train_dataloader(self) -> KCDLoader:
+            return self.loader
+
+        def training_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+            xb, yb, idx = batch
+            per = torch.nn.functional.cross_entropy(self.net(xb.float().flatten(1) / 255), yb, reduction="none")
+            w = self.loader.weights(idx)
+            self.trained.append((self.current_epoch, idx.tolist(), w.tolist()))
+            return {"loss": (per * w).mean(), "scores": per.detach()}
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    def trainer(root: Path, callbacks: list[Any]) -> Any:
+        return pl.Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_epochs=epochs,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=root,
+            callbacks=[KCDCallback(), *callbacks],
+            reload_dataloaders_every_n_epochs=1,  # InfoBatch's epochs change size: Lightning re-reads len()
+        )
+
+    with pytest.raises(ValueError, match="reload_dataloaders_every_n_epochs=1"):
+        pl.Trainer(
+            accelerator="cpu", max_epochs=epochs, logger=False, enable_progress_bar=False, callbacks=[KCDCallback()]
+        ).fit(Student())
+    ref = Student()
+    trainer(tmp_path / "a", [ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=10, save_top_k=-1)]).fit(ref)
+    sizes = [n] + [h["kept"] for h in ref.loader.history]
+    per_epoch = [sorted(sum((i for e, i, _ in ref.trained if e == k), [])) for k in range(epochs)]
+    assert [len(p) for p in per_epoch] == sizes and len(set(per_epoch[0])) == n
+    assert min(sizes) < n and sizes[-1] == n  # pruned epochs, then every point after delta * epochs
+    assert any(w == 2.0 for _, _, ws in ref.trained for w in ws)  # the kept well-learned points weigh 1 / 0.5
+    mid = next(p for p in sorted((tmp_path / "ck").iterdir()) if p.name.startswith("epoch=2"))
+    step = int(mid.stem.split("step=")[1])
+    resumed = Student()
+    trainer(tmp_path / "b", []).fit(resumed, ckpt_path=str(mid))
+    assert resumed.trained == ref.trained[step:]
+    assert resumed.loader.history == ref.loader.history

@@ -23,6 +23,11 @@ loader shards itself (a process group exists by the time ``train_dataloader`` ru
 Lightning leaves it alone: it only re-wraps ``torch.utils.data.DataLoader`` objects.
 Size LR schedules with ``loader.total_steps()`` (``trainer.estimated_stepping_batches``
 assumes every epoch has the first epoch's length).
+
+With an :class:`kcd_fast.InfoBatchSchedule` return ``{"loss": (losses * loader.weights(indices)).mean(),
+"scores": losses.detach()}`` (per-sample losses) and pass
+``Trainer(reload_dataloaders_every_n_epochs=1)``: its epochs change size, and Lightning reads
+``len(loader)`` only when it (re)loads the train dataloader (the same loader object).
 """
 
 from __future__ import annotations
@@ -93,6 +98,12 @@ class KCDCallback(Callback):
             raise ValueError(
                 f"Trainer(max_epochs={trainer.max_epochs}) runs past the KCD schedule's {epochs} epochs (Lightning "
                 f"uses 1000 when max_epochs is not given); pass Trainer(max_epochs={epochs}), or fewer"
+            )
+        if getattr(loader.schedule, "kind", None) == "infobatch" and trainer.reload_dataloaders_every_n_epochs != 1:
+            raise ValueError(
+                "an InfoBatchSchedule's epochs change size from epoch to epoch and Lightning reads len(loader) only "
+                "when it (re)loads the train dataloader: pass Trainer(reload_dataloaders_every_n_epochs=1) (with "
+                f"train_dataloader() returning the same KCDLoader), got {trainer.reload_dataloaders_every_n_epochs}"
             )
         self.loader = loader
 
