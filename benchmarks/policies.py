@@ -314,6 +314,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                 flush=True,
             )
         rows.append(row)
+        if args.json:  # the seeds so far, so that a run stopped early leaves its results
+            partial = {"seeds": [r["seed"] for r in rows], "complete": False, "per_seed": rows}
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(partial, indent=2, default=str) + "\n")
     summary = summarise(rows, methods)
     print_table(summary, methods)
     out = {
@@ -324,6 +328,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         "n_train": n,
         "n_test": int(xte.shape[0]),
         "seeds": seeds,
+        "complete": True,
         "methods": methods,
         "config": {
             **cfg,

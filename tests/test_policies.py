@@ -509,3 +509,82 @@ def test_lightning_trains_infobatch_epochs_with_weights_and_resumes(tmp_path: Pa
     trainer(tmp_path / "b", []).fit(resumed, ckpt_path=str(mid))
     assert resumed.trained == ref.trained[step:]
     assert resumed.loader.history == ref.loader.history
+
+
+# -- Hugging Face Trainer ----------------------------------------------------------------------------
+def test_hf_trainer_trains_infobatch_epochs_weighted_and_resumes(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    from test_hf import _args, _classifier, _data
+    from transformers import default_data_collator
+
+    from kcd_fast.integrations.hf import KCDTrainer, per_sample_loss
+
+    epochs = 6
+    sched = InfoBatchSchedule(epochs)
+
+    class Recording(KCDTrainer):
+        seen: list[tuple[int, list[int]]]
+        checked = 0
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
+            loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+            idx = self._kcd_indices
+            self.seen.append((self.kcd_loader.epoch, idx.tolist()))
+            with torch.no_grad():  # the weighted mean of the model's per-sample cross-entropy
+                per = per_sample_loss(outputs.logits, inputs["labels"])
+                want = (per * self.kcd_loader.weights(idx)).mean()
+            torch.testing.assert_close(loss.detach(), want)
+            self.checked += 1
+            return (loss, outputs) if return_outputs else loss
+
+    def make(out: Path, **kw: Any) -> Recording:
+        t = Recording(
+            model=_classifier(),
+            args=_args(out, num_train_epochs=epochs, gradient_accumulation_steps=1, **kw),
+            train_dataset=_data(),
+            data_collator=default_data_collator,
+            kcd_schedule=sched,
+            kcd_options={"seed": 1},
+        )
+        t.seen = []
+        return t
+
+    ref = make(tmp_path / "a", save_strategy="steps", save_steps=4)
+    ref.train()
+    n = 48
+    sizes = [n] + [h["kept"] for h in ref.kcd_loader.history]
+    assert [
+        sorted(sum((i for e, i in ref.seen if e == k), [])) == sorted(set(sum((i for e, i in ref.seen if e == k), [])))
+        for k in range(epochs)
+    ] == [True] * epochs
+    assert [len(sum((i for e, i in ref.seen if e == k), [])) for k in range(epochs)] == sizes
+    assert min(sizes) < n and sizes[-1] == n
+    assert ref.state.global_step == sum(math.ceil(s / 8) for s in sizes) == ref.checked
+    assert ref.state.max_steps == epochs * math.ceil(n / 8)  # planned at the upper bound (see KCDTrainer)
+    ckpt = tmp_path / "a" / "checkpoint-12"
+    resumed = make(tmp_path / "b")
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    assert resumed.seen == ref.seen[12:]
+    assert resumed.kcd_loader.history == ref.kcd_loader.history
+    for a, b in zip(ref.model.state_dict().values(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_per_sample_lm_loss_matches_the_model_loss() -> None:
+    pytest.importorskip("transformers")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from kcd_fast.integrations.hf import per_sample_loss
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=30, n_positions=8, n_embd=16, n_layer=1, n_head=2)).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 30, (4, 7), generator=g)
+    labels = ids.clone()
+    labels[0, 4:] = -100
+    labels[2, :] = -100  # a sequence with no counted token: loss 0
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=labels)
+        per = per_sample_loss(out.logits, labels)
+    counted = (labels[:, 1:] != -100).sum(1)
+    assert per[2] == 0
+    torch.testing.assert_close((per * counted).sum() / counted.sum(), out.loss)
