@@ -900,11 +900,8 @@ class KCDLoader:
         if infobatch is not None:
             sizes[: len(infobatch["sizes"])] = infobatch["sizes"]
             sizes[len(infobatch["sizes"]) :] = [self.n] * (self.schedule.epochs - len(infobatch["sizes"]))
-        saved_sizes, self._sizes = self._sizes, sizes  # _batches_in reads them (restored on error)
-        try:
-            position = S.check_position(state, self._batches_in(epoch), self.world_size)
-        finally:
-            self._sizes = saved_sizes
+        n_batches = self._planner.num_batches(sizes[epoch]) if epoch < self.schedule.epochs else 0
+        position = S.check_position(state, n_batches, self.world_size)
         bank = state["bank"]
         S.check_bank_state(
             bank,
