@@ -19,8 +19,8 @@ Every point starts with score 3.0 (InfoBatch's initial value), so epoch 0 trains
 points. Worked example (N = 6, prune_ratio 0.5)::
 
     scores = [0.1, 2.0, 0.2, 5.0, 0.3, 3.0]  mean 1.7667
-    well learned (below the mean): [0, 2, 4] -> keep floor(0.5 * 3) = 1 of them, drawn
-    with default_rng([seed, epoch, 4]).choice([0, 2, 4], 1, replace=False), e.g. [2]
+    well learned (below the mean): [0, 2, 4] -> keep floor(0.5 * 3) = 1 of them, drawn with
+    default_rng(stream_seed(seed, epoch, 4)).choice([0, 2, 4], 1, replace=False), e.g. [2]
     active = [1, 2, 3, 5]; weights: 2.0 for point 2, 1.0 for the others
 
 Differences from InfoBatch's released code are in docs/algorithm.md section 10.

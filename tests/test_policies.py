@@ -588,3 +588,15 @@ def test_per_sample_lm_loss_matches_the_model_loss() -> None:
     counted = (labels[:, 1:] != -100).sum(1)
     assert per[2] == 0
     torch.testing.assert_close((per * counted).sum() / counted.sum(), out.loss)
+
+
+def test_kd_loss_per_sample_averages_to_kd_loss() -> None:
+    from kcd_fast.kd.trainer import kd_loss, kd_loss_per_sample
+
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(9, 5, generator=g), torch.randn(9, 5, generator=g)
+    y = torch.randint(0, 5, (9,), generator=g)
+    for teacher in (t, None):
+        per = kd_loss_per_sample(s, teacher, y, temperature=4.0, gamma=0.1, alpha_kd=0.9)
+        assert per.shape == (9,)
+        torch.testing.assert_close(per.mean(), kd_loss(s, teacher, y, temperature=4.0, gamma=0.1, alpha_kd=0.9)[0])
