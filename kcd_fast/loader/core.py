@@ -144,7 +144,9 @@ class KCDLoader:
             :class:`kcd_fast.ArrayDataset`, a torchvision-style dataset with a uint8
             ``.data`` and ``.targets`` (CIFAR-10/100, MNIST), or any dataset with
             ``vaks="off"``.
-        schedule: the :class:`CondensationSchedule` (epochs, period, rho, decay, warmup).
+        schedule: the :class:`CondensationSchedule` (epochs, period, rho, decay, warmup), or an
+            :class:`kcd_fast.InfoBatchSchedule` (InfoBatch's rule: score with
+            ``observe_scores(indices, losses)``, weight losses with ``weights(indices)``).
         batch_size, shuffle, num_workers, pin_memory, drop_last, collate_fn,
         persistent_workers, prefetch_factor, worker_init_fn, timeout,
         multiprocessing_context: as for ``torch.utils.data.DataLoader``.
@@ -179,6 +181,9 @@ class KCDLoader:
         vaks: "auto" (default: "low" when the back end can blend the dataset's images, "off"
             for datasets without images such as token ids), "low", "high", "random" or
             "off" (docs/algorithm.md section 4).
+        vaks_pairing: "paper" (default: dropped and kept points paired by rank over the whole
+            set) or "class" (a dropped point only into a kept point of its own class, by rank
+            within the class; needs the dataset's labels: docs/policies.md).
         alpha: the cost-aware weighting exponent (0.03). eps_m: the smallest weight a
             kept image keeps (0.7). temperature: the KL temperature for ``value="kl"``.
         device: where the value bank lives; None (default): the device of the first
