@@ -170,6 +170,23 @@ def make_method_loader(method: str, xtr: np.ndarray, ytr: np.ndarray, cfg: dict[
     raise ValueError(f"unknown method {method!r}")
 
 
+def vaks_pairs(loader: KCDLoader, labels: np.ndarray) -> dict[str, Any]:
+    """What the run's VAKS summaries did: pairs, the share whose two points are of different
+    classes (the kept label stays), and the mean weight ``1 - eps`` the dropped image got in them."""
+    summaries = loader.state_dict()["summaries"]
+    if not summaries:
+        return {}
+    dst = np.concatenate([s["dst"].numpy() for s in summaries])
+    src = np.concatenate([s["src"].numpy() for s in summaries])
+    eps = np.concatenate([s["eps"].numpy() for s in summaries])
+    cross = labels[dst] != labels[src]
+    return {
+        "vaks_pairs": int(dst.shape[0]),
+        "vaks_cross_class_share": float(cross.mean()),
+        "vaks_cross_class_mean_src_weight": float((1.0 - eps[cross]).mean()) if cross.any() else 0.0,
+    }
+
+
 def seed_order(methods: list[str], seed: int) -> list[str]:
     """The methods of one seed: rotated by the seed, ``kcd_at_ib`` right after ``infobatch``."""
     base = [m for m in methods if m != "kcd_at_ib"]
@@ -217,6 +234,9 @@ def summarise(rows: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
             },
             "ms_per_trained_sample": statistics.median(1e3 * r[m]["seconds"] / r[m]["samples"] for r in rows),
         }
+        if all("vaks_pairs" in r[m] for r in rows):
+            out[m]["vaks_pairs_mean"] = statistics.fmean(r[m]["vaks_pairs"] for r in rows)
+            out[m]["vaks_cross_class_share_mean"] = statistics.fmean(r[m]["vaks_cross_class_share"] for r in rows)
     return out
 
 
@@ -306,6 +326,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             )
             res = trainer.fit()
             row[m] = {"accuracy": res.accuracy, "seconds": res.seconds, "samples": res.samples}
+            row[m].update(vaks_pairs(loader, ytr))
             if m == "kcd_at_ib":
                 row[m]["rho"] = rho
             print(
