@@ -25,7 +25,7 @@ difference to vanilla with a 95% t interval.
 Data: ``--data digits`` (scikit-learn's 8x8 digits upsampled to 16x16, stratified 80/20:
 1438 / 359; no augmentation by default: the MLP student cannot follow random crops) or
 ``--data embedded`` (the main job's generated class-conditional set,
-``kcd_fast.kd.synthetic_arrays``, at 16x16, random crops and flips). ``--augment`` overrides.
+``kcd_fast.kd.synthetic_arrays``, 32x32 as in the main job, random crops and flips). ``--augment`` overrides.
 
 Usage:
     python benchmarks/policies.py --data digits --seeds 10 \\
@@ -82,7 +82,7 @@ LABELS = {
 
 PRESETS: dict[str, dict[str, Any]] = {
     "digits": {"epochs": 40, "period": 8, "batch_size": 64, "lr": 0.05, "teacher_epochs": 30},
-    "embedded": {"epochs": 40, "period": 8, "batch_size": 64, "lr": 0.05, "teacher_epochs": 20},
+    "embedded": {"epochs": 40, "period": 8, "batch_size": 64, "lr": 0.05, "teacher_epochs": 30},
     "quick": {"epochs": 2, "period": 1, "batch_size": 32, "lr": 0.05, "teacher_epochs": 1},
 }
 
@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
     p.add_argument("--n-train", type=int, default=None, help="embedded: training points (default 2000)")
     p.add_argument("--n-test", type=int, default=None, help="embedded: test points (default 1000)")
-    p.add_argument("--image-size", type=int, default=16, help="embedded: image size (default 16)")
+    p.add_argument("--image-size", type=int, default=32, help="embedded: image size (default 32, the main job's)")
     p.add_argument(
         "--augment",
         default=None,
