@@ -164,7 +164,8 @@ def test_first_epoch_trains_every_point_and_seeds_decide_the_draw() -> None:
 def test_no_global_rng_is_touched() -> None:
     np.random.seed(123)  # noqa: NPY002 (the test checks that the global RNG is left alone)
     torch.manual_seed(123)
-    np_state, torch_state = np.random.get_state()[1].copy()  # noqa: NPY002, torch.random.get_rng_state().clone()
+    np_state = np.random.get_state()[1].copy()  # noqa: NPY002
+    torch_state = torch.random.get_rng_state().clone()
     loader = KCDLoader(ArrayDataset(*arrays()), InfoBatchSchedule(5), batch_size=8, shuffle=True, seed=4)
     train(loader, 5)
     assert np.array_equal(np.random.get_state()[1], np_state)  # noqa: NPY002
