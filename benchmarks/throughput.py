@@ -152,6 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="full epochs before the first condensation (default 1)")
     p.add_argument("--value", default="entropy", choices=("entropy", "kl", "random"))
     p.add_argument("--vaks", default="low", choices=("low", "high", "random", "off"))
+    p.add_argument(
+        "--policy",
+        default="kcd",
+        choices=("kcd", "infobatch", "random"),
+        help="what the pruned run runs: kcd (default), infobatch (kcd_fast.InfoBatchSchedule, prune 0.5, delta "
+        "0.875) or random (a random subset at the KCD schedule's counts); docs/policies.md",
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--n-train", type=int, default=None, help="synthetic training images")
     p.add_argument("--n-test", type=int, default=None, help="synthetic test images")
@@ -357,6 +364,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                     backend=args.backend,
                     value=args.value,
                     vaks=args.vaks,
+                    policy=args.policy if kind == "kcd" else "kcd",
                     **backend_options,
                 )
             except (ImportError, NotImplementedError) as err:

@@ -4,6 +4,7 @@ Core API (see README.md; the algorithm is docs/algorithm.md, the layout docs/arc
     kcd_fast.ops.observe_entropy / observe_kl / values / blend_   compiled kernels
     kcd_fast.condense                                              ranking + VAKS pairs
     kcd_fast.CondensationSchedule, kcd_fast.unix_computation       schedule, cost model
+    kcd_fast.InfoBatchSchedule                                     InfoBatch's pruning rule (policies.py)
     kcd_fast.ValueBank                                             per-point accumulators
     kcd_fast.memory                                                cache of large CPU results
     kcd_fast.checkpoint, kcd_fast.distributed                      atomic checkpoints, DDP collectives
@@ -20,9 +21,10 @@ from . import checkpoint, distributed, memory, ops
 from ._ext import build_info, has_cuda
 from ._version import __version__
 from .bank import Measure, ValueBank
-from .condense import Condensation, Vaks, condense
+from .condense import Condensation, Pairing, Vaks, condense
 from .data import ArrayDataset, ImageFolder, MissingSampleError, UnreadableSampleError, WithIndices
 from .loader import KCDBatchSampler, KCDLoader
+from .policies import InfoBatchSchedule
 from .schedule import CondensationSchedule, Decay, unix_computation
 
 __all__ = [
@@ -31,10 +33,12 @@ __all__ = [
     "CondensationSchedule",
     "Decay",
     "ImageFolder",
+    "InfoBatchSchedule",
     "KCDBatchSampler",
     "KCDLoader",
     "Measure",
     "MissingSampleError",
+    "Pairing",
     "UnreadableSampleError",
     "Vaks",
     "ValueBank",

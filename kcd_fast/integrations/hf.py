@@ -30,6 +30,15 @@ What it does:
   condensation runs at its ``set_epoch``);
 - under ``torchrun`` the loader shards itself (the Trainer's DistributedSampler is not used).
 
+With an :class:`kcd_fast.InfoBatchSchedule` the points are scored by their per-sample loss and
+each loss is weighted by ``loader.weights``: the default ``compute_loss`` computes the model's
+per-sample cross-entropy (``[B, C]`` logits against ``labels`` ``[B]``; ``[B, L, V]`` token
+logits as a causal LM's, labels shifted by one and ``-100`` ignored, the mean over a sequence's
+tokens) and trains on :meth:`KCDTrainer.kcd_infobatch_loss` of it; a ``compute_loss`` of your
+own returns ``self.kcd_infobatch_loss(per_sample_losses)``. The run is sized with every later
+epoch at its upper bound (the full set: the sizes depend on the losses), so the LR schedule is
+built on that bound and the run ends with fewer steps than it planned.
+
 Checked against transformers 5.x (the epoch loop is ``Trainer._run_epoch``); an older
 Trainer raises ``ImportError`` naming the version.
 """
@@ -51,6 +60,7 @@ except ImportError as err:
     ) from err
 
 from ..loader import KCDLoader
+from ..policies import InfoBatchSchedule
 from ..schedule import CondensationSchedule
 
 __all__ = ["CHECKPOINT_FILE", "KCDTrainer"]
@@ -131,12 +141,15 @@ class KCDTrainer(Trainer):
     def __init__(
         self,
         *args: Any,
-        kcd_schedule: CondensationSchedule,
+        kcd_schedule: CondensationSchedule | InfoBatchSchedule,
         kcd_options: dict[str, Any] | None = None,
         **kwargs: Any,
     ):
-        if not isinstance(kcd_schedule, CondensationSchedule):
-            raise TypeError(f"kcd_schedule must be a kcd_fast.CondensationSchedule, got {type(kcd_schedule).__name__}")
+        if not isinstance(kcd_schedule, (CondensationSchedule, InfoBatchSchedule)):
+            raise TypeError(
+                "kcd_schedule must be a kcd_fast.CondensationSchedule or kcd_fast.InfoBatchSchedule, got "
+                f"{type(kcd_schedule).__name__}"
+            )
         if kcd_options is not None and not isinstance(kcd_options, dict):
             raise TypeError(f"kcd_options must be a dict of KCDLoader arguments, got {type(kcd_options).__name__}")
         taken = sorted(set(kcd_options or {}) & {"batch_size", "shuffle", "collate_fn", "num_workers", "drop_last"})
@@ -152,6 +165,11 @@ class KCDTrainer(Trainer):
         self._kcd_resume: str | None = None
         self._kcd_logits: torch.Tensor | None = None
         self._kcd_capturing = False
+        self._kcd_infobatch = isinstance(kcd_schedule, InfoBatchSchedule)
+        self._kcd_indices: torch.Tensor | None = None
+        self._kcd_losses: torch.Tensor | None = None
+        if self._kcd_infobatch and getattr(self, "loss_is_scaled_for_ga", None) is None:
+            self.loss_is_scaled_for_ga = False  # kcd_infobatch_loss is a per-batch mean
         self.model.register_forward_hook(self._capture_logits)
         self.add_callback(_SaveLoaderState(self))
 
@@ -241,6 +259,8 @@ class KCDTrainer(Trainer):
         epochs = self._epochs()
         loader = self.kcd_loader
         steps = loader.steps_per_epoch()[:epochs]
+        if self._kcd_infobatch:  # every epoch at its upper bound, the same in a resumed run
+            steps = [loader._planner.num_batches(loader.n)] * epochs
         max_steps = sum(self._updates(s) for s in steps)
         num_train_samples = sum(self.kcd_schedule.epoch_sizes(loader.n)[:epochs])
         total_batch = self.get_total_train_batch_size(args)
@@ -265,6 +285,8 @@ class KCDTrainer(Trainer):
     def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
         loader = self.kcd_loader
         epoch = kwargs["epoch"]
+        if self._kcd_infobatch:
+            len(loader)  # completes the last epoch now: this epoch's size is drawn at its start
         ahead = epoch == loader.epoch + 1 and (loader.resume_position == 0 or self._epoch_done(loader))
         if epoch != loader.epoch and not ahead:
             raise RuntimeError(f"the Trainer is at epoch {epoch} but its KCDLoader at epoch {loader.epoch}")
@@ -284,6 +306,20 @@ class KCDTrainer(Trainer):
         if INDICES_KEY not in inputs:
             raise KeyError(f"the batch has no {INDICES_KEY!r}: KCDTrainer's training_step needs its own train loader")
         indices = inputs.pop(INDICES_KEY)
+        if self._kcd_infobatch:
+            self._kcd_indices, self._kcd_losses = indices, None
+            try:
+                loss = super().training_step(model, inputs, *args, **kwargs)
+            finally:
+                self._kcd_indices = None
+            losses, self._kcd_losses = self._kcd_losses, None
+            if losses is None:
+                raise RuntimeError(
+                    "KCDTrainer with an InfoBatchSchedule scores each sample's loss: your compute_loss must return "
+                    "self.kcd_infobatch_loss(per_sample_losses) (losses [B], e.g. reduction='none')"
+                )
+            self.kcd_loader.observe_scores(indices, losses)
+            return loss
         self._kcd_logits, self._kcd_capturing = None, True
         try:
             loss = super().training_step(model, inputs, *args, **kwargs)
@@ -302,3 +338,48 @@ class KCDTrainer(Trainer):
                 mask = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
         self.kcd_loader.observe(indices, logits.detach(), mask=mask)
         return loss
+
+    # -- InfoBatch ---------------------------------------------------------------------------
+    def kcd_infobatch_loss(self, losses: torch.Tensor) -> torch.Tensor:
+        """``(losses * loader.weights(indices)).mean()`` for the batch in training, and records
+        ``losses`` ``[B]`` (per-sample, before weighting) as the batch's InfoBatch scores."""
+        if self._kcd_indices is None:
+            raise RuntimeError("kcd_infobatch_loss is for compute_loss inside KCDTrainer's training_step")
+        if not isinstance(losses, torch.Tensor) or losses.shape != self._kcd_indices.shape:
+            got = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+            raise ValueError(f"losses must be a [B] tensor, B = {self._kcd_indices.shape[0]}, got {got}")
+        self._kcd_losses = losses.detach()
+        weights = self.kcd_loader.weights(self._kcd_indices).to(losses.device, losses.dtype)
+        return (losses * weights).mean()
+
+    def compute_loss(
+        self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        if not (self._kcd_infobatch and model.training and self._kcd_indices is not None):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch=num_items_in_batch)
+        if "labels" not in inputs:
+            raise ValueError("KCDTrainer with an InfoBatchSchedule needs labels in the batch (per-sample losses)")
+        labels = inputs["labels"]
+        outputs = model(**inputs)
+        logits = _logits_of(outputs)
+        if logits is None:
+            raise RuntimeError("KCDTrainer saw no logits in the model's output: it needs them for per-sample losses")
+        loss = self.kcd_infobatch_loss(per_sample_loss(logits, labels))
+        return (loss, outputs) if return_outputs else loss
+
+
+def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``[B]`` float32 cross-entropy per sample: ``logits`` ``[B, C]`` against ``labels`` ``[B]``,
+    or a causal LM's ``[B, L, V]`` against ``[B, L]`` (shifted by one, ``-100`` ignored): the mean
+    over the sequence's counted tokens (0 for a sequence without any)."""
+    if logits.dim() == 2:
+        return torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(
+            f"per-sample losses need [B, C] logits with [B] labels or [B, L, V] with [B, L], got "
+            f"{tuple(logits.shape)} and {tuple(labels.shape)}"
+        )
+    shifted, target = logits[:, :-1].float(), labels[:, 1:]
+    tok = torch.nn.functional.cross_entropy(shifted.transpose(1, 2), target, ignore_index=-100, reduction="none")
+    counted = (target != -100).sum(1)
+    return tok.sum(1) / counted.clamp(min=1)

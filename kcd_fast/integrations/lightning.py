@@ -44,6 +44,11 @@ schedule silently:
   cuts nothing); a fraction below 1.0, or a smaller int, is refused (Lightning would fix every
   epoch's length from epoch 0 and cut the epochs the condensations rank);
 - ``max_time`` (a ``Timer`` with a duration) and ``fast_dev_run``: refused.
+
+With an :class:`kcd_fast.InfoBatchSchedule` return ``{"loss": (losses * loader.weights(indices)).mean(),
+"scores": losses.detach()}`` (per-sample losses) and pass
+``Trainer(reload_dataloaders_every_n_epochs=1)``: its epochs change size, and Lightning reads
+``len(loader)`` only when it (re)loads the train dataloader (the same loader object).
 """
 
 from __future__ import annotations
@@ -156,6 +161,12 @@ class KCDCallback(Callback):
             raise ValueError(
                 f"Trainer(max_epochs={trainer.max_epochs}) runs past the KCD schedule's {epochs} epochs (Lightning "
                 f"uses 1000 when max_epochs is not given); pass Trainer(max_epochs={epochs}), or fewer"
+            )
+        if getattr(loader.schedule, "kind", None) == "infobatch" and trainer.reload_dataloaders_every_n_epochs != 1:
+            raise ValueError(
+                "an InfoBatchSchedule's epochs change size from epoch to epoch and Lightning reads len(loader) only "
+                "when it (re)loads the train dataloader: pass Trainer(reload_dataloaders_every_n_epochs=1) (with "
+                f"train_dataloader() returning the same KCDLoader), got {trainer.reload_dataloaders_every_n_epochs}"
             )
         self._check_epoch_lengths(trainer, loader)
         self.loader = loader

@@ -214,6 +214,31 @@ def kd_loss(
     return gamma * ce + alpha_kd * kl, ce, kl
 
 
+def kd_loss_per_sample(
+    logits_s: torch.Tensor,  # [B, C]
+    logits_t: torch.Tensor | None,  # [B, C]
+    targets: torch.Tensor,  # [B] int64
+    *,
+    temperature: float = 4.0,
+    gamma: float = 0.1,
+    alpha_kd: float = 0.9,
+) -> torch.Tensor:
+    """``[B]`` float32: :func:`kd_loss`'s loss of each sample (their mean is ``kd_loss``'s
+    ``loss``): what an :class:`kcd_fast.InfoBatchSchedule` scores and weights."""
+    s = logits_s.float()
+    loss = gamma * F.cross_entropy(s, targets, reduction="none")
+    if logits_t is not None and alpha_kd != 0:
+        t = logits_t.float()
+        kl = F.kl_div(
+            F.log_softmax(s / temperature, dim=1),
+            F.log_softmax(t / temperature, dim=1),
+            reduction="none",
+            log_target=True,
+        ).sum(1)
+        loss = loss + alpha_kd * kl * temperature**2
+    return loss
+
+
 # -- batch preprocessing (on the training device) -----------------------------------------------
 def keep_uint8(image: torch.Tensor) -> torch.Tensor:
     """An :class:`kcd_fast.ArrayDataset` transform that keeps the uint8 ``[C, H, W]`` image
@@ -335,6 +360,7 @@ def make_loader(
     vaks: str = "low",
     device: Any = None,
     drop_last: bool = False,
+    policy: str = "kcd",
     **backend_options: Any,
 ) -> KCDLoader:
     """The loader of one run: a :class:`kcd_fast.KCDLoader` either way, so that vanilla KD
@@ -345,13 +371,26 @@ def make_loader(
     condensation; the trainer then scores nothing) and ``vaks="off"``.
     Both shuffle epoch ``e`` with ``default_rng([seed, e])``: the two runs see the same
     batches until the first condensation.
+
+    ``policy`` (``kind="kcd"`` only): "kcd" (the above), "random" (the random-subset
+    baseline: the same schedule's per-epoch counts, ``value="random"``, ``vaks="off"``) or
+    "infobatch" (:class:`kcd_fast.InfoBatchSchedule` ``(epochs)`` with its defaults, prune
+    0.5 and delta 0.875; ``vaks="off"``; the trainer scores and weights per-sample losses).
     """
     if kind not in ("kd", "kcd"):
         raise ValueError(f"kind must be 'kd' or 'kcd', got {kind!r}")
+    if policy not in ("kcd", "random", "infobatch"):
+        raise ValueError(f"policy must be 'kcd', 'random' or 'infobatch', got {policy!r}")
     if kind == "kd":
         schedule, value, vaks = full_schedule(epochs), "entropy", "off"
+    elif policy == "infobatch":
+        from ..policies import InfoBatchSchedule
+
+        schedule, vaks = InfoBatchSchedule(epochs), "off"
     else:
         schedule = CondensationSchedule(epochs, period, rho=rho, decay=decay, warmup=warmup)
+        if policy == "random":
+            value, vaks = "random", "off"
     return KCDLoader(
         dataset,
         schedule,
@@ -568,6 +607,8 @@ class KDTrainer:
         self.scores = schedule is None or bool(schedule.condensation_epochs)  # vanilla KD scores nothing
         value = getattr(loader, "value", None)  # the teacher's logits go to observe only for value="kl"
         self.scores_teacher = str(getattr(value, "value", value)) == "kl"
+        # an InfoBatchSchedule scores each sample's loss and weights it (loader.weights)
+        self.loss_scores = getattr(schedule, "kind", None) == "infobatch"
         cuda = self.device.type == "cuda"
         amp = config.amp if config.amp != "auto" else ("bf16" if cuda else "off")
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
@@ -640,20 +681,34 @@ class KDTrainer:
                     logits_t, feat_t = out_t if need_feat else (out_t, None)
                 out_s = self.student(x, features=True) if need_feat else self.student(x)
                 logits_s, feat_s = out_s if need_feat else (out_s, None)
-                loss, _, _ = kd_loss(
-                    logits_s,
-                    logits_t,
-                    y,
-                    temperature=cfg.temperature,
-                    gamma=cfg.gamma,
-                    alpha_kd=cfg.alpha_kd if self.teacher is not None else 0.0,
-                )
+                if self.loss_scores:
+                    per_sample = kd_loss_per_sample(
+                        logits_s,
+                        logits_t,
+                        y,
+                        temperature=cfg.temperature,
+                        gamma=cfg.gamma,
+                        alpha_kd=cfg.alpha_kd if self.teacher is not None else 0.0,
+                    )
+                    loss = (per_sample * loader.weights(indices).to(dev, non_blocking=True)).mean()
+                else:
+                    loss, _, _ = kd_loss(
+                        logits_s,
+                        logits_t,
+                        y,
+                        temperature=cfg.temperature,
+                        gamma=cfg.gamma,
+                        alpha_kd=cfg.alpha_kd if self.teacher is not None else 0.0,
+                    )
                 if self.feature_loss is not None and feat_t is not None:
                     loss = loss + cfg.beta * self.feature_loss(feat_s, feat_t)
             if self.scores:
                 t_obs = time.perf_counter()
-                teacher = logits_t.detach() if self.scores_teacher and logits_t is not None else None
-                loader.observe(indices, logits_s.detach(), teacher)
+                if self.loss_scores:
+                    loader.observe_scores(indices, per_sample.detach())
+                else:
+                    teacher = logits_t.detach() if self.scores_teacher and logits_t is not None else None
+                    loader.observe(indices, logits_s.detach(), teacher)
                 observe_s += time.perf_counter() - t_obs
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler is not None:

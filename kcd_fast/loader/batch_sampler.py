@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import Sampler
 
 from ..condense import Vaks
+from ..policies import InfoBatchSchedule
 from ..schedule import CondensationSchedule
 from .core import KCDLoader
 
@@ -67,7 +68,7 @@ class KCDBatchSampler(Sampler[list[int]]):
     def __init__(
         self,
         dataset: Any,
-        schedule: CondensationSchedule,
+        schedule: CondensationSchedule | InfoBatchSchedule,
         batch_size: int = 1,
         shuffle: bool = False,
         *,
@@ -158,6 +159,10 @@ class KCDBatchSampler(Sampler[list[int]]):
         """``KCDLoader.observe_scores``."""
         self.loader.observe_scores(indices, scores)
         self._settle_when_all_observed()
+
+    def weights(self, indices: Any) -> torch.Tensor:
+        """``KCDLoader.weights``: each point's loss weight in the current epoch (InfoBatch)."""
+        return self.loader.weights(indices)
 
     def _settle_when_all_observed(self) -> None:
         L = self.loader

@@ -142,7 +142,8 @@ from .. import distributed as D
 from .._checks import check_int, check_path, is_int
 from ..bank import Measure, ValueBank
 from ..checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
-from ..condense import Vaks, condense
+from ..condense import Pairing, Vaks, condense, dataset_labels
+from ..policies import InfoBatchSchedule, LossScores
 from ..schedule import CondensationSchedule
 from . import dcp as DCP
 from . import order as O
@@ -167,7 +168,9 @@ class KCDLoader:
             :class:`kcd_fast.ArrayDataset`, a torchvision-style dataset with a uint8
             ``.data`` and ``.targets`` (CIFAR-10/100, MNIST), or any dataset with
             ``vaks="off"``.
-        schedule: the :class:`CondensationSchedule` (epochs, period, rho, decay, warmup).
+        schedule: the :class:`CondensationSchedule` (epochs, period, rho, decay, warmup), or an
+            :class:`kcd_fast.InfoBatchSchedule` (InfoBatch's rule: score with
+            ``observe_scores(indices, losses)``, weight losses with ``weights(indices)``).
         batch_size, shuffle, num_workers, pin_memory, drop_last, collate_fn,
         persistent_workers, prefetch_factor, worker_init_fn, timeout,
         multiprocessing_context: as for ``torch.utils.data.DataLoader``.
@@ -202,6 +205,9 @@ class KCDLoader:
         vaks: "auto" (default: "low" when the back end can blend the dataset's images, "off"
             for datasets without images such as token ids), "low", "high", "random" or
             "off" (docs/algorithm.md section 4).
+        vaks_pairing: "paper" (default: dropped and kept points paired by rank over the whole
+            set) or "class" (a dropped point only into a kept point of its own class, by rank
+            within the class; needs the dataset's labels: docs/policies.md).
         alpha: the cost-aware weighting exponent (0.03). eps_m: the smallest weight a
             kept image keeps (0.7). temperature: the KL temperature for ``value="kl"``.
         device: where the value bank lives; None (default): the device of the first
@@ -263,6 +269,7 @@ class KCDLoader:
         world_size: int | None = None,
         group: Any = None,
         collective_timeout: float | None = D.DEFAULT_COLLECTIVE_TIMEOUT,
+        vaks_pairing: str | Pairing = "paper",
         **backend_options: Any,
     ):
         # -- arguments (all checked before any state is built) --------------------------
@@ -305,8 +312,15 @@ class KCDLoader:
         n = len(dataset)
         if n < 1:
             raise ValueError(f"dataset is empty (len(dataset) = {n}); KCD needs at least one point")
-        if not isinstance(schedule, CondensationSchedule):
-            raise TypeError(f"schedule must be a kcd_fast.CondensationSchedule, got {type(schedule).__name__}")
+        if not isinstance(schedule, (CondensationSchedule, InfoBatchSchedule)):
+            raise TypeError(
+                "schedule must be a kcd_fast.CondensationSchedule or kcd_fast.InfoBatchSchedule, got "
+                f"{type(schedule).__name__}"
+            )
+        pairing = Pairing.parse(vaks_pairing, "vaks_pairing")
+        labels = None
+        if pairing is Pairing.CLASS and config.vaks is not Vaks.OFF:
+            labels = dataset_labels(dataset, n)  # raises naming vaks_pairing when the dataset has none
         dist_info = D.resolve(distributed, rank, world_size, group, collective_timeout)
         backend_obj = make_backend(dataset, config, backend_options)
         if hasattr(backend_obj, "set_distributed"):  # e.g. the DALI folder overlay splits its work
@@ -334,7 +348,12 @@ class KCDLoader:
             seed=config.seed,
             local=dist_info.communicates,
         )
-        self._sizes = schedule.epoch_sizes(n)
+        self._sizes = list(schedule.epoch_sizes(n))  # InfoBatchSchedule: upper bounds, set as epochs are drawn
+        # policies beside KCD's condensation (issue 30): InfoBatch's loss scores, VAKS pairing by class
+        self._pairing, self._labels = pairing, labels
+        self._infobatch = LossScores(n, schedule) if isinstance(schedule, InfoBatchSchedule) else None
+        if self._infobatch is not None:
+            self._infobatch.sizes = [n]
         self._condense_at = set(schedule.condensation_epochs)
         self.epoch = 0
         self._active = np.arange(n, dtype=np.int64)
@@ -413,20 +432,23 @@ class KCDLoader:
     def _batches_in(self, epoch: int) -> int:
         return self._planner.num_batches(self._sizes[epoch]) if epoch < self.schedule.epochs else 0
 
-    def _batches_on(self, epoch: int) -> Callable[[int], int]:
-        """``world -> batches per rank of epoch`` on ``world`` ranks (a saved state's world size)."""
+    def _batches_on(self, epoch: int, sizes: list[int] | None = None) -> Callable[[int], int]:
+        """``world -> batches per rank of epoch`` on ``world`` ranks (a saved state's world size;
+        epoch sizes ``sizes``, default this loader's)."""
+        sizes = self._sizes if sizes is None else sizes
 
         def batches(world: int) -> int:
             if epoch >= self.schedule.epochs:
                 return 0
             dist = D.DistInfo(enabled=world > 1, world_size=world)
-            return dataclasses.replace(self._planner, dist=dist).num_batches(self._sizes[epoch])
+            return dataclasses.replace(self._planner, dist=dist).num_batches(sizes[epoch])
 
         return batches
 
-    def _batches_under(self, epoch: int, order: Any) -> int | None:
+    def _batches_under(self, epoch: int, order: Any, sizes: list[int] | None = None) -> int | None:
         """Batches per rank of ``epoch`` under a saved state's ``order`` record (its batch
-        size, drop_last and world size); None when the record does not say."""
+        size, drop_last and world size; epoch sizes ``sizes``, default this loader's); None
+        when the record does not say."""
         try:
             batch_size, drop_last, world = int(order["batch_size"]), bool(order["drop_last"]), int(order["world_size"])
         except (TypeError, KeyError, ValueError):
@@ -435,7 +457,7 @@ class KCDLoader:
             return None
         dist = D.DistInfo(enabled=world > 1, world_size=world)
         planner = dataclasses.replace(self._planner, batch_size=batch_size, drop_last=drop_last, dist=dist)
-        return planner.num_batches(self._sizes[epoch])
+        return planner.num_batches((self._sizes if sizes is None else sizes)[epoch])
 
     def steps_per_epoch(self) -> list[int]:
         """Batches in each epoch of the whole schedule on this rank (``drop_last`` and, under
@@ -574,6 +596,7 @@ class KCDLoader:
             ).encode()
         )
         h.update(self._active.tobytes())
+        h.update(self._pairing.value.encode())
         return h.digest()
 
     def _epoch(
@@ -728,6 +751,9 @@ class KCDLoader:
 
     def _condense(self, epoch: int) -> None:
         """The condensation before ``epoch``: values -> keep / dropped -> VAKS -> new set."""
+        if self._infobatch is not None:
+            self._infobatch_draw(epoch)
+            return
         n_keep, n_prev = self._sizes[epoch], int(self._active.shape[0])
         if self._dist.communicates:  # the only per-stage communication: N * 12 bytes
             D.handshake(self._dist, "condense", epoch, f"the condensation before epoch {epoch}")
@@ -742,6 +768,8 @@ class KCDLoader:
             self.config.vaks,
             self.config.eps_m,
             seed=stream_seed(self.seed, epoch, VAKS_STREAM),
+            pairing=self._pairing,
+            labels=self._labels,
         )
         pairs = cond.pairs
         if self._dist.communicates:  # every rank must summarise identically: check before blending
@@ -776,6 +804,30 @@ class KCDLoader:
             record["cost"],
         )
 
+    def _infobatch_draw(self, epoch: int) -> None:
+        """InfoBatchSchedule: the epoch boundary before ``epoch``: this epoch's losses are merged
+        into the scores (under DDP the only communication: one all-reduce of ``N * 16`` bytes),
+        then ``epoch``'s points are drawn (:mod:`kcd_fast.policies`)."""
+        ib = self._infobatch
+        ib.merge(self._dist.group, self._dist.communicates)
+        n_prev = int(self._active.shape[0])
+        self._active = ib.select(epoch, self.seed)
+        self._sizes[epoch] = int(self._active.shape[0])
+        passes = sum(self._sizes[:epoch])
+        self.history.append(
+            {
+                "epoch": epoch,
+                "stage": epoch + 1,
+                "kept": int(self._active.shape[0]),
+                "dropped": self.n - int(self._active.shape[0]),
+                "upweighted": int(ib.upweighted.shape[0]),
+                "previous": n_prev,
+                "pairs": 0,
+                "passes": passes,
+                "cost": passes / (self.n * epoch),
+            }
+        )
+
     # -- scoring -------------------------------------------------------------------------
     def observe(self, indices: Any, logits: Any, teacher_logits: Any = None, *, mask: Any = None) -> None:
         """Scores one training batch (``ValueBank.observe``; no host sync on CUDA).
@@ -791,6 +843,12 @@ class KCDLoader:
         Every row counts (see the module docstring); bad input raises before anything
         changes (on CUDA without ``strict``: at the next condensation).
         """
+        if self._infobatch is not None:
+            raise TypeError(
+                "an InfoBatchSchedule scores points by their per-sample loss: call "
+                "loader.observe_scores(indices, losses) (losses [B], e.g. F.cross_entropy(..., reduction='none')), "
+                "not observe(indices, logits)"
+            )
         late = self._check_late()
         self.bank.observe(indices, logits, teacher_logits, mask=mask)
         self._observed(indices, late)
@@ -798,7 +856,16 @@ class KCDLoader:
     def observe_scores(self, indices: Any, scores: Any) -> None:
         """Records a score per sample that you computed (``ValueBank.observe_scores``):
         ``indices`` ``[B]`` as yielded, ``scores`` ``[B]`` real numbers, higher = more
-        valuable (a per-image detection loss, any measure). Same rules as :meth:`observe`."""
+        valuable (a per-image detection loss, any measure). Same rules as :meth:`observe`.
+
+        With an :class:`kcd_fast.InfoBatchSchedule`: ``scores`` are the per-sample losses
+        (unweighted, any grad state); each point keeps its latest one (InfoBatch's score)."""
+        if self._infobatch is not None:
+            idx, loss = self._infobatch.check(indices, scores)
+            late = self._check_late()
+            self._infobatch.observe(idx, loss)
+            self._observed(indices, late)
+            return
         late = self._check_late()
         self.bank.observe_scores(indices, scores)
         self._observed(indices, late)
@@ -825,11 +892,25 @@ class KCDLoader:
         if late:
             if not self._cursor.late_warned:  # once per epoch
                 self._cursor.late_warned = True
-                msg = self._late_message()
-                warnings.warn(msg, stacklevel=3)
-                log.warning(msg)
+                warnings.warn(self._late_message(), stacklevel=3)  # one event, one warning (no logger copy)
             return
         self._cursor.observed(indices)
+
+    def weights(self, indices: Any) -> torch.Tensor:
+        """``[B]`` float32: the loss weight of each point of ``indices`` (``[B]``, as yielded) in the
+        current epoch, on the device of ``indices``: ``1 / keep_ratio`` for the well-learned
+        points an :class:`kcd_fast.InfoBatchSchedule` kept in a pruned epoch, 1 otherwise (always
+        1 for a ``CondensationSchedule``). Use ``(losses * loader.weights(indices)).mean()``."""
+        idx_t = torch.as_tensor(indices)
+        if idx_t.dim() != 1 or idx_t.is_floating_point() or idx_t.dtype == torch.bool:
+            raise ValueError(f"indices must be a [B] integer tensor, got {idx_t.dtype} {tuple(idx_t.shape)}")
+        idx = idx_t.detach().to("cpu", torch.int64).numpy()
+        if idx.size and (idx.min() < 0 or idx.max() >= self.n):
+            bad = int(idx[(idx < 0) | (idx >= self.n)][0])
+            raise ValueError(f"indices must be in [0, {self.n}), got {bad}")
+        if self._infobatch is None:
+            return torch.ones(idx.shape[0], dtype=torch.float32, device=idx_t.device)
+        return torch.from_numpy(self._infobatch.weight[idx]).to(idx_t.device)
 
     # -- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -888,7 +969,17 @@ class KCDLoader:
             "history": [dict(r) for r in self.history],
             "summaries": [S.copy_summary(s) for s in self._summaries],
             "digest": self._images_digest(),
+            **self._policy_state(),
         }
+
+    def _policy_state(self) -> dict[str, Any]:
+        """The state keys of the policies of issue 30 (absent: KCD with the paper's pairing)."""
+        out: dict[str, Any] = {}
+        if self._pairing is not Pairing.PAPER:
+            out["vaks_pairing"] = self._pairing.value
+        if self._infobatch is not None:
+            out["infobatch"] = self._infobatch.state(self._dist.group, self._dist.communicates)
+        return out
 
     def _images_digest(self) -> str | None:
         """Digest of the rows the summaries touched (cached until the next summary)."""
@@ -926,15 +1017,31 @@ class KCDLoader:
         seed = state["seed"]
         if not is_int(seed) or seed < 0:
             raise ValueError(f"state seed must be an int >= 0, got {seed!r}")
+        pairing = state.get("vaks_pairing", Pairing.PAPER.value)
+        if pairing != self._pairing.value:
+            raise ValueError(f"the state has vaks_pairing = {pairing!r}, this loader has {self._pairing.value!r}")
+        infobatch = None
+        if self._infobatch is not None:
+            if "infobatch" not in state:
+                raise KeyError("KCDLoader state is missing ['infobatch'] (an InfoBatchSchedule's scores)")
+            infobatch = self._infobatch.check_state(state["infobatch"], epoch)
+            want = infobatch["sizes"][min(epoch, self.schedule.epochs - 1)]
+        else:
+            want = self._sizes[min(epoch, self.schedule.epochs - 1)]
+        sizes = list(self._sizes)
+        if infobatch is not None:
+            sizes[: len(infobatch["sizes"])] = infobatch["sizes"]
+            sizes[len(infobatch["sizes"]) :] = [self.n] * (self.schedule.epochs - len(infobatch["sizes"]))
+        n_batches = self._planner.num_batches(sizes[epoch]) if epoch < self.schedule.epochs else 0
         saved_order, position = state.get(O.ORDER_KEY), state.get("position", 0)
-        if is_int(position) and 0 < position == self._batches_under(epoch, saved_order):
+        if is_int(position) and 0 < position == self._batches_under(epoch, saved_order, sizes):
             # every batch of the epoch was trained (its condensation not run yet): between epochs, where
             # the options that decide batches may change; complete here too, at this loader's batches
-            state = {**state, "position": self._batches_in(epoch), "world_size": self.world_size}
+            state = {**state, "position": n_batches, "world_size": self.world_size}
             position = 0
         O.check_order(saved_order, self._order, position, epoch)  # before the position
-        act = S.check_active(state["active"], self.n, self._sizes[min(epoch, self.schedule.epochs - 1)], epoch)
-        position = S.check_position(state, self._batches_in(epoch), self.world_size, self._batches_on(epoch))
+        act = S.check_active(state["active"], self.n, want, epoch)
+        position = S.check_position(state, n_batches, self.world_size, self._batches_on(epoch, sizes))
         bank = state["bank"]
         S.check_bank_state(
             bank,
@@ -947,6 +1054,9 @@ class KCDLoader:
 
         # -- commit (nothing below raises on validated input) ------------------------------
         self.bank.load_state_dict(bank)
+        if infobatch is not None:
+            self._infobatch.load(infobatch, self._dist.rank)
+        self._sizes = sizes
         self._generation += 1
         self.bank.seed = seed  # ValueBank.load_state_dict keeps its own seed; the state's is the run's
         commit_images()
