@@ -153,3 +153,32 @@ def test_the_shadow_check_finds_a_planted_module() -> None:
     finally:
         (planted / "numpy.py").unlink()
         planted.rmdir()
+
+
+# -- the documentation's links ------------------------------------------------------------------
+def _anchor(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading."""
+    import re
+
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_relative_link_in_the_docs_resolves() -> None:
+    """README.md and docs/*.md: every relative link names a file of the repository, and every
+    #anchor a heading of that file (the front page sends newcomers to docs/ in one click)."""
+    import re
+
+    broken: list[str] = []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)\s]+)\)", doc.read_text()):
+            if re.match(r"^[a-z]+:", target):
+                continue  # http:, mailto:
+            path, _, anchor = target.partition("#")
+            file = (doc.parent / path).resolve() if path else doc
+            if not file.exists():
+                broken.append(f"{doc.relative_to(ROOT)}: {target} (no such file)")
+            elif anchor and file.suffix == ".md":
+                headings = re.findall(r"^#+ (.+)$", file.read_text(), re.M)
+                if anchor not in {_anchor(h) for h in headings}:
+                    broken.append(f"{doc.relative_to(ROOT)}: {target} (no heading with that anchor)")
+    assert not broken, "\n".join(broken)
