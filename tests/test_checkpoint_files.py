@@ -34,7 +34,7 @@ for _ in range(count):
     pid = os.fork()
     if pid == 0:
         def stuck(fd):
-            print("ready", os.getpid(), flush=True)
+            os.write(1, f"ready {os.getpid()}\n".encode())  # one write: lines of concurrent writers never mix
             time.sleep(120)
             os._exit(3)
         os.fsync = stuck
@@ -42,7 +42,7 @@ for _ in range(count):
         os._exit(4)
 for _ in range(count):
     pid, _status = os.wait()
-    print("reaped", pid, flush=True)
+    os.write(1, f"reaped {pid}\n".encode())
 """
 
 
@@ -51,14 +51,16 @@ def _temporaries(directory: Path) -> list[str]:
 
 
 def _read(proc: subprocess.Popen[str], word: str, count: int, deadline: float) -> list[int]:
-    pids = []
+    pids, other = [], []
     while len(pids) < count:
-        assert time.monotonic() < deadline, f"the writers did not report {count} x {word!r} in time"
+        assert time.monotonic() < deadline, f"the writers did not report {count} x {word!r} in time: {other}"
         line = proc.stdout.readline()
-        assert line, f"the writer process ended: {proc.stderr.read()}"
-        kind, pid = line.split()
-        if kind == word:
-            pids.append(int(pid))
+        assert line, f"the writer process ended: {proc.stderr.read()}; other output: {other}"
+        parts = line.split()
+        if len(parts) == 2 and parts[0] == word and parts[1].isdigit():
+            pids.append(int(parts[1]))
+        elif not (len(parts) == 2 and parts[0] in ("ready", "reaped")):
+            other.append(line)  # anything else a library printed: not ours
     return pids
 
 
