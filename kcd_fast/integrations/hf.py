@@ -62,6 +62,7 @@ except ImportError as err:
 from ..loader import KCDLoader
 from ..policies import InfoBatchSchedule
 from ..schedule import CondensationSchedule
+from .outputs import logits_of
 
 __all__ = ["CHECKPOINT_FILE", "KCDTrainer"]
 
@@ -112,17 +113,6 @@ class _SaveLoaderState(TrainerCallback):
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             os.makedirs(folder, exist_ok=True)
             loader.save(os.path.join(folder, CHECKPOINT_FILE))
-
-
-def _logits_of(output: Any) -> torch.Tensor | None:
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if logits is None and isinstance(output, dict):
-        logits = output.get("logits")
-    if logits is None and isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        logits = output[0]
-    return logits
 
 
 class KCDTrainer(Trainer):
@@ -300,7 +290,7 @@ class KCDTrainer(Trainer):
     # -- observing every step ------------------------------------------------------------
     def _capture_logits(self, module: Any, inputs: Any, output: Any) -> None:
         if self._kcd_capturing:
-            self._kcd_logits = _logits_of(output)
+            self._kcd_logits = logits_of(output)
 
     def training_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> torch.Tensor:
         if INDICES_KEY not in inputs:
@@ -361,7 +351,7 @@ class KCDTrainer(Trainer):
             raise ValueError("KCDTrainer with an InfoBatchSchedule needs labels in the batch (per-sample losses)")
         labels = inputs["labels"]
         outputs = model(**inputs)
-        logits = _logits_of(outputs)
+        logits = logits_of(outputs)
         if logits is None:
             raise RuntimeError("KCDTrainer saw no logits in the model's output: it needs them for per-sample losses")
         loss = self.kcd_infobatch_loss(per_sample_loss(logits, labels))

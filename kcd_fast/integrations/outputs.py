@@ -9,9 +9,22 @@ from typing import Any
 
 import torch
 
-__all__ = ["observe_step"]
+__all__ = ["logits_of", "observe_step"]
 
 KEYS = ("logits", "teacher_logits", "mask", "scores")
+
+
+def logits_of(output: Any) -> torch.Tensor | None:
+    """The logits in a model's forward output: the output itself when it is a tensor, its
+    ``.logits`` (an HF ``ModelOutput``) or ``["logits"]``, or the first tensor of a tuple."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if logits is None and isinstance(output, Mapping):
+        logits = output.get("logits")
+    if logits is None and isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        logits = output[0]
+    return logits
 
 
 def observe_step(loader: Any, indices: torch.Tensor, output: Mapping[str, Any], where: str) -> None:

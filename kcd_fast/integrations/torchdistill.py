@@ -89,6 +89,7 @@ except ImportError as err:  # a ModuleNotFoundError naming torchdistill when it 
 
 from ..loader import KCDBatchSampler
 from ..schedule import CondensationSchedule
+from .outputs import logits_of
 
 __all__ = [
     "BATCH_SAMPLER_KEY",
@@ -264,17 +265,6 @@ def kcd_batch_sampler(box: Any) -> TorchdistillKCDBatchSampler:
 _RECORDED: weakref.WeakKeyDictionary[torch.nn.Module, tuple[Any, torch.Tensor]] = weakref.WeakKeyDictionary()
 
 
-def _logits_of(output: Any) -> torch.Tensor | None:
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if logits is None and isinstance(output, Mapping):
-        logits = output.get("logits")
-    if logits is None and isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        logits = output[0]
-    return logits
-
-
 @register_forward_proc_func(key=FORWARD_KEY)
 def kcd_forward(model: Any, sample_batch: Any, targets: Any = None, supp_dict: Any = None, **kwargs: Any) -> Any:
     """torchdistill's ``forward_batch_only`` (``model(sample_batch)``) that also records the
@@ -287,7 +277,7 @@ def kcd_forward(model: Any, sample_batch: Any, targets: Any = None, supp_dict: A
             f"the batch's supp_dict has no {INDEX_KEY!r}: the YAML's train_data_loader needs "
             f"dataset_wrapper: {{key: {DATASET_WRAPPER_KEY}}}"
         )
-    logits = _logits_of(output)
+    logits = logits_of(output)
     if logits is None:
         raise TypeError(f"kcd_forward found no logits in the model's output ({type(output).__name__})")
     _RECORDED[model] = (indices, logits.detach())
