@@ -97,7 +97,7 @@ class EpochCursor:
         if idx.numel() == 0:
             return
         if idx.device.type == "cpu":
-            pos = self._batch_of[np.clip(idx.numpy().astype(np.int64, copy=False), 0, self.n - 1)]
+            pos = self._batch_of.take(idx.numpy(), mode="clip")  # clipped like the CUDA path; 3x np.clip + index
             self._max_host = max(self._max_host, int(pos.max()))
             return
         table = self._batch_of_dev.get(idx.device)
