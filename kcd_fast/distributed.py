@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import weakref
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -304,7 +305,11 @@ class _Channel:
     failed: str | None = None
 
 
-_CHANNELS: dict[int, tuple[Any, _Channel]] = {}  # id(process group) -> (the group, its channel)
+# id(process group) -> (a weak reference to the group, its channel). Weak: a strong one would keep
+# the group alive after destroy_process_group(), its gloo threads running into interpreter exit,
+# where a thread releasing a finished collective's tensor aborts the process ("terminate called
+# without an active exception"); a destroyed group's threads are joined.
+_CHANNELS: dict[int, tuple[Any, _Channel]] = {}
 
 
 def _channel(group: Any) -> _Channel | None:
@@ -315,13 +320,19 @@ def _channel(group: Any) -> _Channel | None:
 
         pg = group if group is not None else c10d._get_default_group()
         got = _CHANNELS.get(id(pg))
-        if got is not None and got[0] is pg:
+        if got is not None and got[0]() is pg:
             return got[1]
         store, name = c10d._get_default_store(), c10d._get_process_group_name(pg)
     except (AttributeError, KeyError, ValueError, RuntimeError):
         return None
     ch = _Channel(store, f"kcd_fast/loader/{name}/")
-    _CHANNELS[id(pg)] = (pg, ch)
+    for key in [k for k, (ref, _) in _CHANNELS.items() if ref() is None]:
+        del _CHANNELS[key]  # destroyed groups
+    try:
+        ref: Any = weakref.ref(pg)
+    except TypeError:  # a group type without weak references: held strongly
+        ref = lambda pg=pg: pg  # noqa: E731
+    _CHANNELS[id(pg)] = (ref, ch)
     return ch
 
 

@@ -529,6 +529,32 @@ def test_one_rank_is_a_plain_loader() -> None:
     assert all(torch.equal(a["seen"], b["seen"]) for a, b in zip(runs[0]["epochs"], runs[1]["epochs"], strict=True))
 
 
+def test_destroyed_group_is_freed_and_a_new_one_gets_a_new_channel(tmp_path: Path) -> None:
+    """The handshake channels must not keep a process group alive: a group kept past
+    destroy_process_group() runs its gloo threads into interpreter exit, where one releasing a
+    finished all-reduce's tensor aborted a rank ("terminate called without an active exception")."""
+    import gc
+    import weakref
+
+    assert not dist.is_initialized()
+    seqs = []
+    for i in range(2):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / f'init{i}'}", rank=0, world_size=1)
+        try:
+            pg = dist.distributed_c10d._get_default_group()
+            ch = D._channel(None)
+            assert ch is not None and D._channel(None) is ch
+            seqs.append(ch.seq)
+            ch.seq += 5  # a used channel
+            ref = weakref.ref(pg)
+            del pg, ch
+        finally:
+            dist.destroy_process_group()
+        gc.collect()
+        assert ref() is None, "the channels keep a destroyed process group alive"
+    assert seqs == [0, 0]
+
+
 # -- checkpoints (one process) -----------------------------------------------------------------
 def trained(stop: int = STOP) -> tuple[KCDLoader, ArrayDataset]:
     ds = ArrayDataset(*make_data(N_EVEN))
