@@ -91,9 +91,110 @@ def test_int_limit_train_batches_that_cuts_nothing_is_followed(tmp_path) -> None
     _followed_exactly(module)
 
 
+class ValStudent(Student):
+    """A Student with a validation loop."""
+
+    def val_dataloader(self):
+        x = torch.from_numpy(IMAGES[:8]).float().flatten(1) / 255
+        return torch.utils.data.DataLoader(list(zip(x, torch.from_numpy(LABELS[:8]), strict=True)), batch_size=4)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", torch.nn.functional.cross_entropy(self.net(x), y))
+
+
+class Record(pl.Callback):
+    """The global step of every validation and Lightning's epoch length at every epoch start."""
+
+    def __init__(self) -> None:
+        self.validated: list[int] = []
+        self.lengths: list[int] = []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.lengths.append(trainer.num_training_batches)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self.validated.append(trainer.global_step)
+
+
+def validation_steps(lengths: list[int], every: float | int, per_epoch: bool = True) -> list[int]:
+    """Where Lightning validates when each epoch's length is known: a float ``every`` is a
+    fraction of the epoch (``max(1, int(length * every))`` batches), an int a batch count,
+    counted within the epoch (``per_epoch``) or over the whole run."""
+    out, total = [], 0
+    for length in lengths:
+        k = max(1, int(length * every)) if isinstance(every, float) else every
+        for b in range(1, length + 1):
+            if (b if per_epoch else total + b) % k == 0:
+                out.append(total + b)
+        total += length
+    return out
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"val_check_interval": 0.5}, {"val_check_interval": 0.3}, {"val_check_interval": 3}],
+    ids=["default", "half", "0.3", "int3"],
+)
+def test_validation_follows_every_epochs_own_length(tmp_path, options) -> None:
+    """Lightning reads len(loader) once; KCD's epochs shrink (8, 7, 6 ... batches). With the
+    default val_check_interval=1.0, validation must still run at every epoch's end (not at
+    epoch 0's alone), and a fraction must be a fraction of each epoch."""
+    module, record = ValStudent(), Record()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=SCHED.epochs,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+        callbacks=[record, KCDCallback()],
+        **options,
+    )
+    trainer.fit(module)
+    _followed_exactly(module)
+    lengths = module.loader.steps_per_epoch()
+    assert record.lengths == lengths  # the progress bar's total, epoch by epoch
+    every = options.get("val_check_interval", 1.0)
+    assert record.validated == validation_steps(lengths, every)
+    if every == 1.0:
+        assert record.validated == np.cumsum(lengths).tolist()
+
+
+def test_int_validation_interval_across_epochs_is_followed(tmp_path) -> None:
+    """check_val_every_n_epoch=None counts batches over the run: an interval longer than the
+    later epochs is fine there."""
+    module, record = ValStudent(), Record()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=SCHED.epochs,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+        callbacks=[record, KCDCallback()],
+        val_check_interval=7,
+        check_val_every_n_epoch=None,
+    )
+    trainer.fit(module)
+    _followed_exactly(module)
+    assert record.validated == validation_steps(module.loader.steps_per_epoch(), 7, per_epoch=False)
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
+        (
+            {"val_check_interval": 7},
+            r"Trainer\(val_check_interval=7\) validates after every 7 batches of an epoch, but the KCD epochs shrink "
+            r"to 6 batches on this rank \(\[8, 7, 6, 6, 6, 6\]\).*val_check_interval <= 6",
+        ),
         ({"limit_train_batches": 0.5}, r"Trainer\(limit_train_batches=0.5\) makes Lightning train a fixed number"),
         ({"limit_train_batches": 5}, r"Trainer\(limit_train_batches=5\) cuts the KCD epochs \(the longest has 8"),
         ({"max_steps": _updates(1) - 1}, rf"Trainer\(max_steps={_updates(1) - 1}\) stops before the KCD schedule"),

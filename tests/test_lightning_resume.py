@@ -149,12 +149,35 @@ def test_resume_from_a_saver_callback_in_either_order(reference, runs, tmp_path,
     _assert_same_run(reference, module, step)
 
 
-# Lightning validates every 4 batches (half of the first epoch's len, computed once): mid-epoch 0, at the end
-# of epoch 0, mid-epoch 1 and 2 (later epochs are shorter: no validation at their end)
-@pytest.mark.parametrize("step", [4, ENDS[0], ENDS[0] + 4, ENDS[1] + 4])
+# val_check_interval=0.5 of each epoch's own length (KCDCallback sizes every epoch for Lightning): after 4 and 8
+# of epoch 0's 8 batches, after 3 and 6 of epoch 1's 7, after 3 and 6 of epoch 2's 6 (its end), ...
+@pytest.mark.parametrize("step", [4, ENDS[0], ENDS[0] + 3, ENDS[1] + 3, ENDS[2]])
 def test_resume_from_validation_end_checkpoints(reference, runs, tmp_path, step: int) -> None:
     module = _fit(tmp_path, [KCDCallback()], Student(validate=True), runs["val"] / f"step={step}.ckpt")
     _assert_same_run(reference, module, step)
+
+
+class ValSteps(Callback):
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self.steps.append(trainer.global_step)
+
+
+def test_a_resumed_run_validates_where_the_uninterrupted_one_does(tmp_path) -> None:
+    """Resumed mid-epoch 1 (7 batches; Lightning sees no epoch start for it), validation at 0.5
+    still falls after 3 and 6 of its batches, then halfway through and at the end of each
+    6-batch epoch: the uninterrupted run's steps after the checkpoint's."""
+    ref = ValSteps()
+    _fit(tmp_path / "ref", [KCDCallback(), ref], Student(validate=True), val_check_interval=0.5)
+    every = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_train_steps=ENDS[0] + 1)
+    _fit(tmp_path / "a", [KCDCallback(), every], Student(validate=True), val_check_interval=0.5)
+    resumed = ValSteps()
+    ckpt = tmp_path / "ckpt" / f"epoch=1-step={ENDS[0] + 1}.ckpt"
+    _fit(tmp_path / "b", [KCDCallback(), resumed], Student(validate=True), ckpt, val_check_interval=0.5)
+    assert ref.steps == [4, 8, 11, 14, 18, 21, 24, 27, 30, 33, 36, 39]
+    assert resumed.steps == [s for s in ref.steps if s > ENDS[0] + 1]
 
 
 def test_a_checkpoint_without_the_callback_state_resumes_from_the_fit_loop_state(reference, runs, tmp_path) -> None:

@@ -43,7 +43,13 @@ schedule silently:
 - ``limit_train_batches``: 1.0, or an int no smaller than the longest epoch, is followed (it
   cuts nothing); a fraction below 1.0, or a smaller int, is refused (Lightning would fix every
   epoch's length from epoch 0 and cut the epochs the condensations rank);
-- ``max_time`` (a ``Timer`` with a duration) and ``fast_dev_run``: refused.
+- ``max_time`` (a ``Timer`` with a duration) and ``fast_dev_run``: refused;
+- ``val_check_interval``: followed in every epoch. Lightning sizes an epoch (its progress bar,
+  the batch after which it validates) from ``len(loader)`` once, at the first epoch; the
+  callback gives it each epoch's length at the epoch's start, so the default validates at
+  every epoch's end and ``0.5`` halfway through every epoch. An int larger than the
+  shortest epoch (validation would stop once the epochs shrink below it) is refused, as
+  Lightning refuses one larger than the first epoch.
 
 With an :class:`kcd_fast.InfoBatchSchedule` return ``{"loss": (losses * loader.weights(indices)).mean(),
 "scores": losses.detach()}`` (per-sample losses) and pass
@@ -176,6 +182,8 @@ class KCDCallback(Callback):
             # The iterator Lightning made before this hook has not been pulled: it follows.
             state, self._to_load = self._to_load, None
             loader.load_state_dict(state)
+        # a resumed mid-epoch run gets no on_train_epoch_start for its first epoch
+        self._size_epoch(trainer, loader)
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         # resumed from a checkpoint of the last epoch's end: Lightning trains nothing and never
@@ -230,6 +238,21 @@ class KCDCallback(Callback):
                 f"this rank: {planned}), so epochs would not train the schedule's points: leave limit_train_batches "
                 f"unset (or >= {max(planned)}) and train on less data instead (a torch.utils.data.Subset)"
             )
+        every = getattr(trainer, "val_check_interval", None)
+        shortest = min(planned, default=0)
+        if (
+            isinstance(every, int)
+            and not isinstance(every, bool)
+            and every > shortest > 0
+            and getattr(trainer, "check_val_every_n_epoch", None) is not None
+            and trainer.limit_val_batches > 0
+        ):
+            raise ValueError(
+                f"Trainer(val_check_interval={every}) validates after every {every} batches of an epoch, but the KCD "
+                f"epochs shrink to {shortest} batches on this rank ({planned}), so validation would stop once they "
+                f"do: pass val_check_interval <= {shortest}, a fraction of each epoch (e.g. 0.5 or 1.0), or "
+                "check_val_every_n_epoch=None to count batches across epochs"
+            )
         acc = max(int(getattr(trainer, "accumulate_grad_batches", 1) or 1), 1)
         updates = sum(-(-s // acc) for s in planned)
         if trainer.max_steps is not None and 0 <= trainer.max_steps < updates:
@@ -248,6 +271,33 @@ class KCDCallback(Callback):
                 "the KCDLoader once (in __init__ or setup) and return that one from train_dataloader(), without "
                 "reload_dataloaders_every_n_epochs (a new loader starts at epoch 0); resume both from one checkpoint"
             )
+        self._size_epoch(trainer, loader)
+
+    @staticmethod
+    def _size_epoch(trainer: Any, loader: KCDLoader) -> None:
+        """Tells Lightning this epoch's length. Lightning reads ``len(loader)`` when it loads
+        the train dataloader (once, unless ``reload_dataloaders_every_n_epochs``) and derives
+        ``trainer.num_training_batches`` (the progress bar's total, the end-of-epoch test of
+        a resumed run) and ``trainer.val_check_batch`` from it; KCD's epochs shrink, so the
+        first epoch's values would skip validation at later epochs' ends. The same rule as
+        Lightning's ``_FitLoop.setup_data``: a float ``val_check_interval`` is a fraction of
+        the epoch, at least one batch; an int or a time interval does not depend on it."""
+        fit_loop = getattr(trainer, "fit_loop", None)
+        current = getattr(fit_loop, "max_batches", None)
+        if not isinstance(current, int) or isinstance(current, bool):
+            return  # no length (inf) or a Lightning without this attribute: nothing to follow
+        n = len(loader)
+        if n == current or n == 0:
+            return
+        fit_loop.max_batches = n
+        every = getattr(trainer, "val_check_interval", None)
+        batch = getattr(trainer, "val_check_batch", None)
+        if (
+            isinstance(every, float)
+            and isinstance(batch, int)
+            and getattr(trainer, "_val_check_time_interval", None) is None
+        ):
+            trainer.val_check_batch = max(1, int(n * every))
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if outputs is None:  # training_step skipped the batch: nothing to score (the loader reports such points)
