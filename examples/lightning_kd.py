@@ -35,7 +35,8 @@ class Distill(pl.LightningModule):
     def configure_optimizers(self):
         opt = torch.optim.SGD(self.student.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
         # an LR schedule sized on the loader's real number of steps (KCD epochs shrink)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=self.loader.total_steps())
+        steps = self.loader.total_steps(self.trainer.accumulate_grad_batches)  # optimizer steps
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=steps)
         return [opt], [{"scheduler": sched, "interval": "step"}]
 
 

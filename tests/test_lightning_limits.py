@@ -78,6 +78,7 @@ def test_accumulate_grad_batches_is_followed_with_partial_last_groups(tmp_path, 
     module, trainer = _fit(tmp_path, accumulate_grad_batches=acc)
     _followed_exactly(module)
     assert trainer.global_step == _updates(acc)  # Lightning steps on each epoch's last, partial group
+    assert module.loader.total_steps(acc) == trainer.global_step  # what to size an LR schedule with
 
 
 def test_max_steps_that_fits_the_schedule_is_followed(tmp_path) -> None:

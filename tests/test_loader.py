@@ -106,6 +106,8 @@ def test_each_epoch_trains_on_the_scheduled_active_set(workers: int | str, drop_
     sizes = SCHED.epoch_sizes(n)
     assert loader.steps_per_epoch() == [s // bs if drop_last else -(-s // bs) for s in sizes]
     assert loader.total_steps() == sum(loader.steps_per_epoch())
+    for k in (1, 2, 3, 7, 1000):  # optimizer steps with accumulation: each epoch's partial last group steps
+        assert loader.total_steps(k) == sum(len(range(0, s, k)) for s in loader.steps_per_epoch()), k
     for e in range(SCHED.epochs):
         assert loader.epoch == e and len(loader) == loader.steps_per_epoch()[e]
         active, order = loader.active_indices, loader.epoch_order()
@@ -126,6 +128,14 @@ def test_each_epoch_trains_on_the_scheduled_active_set(workers: int | str, drop_
             assert torch.equal(torch.sort(got_t).values, active) and got_t.unique().numel() == sizes[e]
     assert loader.epoch == SCHED.epochs and len(loader) == 0
     assert [h["epoch"] for h in loader.history] == SCHED.condensation_epochs
+
+
+def test_total_steps_rejects_a_bad_accumulate() -> None:
+    loader = KCDLoader(ArrayDataset(*make_arrays(10)), SCHED, batch_size=4)
+    with pytest.raises(ValueError, match=r"accumulate must be >= 1, got 0"):
+        loader.total_steps(0)
+    with pytest.raises(TypeError, match=r"accumulate must be an int, got float 2.0"):
+        loader.total_steps(2.0)
 
 
 @pytest.mark.filterwarnings("ignore:KCD condensation before epoch")  # this test observes nothing

@@ -30,8 +30,8 @@ observation of the batch its weights were trained on. The loader records the bat
 observed, so the one Lightning's fetcher read ahead is yielded again. Under Lightning's DDP strategies the
 loader shards itself (a process group exists by the time ``train_dataloader`` runs) and
 Lightning leaves it alone: it only re-wraps ``torch.utils.data.DataLoader`` objects.
-Size LR schedules with ``loader.total_steps()`` (``trainer.estimated_stepping_batches``
-assumes every epoch has the first epoch's length).
+Size LR schedules with ``loader.total_steps(trainer.accumulate_grad_batches)``
+(``trainer.estimated_stepping_batches`` assumes every epoch has the first epoch's length).
 
 Trainer options that change how many batches an epoch trains are followed exactly or refused
 when ``fit`` starts (``ValueError`` naming the option and what to do), never left to break the
@@ -254,7 +254,7 @@ class KCDCallback(Callback):
                 "check_val_every_n_epoch=None to count batches across epochs"
             )
         acc = max(int(getattr(trainer, "accumulate_grad_batches", 1) or 1), 1)
-        updates = sum(-(-s // acc) for s in planned)
+        updates = sum(-(-s // acc) for s in planned)  # loader.total_steps(acc) over max_epochs epochs
         if trainer.max_steps is not None and 0 <= trainer.max_steps < updates:
             raise ValueError(
                 f"Trainer(max_steps={trainer.max_steps}) stops before the KCD schedule ends: its "

@@ -470,9 +470,14 @@ class KCDLoader:
         ``history`` records count the schedule's sizes (the paper's C); this is what ran."""
         return [self._planner.samples(s) for s in self._sizes]
 
-    def total_steps(self) -> int:
-        """Batches over the whole schedule on this rank (for LR schedulers such as OneCycleLR)."""
-        return sum(self.steps_per_epoch())
+    def total_steps(self, accumulate: int = 1) -> int:
+        """Optimizer steps over the whole schedule on this rank, for LR schedulers such as
+        OneCycleLR: the batches, or with gradients accumulated over ``accumulate`` batches
+        ``sum(ceil(batches_e / accumulate))`` (an epoch's last, partial group steps too, as in
+        Lightning's ``accumulate_grad_batches``, the HF Trainer's
+        ``gradient_accumulation_steps`` and accelerate)."""
+        k = check_int(accumulate, "accumulate", 1)
+        return sum(-(-s // k) for s in self.steps_per_epoch())
 
     @property
     def distributed(self) -> bool:
