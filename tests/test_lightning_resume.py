@@ -180,6 +180,54 @@ def test_a_resumed_run_validates_where_the_uninterrupted_one_does(tmp_path) -> N
     assert resumed.steps == [s for s in ref.steps if s > ENDS[0] + 1]
 
 
+class Steps(Callback):
+    """Validations (global step), optimizer steps per epoch, and Lightning's epoch length per epoch."""
+
+    def __init__(self) -> None:
+        self.validated: list[tuple[int, int]] = []  # (epoch, batch index)
+        self.stepped: dict[int, int] = {}
+        self.lengths: dict[int, int] = {}
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self.validated.append((trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_idx))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.stepped[trainer.current_epoch] = self.stepped.get(trainer.current_epoch, 0) + 1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.lengths[trainer.current_epoch] = trainer.num_training_batches
+
+
+@pytest.mark.parametrize("at", [0, 1])
+def test_resume_from_an_epochs_last_batch_into_a_shorter_epoch(tmp_path, at: int) -> None:
+    """A checkpoint saved in on_train_batch_end on an epoch's last batch (a saver callback,
+    every_n_train_steps, save_on_exception): Lightning resumes straight into the next, shorter
+    epoch without on_train_epoch_start. It must still validate at that epoch's end and step
+    the optimizer on its last, partial accumulation group, as the uninterrupted run does."""
+    kw = {"val_check_interval": 1.0, "accumulate_grad_batches": 4}
+    ref = Steps()
+    want = _fit(tmp_path / "ref", [KCDCallback(), ref], Student(validate=True), **kw)
+    lengths = want.loader.steps_per_epoch()
+    ckpt = tmp_path / "last_batch.ckpt"
+
+    class SaveLastBatch(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if trainer.current_epoch == at and batch_idx == lengths[at] - 1:
+                trainer.save_checkpoint(ckpt)
+
+    _fit(tmp_path / "a", [KCDCallback(), SaveLastBatch()], Student(validate=True), **kw)
+    got = Steps()
+    module = _fit(tmp_path / "b", [KCDCallback(), got], Student(validate=True), ckpt, **kw)
+    assert ref.validated == [(e, n - 1) for e, n in enumerate(lengths)]
+    assert ref.stepped == {e: -(-n // 4) for e, n in enumerate(lengths)}
+    assert got.validated == ref.validated[at + 1 :]
+    assert got.stepped == {e: n for e, n in ref.stepped.items() if e > at}
+    assert got.lengths == {e: n for e, n in enumerate(lengths) if e > at}
+    assert module.trained == want.trained[ENDS[at] :]
+    for a, b in zip(want.parameters(), module.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_a_checkpoint_without_the_callback_state_resumes_from_the_fit_loop_state(reference, runs, tmp_path) -> None:
     """A checkpoint written before KCDCallback kept the loader state: the fit loop's copy."""
     ckpt = torch.load(runs["epoch"] / "epoch=2.ckpt", weights_only=False)

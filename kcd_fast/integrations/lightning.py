@@ -182,8 +182,10 @@ class KCDCallback(Callback):
             # The iterator Lightning made before this hook has not been pulled: it follows.
             state, self._to_load = self._to_load, None
             loader.load_state_dict(state)
-        # a resumed mid-epoch run gets no on_train_epoch_start for its first epoch
-        self._size_epoch(trainer, loader)
+        # a resumed mid-epoch run gets no on_train_epoch_start for its first epoch; Lightning
+        # then compares the batches its checkpoint completed with this length to decide whether
+        # that epoch had ended (a save in on_train_batch_end on the epoch's last batch)
+        self._size_epoch(trainer, len(loader))
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         # resumed from a checkpoint of the last epoch's end: Lightning trains nothing and never
@@ -271,10 +273,20 @@ class KCDCallback(Callback):
                 "the KCDLoader once (in __init__ or setup) and return that one from train_dataloader(), without "
                 "reload_dataloaders_every_n_epochs (a new loader starts at epoch 0); resume both from one checkpoint"
             )
-        self._size_epoch(trainer, loader)
+        self._size_epoch(trainer, len(loader))
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        # Resumed from a save on an epoch's last batch, Lightning goes straight into the next
+        # epoch without on_train_epoch_start: size it at its first batch. Not len(loader): with
+        # Lightning's fetcher a batch ahead, the epoch's last batch may be yielded already and
+        # len() would end the epoch before that batch is observed.
+        if batch_idx == 0:
+            loader = self.loader if self.loader is not None else self._find_loader(trainer)
+            steps = loader.steps_per_epoch()
+            self._size_epoch(trainer, steps[loader.epoch] if loader.epoch < len(steps) else 0)
 
     @staticmethod
-    def _size_epoch(trainer: Any, loader: KCDLoader) -> None:
+    def _size_epoch(trainer: Any, n: int) -> None:
         """Tells Lightning this epoch's length. Lightning reads ``len(loader)`` when it loads
         the train dataloader (once, unless ``reload_dataloaders_every_n_epochs``) and derives
         ``trainer.num_training_batches`` (the progress bar's total, the end-of-epoch test of
@@ -286,7 +298,6 @@ class KCDCallback(Callback):
         current = getattr(fit_loop, "max_batches", None)
         if not isinstance(current, int) or isinstance(current, bool):
             return  # no length (inf) or a Lightning without this attribute: nothing to follow
-        n = len(loader)
         if n == current or n == 0:
             return
         fit_loop.max_batches = n
