@@ -174,6 +174,51 @@ def test_user_compute_loss_with_a_teacher_keeps_working(tmp_path) -> None:
     assert t.state.global_step == t.kcd_loader.total_steps()  # one optimizer step per batch
 
 
+class TupleOutput(torch.nn.Module):
+    """A model whose forward returns a tuple, as HF models do with return_dict=False:
+    ``(loss, logits)`` when labels are passed."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, labels=None):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).to_tuple()
+
+
+def test_a_model_returning_a_loss_logits_tuple_is_scored_on_its_logits(uninterrupted, tmp_path) -> None:
+    """The plain Trainer accepts (loss, logits) tuples; KCD must score the logits, not the loss."""
+    ref, _, _ = uninterrupted
+    t = _trainer(tmp_path, model=TupleOutput(_classifier()))
+    t.train()
+    assert t.state.global_step == ref.state.global_step
+    assert torch.equal(t.kcd_loader.bank.counts, ref.kcd_loader.bank.counts)
+    # the wrapper has no HF config, so the Trainer scales the accumulated loss a little differently:
+    # the same entropies to ~1e-4, where the loss (a scalar) would have failed as [B, C] logits
+    torch.testing.assert_close(t.kcd_loader.bank.sums, ref.kcd_loader.bank.sums, rtol=1e-3, atol=0)
+
+
+def test_model_init_builds_a_model_that_is_observed(uninterrupted, tmp_path) -> None:
+    """train() replaces the model when model_init is given (and per trial in hyperparameter_search):
+    the new model's logits are observed like the first model's."""
+    ref, _, _ = uninterrupted
+    t = KCDTrainer(
+        model_init=lambda: _classifier(),
+        args=_args(tmp_path),
+        train_dataset=_data(),
+        data_collator=default_data_collator,
+        kcd_schedule=SCHED,
+        kcd_options={"seed": 1},
+    )
+    counts = EpochCounts()
+    counts.trainer = t
+    t.add_callback(counts)
+    t.train()
+    assert t.state.global_step == ref.state.global_step
+    assert np.diff([0, *counts.counts]).tolist() == SCHED.epoch_sizes(N)  # every batch of every epoch observed
+    assert [h["epoch"] for h in t.kcd_loader.history] == list(SCHED.condensation_epochs)
+
+
 def test_sequence_logits_are_scored_under_the_attention_mask(tmp_path) -> None:
     data = _data(labels="lm")
     config = GPT2Config(vocab_size=V, n_positions=16, n_embd=16, n_layer=1, n_head=2)

@@ -160,7 +160,8 @@ class KCDTrainer(Trainer):
         self._kcd_losses: torch.Tensor | None = None
         if self._kcd_infobatch and getattr(self, "loss_is_scaled_for_ga", None) is None:
             self.loss_is_scaled_for_ga = False  # kcd_infobatch_loss is a per-batch mean
-        self.model.register_forward_hook(self._capture_logits)
+        self._kcd_hook: tuple[Any, Any] | None = None  # (the model hooked, the hook's handle)
+        self._kcd_hook_model()
         self.add_callback(_SaveLoaderState(self))
 
     # -- the loader ----------------------------------------------------------------------
@@ -288,6 +289,16 @@ class KCDTrainer(Trainer):
         return super()._run_epoch(*args, **kwargs)
 
     # -- observing every step ------------------------------------------------------------
+    def _kcd_hook_model(self) -> None:
+        """Hooks ``self.model``'s forward to capture its logits; again after ``train()``
+        replaced the model (``model_init``, ``hyperparameter_search``)."""
+        model = self.model
+        if model is None or (self._kcd_hook is not None and self._kcd_hook[0] is model):
+            return
+        if self._kcd_hook is not None:
+            self._kcd_hook[1].remove()
+        self._kcd_hook = (model, model.register_forward_hook(self._capture_logits))
+
     def _capture_logits(self, module: Any, inputs: Any, output: Any) -> None:
         if self._kcd_capturing:
             self._kcd_logits = logits_of(output)
@@ -310,6 +321,7 @@ class KCDTrainer(Trainer):
                 )
             self.kcd_loader.observe_scores(indices, losses)
             return loss
+        self._kcd_hook_model()
         self._kcd_logits, self._kcd_capturing = None, True
         try:
             loss = super().training_step(model, inputs, *args, **kwargs)

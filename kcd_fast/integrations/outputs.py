@@ -16,14 +16,16 @@ KEYS = ("logits", "teacher_logits", "mask", "scores")
 
 def logits_of(output: Any) -> torch.Tensor | None:
     """The logits in a model's forward output: the output itself when it is a tensor, its
-    ``.logits`` (an HF ``ModelOutput``) or ``["logits"]``, or the first tensor of a tuple."""
+    ``.logits`` (an HF ``ModelOutput``) or ``["logits"]``, or in a tuple (HF's
+    ``return_dict=False``: ``(loss, logits, ...)`` when labels were passed, else
+    ``(logits, ...)``) the first tensor that is not a scalar loss."""
     if isinstance(output, torch.Tensor):
         return output
     logits = getattr(output, "logits", None)
     if logits is None and isinstance(output, Mapping):
         logits = output.get("logits")
-    if logits is None and isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        logits = output[0]
+    if logits is None and isinstance(output, (tuple, list)):
+        logits = next((t for t in output if isinstance(t, torch.Tensor) and t.dim() > 0), None)
     return logits
 
 
