@@ -24,7 +24,7 @@ LABELS = _rng.integers(0, C, N)
 class Run:
     """One accelerate training run; ``stop_at``: save_state after that many steps and stop."""
 
-    def __init__(self, ckpt: Path, resume: bool = False, stop_at: int | None = None):
+    def __init__(self, ckpt: Path, resume: bool = False, stop_at: int | None = None, accumulate: int = 1):
         self.acc = accelerate.Accelerator(cpu=True)
         g = torch.Generator().manual_seed(0)
         net = torch.nn.Linear(48, C)
@@ -41,6 +41,10 @@ class Run:
         if resume:
             self.acc.load_state(str(ckpt))
         self.trained: list[list[int]] = []
+        self.stepped: dict[int, int] = {}  # optimizer steps per epoch
+        if accumulate > 1:
+            self._accumulating(ckpt, stop_at, accumulate)
+            return
         for _ in range(self.loader.epoch, SCHED.epochs):
             for x, y, idx in self.loader:
                 assert x.device == self.acc.device and idx.device.type == "cpu"
@@ -54,6 +58,43 @@ class Run:
                 if stop_at is not None and len(self.trained) == stop_at:
                     self.acc.save_state(str(ckpt))
                     return
+
+
+    def _accumulating(self, ckpt: Path, stop_at: int | None, k: int) -> None:
+        """docs/integrations.md's accumulation loop: a step at every k-th batch and at each
+        epoch's last (accelerate's accumulate() cannot see a KCDLoader's epoch ends)."""
+        import contextlib
+
+        loader = self.loader
+        for epoch in range(loader.epoch, SCHED.epochs):
+            n = len(loader)
+            for i, (x, y, idx) in enumerate(loader, start=loader.resume_position):
+                step = (i + 1) % k == 0 or i + 1 == n
+                with contextlib.nullcontext() if step else self.acc.no_sync(self.net):
+                    logits = self.net(x.flatten(1))
+                    self.acc.backward(torch.nn.functional.cross_entropy(logits, y) / k)
+                if step:
+                    self.opt.step()
+                    self.opt.zero_grad()
+                    self.stepped[epoch] = self.stepped.get(epoch, 0) + 1
+                loader.observe(idx, logits)
+                self.trained.append(idx.tolist())
+                if stop_at is not None and len(self.trained) == stop_at:
+                    self.acc.save_state(str(ckpt))
+                    return
+
+
+@pytest.mark.parametrize("step", [6, 8, 14])  # after a step mid-epoch 0, at the end of epochs 0 and 1
+def test_the_documented_accumulation_loop_steps_each_epochs_last_group(tmp_path, step: int) -> None:
+    ref = Run(tmp_path / "unused", accumulate=3)
+    lengths = ref.loader.steps_per_epoch()  # [8, 6, 6, 6]: partial last groups of 2 in epoch 0
+    assert ref.stepped == {e: -(-n // 3) for e, n in enumerate(lengths)}
+    assert sum(ref.stepped.values()) == ref.loader.total_steps(3)
+    Run(tmp_path / "ckpt", stop_at=step, accumulate=3)
+    resumed = Run(tmp_path / "ckpt", resume=True, accumulate=3)
+    assert ref.trained[step:] == resumed.trained
+    for a, b in zip(ref.net.parameters(), resumed.net.parameters(), strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("step", [3, 8, 11, 23])  # mid-epoch 0, the end of epoch 0, mid-epochs 1 and 3

@@ -92,6 +92,57 @@ def test_int_limit_train_batches_that_cuts_nothing_is_followed(tmp_path) -> None
     _followed_exactly(module)
 
 
+class OneCycleStudent(Student):
+    """Sizes OneCycleLR the way Lightning's docs do, or with the loader's optimizer steps."""
+
+    def __init__(self, sized_by: str) -> None:
+        super().__init__()
+        self.sized_by = sized_by
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=0.1)
+        acc = self.trainer.accumulate_grad_batches
+        lightning = self.sized_by == "lightning"
+        total = self.trainer.estimated_stepping_batches if lightning else self.loader.total_steps(acc)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=int(total))
+        return [opt], [{"scheduler": sched, "interval": "step"}]
+
+
+@pytest.mark.parametrize("acc", [1, 3])
+def test_an_lr_schedule_sized_by_estimated_stepping_batches_warns(tmp_path, acc: int) -> None:
+    """estimated_stepping_batches assumes every epoch is as long as the first (8 batches here, then
+    7, 6, ...): OneCycleLR sized with it never finishes annealing. Sized with total_steps it does."""
+    import warnings
+
+    for sized_by in ("lightning", "loader"):
+        module = OneCycleStudent(sized_by)
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            max_epochs=SCHED.epochs,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            default_root_dir=tmp_path,
+            callbacks=[KCDCallback()],
+            accumulate_grad_batches=acc,
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(module)
+        ours = [str(w.message) for w in caught if "OneCycleLR(total_steps=" in str(w.message)]
+        steps = module.loader.total_steps(acc)
+        assert trainer.global_step == steps
+        sched = trainer.lr_scheduler_configs[0].scheduler
+        if sized_by == "lightning":
+            assert len(ours) == 1 and f"the KCD schedule takes {steps}" in ours[0], ours
+            assert "never finishes annealing" in ours[0] and "loader.total_steps(" in ours[0]
+            assert sched.total_steps - sched.last_epoch > 1  # steps of its cycle never taken
+        else:
+            assert ours == []
+            assert sched.total_steps - sched.last_epoch <= 1  # its cycle ran to the end
+
+
 class ValStudent(Student):
     """A Student with a validation loop."""
 

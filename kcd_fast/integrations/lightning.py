@@ -59,6 +59,7 @@ With an :class:`kcd_fast.InfoBatchSchedule` return ``{"loss": (losses * loader.w
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -175,6 +176,7 @@ class KCDCallback(Callback):
                 f"train_dataloader() returning the same KCDLoader), got {trainer.reload_dataloaders_every_n_epochs}"
             )
         self._check_epoch_lengths(trainer, loader)
+        self._check_lr_schedules(trainer, loader)
         self.loader = loader
         if self._to_load is not None:
             # Lightning loads the loader's state itself only when it resumes mid-epoch; loading
@@ -264,6 +266,31 @@ class KCDCallback(Callback):
                 + (f", accumulate_grad_batches={acc}" if acc > 1 else "")
                 + f"): leave max_steps at -1 and bound the run with max_epochs, or pass max_steps >= {updates}"
             )
+
+    @staticmethod
+    def _check_lr_schedules(trainer: Any, loader: KCDLoader) -> None:
+        """Warns about a step-interval LR scheduler sized for another number of optimizer
+        steps (OneCycleLR's ``total_steps``), typically ``trainer.estimated_stepping_batches``,
+        which assumes every epoch is as long as the first: it would never finish annealing."""
+        steps = loader.steps_per_epoch()
+        max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else len(steps)
+        acc = max(int(getattr(trainer, "accumulate_grad_batches", 1) or 1), 1)
+        updates = sum(-(-s // acc) for s in steps[: min(max_epochs, len(steps))])
+        for config in getattr(trainer, "lr_scheduler_configs", None) or []:
+            total = getattr(config.scheduler, "total_steps", None)
+            if getattr(config, "interval", None) != "step" or getattr(config, "frequency", 1) != 1:
+                continue
+            if isinstance(total, int) and total != updates:
+                warnings.warn(
+                    f"{type(config.scheduler).__name__}(total_steps={total}) is sized for {total} optimizer steps, but "
+                    f"the KCD schedule takes {updates} (its epochs shrink: loader.steps_per_epoch() = "
+                    f"{steps[:max_epochs]}{f', accumulate_grad_batches={acc}' if acc > 1 else ''}), so it "
+                    + ("never finishes annealing" if total > updates else "runs out of steps")
+                    + "; trainer.estimated_stepping_batches assumes every epoch is as long as the first: size it "
+                    "with loader.total_steps(trainer.accumulate_grad_batches)",
+                    UserWarning,
+                    stacklevel=2,
+                )
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         loader = self.loader if self.loader is not None else self._find_loader(trainer)
