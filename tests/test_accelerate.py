@@ -59,7 +59,6 @@ class Run:
                     self.acc.save_state(str(ckpt))
                     return
 
-
     def _accumulating(self, ckpt: Path, stop_at: int | None, k: int) -> None:
         """docs/integrations.md's accumulation loop: a step at every k-th batch and at each
         epoch's last (accelerate's accumulate() cannot see a KCDLoader's epoch ends)."""
