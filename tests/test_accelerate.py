@@ -24,8 +24,13 @@ LABELS = _rng.integers(0, C, N)
 class Run:
     """One accelerate training run; ``stop_at``: save_state after that many steps and stop."""
 
-    def __init__(self, ckpt: Path, resume: bool = False, stop_at: int | None = None, accumulate: int = 1):
-        self.acc = accelerate.Accelerator(cpu=True)
+    def __init__(
+        self, ckpt: Path, resume: bool = False, stop_at: int | None = None, accumulate: int = 1, mode: str = "manual"
+    ):
+        # mode "accelerate": accelerate's own accumulation (Accelerator(gradient_accumulation_steps=k),
+        # accumulate()); "manual": the loop written out in docs/integrations.md
+        steps = accumulate if mode == "accelerate" else 1
+        self.acc = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=steps)
         g = torch.Generator().manual_seed(0)
         net = torch.nn.Linear(48, C)
         with torch.no_grad():
@@ -43,7 +48,8 @@ class Run:
         self.trained: list[list[int]] = []
         self.stepped: dict[int, int] = {}  # optimizer steps per epoch
         if accumulate > 1:
-            self._accumulating(ckpt, stop_at, accumulate)
+            loop = self._accumulate_with_accelerate if mode == "accelerate" else self._accumulating
+            loop(ckpt, stop_at, accumulate)
             return
         for _ in range(self.loader.epoch, SCHED.epochs):
             for x, y, idx in self.loader:
@@ -81,6 +87,38 @@ class Run:
                 if stop_at is not None and len(self.trained) == stop_at:
                     self.acc.save_state(str(ckpt))
                     return
+
+    def _accumulate_with_accelerate(self, ckpt: Path, stop_at: int | None, k: int) -> None:
+        """accelerate's documented accumulation loop, unchanged."""
+        loader = self.loader
+        for epoch in range(loader.epoch, SCHED.epochs):
+            for x, y, idx in loader:
+                with self.acc.accumulate(self.net):
+                    logits = self.net(x.flatten(1))
+                    self.acc.backward(torch.nn.functional.cross_entropy(logits, y))
+                    self.opt.step()
+                    self.opt.zero_grad()
+                if self.acc.sync_gradients:
+                    self.stepped[epoch] = self.stepped.get(epoch, 0) + 1
+                loader.observe(idx, logits)
+                self.trained.append(idx.tolist())
+                if stop_at is not None and len(self.trained) == stop_at:
+                    self.acc.save_state(str(ckpt))
+                    return
+
+
+def test_accelerate_accumulate_steps_at_each_epochs_end(tmp_path) -> None:
+    """accelerator.accumulate() sees a KCDLoader's epoch ends (it registers with accelerate's
+    GradientState while it iterates): the same optimizer steps, and bit for bit the same weights,
+    as the loop that steps every k-th batch and each epoch's last."""
+    manual = Run(tmp_path / "unused", accumulate=3)
+    auto = Run(tmp_path / "unused", accumulate=3, mode="accelerate")
+    assert auto.stepped == manual.stepped == {e: -(-n // 3) for e, n in enumerate(auto.loader.steps_per_epoch())}
+    assert auto.trained == manual.trained
+    for a, b in zip(manual.net.parameters(), auto.net.parameters(), strict=True):
+        assert torch.equal(a, b)
+    state = accelerate.state.GradientState()
+    assert not state.in_dataloader  # every epoch's iterator unregistered itself
 
 
 @pytest.mark.parametrize("step", [6, 8, 14])  # after a step mid-epoch 0, at the end of epochs 0 and 1

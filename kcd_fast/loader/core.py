@@ -148,6 +148,7 @@ from ..schedule import CondensationSchedule
 from . import dcp as DCP
 from . import order as O
 from . import state as S
+from .accelerate_state import gradient_state
 from .backends.base import BackendProtocol
 from .backends.factory import auto_vaks, make_backend
 from .config import Backend, LoaderConfig
@@ -620,6 +621,10 @@ class KCDLoader:
 
             bar = tqdm(total=n_batches, initial=start, desc=f"KCD epoch {epoch}", leave=False)
         bs, k, pulled = self.config.batch_size, start, False
+        accelerate = gradient_state()  # accelerate's accumulate() steps at an epoch's last batch
+        self.end_of_dataloader, self.remainder = False, -1
+        if accelerate is not None:
+            accelerate._add_dataloader(self)
         try:
             while True:
                 if generation != self._generation:  # checked before pulling: with persistent workers
@@ -644,6 +649,7 @@ class KCDLoader:
                 idx = order[k * bs : (k + 1) * bs]
                 k += 1
                 self._cursor.yielded_batch(k)  # the epoch is complete once k == n_batches
+                self.end_of_dataloader = k == n_batches
                 pulled = True
                 yield (*batch, idx) if isinstance(batch, (tuple, list)) else (batch, idx)
                 if bar is not None:
@@ -656,6 +662,8 @@ class KCDLoader:
         finally:
             if bar is not None:
                 bar.close()
+            if accelerate is not None:
+                accelerate._remove_dataloader(self)
         if generation != self._generation:
             return
         if k != n_batches:
