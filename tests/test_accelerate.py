@@ -134,6 +134,23 @@ def test_the_documented_accumulation_loop_steps_each_epochs_last_group(tmp_path,
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_skip_first_batches_is_refused_with_the_reason(tmp_path, workers: int) -> None:
+    """accelerate's skip_first_batches rebuilds a plain DataLoader around the loader's batch
+    sampler; a restored KCDLoader already skips its trained batches, so this would skip them
+    twice (or yield nothing): refused, naming the remedy, before any batch."""
+    Run(tmp_path / "ckpt", stop_at=3)
+    acc = accelerate.Accelerator(cpu=True)
+    loader = KCDLoader(ArrayDataset(IMAGES, LABELS), SCHED, batch_size=B, shuffle=True, seed=3, num_workers=workers)
+    acc.register_for_checkpointing(loader)
+    acc.load_state(str(tmp_path / "ckpt"))
+    assert loader.resume_position == 3
+    with pytest.raises(RuntimeError, match=r"batch sampler .* was used outside the loader: iterate the KCDLoader"):
+        list(acc.skip_first_batches(loader, loader.resume_position))
+    got = [idx.tolist() for _, _, idx in loader]  # the loader itself resumes where the state says
+    assert len(got) == loader.steps_per_epoch()[0] - 3
+
+
 @pytest.mark.parametrize("step", [3, 8, 11, 23])  # mid-epoch 0, the end of epoch 0, mid-epochs 1 and 3
 def test_save_state_load_state_mid_epoch_resumes_exactly(tmp_path, step: int) -> None:
     ref = Run(tmp_path / "unused")

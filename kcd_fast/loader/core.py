@@ -408,6 +408,11 @@ class KCDLoader:
         return self._backend.sampler
 
     @property
+    def prefetch_factor(self) -> int | None:
+        """Batches each worker loads ahead, as ``DataLoader.prefetch_factor`` (None without workers)."""
+        return self.config.prefetch_factor if self.config.num_workers > 0 else None
+
+    @property
     def batch_sampler(self) -> Sampler:
         """The same batch sampler (``DataLoader`` names it so); its ``set_epoch`` is the loader's."""
         return self._backend.sampler

@@ -86,7 +86,7 @@ class EpochBatchSampler(Sampler[list[int]]):
     each a :class:`KeyedBatch`. ``set_epoch`` forwards to the loader that owns it."""
 
     def __init__(self) -> None:
-        self._batches: list[np.ndarray] = []
+        self._batches: list[np.ndarray] | None = None  # None: no epoch planned by the loader yet
         self._seed = 0
         self._start = 0
         self.on_set_epoch: Callable[[int], None] | None = None
@@ -94,14 +94,27 @@ class EpochBatchSampler(Sampler[list[int]]):
     def set_batches(self, batches: list[np.ndarray], seed: int = 0, start: int = 0) -> None:
         self._batches, self._seed, self._start = batches, seed, start
 
+    def _planned(self) -> list[np.ndarray]:
+        if self._batches is None:
+            # Used before the loader planned an epoch: by a DataLoader built around it
+            # (accelerate's skip_first_batches) rather than by the loader's back end.
+            raise RuntimeError(
+                "a KCDLoader's batch sampler (loader.sampler / loader.batch_sampler) was used outside the loader: "
+                "iterate the KCDLoader itself. After a resume it already skips the batches its state records as "
+                "trained, so do not call accelerate's skip_first_batches on it (or build a DataLoader from its "
+                "batch sampler)"
+            )
+        return self._batches
+
     def __iter__(self) -> Iterator[list[int]]:
-        for k in range(self._start, len(self._batches)):
-            b = KeyedBatch(self._batches[k].tolist())
+        batches = self._planned()
+        for k in range(self._start, len(batches)):
+            b = KeyedBatch(batches[k].tolist())
             b.seed = batch_seed(self._seed, k)
             yield b
 
     def __len__(self) -> int:
-        return len(self._batches) - self._start
+        return len(self._planned()) - self._start
 
     def set_epoch(self, epoch: int) -> None:
         if self.on_set_epoch is not None:
