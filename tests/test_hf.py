@@ -99,6 +99,16 @@ class EpochCounts(TrainerCallback):
         self.counts.append(int(self.trainer.kcd_loader.bank.counts.sum()))
 
 
+class StepEpochs(TrainerCallback):
+    """state.epoch (the fractional epoch of logs and callbacks) after every optimizer step."""
+
+    def __init__(self) -> None:
+        self.epochs: dict[int, float] = {}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.epochs[state.global_step] = state.epoch
+
+
 def _trainer(out: Path, model=None, cls=KCDTrainer, data=None, **kw) -> KCDTrainer:
     t = cls(
         model=model if model is not None else _classifier(),
@@ -118,6 +128,8 @@ def uninterrupted(tmp_path_factory):
     counts = EpochCounts()
     counts.trainer = t
     t.add_callback(counts)
+    t.kcd_step_epochs = StepEpochs()
+    t.add_callback(t.kcd_step_epochs)
     t.train()
     return t, counts, out
 
@@ -137,7 +149,11 @@ def test_mid_epoch_checkpoint_resumes_exactly(uninterrupted, tmp_path, step: int
     ckpt = out / f"checkpoint-{step}"
     assert (ckpt / CHECKPOINT_FILE).is_file()
     t = _trainer(tmp_path)
+    epochs = StepEpochs()
+    t.add_callback(epochs)
     t.train(resume_from_checkpoint=str(ckpt))
+    # the resumed epoch's fraction counts the batches trained before the checkpoint
+    assert epochs.epochs == {k: v for k, v in ref.kcd_step_epochs.epochs.items() if k > step}
     for (name, a), b in zip(ref.model.state_dict().items(), t.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     sa, sb = ref.kcd_loader.state_dict(), t.kcd_loader.state_dict()

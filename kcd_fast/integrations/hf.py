@@ -281,12 +281,26 @@ class KCDTrainer(Trainer):
         ahead = epoch == loader.epoch + 1 and (loader.resume_position == 0 or self._epoch_done(loader))
         if epoch != loader.epoch and not ahead:
             raise RuntimeError(f"the Trainer is at epoch {epoch} but its KCDLoader at epoch {loader.epoch}")
-        done = loader.resume_position if epoch == loader.epoch else 0
-        batches = loader.steps_per_epoch()[epoch] - done  # this epoch's batches still to train
+        done = loader.resume_position if epoch == loader.epoch else 0  # batches trained before a resume
+        batches = loader.steps_per_epoch()[epoch]
+        if done % self.args.gradient_accumulation_steps:
+            raise RuntimeError(
+                f"the KCDLoader resumes epoch {epoch} after {done} batches, inside an accumulation group of "
+                f"{self.args.gradient_accumulation_steps}: the checkpoint was not saved at an optimizer step"
+            )
+        # the whole epoch, so that state.epoch counts the batches trained before the resume; the
+        # Trainer skips nothing itself (get_resumed_dataloader): the loader skips them
         kwargs.update(
-            steps_in_epoch=batches, num_update_steps_per_epoch=self._updates(batches), steps_trained_in_current_epoch=0
+            steps_in_epoch=batches,
+            num_update_steps_per_epoch=self._updates(batches),
+            steps_trained_in_current_epoch=done,
         )
         return super()._run_epoch(*args, **kwargs)
+
+    def get_resumed_dataloader(self, dataloader: Any, num_batches: int) -> Any:
+        """The train loader as it is: a restored KCDLoader already skips the batches its state
+        records as trained (accelerate's ``skip_first_batches`` would skip them again)."""
+        return dataloader
 
     # -- observing every step ------------------------------------------------------------
     def _kcd_hook_model(self) -> None:
