@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 import weakref
 from dataclasses import dataclass
 from datetime import timedelta
@@ -336,7 +337,38 @@ def _channel(group: Any) -> _Channel | None:
     return ch
 
 
-def handshake(info: DistInfo, op: str, epoch: int, what: str) -> None:
+HEARTBEAT_SLICE = 1.0  # seconds a waiting rank waits between looks at the missing ranks' positions
+
+
+def heartbeat(info: DistInfo, epoch: int, yielded: int) -> None:
+    """Posts this rank's position (``yielded`` batches of ``epoch`` handed out) to the
+    store, once per batch under DDP: a rank waiting at a mid-epoch :func:`handshake`
+    (``state_dict()``, ``save()``) sees from it that a rank went on past that point instead
+    of calling it (rank 0 alone saving while the others train on) and raises within about
+    :data:`HEARTBEAT_SLICE` seconds rather than at the timeout. One store write per batch."""
+    if not info.communicates:
+        return
+    ch = _channel(info.group)
+    if ch is None or ch.failed is not None:
+        return
+    try:
+        ch.store.set(f"{ch.prefix}at/{info.rank}", f"{int(epoch)}|{int(yielded)}")
+    except RuntimeError:
+        pass  # the store failed: the next handshake says so
+
+
+def _positions(ch: _Channel, ranks: list[int]) -> dict[int, tuple[int, int]]:
+    """The last posted position ``(epoch, batches yielded)`` of each of ``ranks`` that posted one."""
+    out = {}
+    for r in ranks:
+        key = f"{ch.prefix}at/{r}"
+        if ch.store.check([key]):
+            e, k = ch.store.get(key).decode().split("|")
+            out[r] = (int(e), int(k))
+    return out
+
+
+def handshake(info: DistInfo, op: str, epoch: int, what: str, position: tuple[int, int] | None = None) -> None:
     """Collective (a no-op on one rank): before a loader collective, every rank posts
     ``op`` and ``epoch`` (``what`` describes it in messages, e.g. "save() at epoch 3") and
     waits for every other rank's post, at most ``info.timeout`` seconds.
@@ -345,7 +377,12 @@ def handshake(info: DistInfo, op: str, epoch: int, what: str) -> None:
     op and :data:`RULE`), and on a waiting rank when a rank did not post in time (naming
     it); then every later handshake of this process group raises too (the ranks are out of
     step: restart from the last checkpoint). A rank that gives up waiting replaces its post
-    with an "abandoned" one, so a late rank raises instead of entering a collective alone."""
+    with an "abandoned" one, so a late rank raises instead of entering a collective alone.
+
+    ``position`` (``(epoch, batches yielded)``, for a collective called mid-epoch): a
+    missing rank whose :func:`heartbeat` shows it went past that point will not come (the
+    ranks call the loader's collectives at the same point), so the waiting rank raises
+    after at most about :data:`HEARTBEAT_SLICE` seconds."""
     if not info.communicates:
         return
     ch = _channel(info.group)
@@ -363,18 +400,37 @@ def handshake(info: DistInfo, op: str, epoch: int, what: str) -> None:
     try:
         ch.store.set(mine, header)
         wait = timedelta(seconds=info.timeout) if info.timeout is not None else ch.store.timeout
-        try:
-            ch.store.wait(list(peers.values()), wait)
-        except RuntimeError:
-            missing = [r for r, key in peers.items() if not ch.store.check([key])]
-            if not missing:
-                raise
-            ch.store.set(mine, f"abandoned|{epoch}|gave up waiting for rank(s) {missing} in {what}")
-            bound = f"{info.timeout:g} s (collective_timeout)" if info.timeout is not None else f"{wait} (the group's)"
-            raise CollectiveError(
-                f"KCDLoader: rank(s) {missing} did not reach {what} within {bound}: such a rank raised (and lives "
-                f"on), died, or runs other code than rank {info.rank}; {RULE}"
-            ) from None
+        deadline = time.monotonic() + wait.total_seconds()
+        while True:
+            left = deadline - time.monotonic()
+            step = min(left, HEARTBEAT_SLICE) if position is not None else left
+            try:
+                ch.store.wait(list(peers.values()), timedelta(seconds=max(step, 0.001)))
+                break
+            except RuntimeError:
+                missing = [r for r, key in peers.items() if not ch.store.check([key])]
+                if not missing:
+                    break  # the last post came as the wait timed out
+                gone = []
+                if position is not None:
+                    gone = [r for r, at in _positions(ch, missing).items() if at > position]
+                if not gone and time.monotonic() < deadline:
+                    continue
+                reason = f"went on past {what}" if gone else f"did not reach {what}"
+                ch.store.set(mine, f"abandoned|{epoch}|gave up waiting for rank(s) {gone or missing} in {what}")
+                if gone:
+                    at = ", ".join(f"rank {r} at batch {k} of epoch {e}" for r, (e, k) in _positions(ch, gone).items())
+                    raise CollectiveError(
+                        f"KCDLoader: rank(s) {gone} {reason} (rank {info.rank} called it after batch {position[1]} of "
+                        f"epoch {position[0]}; {at}): they did not call it; {RULE}"
+                    ) from None
+                bound = (
+                    f"{info.timeout:g} s (collective_timeout)" if info.timeout is not None else f"{wait} (the group's)"
+                )
+                raise CollectiveError(
+                    f"KCDLoader: rank(s) {missing} {reason} within {bound}: such a rank raised (and lives on), died, "
+                    f"or runs other code than rank {info.rank}; {RULE}"
+                ) from None
         posts = {r: ch.store.get(key).decode() for r, key in peers.items()}
     except CollectiveError as err:
         ch.failed = str(err)

@@ -46,6 +46,7 @@ from test_distributed import (  # noqa: E402
 MID = 2
 BOUND = 2.0  # collective_timeout of the failure cases, seconds
 SLACK = 8.0  # what a loaded 2-core machine may add to the bound (process start-up is not timed)
+LONG = 120.0  # collective_timeout where a failure must be found sooner, from the ranks' positions
 
 
 def _failing(fn: Any) -> dict[str, Any]:
@@ -126,6 +127,26 @@ def _rank_main(rank: int, world: int, init_file: str, out_dir: str) -> None:
             _wait_for(flag)
             res["alive_late"] = _failing(loader.state_dict)  # rank 0 gave up: refused, not a lone collective
 
+        # 4b. a DDP model, rank 0 saves alone mid-epoch: rank 1 trains on and blocks in DDP's gradient
+        # all-reduce, so it never reaches a loader collective; rank 0 learns it from rank 1's position
+        group = dist.new_group(list(range(world)))
+        loader, ds = _loader(group, collective_timeout=LONG)
+        net = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(108, 10), process_group=group)
+        opt = torch.optim.SGD(net.parameters(), lr=0.01)
+
+        def ddp_epoch(save_at: int | None) -> None:
+            for k, (x, y, idx) in enumerate(loader):
+                logits = net(x.float().flatten(1) / 255)
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(logits, y).backward()  # DDP: an all-reduce per step
+                opt.step()
+                loader.observe(idx, logits.detach())
+                if k == save_at:
+                    res["ddp_save"] = _failing(lambda: loader.save(os.path.join(out_dir, "ddp.ckpt")))
+                    res["ddp_save"]["file"] = os.path.exists(os.path.join(out_dir, "ddp.ckpt"))
+
+        res["ddp_epoch"] = _failing(lambda: ddp_epoch(MID if rank == 0 else None))
+
         # 5. rank 1 dies in the middle of an epoch
         group = dist.new_group(list(range(world)))
         loader, ds = _loader(group, collective_timeout=BOUND)
@@ -200,6 +221,23 @@ def test_a_collective_on_rank_0_alone_fails_clearly_on_both_ranks(ranks: list[di
         assert res["seconds"] < BOUND + SLACK, res
         assert not res["file"]  # nothing written
     print(f"{name}() on rank 0 alone: rank 0 raised after {r0['seconds']:.2f} s, rank 1 after {r1['seconds']:.2f} s")
+
+
+@pytest.mark.timeout(180)
+def test_a_mid_epoch_save_on_rank_0_alone_under_a_ddp_model_fails_in_seconds(ranks: list[dict[str, Any]]) -> None:
+    """Rank 1 never reaches a loader collective (it blocks in DDP's all-reduce of the next step):
+    rank 0 sees from rank 1's position that it went on, and raises well within collective_timeout;
+    rank 0 then trains on, which frees rank 1, which meets rank 0's refusal at the epoch's end."""
+    got = ranks[0]["ddp_save"]
+    assert got["type"] == "CollectiveError", got
+    assert f"rank(s) [1] went on past save() at epoch 0 (rank 0 called it after batch {MID + 1} of epoch 0" in got["msg"]
+    assert "call save() on every rank" in got["msg"] and not got["file"]
+    assert got["seconds"] < SLACK < LONG, got
+    for r in (0, 1):  # the epoch's end: both ranks refuse to go on out of step
+        end = ranks[r]["ddp_epoch"]
+        assert end["type"] == "CollectiveError", (r, end)
+    assert "gave up waiting for rank(s) [1] in save() at epoch 0" in ranks[1]["ddp_epoch"]["msg"]
+    print(f"save() on rank 0 alone under DDP: rank 0 raised after {got['seconds']:.2f} s (collective_timeout {LONG:g} s)")
 
 
 @pytest.mark.timeout(180)

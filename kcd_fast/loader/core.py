@@ -655,6 +655,8 @@ class KCDLoader:
                 k += 1
                 self._cursor.yielded_batch(k)  # the epoch is complete once k == n_batches
                 self.end_of_dataloader = k == n_batches
+                if self._dist.communicates:  # where this rank is, for a peer waiting at a mid-epoch save
+                    D.heartbeat(self._dist, epoch, k)
                 pulled = True
                 yield (*batch, idx) if isinstance(batch, (tuple, list)) else (batch, idx)
                 if bar is not None:
@@ -968,7 +970,13 @@ class KCDLoader:
         """The state as of ``position`` batches into the current epoch (0: its start)."""
         if not 0 < position <= self._batches_in(self.epoch):
             position = 0
-        D.handshake(self._dist, "state_dict", self.epoch, f"state_dict() at epoch {self.epoch}")
+        D.handshake(
+            self._dist,
+            "state_dict",
+            self.epoch,
+            f"state_dict() at epoch {self.epoch}",
+            position=(self.epoch, self._cursor.yielded),
+        )
         return {
             "format": S.STATE_FORMAT,
             "n": self.n,
@@ -1106,7 +1114,9 @@ class KCDLoader:
         others, instead of leaving them waiting. Save between epochs (see "State and
         resume"); resume with :meth:`load` or :meth:`restore`, at any world size."""
         check_path(path, "path")
-        D.handshake(self._dist, "save", self.epoch, f"save() at epoch {self.epoch}")
+        D.handshake(
+            self._dist, "save", self.epoch, f"save() at epoch {self.epoch}", position=(self.epoch, self._cursor.yielded)
+        )
         payload = {"format": CHECKPOINT_FORMAT, "world_size": self.world_size, "loader": self.state_dict()}
         error: Exception | None = None
         if self._dist.rank == 0:
