@@ -230,14 +230,18 @@ def test_a_mid_epoch_save_on_rank_0_alone_under_a_ddp_model_fails_in_seconds(ran
     rank 0 then trains on, which frees rank 1, which meets rank 0's refusal at the epoch's end."""
     got = ranks[0]["ddp_save"]
     assert got["type"] == "CollectiveError", got
-    assert f"rank(s) [1] went on past save() at epoch 0 (rank 0 called it after batch {MID + 1} of epoch 0" in got["msg"]
+    assert (
+        f"rank(s) [1] went on past save() at epoch 0 (rank 0 called it after batch {MID + 1} of epoch 0" in got["msg"]
+    )
     assert "call save() on every rank" in got["msg"] and not got["file"]
     assert got["seconds"] < SLACK < LONG, got
     for r in (0, 1):  # the epoch's end: both ranks refuse to go on out of step
         end = ranks[r]["ddp_epoch"]
         assert end["type"] == "CollectiveError", (r, end)
     assert "gave up waiting for rank(s) [1] in save() at epoch 0" in ranks[1]["ddp_epoch"]["msg"]
-    print(f"save() on rank 0 alone under DDP: rank 0 raised after {got['seconds']:.2f} s (collective_timeout {LONG:g} s)")
+    print(
+        f"save() on rank 0 alone under DDP: rank 0 raised after {got['seconds']:.2f} s (collective_timeout {LONG:g} s)"
+    )
 
 
 @pytest.mark.timeout(180)
