@@ -352,19 +352,23 @@ def heartbeat(info: DistInfo, epoch: int, yielded: int) -> None:
     if ch is None or ch.failed is not None:
         return
     try:
-        ch.store.set(f"{ch.prefix}at/{info.rank}", f"{int(epoch)}|{int(yielded)}")
+        # with the number of handshakes this rank has done: a position posted before the
+        # handshake a peer waits at (another loader on the group, an earlier stage) proves nothing
+        ch.store.set(f"{ch.prefix}at/{info.rank}", f"{ch.seq}|{int(epoch)}|{int(yielded)}")
     except RuntimeError:
         pass  # the store failed: the next handshake says so
 
 
-def _positions(ch: _Channel, ranks: list[int]) -> dict[int, tuple[int, int]]:
-    """The last posted position ``(epoch, batches yielded)`` of each of ``ranks`` that posted one."""
+def _positions(ch: _Channel, ranks: list[int], seq: int) -> dict[int, tuple[int, int]]:
+    """The last posted position ``(epoch, batches yielded)`` of each of ``ranks`` that posted
+    one since its ``seq``-th handshake (the one this rank waits at)."""
     out = {}
     for r in ranks:
         key = f"{ch.prefix}at/{r}"
         if ch.store.check([key]):
-            e, k = ch.store.get(key).decode().split("|")
-            out[r] = (int(e), int(k))
+            s, e, k = (int(v) for v in ch.store.get(key).decode().split("|"))
+            if s == seq:
+                out[r] = (e, k)
     return out
 
 
@@ -411,15 +415,16 @@ def handshake(info: DistInfo, op: str, epoch: int, what: str, position: tuple[in
                 missing = [r for r, key in peers.items() if not ch.store.check([key])]
                 if not missing:
                     break  # the last post came as the wait timed out
-                gone = []
+                past = {}
                 if position is not None:
-                    gone = [r for r, at in _positions(ch, missing).items() if at > position]
+                    past = {r: at for r, at in _positions(ch, missing, seq).items() if at > position}
+                gone = sorted(past)
                 if not gone and time.monotonic() < deadline:
                     continue
                 reason = f"went on past {what}" if gone else f"did not reach {what}"
                 ch.store.set(mine, f"abandoned|{epoch}|gave up waiting for rank(s) {gone or missing} in {what}")
                 if gone:
-                    at = ", ".join(f"rank {r} at batch {k} of epoch {e}" for r, (e, k) in _positions(ch, gone).items())
+                    at = ", ".join(f"rank {r} at batch {k} of epoch {e}" for r, (e, k) in past.items())
                     raise CollectiveError(
                         f"KCDLoader: rank(s) {gone} {reason} (rank {info.rank} called it after batch {position[1]} of "
                         f"epoch {position[0]}; {at}): they did not call it; {RULE}"
