@@ -145,10 +145,24 @@ def test_skip_first_batches_is_refused_with_the_reason(tmp_path, workers: int) -
     acc.register_for_checkpointing(loader)
     acc.load_state(str(tmp_path / "ckpt"))
     assert loader.resume_position == 3
-    with pytest.raises(RuntimeError, match=r"batch sampler .* was used outside the loader: iterate the KCDLoader"):
+    assert len(loader.batch_sampler) == len(loader.sampler) == len(loader) == 8  # as a DataLoader's
+    outside = r"batch sampler .* was iterated outside the loader .*skip_first_batches.*: iterate the KCDLoader itself"
+    with pytest.raises(RuntimeError, match=outside):
         list(acc.skip_first_batches(loader, loader.resume_position))
     got = [idx.tolist() for _, _, idx in loader]  # the loader itself resumes where the state says
     assert len(got) == loader.steps_per_epoch()[0] - 3
+    # the same once the loader has iterated (its sampler held that epoch's plan)
+    loader = KCDLoader(ArrayDataset(IMAGES, LABELS), SCHED, batch_size=B, shuffle=True, seed=3, num_workers=workers)
+    acc = accelerate.Accelerator(cpu=True)
+    acc.register_for_checkpointing(loader)
+    for k, (_, _, idx) in enumerate(loader):
+        loader.observe(idx, torch.zeros(len(idx), C))
+        if k == 4:
+            break
+    acc.load_state(str(tmp_path / "ckpt"))
+    with pytest.raises(RuntimeError, match=outside):
+        list(acc.skip_first_batches(loader, loader.resume_position))
+    assert len([idx for _, _, idx in loader]) == loader.steps_per_epoch()[0] - 3
 
 
 @pytest.mark.parametrize("step", [3, 8, 11, 23])  # mid-epoch 0, the end of epoch 0, mid-epochs 1 and 3

@@ -102,8 +102,12 @@ class OneCycleStudent(Student):
     def configure_optimizers(self):
         opt = torch.optim.SGD(self.parameters(), lr=0.1)
         acc = self.trainer.accumulate_grad_batches
-        lightning = self.sized_by == "lightning"
-        total = self.trainer.estimated_stepping_batches if lightning else self.loader.total_steps(acc)
+        if self.sized_by == "lightning":
+            total = self.trainer.estimated_stepping_batches
+        elif self.sized_by == "loader":
+            total = self.loader.total_steps(acc, epochs=self.trainer.max_epochs)
+        else:  # the whole schedule, for a run of fewer epochs
+            total = self.loader.total_steps(acc)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=int(total))
         return [opt], [{"scheduler": sched, "interval": "step"}]
 
@@ -181,6 +185,34 @@ def validation_steps(lengths: list[int], every: float | int, per_epoch: bool = T
                 out.append(total + b)
         total += length
     return out
+
+
+def test_an_lr_schedule_sized_for_the_whole_schedule_in_a_shorter_run_warns_with_the_fix(tmp_path) -> None:
+    import warnings
+
+    for sized_by in ("schedule", "loader"):
+        module = OneCycleStudent(sized_by)
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            max_epochs=4,  # of the schedule's 6
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            default_root_dir=tmp_path,
+            callbacks=[KCDCallback()],
+            accumulate_grad_batches=3,
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(module)
+        ours = [str(w.message) for w in caught if "OneCycleLR(total_steps=" in str(w.message)]
+        assert trainer.global_step == module.loader.total_steps(3, epochs=4)
+        if sized_by == "schedule":
+            assert len(ours) == 1, ours
+            assert "loader.total_steps(trainer.accumulate_grad_batches, epochs=trainer.max_epochs)" in ours[0]
+        else:
+            assert ours == []
 
 
 @pytest.mark.parametrize(

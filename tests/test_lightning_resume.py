@@ -228,6 +228,32 @@ def test_resume_from_an_epochs_last_batch_into_a_shorter_epoch(tmp_path, at: int
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize(("batches", "warns"), [(4, True), (6, False), (8, False)])  # epoch 0 has 8
+def test_a_resume_inside_an_accumulation_group_warns(tmp_path, batches: int, warns: bool) -> None:
+    """Lightning saves no accumulated gradients: a checkpoint inside a group of 3 (after 4 batches)
+    loses that group's first batch in its step, with or without KCD; say so. After 6 (a step) or
+    at the epoch's end (its last, partial group stepped) there is nothing to say."""
+    import warnings
+
+    ckpt = tmp_path / "mid.ckpt"
+
+    class SaveAt(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if trainer.current_epoch == 0 and batch_idx == batches - 1:
+                trainer.save_checkpoint(ckpt)
+
+    _fit(tmp_path / "a", [KCDCallback(), SaveAt()], Student(), accumulate_grad_batches=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(tmp_path / "b", [KCDCallback()], Student(), ckpt, accumulate_grad_batches=3)
+    ours = [str(w.message) for w in caught if "inside a group of accumulate_grad_batches" in str(w.message)]
+    if warns:
+        assert len(ours) == 1 and ours[0].startswith("resumed 4 batches into epoch 0, inside a group of"), ours
+        assert "the group's first 1 batch(es) will not count" in ours[0]
+    else:
+        assert ours == []
+
+
 def test_a_checkpoint_without_the_callback_state_resumes_from_the_fit_loop_state(reference, runs, tmp_path) -> None:
     """A checkpoint written before KCDCallback kept the loader state: the fit loop's copy."""
     ckpt = torch.load(runs["epoch"] / "epoch=2.ckpt", weights_only=False)

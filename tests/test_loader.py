@@ -108,6 +108,8 @@ def test_each_epoch_trains_on_the_scheduled_active_set(workers: int | str, drop_
     assert loader.total_steps() == sum(loader.steps_per_epoch())
     for k in (1, 2, 3, 7, 1000):  # optimizer steps with accumulation: each epoch's partial last group steps
         assert loader.total_steps(k) == sum(len(range(0, s, k)) for s in loader.steps_per_epoch()), k
+        for e in range(SCHED.epochs + 1):  # a run of the first e epochs
+            assert loader.total_steps(k, epochs=e) == sum(len(range(0, s, k)) for s in loader.steps_per_epoch()[:e])
     for e in range(SCHED.epochs):
         assert loader.epoch == e and len(loader) == loader.steps_per_epoch()[e]
         active, order = loader.active_indices, loader.epoch_order()
@@ -136,6 +138,8 @@ def test_total_steps_rejects_a_bad_accumulate() -> None:
         loader.total_steps(0)
     with pytest.raises(TypeError, match=r"accumulate must be an int, got float 2.0"):
         loader.total_steps(2.0)
+    with pytest.raises(ValueError, match=r"epochs must be >= 0, got -1"):
+        loader.total_steps(1, epochs=-1)
 
 
 @pytest.mark.filterwarnings("ignore:KCD condensation before epoch")  # this test observes nothing

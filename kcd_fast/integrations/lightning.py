@@ -184,6 +184,17 @@ class KCDCallback(Callback):
             # The iterator Lightning made before this hook has not been pulled: it follows.
             state, self._to_load = self._to_load, None
             loader.load_state_dict(state)
+            acc = max(int(getattr(trainer, "accumulate_grad_batches", 1) or 1), 1)
+            pos = loader.resume_position
+            if pos % acc and pos != loader.steps_per_epoch()[loader.epoch]:  # an epoch's last group steps
+                warnings.warn(
+                    f"resumed {loader.resume_position} batches into epoch {loader.epoch}, inside a group of "
+                    f"accumulate_grad_batches={acc}: Lightning does not save accumulated gradients, so the group's "
+                    f"first {loader.resume_position % acc} batch(es) will not count in its optimizer step (with or "
+                    "without KCD); save checkpoints at optimizer steps (e.g. validation at a multiple of the group)",
+                    UserWarning,
+                    stacklevel=2,
+                )
         # a resumed mid-epoch run gets no on_train_epoch_start for its first epoch; Lightning
         # then compares the batches its checkpoint completed with this length to decide whether
         # that epoch had ended (a save in on_train_batch_end on the epoch's last batch)
@@ -274,8 +285,12 @@ class KCDCallback(Callback):
         which assumes every epoch is as long as the first: it would never finish annealing."""
         steps = loader.steps_per_epoch()
         max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else len(steps)
+        max_epochs = min(max_epochs, len(steps))
         acc = max(int(getattr(trainer, "accumulate_grad_batches", 1) or 1), 1)
-        updates = sum(-(-s // acc) for s in steps[: min(max_epochs, len(steps))])
+        updates = loader.total_steps(acc, max_epochs)
+        fix = "loader.total_steps(trainer.accumulate_grad_batches" + (
+            ", epochs=trainer.max_epochs)" if max_epochs < len(steps) else ")"
+        )
         for config in getattr(trainer, "lr_scheduler_configs", None) or []:
             total = getattr(config.scheduler, "total_steps", None)
             if getattr(config, "interval", None) != "step" or getattr(config, "frequency", 1) != 1:
@@ -287,7 +302,7 @@ class KCDCallback(Callback):
                     f"{steps[:max_epochs]}{f', accumulate_grad_batches={acc}' if acc > 1 else ''}), so it "
                     + ("never finishes annealing" if total > updates else "runs out of steps")
                     + "; trainer.estimated_stepping_batches assumes every epoch is as long as the first: size it "
-                    "with loader.total_steps(trainer.accumulate_grad_batches)",
+                    f"with {fix}",
                     UserWarning,
                     stacklevel=2,
                 )

@@ -191,8 +191,8 @@ class KCDBatchSampler(Sampler[list[int]]):
     def active_indices(self) -> torch.Tensor:
         return self.loader.active_indices
 
-    def total_steps(self, accumulate: int = 1) -> int:
-        return self.loader.total_steps(accumulate)
+    def total_steps(self, accumulate: int = 1, epochs: int | None = None) -> int:
+        return self.loader.total_steps(accumulate, epochs)
 
     def steps_per_epoch(self) -> list[int]:
         return self.loader.steps_per_epoch()

@@ -394,6 +394,13 @@ class KCDLoader:
                 method(epoch)
 
         self._backend.sampler.on_set_epoch = forward
+        me = weakref.ref(self)
+
+        def length() -> int:  # len(loader.sampler): the current epoch's batches (no side effects)
+            loader = me()
+            return 0 if loader is None else loader._batches_in(loader.epoch)
+
+        self._backend.sampler.length = length
 
     # -- DataLoader surface ------------------------------------------------------------
     @property
@@ -476,14 +483,18 @@ class KCDLoader:
         ``history`` records count the schedule's sizes (the paper's C); this is what ran."""
         return [self._planner.samples(s) for s in self._sizes]
 
-    def total_steps(self, accumulate: int = 1) -> int:
-        """Optimizer steps over the whole schedule on this rank, for LR schedulers such as
+    def total_steps(self, accumulate: int = 1, epochs: int | None = None) -> int:
+        """Optimizer steps over the schedule on this rank, for LR schedulers such as
         OneCycleLR: the batches, or with gradients accumulated over ``accumulate`` batches
         ``sum(ceil(batches_e / accumulate))`` (an epoch's last, partial group steps too, as in
         Lightning's ``accumulate_grad_batches``, the HF Trainer's
-        ``gradient_accumulation_steps`` and accelerate)."""
+        ``gradient_accumulation_steps`` and accelerate); over the first ``epochs`` epochs
+        when given (a run shorter than the schedule)."""
         k = check_int(accumulate, "accumulate", 1)
-        return sum(-(-s // k) for s in self.steps_per_epoch())
+        steps = self.steps_per_epoch()
+        if epochs is not None:
+            steps = steps[: check_int(epochs, "epochs", 0)]
+        return sum(-(-s // k) for s in steps)
 
     @property
     def distributed(self) -> bool:
@@ -671,6 +682,8 @@ class KCDLoader:
                 bar.close()
             if accelerate is not None:
                 accelerate._remove_dataloader(self)
+            if generation == self._generation:  # this epoch's plan is no longer to be iterated
+                self._backend.sampler.disallow()
         if generation != self._generation:
             return
         if k != n_batches:

@@ -83,38 +83,50 @@ def batch_seed(epoch_seed: int, k: int) -> int:
 
 class EpochBatchSampler(Sampler[list[int]]):
     """Yields the index batches the core planned for the current epoch (from ``start``),
-    each a :class:`KeyedBatch`. ``set_epoch`` forwards to the loader that owns it."""
+    each a :class:`KeyedBatch`. ``set_epoch`` forwards to the loader that owns it.
+
+    Each :meth:`set_batches` (the loader's ``iter()``) allows one iteration, by the back end
+    during that epoch; the loader disallows it again when the epoch's iterator ends. Any
+    other iteration (a DataLoader built around ``loader.batch_sampler``, as accelerate's
+    ``skip_first_batches`` builds, after a resume or between epochs) raises: it would replay
+    a stale plan, without indices. ``len()`` is the current epoch's batches (``length``,
+    given by the loader) outside an iteration, like ``len(loader)``."""
 
     def __init__(self) -> None:
-        self._batches: list[np.ndarray] | None = None  # None: no epoch planned by the loader yet
+        self._batches: list[np.ndarray] = []
         self._seed = 0
         self._start = 0
+        self._allowed = False
         self.on_set_epoch: Callable[[int], None] | None = None
+        self.length: Callable[[], int] | None = None
 
     def set_batches(self, batches: list[np.ndarray], seed: int = 0, start: int = 0) -> None:
         self._batches, self._seed, self._start = batches, seed, start
+        self._allowed = True
 
-    def _planned(self) -> list[np.ndarray]:
-        if self._batches is None:
-            # Used before the loader planned an epoch: by a DataLoader built around it
-            # (accelerate's skip_first_batches) rather than by the loader's back end.
-            raise RuntimeError(
-                "a KCDLoader's batch sampler (loader.sampler / loader.batch_sampler) was used outside the loader: "
-                "iterate the KCDLoader itself. After a resume it already skips the batches its state records as "
-                "trained, so do not call accelerate's skip_first_batches on it (or build a DataLoader from its "
-                "batch sampler)"
-            )
-        return self._batches
+    def disallow(self) -> None:
+        """The loader's iterator for the planned epoch ended: no further iteration."""
+        self._allowed = False
 
     def __iter__(self) -> Iterator[list[int]]:
-        batches = self._planned()
+        if not self._allowed:
+            raise RuntimeError(
+                "a KCDLoader's batch sampler (loader.sampler / loader.batch_sampler) was iterated outside the "
+                "loader (for example by accelerate's skip_first_batches, which builds a DataLoader around it): "
+                "iterate the KCDLoader itself; after a resume it already skips the batches its state records as "
+                "trained"
+            )
+        self._allowed = False
+        batches = self._batches
         for k in range(self._start, len(batches)):
             b = KeyedBatch(batches[k].tolist())
             b.seed = batch_seed(self._seed, k)
             yield b
 
     def __len__(self) -> int:
-        return len(self._planned()) - self._start
+        if self._allowed or self.length is None:
+            return len(self._batches) - self._start
+        return self.length()
 
     def set_epoch(self, epoch: int) -> None:
         if self.on_set_epoch is not None:
