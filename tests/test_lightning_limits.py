@@ -41,9 +41,9 @@ class Student(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def _fit(tmp_path, **options) -> tuple[Student, object]:
-    module = Student()
-    trainer = pl.Trainer(
+def _trainer(tmp_path, callbacks: list | None = None, **options) -> pl.Trainer:
+    """A quiet CPU Trainer over the schedule's epochs with KCDCallback (after ``callbacks``)."""
+    return pl.Trainer(
         accelerator="cpu",
         devices=1,
         max_epochs=options.pop("max_epochs", SCHED.epochs),
@@ -52,9 +52,14 @@ def _fit(tmp_path, **options) -> tuple[Student, object]:
         enable_model_summary=False,
         enable_checkpointing=False,
         default_root_dir=tmp_path,
-        callbacks=[KCDCallback()],
+        callbacks=[*(callbacks or []), KCDCallback()],
         **options,
     )
+
+
+def _fit(tmp_path, **options) -> tuple[Student, object]:
+    module = Student()
+    trainer = _trainer(tmp_path, **options)
     trainer.fit(module)
     return module, trainer
 
@@ -120,17 +125,7 @@ def test_an_lr_schedule_sized_by_estimated_stepping_batches_warns(tmp_path, acc:
 
     for sized_by in ("lightning", "loader"):
         module = OneCycleStudent(sized_by)
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            max_epochs=SCHED.epochs,
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            enable_checkpointing=False,
-            default_root_dir=tmp_path,
-            callbacks=[KCDCallback()],
-            accumulate_grad_batches=acc,
-        )
+        trainer = _trainer(tmp_path, accumulate_grad_batches=acc)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             trainer.fit(module)
@@ -192,17 +187,7 @@ def test_an_lr_schedule_sized_for_the_whole_schedule_in_a_shorter_run_warns_with
 
     for sized_by in ("schedule", "loader"):
         module = OneCycleStudent(sized_by)
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            max_epochs=4,  # of the schedule's 6
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            enable_checkpointing=False,
-            default_root_dir=tmp_path,
-            callbacks=[KCDCallback()],
-            accumulate_grad_batches=3,
-        )
+        trainer = _trainer(tmp_path, max_epochs=4, accumulate_grad_batches=3)  # 4 of the schedule's 6 epochs
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             trainer.fit(module)
@@ -225,19 +210,7 @@ def test_validation_follows_every_epochs_own_length(tmp_path, options) -> None:
     default val_check_interval=1.0, validation must still run at every epoch's end (not at
     epoch 0's alone), and a fraction must be a fraction of each epoch."""
     module, record = ValStudent(), Record()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=SCHED.epochs,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-        callbacks=[record, KCDCallback()],
-        **options,
-    )
+    trainer = _trainer(tmp_path, [record], num_sanity_val_steps=0, **options)
     trainer.fit(module)
     _followed_exactly(module)
     lengths = module.loader.steps_per_epoch()
@@ -252,20 +225,7 @@ def test_int_validation_interval_across_epochs_is_followed(tmp_path) -> None:
     """check_val_every_n_epoch=None counts batches over the run: an interval longer than the
     later epochs is fine there."""
     module, record = ValStudent(), Record()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=SCHED.epochs,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-        callbacks=[record, KCDCallback()],
-        val_check_interval=7,
-        check_val_every_n_epoch=None,
-    )
+    trainer = _trainer(tmp_path, [record], num_sanity_val_steps=0, val_check_interval=7, check_val_every_n_epoch=None)
     trainer.fit(module)
     _followed_exactly(module)
     assert record.validated == validation_steps(module.loader.steps_per_epoch(), 7, per_epoch=False)
@@ -292,18 +252,7 @@ def test_int_validation_interval_across_epochs_is_followed(tmp_path) -> None:
 )
 def test_options_that_would_break_the_schedule_are_refused_before_training(tmp_path, options, message) -> None:
     module = Student()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=SCHED.epochs,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-        callbacks=[KCDCallback()],
-        **options,
-    )
+    trainer = _trainer(tmp_path, **options)
     with pytest.raises(ValueError, match=message):
         trainer.fit(module)
     assert module.trained == [] and module.loader.epoch == 0 and not module.loader.history
