@@ -59,15 +59,21 @@ class Run:
                 self.opt.zero_grad()
                 self.acc.backward(loss)
                 self.opt.step()
-                self.loader.observe(idx, logits)
-                self.trained.append(idx.tolist())
-                if stop_at is not None and len(self.trained) == stop_at:
-                    self.acc.save_state(str(ckpt))
+                if self._observed(idx, logits, ckpt, stop_at):
                     return
 
+    def _observed(self, idx: torch.Tensor, logits: torch.Tensor, ckpt: Path, stop_at: int | None) -> bool:
+        """Observes a trained batch; True (after save_state) once ``stop_at`` batches are trained."""
+        self.loader.observe(idx, logits)
+        self.trained.append(idx.tolist())
+        if stop_at is not None and len(self.trained) == stop_at:
+            self.acc.save_state(str(ckpt))
+            return True
+        return False
+
     def _accumulating(self, ckpt: Path, stop_at: int | None, k: int) -> None:
-        """docs/integrations.md's accumulation loop: a step at every k-th batch and at each
-        epoch's last (accelerate's accumulate() cannot see a KCDLoader's epoch ends)."""
+        """Accumulation written out by hand: a step at every k-th batch and at each epoch's
+        last (what accumulate() must match)."""
         import contextlib
 
         loader = self.loader
@@ -82,10 +88,7 @@ class Run:
                     self.opt.step()
                     self.opt.zero_grad()
                     self.stepped[epoch] = self.stepped.get(epoch, 0) + 1
-                loader.observe(idx, logits)
-                self.trained.append(idx.tolist())
-                if stop_at is not None and len(self.trained) == stop_at:
-                    self.acc.save_state(str(ckpt))
+                if self._observed(idx, logits, ckpt, stop_at):
                     return
 
     def _accumulate_with_accelerate(self, ckpt: Path, stop_at: int | None, k: int) -> None:
@@ -100,10 +103,7 @@ class Run:
                     self.opt.zero_grad()
                 if self.acc.sync_gradients:
                     self.stepped[epoch] = self.stepped.get(epoch, 0) + 1
-                loader.observe(idx, logits)
-                self.trained.append(idx.tolist())
-                if stop_at is not None and len(self.trained) == stop_at:
-                    self.acc.save_state(str(ckpt))
+                if self._observed(idx, logits, ckpt, stop_at):
                     return
 
 
