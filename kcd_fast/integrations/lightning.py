@@ -100,6 +100,18 @@ def batch_indices(batch: Any) -> torch.Tensor:
     )
 
 
+def _accumulation(trainer: Any) -> int:
+    """``trainer.accumulate_grad_batches`` (at least 1)."""
+    return max(int(getattr(trainer, "accumulate_grad_batches", 1) or 1), 1)
+
+
+def _run_epochs(trainer: Any, loader: KCDLoader) -> list[int]:
+    """Batches on this rank of each epoch the fit runs: the schedule's first ``max_epochs``."""
+    steps = loader.steps_per_epoch()
+    max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else len(steps)
+    return steps[: min(max_epochs, len(steps))]
+
+
 class KCDCallback(Callback):
     """Observes every training batch into the trainer's :class:`kcd_fast.KCDLoader`.
 
@@ -184,7 +196,7 @@ class KCDCallback(Callback):
             # The iterator Lightning made before this hook has not been pulled: it follows.
             state, self._to_load = self._to_load, None
             loader.load_state_dict(state)
-            acc = max(int(getattr(trainer, "accumulate_grad_batches", 1) or 1), 1)
+            acc = _accumulation(trainer)
             pos = loader.resume_position
             if pos % acc and pos != loader.steps_per_epoch()[loader.epoch]:  # an epoch's last group steps
                 warnings.warn(
@@ -243,9 +255,7 @@ class KCDCallback(Callback):
         nothing), ``max_steps`` when the run's optimizer steps (``ceil(batches_e /
         accumulate_grad_batches)`` per epoch, Lightning steps on an epoch's last partial group)
         fit in it. ``accumulate_grad_batches`` itself is followed exactly."""
-        steps = loader.steps_per_epoch()
-        max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else len(steps)
-        planned = steps[: min(max_epochs, len(steps))]
+        planned = _run_epochs(trainer, loader)
         limit = trainer.limit_train_batches
         if isinstance(limit, int) and limit < max(planned, default=0):
             raise ValueError(
@@ -268,8 +278,8 @@ class KCDCallback(Callback):
                 f"do: pass val_check_interval <= {shortest}, a fraction of each epoch (e.g. 0.5 or 1.0), or "
                 "check_val_every_n_epoch=None to count batches across epochs"
             )
-        acc = max(int(getattr(trainer, "accumulate_grad_batches", 1) or 1), 1)
-        updates = sum(-(-s // acc) for s in planned)  # loader.total_steps(acc) over max_epochs epochs
+        acc = _accumulation(trainer)
+        updates = loader.total_steps(acc, len(planned))
         if trainer.max_steps is not None and 0 <= trainer.max_steps < updates:
             raise ValueError(
                 f"Trainer(max_steps={trainer.max_steps}) stops before the KCD schedule ends: its "
@@ -283,13 +293,12 @@ class KCDCallback(Callback):
         """Warns about a step-interval LR scheduler sized for another number of optimizer
         steps (OneCycleLR's ``total_steps``), typically ``trainer.estimated_stepping_batches``,
         which assumes every epoch is as long as the first: it would never finish annealing."""
-        steps = loader.steps_per_epoch()
-        max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else len(steps)
-        max_epochs = min(max_epochs, len(steps))
-        acc = max(int(getattr(trainer, "accumulate_grad_batches", 1) or 1), 1)
-        updates = loader.total_steps(acc, max_epochs)
+        planned = _run_epochs(trainer, loader)
+        acc = _accumulation(trainer)
+        updates = loader.total_steps(acc, len(planned))
+        shorter = len(planned) < loader.schedule.epochs
         fix = "loader.total_steps(trainer.accumulate_grad_batches" + (
-            ", epochs=trainer.max_epochs)" if max_epochs < len(steps) else ")"
+            ", epochs=trainer.max_epochs)" if shorter else ")"
         )
         for config in getattr(trainer, "lr_scheduler_configs", None) or []:
             total = getattr(config.scheduler, "total_steps", None)
@@ -299,7 +308,7 @@ class KCDCallback(Callback):
                 warnings.warn(
                     f"{type(config.scheduler).__name__}(total_steps={total}) is sized for {total} optimizer steps, but "
                     f"the KCD schedule takes {updates} (its epochs shrink: loader.steps_per_epoch() = "
-                    f"{steps[:max_epochs]}{f', accumulate_grad_batches={acc}' if acc > 1 else ''}), so it "
+                    f"{planned}{f', accumulate_grad_batches={acc}' if acc > 1 else ''}), so it "
                     + ("never finishes annealing" if total > updates else "runs out of steps")
                     + "; trainer.estimated_stepping_batches assumes every epoch is as long as the first: size it "
                     f"with {fix}",
